@@ -1,0 +1,159 @@
+//! The verified-identity cache: a bounded moka cache keyed by [`TokenHash`], with per-entry
+//! lifetimes and single-flight loading.
+//!
+//! An entry is reused until `fresh_until_ms`: `min(now + cache.max_ttl, token expiry)` for an
+//! active token, `now + cache.negative_ttl` for a refusal. A cached active identity whose token
+//! has expired answers "expired" without a new introspection (Synapse's behaviour). OP failures
+//! are never inserted.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::future::Cache;
+use moka::Expiry;
+
+use super::{Identity, TokenHash};
+use crate::error::{GatewayError, MappingFailure, OpFailure, RejectReason};
+
+/// A cached decision about one token.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// The token is good.
+    Active(Arc<Identity>),
+    /// The token is refused.
+    Rejected(RejectReason),
+    /// The OP's claims cannot be mapped to a user.
+    Misconfigured(MappingFailure),
+}
+
+impl Verdict {
+    /// The request-path result of this verdict.
+    pub fn to_result(&self) -> Result<Arc<Identity>, GatewayError> {
+        match self {
+            Verdict::Active(id) => Ok(id.clone()),
+            Verdict::Rejected(r) => Err(GatewayError::UnknownToken(*r)),
+            Verdict::Misconfigured(m) => Err(GatewayError::UserMapping(*m)),
+        }
+    }
+}
+
+/// A verdict with its reuse window.
+#[derive(Debug, Clone)]
+pub struct CachedVerdict {
+    /// The decision.
+    pub verdict: Verdict,
+    /// Reuse it until this Unix ms time.
+    pub fresh_until_ms: u64,
+}
+
+impl CachedVerdict {
+    /// The answer at `now`, or `None` when the entry must be reloaded from the OP.
+    pub fn check(&self, now: u64) -> Option<Result<Arc<Identity>, GatewayError>> {
+        if let Verdict::Active(id) = &self.verdict {
+            if id.expires_at_ms.is_some_and(|e| e <= now) {
+                return Some(Err(GatewayError::UnknownToken(RejectReason::Expired)));
+            }
+        }
+        (now < self.fresh_until_ms).then(|| self.verdict.to_result())
+    }
+}
+
+/// How the cache took part in one verification (a bounded label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// An active identity came from the cache.
+    Hit,
+    /// A refusal came from the cache.
+    NegativeHit,
+    /// Not cached: this request introspected.
+    Miss,
+    /// Cached but its reuse window ended: this request introspected again.
+    Refresh,
+    /// Another request's introspection of the same token was awaited.
+    Coalesced,
+    /// The cache was not consulted (e.g. oversized token).
+    Bypass,
+    /// No token on the request.
+    None,
+}
+
+impl CacheOutcome {
+    /// Label for logs and metrics.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            CacheOutcome::Hit => "hit",
+            CacheOutcome::NegativeHit => "negative_hit",
+            CacheOutcome::Miss => "miss",
+            CacheOutcome::Refresh => "refresh",
+            CacheOutcome::Coalesced => "coalesced",
+            CacheOutcome::Bypass => "bypass",
+            CacheOutcome::None => "none",
+        }
+    }
+}
+
+struct FreshnessExpiry;
+
+impl Expiry<TokenHash, CachedVerdict> for FreshnessExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &TokenHash,
+        value: &CachedVerdict,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        // Memory bound only; correctness comes from `CachedVerdict::check` against the
+        // gateway's clock. One second of slack keeps entries readable at their edge.
+        let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+        let left = value.fresh_until_ms.saturating_sub(now);
+        Some(Duration::from_millis(left) + Duration::from_secs(1))
+    }
+}
+
+/// The cache itself.
+pub struct IdentityCache {
+    inner: Cache<TokenHash, CachedVerdict>,
+}
+
+impl IdentityCache {
+    /// A cache holding at most `capacity` verdicts.
+    pub fn new(capacity: u64) -> Self {
+        Self {
+            inner: Cache::builder()
+                .max_capacity(capacity)
+                .expire_after(FreshnessExpiry)
+                .build(),
+        }
+    }
+
+    /// The cached verdict, if any.
+    pub async fn get(&self, key: &TokenHash) -> Option<CachedVerdict> {
+        self.inner.get(key).await
+    }
+
+    /// Drops one entry.
+    pub async fn invalidate(&self, key: &TokenHash) {
+        self.inner.invalidate(key).await;
+    }
+
+    /// Returns the cached verdict or runs `load` once for all concurrent callers of the same key.
+    /// The flag is `true` for the caller whose `load` ran. Failures are not cached.
+    pub async fn get_or_load(
+        &self,
+        key: TokenHash,
+        load: impl Future<Output = Result<CachedVerdict, OpFailure>>,
+    ) -> Result<(CachedVerdict, bool), OpFailure> {
+        match self.inner.entry(key).or_try_insert_with(load).await {
+            Ok(entry) => {
+                let fresh = entry.is_fresh();
+                Ok((entry.into_value(), fresh))
+            }
+            Err(e) => Err(*e),
+        }
+    }
+
+    /// Approximate entry count.
+    pub fn entry_count(&self) -> u64 {
+        self.inner.entry_count()
+    }
+}

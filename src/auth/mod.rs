@@ -1,0 +1,205 @@
+//! Token verification: turns a bearer token into a verified [`Identity`] or a [`GatewayError`].
+//!
+//! [`Verifier::verify`] consults the [`cache`] first and otherwise introspects the token at the
+//! primary OP ([`op`]), applying the MSC2967 rules in [`identity`]. Raw tokens are only held for
+//! the duration of the call: the cache is keyed by [`TokenHash`].
+
+pub mod cache;
+pub mod identity;
+pub mod op;
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::error::{GatewayError, OpFailure, RejectReason};
+use cache::{CacheOutcome, CachedVerdict, IdentityCache, Verdict};
+pub use identity::{Access, Identity};
+use identity::{build_identity, Claims, IdentityError};
+use op::{IntrospectionResponse, OpClient};
+
+/// SHA-256 of a token: the only form in which a token is stored or logged.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TokenHash(pub [u8; 32]);
+
+impl TokenHash {
+    /// Hashes a raw token.
+    pub fn of(token: &str) -> Self {
+        Self(Sha256::digest(token.as_bytes()).into())
+    }
+
+    /// A short hex prefix for log lines.
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..6])
+    }
+}
+
+impl std::fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenHash({})", self.short())
+    }
+}
+
+/// The outcome of a verification, with how the cache was involved.
+#[derive(Debug)]
+pub struct Verified {
+    /// The identity or the refusal.
+    pub result: Result<Arc<Identity>, GatewayError>,
+    /// Cache involvement, for logs and metrics.
+    pub cache: CacheOutcome,
+}
+
+/// Verifies tokens against the primary OP, through the identity cache.
+pub struct Verifier {
+    op: Arc<OpClient>,
+    cache: IdentityCache,
+    clock: SharedClock,
+    user_id_claims: Vec<String>,
+    server_name: String,
+    max_token_length: usize,
+    negative_ttl_ms: u64,
+    max_ttl_ms: u64,
+}
+
+impl Verifier {
+    /// Builds the verifier for `config`'s primary issuer.
+    pub fn new(config: &Config, op: Arc<OpClient>, clock: SharedClock) -> Self {
+        Self {
+            op,
+            cache: IdentityCache::new(config.cache.capacity),
+            clock,
+            user_id_claims: config.auth.user_id_claims.clone(),
+            server_name: config.homeserver.server_name.clone(),
+            max_token_length: config.auth.max_token_length,
+            negative_ttl_ms: config.cache.negative_ttl.as_millis() as u64,
+            max_ttl_ms: config.cache.max_ttl.as_millis() as u64,
+        }
+    }
+
+    /// The primary OP.
+    pub fn op(&self) -> &Arc<OpClient> {
+        &self.op
+    }
+
+    /// Number of cached verdicts (approximate).
+    pub fn cached_entries(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    /// Verifies one token.
+    pub async fn verify(&self, token: &str) -> Verified {
+        if token.len() > self.max_token_length {
+            return Verified {
+                result: Err(GatewayError::UnknownToken(RejectReason::TooLong)),
+                cache: CacheOutcome::Bypass,
+            };
+        }
+        let key = TokenHash::of(token);
+        let now = self.clock.now_ms();
+        let mut outcome = CacheOutcome::Miss;
+        if let Some(hit) = self.cache.get(&key).await {
+            match hit.check(now) {
+                Some(result) => {
+                    return Verified {
+                        result,
+                        cache: if matches!(hit.verdict, Verdict::Active(_)) {
+                            CacheOutcome::Hit
+                        } else {
+                            CacheOutcome::NegativeHit
+                        },
+                    };
+                }
+                None => {
+                    // Our reuse window ended before the token did: ask the OP again.
+                    self.cache.invalidate(&key).await;
+                    outcome = CacheOutcome::Refresh;
+                }
+            }
+        }
+        let loaded = self
+            .cache
+            .get_or_load(key, async { self.introspect(token).await })
+            .await;
+        match loaded {
+            Ok((entry, fresh)) => Verified {
+                result: entry
+                    .check(self.clock.now_ms())
+                    .unwrap_or_else(|| entry.verdict.to_result()),
+                cache: if fresh { outcome } else { CacheOutcome::Coalesced },
+            },
+            Err(failure) => {
+                tracing::warn!(reason = ?failure, token = %key.short(), "introspection failed");
+                Verified {
+                    result: Err(GatewayError::OpUnavailable(failure)),
+                    cache: outcome,
+                }
+            }
+        }
+    }
+
+    async fn introspect(&self, token: &str) -> Result<CachedVerdict, OpFailure> {
+        let answer = self.op.introspect(token).await?;
+        let now = self.clock.now_ms();
+        Ok(self.judge(answer, now))
+    }
+
+    /// Turns an introspection answer into a cacheable verdict (pure; `now` in Unix ms).
+    fn judge(&self, a: IntrospectionResponse, now: u64) -> CachedVerdict {
+        let negative = |reason| CachedVerdict {
+            verdict: Verdict::Rejected(reason),
+            fresh_until_ms: now + self.negative_ttl_ms,
+        };
+        if !a.active {
+            return negative(RejectReason::Inactive);
+        }
+        if a.token_type.as_deref() == Some("refresh_token") {
+            return negative(RejectReason::RefreshToken);
+        }
+        let from_exp = a.exp.map(|e| e.max(0) as u64 * 1000);
+        let from_expires_in = a.expires_in.map(|s| now + s.max(0) as u64 * 1000);
+        let expires_at_ms = match (from_exp, from_expires_in) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if expires_at_ms.is_some_and(|e| e <= now) {
+            return negative(RejectReason::Expired);
+        }
+        let mut all = a.other;
+        for (k, v) in [("sub", &a.sub), ("username", &a.username)] {
+            if let Some(v) = v {
+                all.insert(k.to_owned(), serde_json::Value::String(v.clone()));
+            }
+        }
+        let claims = Claims {
+            sub: a.sub,
+            scope: a.scope.unwrap_or_default(),
+            device_id: a.device_id,
+            sid: a.sid,
+            expires_at_ms,
+            all,
+        };
+        match build_identity(&claims, &self.user_id_claims, &self.server_name) {
+            Ok(identity) => {
+                let until = now + self.max_ttl_ms;
+                CachedVerdict {
+                    fresh_until_ms: expires_at_ms.map_or(until, |e| e.min(until)),
+                    verdict: Verdict::Active(Arc::new(identity)),
+                }
+            }
+            Err(IdentityError::Reject(r)) => negative(r),
+            Err(IdentityError::Mapping(m)) => {
+                tracing::error!(
+                    reason = ?m,
+                    claims = ?self.user_id_claims,
+                    "the OP's token carries no usable Matrix localpart (check auth.user_id_claims)"
+                );
+                CachedVerdict {
+                    verdict: Verdict::Misconfigured(m),
+                    fresh_until_ms: now + self.negative_ttl_ms,
+                }
+            }
+        }
+    }
+}

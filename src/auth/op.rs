@@ -1,0 +1,243 @@
+//! Talking to one OpenID Provider: OIDC discovery (cached, refreshed in the background) and
+//! RFC 7662 token introspection with strictly typed answers.
+//!
+//! Every failure here is an [`OpFailure`] (the request path answers 503); nothing in this module
+//! decides whether a token is good.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokio::sync::Mutex;
+use url::Url;
+
+use crate::config::{ClientAuthMethod, Issuer};
+use crate::error::OpFailure;
+
+/// The parts of the OP's discovery document the gateway uses; the whole document is kept for
+/// the discovery endpoints the gateway serves.
+#[derive(Debug, Clone)]
+pub struct OpMetadata {
+    /// `issuer`, checked against the configuration.
+    pub issuer: String,
+    /// `introspection_endpoint`.
+    pub introspection_endpoint: Option<Url>,
+    /// The document as received.
+    pub document: Map<String, Value>,
+}
+
+/// An RFC 7662 introspection answer. Types are strict: a field of the wrong JSON type makes the
+/// whole answer an OP failure. `null` counts as absent (MAS sends `"aud": null`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct IntrospectionResponse {
+    /// RFC 7662 `active`; required.
+    pub active: bool,
+    /// Granted scope.
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// `access_token` or `refresh_token` (or anything the OP says).
+    #[serde(default)]
+    pub token_type: Option<String>,
+    /// Expiry, Unix seconds.
+    #[serde(default)]
+    pub exp: Option<i64>,
+    /// Seconds until expiry (MAS).
+    #[serde(default)]
+    pub expires_in: Option<i64>,
+    /// Subject.
+    #[serde(default)]
+    pub sub: Option<String>,
+    /// Matrix localpart (MAS) or the OP's user name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Explicit device (MAS with `X-MAS-Supports-Device-Id: 1`).
+    #[serde(default)]
+    pub device_id: Option<String>,
+    /// OP session.
+    #[serde(default)]
+    pub sid: Option<String>,
+    /// Client the token was issued to.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Every member, for the configurable user-ID claims.
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+/// A client for one issuer.
+pub struct OpClient {
+    issuer: Issuer,
+    http: reqwest::Client,
+    metadata: RwLock<Option<Arc<OpMetadata>>>,
+    refreshing: Mutex<()>,
+}
+
+impl OpClient {
+    /// Creates the client; no network traffic yet.
+    pub fn new(issuer: Issuer) -> Result<Self, reqwest::Error> {
+        let http = crate::http_client::build(issuer.timeout)?;
+        Ok(Self {
+            issuer,
+            http,
+            metadata: RwLock::new(None),
+            refreshing: Mutex::new(()),
+        })
+    }
+
+    /// The configured issuer.
+    pub fn issuer(&self) -> &Issuer {
+        &self.issuer
+    }
+
+    /// The last discovery document read, if any.
+    pub fn metadata(&self) -> Option<Arc<OpMetadata>> {
+        self.metadata.read().ok().and_then(|m| m.clone())
+    }
+
+    /// Reads the discovery document now and keeps it on success.
+    pub async fn refresh_metadata(&self) -> Result<Arc<OpMetadata>, OpFailure> {
+        let _guard = self.refreshing.lock().await;
+        let body = self.get_json(self.issuer.discovery_url.clone()).await?;
+        let Value::Object(document) = body else {
+            return Err(OpFailure::InvalidBody);
+        };
+        let issuer = document
+            .get("issuer")
+            .and_then(Value::as_str)
+            .ok_or(OpFailure::BadMetadata)?
+            .to_owned();
+        if issuer != self.issuer.issuer {
+            tracing::error!(
+                configured = %self.issuer.issuer,
+                advertised = %issuer,
+                "discovery document names another issuer"
+            );
+            return Err(OpFailure::BadMetadata);
+        }
+        let introspection_endpoint = match document.get("introspection_endpoint") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(Url::parse(s).map_err(|_| OpFailure::BadMetadata)?),
+            Some(_) => return Err(OpFailure::BadMetadata),
+        };
+        let meta = Arc::new(OpMetadata {
+            issuer,
+            introspection_endpoint,
+            document,
+        });
+        if let Ok(mut slot) = self.metadata.write() {
+            *slot = Some(meta.clone());
+        }
+        Ok(meta)
+    }
+
+    async fn introspection_endpoint(&self) -> Result<Url, OpFailure> {
+        if let Some(u) = &self.issuer.introspection_endpoint {
+            return Ok(u.clone());
+        }
+        let meta = match self.metadata() {
+            Some(m) => m,
+            None => self.refresh_metadata().await?,
+        };
+        meta.introspection_endpoint
+            .clone()
+            .ok_or(OpFailure::BadMetadata)
+    }
+
+    /// RFC 7662 introspection of an access token.
+    pub async fn introspect(&self, token: &str) -> Result<IntrospectionResponse, OpFailure> {
+        let endpoint = self.introspection_endpoint().await?;
+        let mut form: Vec<(&str, &str)> =
+            vec![("token", token), ("token_type_hint", "access_token")];
+        let mut req = self
+            .http
+            .post(endpoint)
+            .header("Accept", "application/json")
+            .header("X-MAS-Supports-Device-Id", "1");
+        let secret = self.issuer.client_secret.expose();
+        match self.issuer.client_auth {
+            ClientAuthMethod::ClientSecretBasic => {
+                let id = self.issuer.client_id.as_deref().unwrap_or_default();
+                // RFC 6749 §2.3.1: form-urlencode both parts before Basic encoding.
+                req = req.basic_auth(form_encode(id), Some(form_encode(secret)));
+            }
+            ClientAuthMethod::ClientSecretPost => {
+                form.push(("client_id", self.issuer.client_id.as_deref().unwrap_or_default()));
+                form.push(("client_secret", secret));
+            }
+            ClientAuthMethod::Bearer => {
+                req = req.bearer_auth(secret);
+            }
+        }
+        let resp = req.form(&form).send().await.map_err(classify)?;
+        let value = self.read_json(resp).await?;
+        serde_json::from_value(value).map_err(|_| OpFailure::InvalidBody)
+    }
+
+    async fn get_json(&self, url: Url) -> Result<Value, OpFailure> {
+        let resp = self
+            .http
+            .get(url)
+            .header("Accept", "application/json")
+            .send()
+            .await
+            .map_err(classify)?;
+        self.read_json(resp).await
+    }
+
+    async fn read_json(&self, mut resp: reqwest::Response) -> Result<Value, OpFailure> {
+        if !resp.status().is_success() {
+            tracing::warn!(status = resp.status().as_u16(), "OP answered with an error status");
+            return Err(OpFailure::Status);
+        }
+        let limit = self.issuer.max_response_bytes;
+        if resp.content_length().is_some_and(|n| n as usize > limit) {
+            return Err(OpFailure::TooLarge);
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(classify)? {
+            if body.len() + chunk.len() > limit {
+                return Err(OpFailure::TooLarge);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        serde_json::from_slice(&body).map_err(|_| OpFailure::InvalidBody)
+    }
+
+    /// Runs until `shutdown` fires: refreshes discovery every `metadata_refresh`, retrying
+    /// failures with a capped backoff. Only used when no introspection endpoint is configured.
+    pub async fn refresh_loop(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let wait = match self.refresh_metadata().await {
+                Ok(_) => {
+                    backoff = Duration::from_millis(500);
+                    self.issuer.metadata_refresh
+                }
+                Err(e) => {
+                    tracing::warn!(issuer = %self.issuer.issuer, reason = ?e, "OP discovery failed");
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    backoff
+                }
+            };
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+fn form_encode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+fn classify(e: reqwest::Error) -> OpFailure {
+    if e.is_timeout() {
+        OpFailure::Timeout
+    } else if e.is_decode() || e.is_body() {
+        OpFailure::InvalidBody
+    } else {
+        OpFailure::Unreachable
+    }
+}

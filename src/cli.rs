@@ -1,0 +1,19 @@
+//! Command line.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// matrix-oidc-gateway: makes any Matrix homeserver OIDC-native (MSC3861).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// Configuration file (TOML). Without it, configuration comes from
+    /// `MATRIX_OIDC_GATEWAY__*` environment variables alone.
+    #[arg(long, short = 'c', env = "MATRIX_OIDC_GATEWAY_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Validate the configuration, print every problem, and exit (non-zero when invalid).
+    #[arg(long)]
+    pub check_config: bool,
+}

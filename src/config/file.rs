@@ -1,0 +1,309 @@
+//! The configuration *file* model: exactly what an operator writes in TOML (or sets through
+//! environment variables), with serde defaults.
+//!
+//! Nothing outside `config` reads these types: [`super::load`] turns them into the validated
+//! internal [`super::Config`]. Every field is documented in `config/gateway.example.toml`.
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Listening sockets.
+    #[serde(default)]
+    pub listen: ListenFile,
+    /// The homeserver behind the gateway.
+    pub homeserver: Option<HomeserverFile>,
+    /// The OpenID Providers whose tokens are accepted; the first one is the primary issuer.
+    #[serde(default)]
+    pub issuers: Vec<IssuerFile>,
+    /// Token extraction and user mapping.
+    #[serde(default)]
+    pub auth: AuthFile,
+    /// The verified-identity cache.
+    #[serde(default)]
+    pub cache: CacheFile,
+    /// Identity headers sent upstream.
+    #[serde(default)]
+    pub identity_headers: IdentityHeadersFile,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogFile,
+}
+
+/// `[listen]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenFile {
+    /// Address of the public listener (client traffic).
+    #[serde(default = "default_public")]
+    pub public: String,
+    /// Worker threads of the public listener.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Trust `X-Forwarded-For` from the client (only behind a trusted load balancer).
+    #[serde(default)]
+    pub trust_forwarded_headers: bool,
+}
+
+impl Default for ListenFile {
+    fn default() -> Self {
+        Self {
+            public: default_public(),
+            threads: default_threads(),
+            trust_forwarded_headers: false,
+        }
+    }
+}
+
+fn default_public() -> String {
+    "0.0.0.0:8008".into()
+}
+fn default_threads() -> usize {
+    1
+}
+
+/// `[homeserver]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HomeserverFile {
+    /// Base URL of the homeserver's client listener, `http://` or `https://`.
+    pub url: Option<String>,
+    /// The Matrix server name (the part after `:` in user IDs).
+    pub server_name: Option<String>,
+    /// Upstream connect timeout.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: String,
+    /// Upstream read timeout (must exceed the longest `/sync` long-poll).
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout: String,
+}
+
+fn default_connect_timeout() -> String {
+    "5s".into()
+}
+fn default_read_timeout() -> String {
+    "300s".into()
+}
+
+/// `[[issuers]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerFile {
+    /// The issuer identifier, exactly as the OP's discovery document states it.
+    pub issuer: Option<String>,
+    /// Override of the discovery URL (default: `<issuer>/.well-known/openid-configuration`).
+    pub discovery_url: Option<String>,
+    /// Override of the introspection endpoint (default: from discovery).
+    pub introspection_endpoint: Option<String>,
+    /// The gateway's client ID at the OP.
+    pub client_id: Option<String>,
+    /// `client_secret_basic`, `client_secret_post` or `bearer` (a shared secret, MAS style).
+    #[serde(default = "default_client_auth")]
+    pub client_auth: String,
+    /// The client secret (or shared secret for `bearer`).
+    pub client_secret: Option<String>,
+    /// A file holding the client secret; its content is trimmed.
+    pub client_secret_file: Option<String>,
+    /// Timeout of one request to the OP.
+    #[serde(default = "default_op_timeout")]
+    pub timeout: String,
+    /// Largest introspection or discovery answer accepted, in bytes.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+    /// How often the discovery document is re-read.
+    #[serde(default = "default_metadata_refresh")]
+    pub metadata_refresh: String,
+}
+
+fn default_client_auth() -> String {
+    "client_secret_basic".into()
+}
+fn default_op_timeout() -> String {
+    "5s".into()
+}
+fn default_max_response_bytes() -> usize {
+    1024 * 1024
+}
+fn default_metadata_refresh() -> String {
+    "300s".into()
+}
+
+/// `[auth]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    /// Accept the deprecated `access_token` query parameter.
+    #[serde(default = "default_true")]
+    pub allow_query_token: bool,
+    /// Tokens longer than this are refused without asking the OP.
+    #[serde(default = "default_max_token_length")]
+    pub max_token_length: usize,
+    /// Claims tried in order for the Matrix localpart.
+    #[serde(default = "default_user_id_claims")]
+    pub user_id_claims: Vec<String>,
+    /// Which endpoints a guest-scoped token may call: `spec` or `synapse`.
+    #[serde(default = "default_guest_endpoints")]
+    pub guest_endpoints: String,
+    /// Seconds announced in `Retry-After` when the OP is unavailable.
+    #[serde(default = "default_retry_after")]
+    pub retry_after_secs: u32,
+}
+
+impl Default for AuthFile {
+    fn default() -> Self {
+        Self {
+            allow_query_token: true,
+            max_token_length: default_max_token_length(),
+            user_id_claims: default_user_id_claims(),
+            guest_endpoints: default_guest_endpoints(),
+            retry_after_secs: default_retry_after(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_max_token_length() -> usize {
+    4096
+}
+fn default_user_id_claims() -> Vec<String> {
+    vec!["username".into(), "sub".into()]
+}
+fn default_guest_endpoints() -> String {
+    "spec".into()
+}
+fn default_retry_after() -> u32 {
+    5
+}
+
+/// `[cache]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheFile {
+    /// Longest time an active verdict is reused.
+    #[serde(default = "default_max_ttl")]
+    pub max_ttl: String,
+    /// How long an inactive verdict is reused.
+    #[serde(default = "default_negative_ttl")]
+    pub negative_ttl: String,
+    /// Most cached verdicts.
+    #[serde(default = "default_capacity")]
+    pub capacity: u64,
+}
+
+impl Default for CacheFile {
+    fn default() -> Self {
+        Self {
+            max_ttl: default_max_ttl(),
+            negative_ttl: default_negative_ttl(),
+            capacity: default_capacity(),
+        }
+    }
+}
+
+fn default_max_ttl() -> String {
+    "120s".into()
+}
+fn default_negative_ttl() -> String {
+    "10s".into()
+}
+fn default_capacity() -> u64 {
+    100_000
+}
+
+/// `[identity_headers]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityHeadersFile {
+    /// Carries the Matrix user ID.
+    #[serde(default = "default_h_user")]
+    pub user_id: String,
+    /// Carries the device ID (absent when the token names no device).
+    #[serde(default = "default_h_device")]
+    pub device_id: String,
+    /// Carries the granted scope.
+    #[serde(default = "default_h_scope")]
+    pub scope: String,
+    /// `true` for a guest-scoped token, `false` otherwise.
+    #[serde(default = "default_h_guest")]
+    pub guest: String,
+    /// Carries the OIDC subject (`sub`).
+    #[serde(default = "default_h_subject")]
+    pub subject: String,
+    /// Carries the HMAC signature over the identity headers (only with a signing secret).
+    #[serde(default = "default_h_signature")]
+    pub signature: String,
+    /// HMAC-SHA256 key for the signature header.
+    pub signing_secret: Option<String>,
+    /// A file holding the HMAC key; its content is trimmed.
+    pub signing_secret_file: Option<String>,
+    /// More client headers to remove before forwarding.
+    #[serde(default)]
+    pub also_strip: Vec<String>,
+}
+
+impl Default for IdentityHeadersFile {
+    fn default() -> Self {
+        Self {
+            user_id: default_h_user(),
+            device_id: default_h_device(),
+            scope: default_h_scope(),
+            guest: default_h_guest(),
+            subject: default_h_subject(),
+            signature: default_h_signature(),
+            signing_secret: None,
+            signing_secret_file: None,
+            also_strip: Vec::new(),
+        }
+    }
+}
+
+fn default_h_user() -> String {
+    "X-Matrix-User-Id".into()
+}
+fn default_h_device() -> String {
+    "X-Matrix-Device-Id".into()
+}
+fn default_h_scope() -> String {
+    "X-Matrix-Scope".into()
+}
+fn default_h_guest() -> String {
+    "X-Matrix-Guest".into()
+}
+fn default_h_subject() -> String {
+    "X-OIDC-Subject".into()
+}
+fn default_h_signature() -> String {
+    "X-Matrix-Identity-Signature".into()
+}
+
+/// `[log]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFile {
+    /// `pretty` or `json`.
+    #[serde(default = "default_log_format")]
+    pub format: String,
+    /// A `tracing` filter directive such as `info` or `matrix_oidc_gateway=debug`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        Self {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_format() -> String {
+    "pretty".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}

@@ -1,0 +1,821 @@
+//! Configuration: the TOML file, environment overrides, and validation into the internal
+//! [`Config`] that the rest of the gateway reads.
+//!
+//! Two layers (see `docs/configuration.md`):
+//! - [`file`]: the serde model of what operators write (`deny_unknown_fields`, defaults);
+//! - [`Config`]: parsed, validated types (`Url`, `Duration`, `HeaderName`, secrets).
+//!
+//! [`load`] reports **every** problem at once, each naming its key, so `--check-config` can list
+//! them all. Environment variables override file keys with one rule: `MATRIX_OIDC_GATEWAY__`
+//! followed by the key path in upper case joined with `__` (array entries by index), e.g.
+//! `MATRIX_OIDC_GATEWAY__ISSUERS__0__CLIENT_SECRET`. A value that parses as a TOML value (number,
+//! boolean, array, quoted string) is taken as that; anything else is a plain string.
+
+pub mod file;
+pub mod secret;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use http::HeaderName;
+use url::Url;
+
+pub use secret::Secret;
+
+/// The prefix of environment-variable overrides.
+pub const ENV_PREFIX: &str = "MATRIX_OIDC_GATEWAY__";
+
+/// One configuration problem, naming the key that causes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, e.g. `issuers[0].client_secret_file`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Every problem found while loading, in file order.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Problems(pub Vec<Problem>);
+
+impl Problems {
+    /// Records a problem under `key`.
+    pub fn add(&mut self, key: &str, message: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problems):", self.0.len())?;
+        for p in &self.0 {
+            writeln!(f, "  {}: {}", p.key, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+// === internal configuration ===
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listening sockets.
+    pub listen: Listen,
+    /// The upstream homeserver.
+    pub homeserver: Homeserver,
+    /// Accepted OPs; `issuers[0]` is the primary one.
+    pub issuers: Vec<Issuer>,
+    /// Token extraction and user mapping.
+    pub auth: AuthPolicy,
+    /// Verified-identity cache.
+    pub cache: CachePolicy,
+    /// Identity headers sent upstream.
+    pub identity_headers: IdentityHeaders,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// `[listen]`
+#[derive(Debug, Clone)]
+pub struct Listen {
+    /// Public listener address.
+    pub public: SocketAddr,
+    /// Worker threads of the public listener.
+    pub threads: usize,
+    /// Append to a client's `X-Forwarded-For` instead of replacing it.
+    pub trust_forwarded_headers: bool,
+}
+
+/// `[homeserver]`
+#[derive(Debug, Clone)]
+pub struct Homeserver {
+    /// Base URL.
+    pub url: Url,
+    /// Host to connect to.
+    pub host: String,
+    /// Port to connect to.
+    pub port: u16,
+    /// Whether the upstream speaks TLS.
+    pub tls: bool,
+    /// The Matrix server name.
+    pub server_name: String,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// Upstream read timeout.
+    pub read_timeout: Duration,
+}
+
+/// How the gateway authenticates itself to the introspection endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuthMethod {
+    /// HTTP Basic with client ID and secret (RFC 6749 §2.3.1).
+    ClientSecretBasic,
+    /// `client_id` and `client_secret` in the form body.
+    ClientSecretPost,
+    /// `Authorization: Bearer <shared secret>` (MAS style).
+    Bearer,
+}
+
+/// `[[issuers]]`
+#[derive(Debug, Clone)]
+pub struct Issuer {
+    /// The issuer identifier.
+    pub issuer: String,
+    /// Where the discovery document is read.
+    pub discovery_url: Url,
+    /// Introspection endpoint override.
+    pub introspection_endpoint: Option<Url>,
+    /// The gateway's client ID (absent only with `bearer`).
+    pub client_id: Option<String>,
+    /// Client authentication method.
+    pub client_auth: ClientAuthMethod,
+    /// Client secret or shared secret.
+    pub client_secret: Secret,
+    /// Timeout of one OP request.
+    pub timeout: Duration,
+    /// Largest OP answer accepted.
+    pub max_response_bytes: usize,
+    /// Discovery refresh interval.
+    pub metadata_refresh: Duration,
+}
+
+/// Which endpoint list a guest-scoped token may call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestEndpoints {
+    /// The Matrix spec's guest access list.
+    Spec,
+    /// The spec's list plus the endpoints Synapse allows guests.
+    Synapse,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone)]
+pub struct AuthPolicy {
+    /// Accept `?access_token=`.
+    pub allow_query_token: bool,
+    /// Longest token accepted.
+    pub max_token_length: usize,
+    /// Claims tried in order for the localpart.
+    pub user_id_claims: Vec<String>,
+    /// Guest endpoint list.
+    pub guest_endpoints: GuestEndpoints,
+    /// `Retry-After` seconds on 503.
+    pub retry_after_secs: u32,
+}
+
+/// `[cache]`
+#[derive(Debug, Clone)]
+pub struct CachePolicy {
+    /// Longest reuse of an active verdict.
+    pub max_ttl: Duration,
+    /// Reuse of an inactive verdict.
+    pub negative_ttl: Duration,
+    /// Most entries.
+    pub capacity: u64,
+}
+
+/// `[identity_headers]`
+#[derive(Debug, Clone)]
+pub struct IdentityHeaders {
+    /// User ID header.
+    pub user_id: HeaderName,
+    /// Device ID header.
+    pub device_id: HeaderName,
+    /// Scope header.
+    pub scope: HeaderName,
+    /// Guest flag header.
+    pub guest: HeaderName,
+    /// OIDC subject header.
+    pub subject: HeaderName,
+    /// Signature header.
+    pub signature: HeaderName,
+    /// HMAC key; no signature header without it.
+    pub signing_secret: Option<Secret>,
+    /// More client headers removed before forwarding.
+    pub also_strip: Vec<HeaderName>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// Output format.
+    pub format: LogFormat,
+    /// `tracing` filter directive.
+    pub level: String,
+}
+
+/// A loaded configuration and the warnings `--check-config` prints.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The configuration.
+    pub config: Config,
+    /// Non-fatal remarks (e.g. plain `http://` to a non-loopback host).
+    pub warnings: Vec<String>,
+}
+
+// === loading ===
+
+/// Reads the file (if any), applies environment overrides from `env`, and validates.
+pub fn load(
+    path: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Loaded, Problems> {
+    let mut problems = Problems::default();
+    let mut root = match path {
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(text) => match text.parse::<toml::Table>() {
+                Ok(t) => t,
+                Err(e) => {
+                    problems.add(&p.display().to_string(), format!("not valid TOML: {e}"));
+                    return Err(problems);
+                }
+            },
+            Err(e) => {
+                problems.add("--config", format!("cannot read {}: {e}", p.display()));
+                return Err(problems);
+            }
+        },
+        None => toml::Table::new(),
+    };
+    apply_env(&mut root, env, &mut problems);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let file: file::FileConfig = match toml::Value::Table(root).try_into() {
+        Ok(f) => f,
+        Err(e) => {
+            problems.add("(file)", e.to_string().trim().to_owned());
+            return Err(problems);
+        }
+    };
+    validate(file)
+}
+
+/// Parses a TOML string (tests and `--check-config` on inline text).
+pub fn load_str(text: &str) -> Result<Loaded, Problems> {
+    let mut problems = Problems::default();
+    let root: toml::Table = match text.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            problems.add("(file)", format!("not valid TOML: {e}"));
+            return Err(problems);
+        }
+    };
+    let file: file::FileConfig = match toml::Value::Table(root).try_into() {
+        Ok(f) => f,
+        Err(e) => {
+            problems.add("(file)", e.to_string().trim().to_owned());
+            return Err(problems);
+        }
+    };
+    validate(file)
+}
+
+fn apply_env(
+    root: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    problems: &mut Problems,
+) {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    vars.sort();
+    for (name, raw) in vars {
+        let path: Vec<String> = name[ENV_PREFIX.len()..]
+            .split("__")
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        if path.iter().any(|s| s.is_empty()) {
+            problems.add(&name, "empty key segment");
+            continue;
+        }
+        let value = parse_env_value(&raw);
+        if let Err(msg) = set_path(root, &path, value) {
+            problems.add(&name, msg);
+        }
+    }
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (first, rest) = path.split_first().ok_or("empty key")?;
+    if rest.is_empty() {
+        table.insert(first.clone(), value);
+        return Ok(());
+    }
+    let next_is_index = rest[0].parse::<usize>().is_ok();
+    let entry = table.entry(first.clone()).or_insert_with(|| {
+        if next_is_index {
+            toml::Value::Array(Vec::new())
+        } else {
+            toml::Value::Table(toml::Table::new())
+        }
+    });
+    set_in_value(entry, rest, value)
+}
+
+fn set_in_value(node: &mut toml::Value, path: &[String], value: toml::Value) -> Result<(), String> {
+    match node {
+        toml::Value::Table(t) => set_path(t, path, value),
+        toml::Value::Array(items) => {
+            let (first, rest) = path.split_first().ok_or("empty key")?;
+            let idx: usize = first
+                .parse()
+                .map_err(|_| format!("`{first}` is not an array index"))?;
+            if idx > items.len() {
+                return Err(format!("index {idx} skips entries (array has {})", items.len()));
+            }
+            if idx == items.len() {
+                items.push(toml::Value::Table(toml::Table::new()));
+            }
+            if rest.is_empty() {
+                items[idx] = value;
+                Ok(())
+            } else {
+                set_in_value(&mut items[idx], rest, value)
+            }
+        }
+        _ => Err("overrides a key that is not a table".into()),
+    }
+}
+
+/// Parses `500ms`, `30s`, `5m`, `2h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (use e.g. \"500ms\", \"30s\", \"5m\")"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?} has an unknown unit (use ms, s, m or h)")),
+    }
+}
+
+fn duration(problems: &mut Problems, key: &str, s: &str) -> Duration {
+    parse_duration(s).unwrap_or_else(|e| {
+        problems.add(key, e);
+        Duration::ZERO
+    })
+}
+
+fn header_name(problems: &mut Problems, key: &str, s: &str) -> HeaderName {
+    HeaderName::from_bytes(s.as_bytes()).unwrap_or_else(|_| {
+        problems.add(key, format!("{s:?} is not a valid HTTP header name"));
+        HeaderName::from_static("x-invalid")
+    })
+}
+
+fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+fn http_url(problems: &mut Problems, warnings: &mut Vec<String>, key: &str, s: &str) -> Option<Url> {
+    match Url::parse(s) {
+        Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {
+            if u.host().is_none() {
+                problems.add(key, format!("{s:?} has no host"));
+                return None;
+            }
+            if u.scheme() == "http" && !is_loopback_host(&u) {
+                warnings.push(format!(
+                    "{key}: {s:?} uses plain http:// to a non-loopback host; use https:// in production"
+                ));
+            }
+            Some(u)
+        }
+        Ok(_) => {
+            problems.add(key, format!("{s:?} must be an http:// or https:// URL"));
+            None
+        }
+        Err(e) => {
+            problems.add(key, format!("{s:?} is not a URL ({e})"));
+            None
+        }
+    }
+}
+
+/// Whether `name` is a valid Matrix server name (host with optional port).
+fn valid_server_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 230
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+}
+
+fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
+    let mut p = Problems::default();
+    let mut warnings = Vec::new();
+
+    // [listen]
+    let public = f.listen.public.parse::<SocketAddr>().unwrap_or_else(|_| {
+        p.add(
+            "listen.public",
+            format!("{:?} is not an address like \"0.0.0.0:8008\"", f.listen.public),
+        );
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    });
+    if f.listen.threads == 0 {
+        p.add("listen.threads", "must be at least 1");
+    }
+
+    // [homeserver]
+    let hs = f.homeserver.unwrap_or(file::HomeserverFile {
+        url: None,
+        server_name: None,
+        connect_timeout: "5s".into(),
+        read_timeout: "300s".into(),
+    });
+    let hs_url = match hs.url.as_deref() {
+        Some(u) => http_url(&mut p, &mut warnings, "homeserver.url", u),
+        None => {
+            p.add("homeserver.url", "required");
+            None
+        }
+    };
+    if let Some(u) = &hs_url {
+        if u.path() != "/" && !u.path().is_empty() {
+            p.add(
+                "homeserver.url",
+                "must not have a path: the gateway forwards client paths unchanged",
+            );
+        }
+    }
+    let server_name = match hs.server_name {
+        Some(s) if valid_server_name(&s) => s,
+        Some(s) => {
+            p.add("homeserver.server_name", format!("{s:?} is not a valid server name"));
+            String::new()
+        }
+        None => {
+            p.add("homeserver.server_name", "required");
+            String::new()
+        }
+    };
+    let connect_timeout = duration(&mut p, "homeserver.connect_timeout", &hs.connect_timeout);
+    let read_timeout = duration(&mut p, "homeserver.read_timeout", &hs.read_timeout);
+
+    // [[issuers]]
+    if f.issuers.is_empty() {
+        p.add("issuers", "at least one [[issuers]] entry is required");
+    }
+    let mut issuers = Vec::new();
+    for (i, iss) in f.issuers.iter().enumerate() {
+        let k = |name: &str| format!("issuers[{i}].{name}");
+        let issuer = match iss.issuer.as_deref() {
+            Some(s) => {
+                http_url(&mut p, &mut warnings, &k("issuer"), s);
+                s.to_owned()
+            }
+            None => {
+                p.add(&k("issuer"), "required");
+                String::new()
+            }
+        };
+        let discovery_url = match iss.discovery_url.as_deref() {
+            Some(s) => http_url(&mut p, &mut warnings, &k("discovery_url"), s),
+            None if !issuer.is_empty() => Url::parse(&format!(
+                "{}/.well-known/openid-configuration",
+                issuer.trim_end_matches('/')
+            ))
+            .ok(),
+            None => None,
+        };
+        let introspection_endpoint = iss
+            .introspection_endpoint
+            .as_deref()
+            .and_then(|s| http_url(&mut p, &mut warnings, &k("introspection_endpoint"), s));
+        let client_auth = match iss.client_auth.as_str() {
+            "client_secret_basic" => ClientAuthMethod::ClientSecretBasic,
+            "client_secret_post" => ClientAuthMethod::ClientSecretPost,
+            "bearer" => ClientAuthMethod::Bearer,
+            other => {
+                p.add(
+                    &k("client_auth"),
+                    format!("{other:?} is not one of client_secret_basic, client_secret_post, bearer"),
+                );
+                ClientAuthMethod::ClientSecretBasic
+            }
+        };
+        if client_auth != ClientAuthMethod::Bearer && iss.client_id.is_none() {
+            p.add(&k("client_id"), format!("required with client_auth = {:?}", iss.client_auth));
+        }
+        let secret = secret::resolve(
+            &mut p,
+            &k("client_secret"),
+            iss.client_secret.as_deref(),
+            iss.client_secret_file.as_deref(),
+            true,
+        );
+        let timeout = duration(&mut p, &k("timeout"), &iss.timeout);
+        if timeout.is_zero() {
+            p.add(&k("timeout"), "must be greater than zero");
+        }
+        let metadata_refresh = duration(&mut p, &k("metadata_refresh"), &iss.metadata_refresh);
+        if metadata_refresh < Duration::from_secs(1) {
+            p.add(&k("metadata_refresh"), "must be at least 1s");
+        }
+        if iss.max_response_bytes < 1024 {
+            p.add(&k("max_response_bytes"), "must be at least 1024");
+        }
+        if let (Some(discovery_url), Some(client_secret)) = (discovery_url, secret) {
+            issuers.push(Issuer {
+                issuer,
+                discovery_url,
+                introspection_endpoint,
+                client_id: iss.client_id.clone(),
+                client_auth,
+                client_secret,
+                timeout,
+                max_response_bytes: iss.max_response_bytes,
+                metadata_refresh,
+            });
+        }
+    }
+
+    // [auth]
+    if f.auth.max_token_length < 16 {
+        p.add("auth.max_token_length", "must be at least 16");
+    }
+    if f.auth.user_id_claims.is_empty() {
+        p.add("auth.user_id_claims", "must name at least one claim");
+    }
+    let guest_endpoints = match f.auth.guest_endpoints.as_str() {
+        "spec" => GuestEndpoints::Spec,
+        "synapse" => GuestEndpoints::Synapse,
+        other => {
+            p.add("auth.guest_endpoints", format!("{other:?} is not one of spec, synapse"));
+            GuestEndpoints::Spec
+        }
+    };
+
+    // [cache]
+    let max_ttl = duration(&mut p, "cache.max_ttl", &f.cache.max_ttl);
+    let negative_ttl = duration(&mut p, "cache.negative_ttl", &f.cache.negative_ttl);
+    if negative_ttl > max_ttl {
+        p.add("cache.negative_ttl", "must not exceed cache.max_ttl");
+    }
+    if f.cache.capacity == 0 {
+        p.add("cache.capacity", "must be at least 1");
+    }
+
+    // [identity_headers]
+    let h = &f.identity_headers;
+    let identity_headers = IdentityHeaders {
+        user_id: header_name(&mut p, "identity_headers.user_id", &h.user_id),
+        device_id: header_name(&mut p, "identity_headers.device_id", &h.device_id),
+        scope: header_name(&mut p, "identity_headers.scope", &h.scope),
+        guest: header_name(&mut p, "identity_headers.guest", &h.guest),
+        subject: header_name(&mut p, "identity_headers.subject", &h.subject),
+        signature: header_name(&mut p, "identity_headers.signature", &h.signature),
+        signing_secret: secret::resolve(
+            &mut p,
+            "identity_headers.signing_secret",
+            h.signing_secret.as_deref(),
+            h.signing_secret_file.as_deref(),
+            false,
+        ),
+        also_strip: h
+            .also_strip
+            .iter()
+            .enumerate()
+            .map(|(i, s)| header_name(&mut p, &format!("identity_headers.also_strip[{i}]"), s))
+            .collect(),
+    };
+    if let Some(s) = &identity_headers.signing_secret {
+        if s.expose().len() < 32 {
+            p.add("identity_headers.signing_secret", "must be at least 32 bytes");
+        }
+    }
+
+    // [log]
+    let format = match f.log.format.as_str() {
+        "pretty" => LogFormat::Pretty,
+        "json" => LogFormat::Json,
+        other => {
+            p.add("log.format", format!("{other:?} is not one of pretty, json"));
+            LogFormat::Pretty
+        }
+    };
+    if tracing_subscriber::EnvFilter::try_new(&f.log.level).is_err() {
+        p.add("log.level", format!("{:?} is not a tracing filter", f.log.level));
+    }
+
+    if !p.is_empty() {
+        return Err(p);
+    }
+    let hs_url = hs_url.ok_or_else(Problems::default)?;
+    let tls = hs_url.scheme() == "https";
+    let host = hs_url.host_str().unwrap_or_default().trim_matches(['[', ']']).to_owned();
+    let port = hs_url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+    Ok(Loaded {
+        config: Config {
+            listen: Listen {
+                public,
+                threads: f.listen.threads,
+                trust_forwarded_headers: f.listen.trust_forwarded_headers,
+            },
+            homeserver: Homeserver {
+                url: hs_url,
+                host,
+                port,
+                tls,
+                server_name,
+                connect_timeout,
+                read_timeout,
+            },
+            issuers,
+            auth: AuthPolicy {
+                allow_query_token: f.auth.allow_query_token,
+                max_token_length: f.auth.max_token_length,
+                user_id_claims: f.auth.user_id_claims,
+                guest_endpoints,
+                retry_after_secs: f.auth.retry_after_secs,
+            },
+            cache: CachePolicy {
+                max_ttl,
+                negative_ttl,
+                capacity: f.cache.capacity,
+            },
+            identity_headers,
+            log: LogSettings {
+                format,
+                level: f.log.level,
+            },
+        },
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [homeserver]
+        url = "http://127.0.0.1:8080"
+        server_name = "example.org"
+        [[issuers]]
+        issuer = "https://op.example.org/"
+        client_id = "gw"
+        client_secret = "s3cret"
+    "#;
+
+    #[test]
+    fn minimal_config_loads_with_defaults() {
+        let c = load_str(MINIMAL).expect("valid").config;
+        assert_eq!(c.cache.max_ttl, Duration::from_secs(120));
+        assert_eq!(c.auth.max_token_length, 4096);
+        assert_eq!(c.auth.user_id_claims, vec!["username", "sub"]);
+        assert_eq!(
+            c.issuers[0].discovery_url.as_str(),
+            "https://op.example.org/.well-known/openid-configuration"
+        );
+        assert_eq!(c.homeserver.port, 8080);
+        assert!(!c.homeserver.tls);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = r#"
+            [listen]
+            public = "nope"
+            [homeserver]
+            url = "ftp://x"
+            [[issuers]]
+            issuer = "https://op/"
+            client_auth = "magic"
+            client_secret = "a"
+            client_secret_file = "/nonexistent"
+            [cache]
+            max_ttl = "10 parsecs"
+        "#;
+        let err = load_str(text).expect_err("invalid");
+        let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "listen.public",
+            "homeserver.url",
+            "homeserver.server_name",
+            "issuers[0].client_auth",
+            "issuers[0].client_secret",
+            "cache.max_ttl",
+        ] {
+            assert!(keys.contains(&k), "missing {k} in {keys:?}");
+        }
+    }
+
+    #[test]
+    fn unreadable_secret_file_names_the_file_key() {
+        let text = MINIMAL.replace(
+            "client_secret = \"s3cret\"",
+            "client_secret_file = \"/nonexistent/op\"",
+        );
+        let err = load_str(&text).expect_err("invalid");
+        assert_eq!(err.0[0].key, "issuers[0].client_secret_file");
+        assert!(err.0[0].message.contains("/nonexistent/op"));
+    }
+
+    #[test]
+    fn secret_file_is_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "  abc\n").unwrap();
+        let text = MINIMAL.replace(
+            "client_secret = \"s3cret\"",
+            &format!("client_secret_file = {:?}", path.display().to_string()),
+        );
+        let c = load_str(&text).expect("valid").config;
+        assert_eq!(c.issuers[0].client_secret.expose(), "abc");
+        assert!(!format!("{:?}", c.issuers[0]).contains("abc"));
+    }
+
+    #[test]
+    fn environment_overrides_every_kind_of_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        let env = vec![
+            ("MATRIX_OIDC_GATEWAY__CACHE__MAX_TTL".to_owned(), "30s".to_owned()),
+            ("MATRIX_OIDC_GATEWAY__AUTH__ALLOW_QUERY_TOKEN".to_owned(), "false".to_owned()),
+            ("MATRIX_OIDC_GATEWAY__ISSUERS__0__CLIENT_SECRET".to_owned(), "from-env".to_owned()),
+            ("MATRIX_OIDC_GATEWAY__AUTH__USER_ID_CLAIMS".to_owned(), "[\"preferred_username\"]".to_owned()),
+            ("UNRELATED".to_owned(), "x".to_owned()),
+        ];
+        let c = load(Some(&path), env).expect("valid").config;
+        assert_eq!(c.cache.max_ttl, Duration::from_secs(30));
+        assert!(!c.auth.allow_query_token);
+        assert_eq!(c.issuers[0].client_secret.expose(), "from-env");
+        assert_eq!(c.auth.user_id_claims, vec!["preferred_username"]);
+    }
+
+    #[test]
+    fn environment_alone_can_configure_the_gateway() {
+        let env = [
+            ("HOMESERVER__URL", "http://127.0.0.1:8080"),
+            ("HOMESERVER__SERVER_NAME", "example.org"),
+            ("ISSUERS__0__ISSUER", "https://op.example.org/"),
+            ("ISSUERS__0__CLIENT_AUTH", "bearer"),
+            ("ISSUERS__0__CLIENT_SECRET", "shared"),
+        ]
+        .map(|(k, v)| (format!("{ENV_PREFIX}{k}"), v.to_owned()));
+        let c = load(None, env).expect("valid").config;
+        assert_eq!(c.issuers[0].client_auth, ClientAuthMethod::Bearer);
+    }
+
+    #[test]
+    fn plain_http_to_remote_host_warns_but_loads() {
+        let text = MINIMAL.replace("http://127.0.0.1:8080", "http://matrix.internal:8008");
+        let l = load_str(&text).expect("valid");
+        assert!(l.warnings.iter().any(|w| w.starts_with("homeserver.url")));
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("7d").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

@@ -1,0 +1,227 @@
+//! The one error type of the request path, [`GatewayError`], and the bounded reasons behind it.
+//!
+//! Each variant maps to exactly one Matrix answer (status, `errcode`, client-facing text) in
+//! [`GatewayError::status`] / [`GatewayError::errcode`] / [`GatewayError::client_message`]; the
+//! internal reason travels alongside for logs and metric labels and is never sent to the client.
+//! `gateway::respond` is the only place that turns one into bytes. Statuses and errcodes follow
+//! `shared/decisions.md` (Synapse's delegated-auth semantics).
+
+use std::fmt;
+
+/// Why a request carried no usable token (401 `M_MISSING_TOKEN`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingTokenReason {
+    /// No `Authorization` header and no `access_token` parameter.
+    Absent,
+    /// The `Authorization` header is not `Bearer <b64token>`, or is repeated.
+    Malformed,
+    /// The header and the query parameter were both present, or the parameter was repeated.
+    Ambiguous,
+}
+
+/// Why a token was refused (401 `M_UNKNOWN_TOKEN`, `soft_logout: false`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The OP says `active: false` (unknown, revoked, expired at the OP).
+    Inactive,
+    /// The token's `exp` / `expires_in` has passed.
+    Expired,
+    /// `token_type` says this is a refresh token.
+    RefreshToken,
+    /// Neither the full API scope nor the guest scope was granted.
+    NoApiScope,
+    /// The scope names two different device IDs.
+    MultipleDevices,
+    /// The device ID is empty, too long or has characters outside the RFC 6749 scope set.
+    InvalidDevice,
+    /// Longer than `auth.max_token_length`; the OP was not asked.
+    TooLong,
+    /// An active answer without `sub`.
+    NoSubject,
+}
+
+/// How a call to the OP failed (503, never 401).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpFailure {
+    /// Connection refused, DNS or TLS failure.
+    Unreachable,
+    /// No answer within the configured timeout.
+    Timeout,
+    /// A non-2xx status.
+    Status,
+    /// Not JSON, or JSON of the wrong shape or types.
+    InvalidBody,
+    /// Larger than `max_response_bytes`.
+    TooLarge,
+    /// The discovery document has no usable introspection endpoint or the wrong issuer.
+    BadMetadata,
+}
+
+/// Why a verified token could not be mapped to a Matrix user (500: an OP misconfiguration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MappingFailure {
+    /// None of `auth.user_id_claims` is present as a string.
+    MissingClaim,
+    /// The claim is not a valid Matrix localpart, or the user ID would be too long.
+    InvalidLocalpart,
+}
+
+/// Everything that stops a request inside the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    /// 401 `M_MISSING_TOKEN`.
+    #[error("missing token: {0:?}")]
+    MissingToken(MissingTokenReason),
+    /// 401 `M_UNKNOWN_TOKEN`.
+    #[error("token refused: {0:?}")]
+    UnknownToken(RejectReason),
+    /// 403 `M_GUEST_ACCESS_FORBIDDEN` + `WWW-Authenticate: Bearer error="insufficient_scope"`.
+    #[error("guest token outside the guest endpoint list")]
+    GuestAccessForbidden,
+    /// 400 `M_UNRECOGNIZED`: the request target is not origin-form.
+    #[error("request target is not origin-form")]
+    BadRequestTarget,
+    /// 503 `M_UNKNOWN` with `Retry-After`.
+    #[error("OpenID Provider unavailable: {0:?}")]
+    OpUnavailable(OpFailure),
+    /// 502 `M_UNKNOWN`.
+    #[error("homeserver unreachable")]
+    UpstreamUnavailable,
+    /// 500 `M_UNKNOWN`.
+    #[error("cannot map the token to a Matrix user: {0:?}")]
+    UserMapping(MappingFailure),
+    /// 500 `M_UNKNOWN`: a bug or resource problem inside the gateway.
+    #[error("internal error")]
+    Internal,
+}
+
+/// Matrix error codes the gateway emits
+/// (<https://spec.matrix.org/latest/client-server-api/#standard-error-response>).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Errcode {
+    /// No access token where one is required.
+    MissingToken,
+    /// The access token is not recognised.
+    UnknownToken,
+    /// A guest may not call this endpoint.
+    GuestAccessForbidden,
+    /// The endpoint or request is not recognised.
+    Unrecognized,
+    /// Anything else.
+    Unknown,
+}
+
+impl Errcode {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Errcode::MissingToken => "M_MISSING_TOKEN",
+            Errcode::UnknownToken => "M_UNKNOWN_TOKEN",
+            Errcode::GuestAccessForbidden => "M_GUEST_ACCESS_FORBIDDEN",
+            Errcode::Unrecognized => "M_UNRECOGNIZED",
+            Errcode::Unknown => "M_UNKNOWN",
+        }
+    }
+}
+
+impl fmt::Display for Errcode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl GatewayError {
+    /// HTTP status of the answer.
+    pub fn status(&self) -> u16 {
+        match self {
+            GatewayError::MissingToken(_) | GatewayError::UnknownToken(_) => 401,
+            GatewayError::GuestAccessForbidden => 403,
+            GatewayError::BadRequestTarget => 400,
+            GatewayError::OpUnavailable(_) => 503,
+            GatewayError::UpstreamUnavailable => 502,
+            GatewayError::UserMapping(_) | GatewayError::Internal => 500,
+        }
+    }
+
+    /// The Matrix errcode.
+    pub fn errcode(&self) -> Errcode {
+        match self {
+            GatewayError::MissingToken(_) => Errcode::MissingToken,
+            GatewayError::UnknownToken(_) => Errcode::UnknownToken,
+            GatewayError::GuestAccessForbidden => Errcode::GuestAccessForbidden,
+            GatewayError::BadRequestTarget => Errcode::Unrecognized,
+            GatewayError::OpUnavailable(_)
+            | GatewayError::UpstreamUnavailable
+            | GatewayError::UserMapping(_)
+            | GatewayError::Internal => Errcode::Unknown,
+        }
+    }
+
+    /// The `error` text: says the gateway answered, never reveals the internal reason.
+    pub fn client_message(&self) -> &'static str {
+        match self {
+            GatewayError::MissingToken(MissingTokenReason::Absent) => {
+                "Missing access token (gateway)"
+            }
+            GatewayError::MissingToken(MissingTokenReason::Malformed) => {
+                "Malformed Authorization header (gateway)"
+            }
+            GatewayError::MissingToken(MissingTokenReason::Ambiguous) => {
+                "Access token given more than once (gateway)"
+            }
+            GatewayError::UnknownToken(_) => "Invalid access token (gateway)",
+            GatewayError::GuestAccessForbidden => {
+                "Guest access is not allowed on this endpoint (gateway)"
+            }
+            GatewayError::BadRequestTarget => "Unrecognized request target (gateway)",
+            GatewayError::OpUnavailable(_) => "Unable to introspect the access token (gateway)",
+            GatewayError::UpstreamUnavailable => "The homeserver is unreachable (gateway)",
+            GatewayError::UserMapping(_) => {
+                "The OpenID Provider returned an unusable user identity (gateway)"
+            }
+            GatewayError::Internal => "Internal error (gateway)",
+        }
+    }
+
+    /// Whether the body carries `soft_logout: false`.
+    pub fn soft_logout(&self) -> Option<bool> {
+        matches!(self, GatewayError::UnknownToken(_)).then_some(false)
+    }
+
+    /// A bounded label for logs and metrics.
+    pub fn reason_label(&self) -> &'static str {
+        match self {
+            GatewayError::MissingToken(r) => match r {
+                MissingTokenReason::Absent => "token_absent",
+                MissingTokenReason::Malformed => "token_malformed",
+                MissingTokenReason::Ambiguous => "token_ambiguous",
+            },
+            GatewayError::UnknownToken(r) => match r {
+                RejectReason::Inactive => "inactive",
+                RejectReason::Expired => "expired",
+                RejectReason::RefreshToken => "refresh_token",
+                RejectReason::NoApiScope => "no_api_scope",
+                RejectReason::MultipleDevices => "multiple_devices",
+                RejectReason::InvalidDevice => "invalid_device",
+                RejectReason::TooLong => "too_long",
+                RejectReason::NoSubject => "no_subject",
+            },
+            GatewayError::GuestAccessForbidden => "guest_forbidden",
+            GatewayError::BadRequestTarget => "bad_target",
+            GatewayError::OpUnavailable(f) => match f {
+                OpFailure::Unreachable => "op_unreachable",
+                OpFailure::Timeout => "op_timeout",
+                OpFailure::Status => "op_status",
+                OpFailure::InvalidBody => "op_invalid_body",
+                OpFailure::TooLarge => "op_too_large",
+                OpFailure::BadMetadata => "op_bad_metadata",
+            },
+            GatewayError::UpstreamUnavailable => "upstream_unreachable",
+            GatewayError::UserMapping(m) => match m {
+                MappingFailure::MissingClaim => "user_claim_missing",
+                MappingFailure::InvalidLocalpart => "user_claim_invalid",
+            },
+            GatewayError::Internal => "internal",
+        }
+    }
+}

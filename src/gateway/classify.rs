@@ -1,0 +1,356 @@
+//! Route classification (request_filter, step 1): which rules apply to a request target.
+//!
+//! The table below is *the* documented list (mirrored in `docs/routes.md`). Classification
+//! works on the exact bytes that are forwarded (the raw path up to the first `?`), never on a
+//! decoded or normalised copy, and treats the client API version segment as a wildcard over
+//! every prefix a homeserver routes (`r0`, `v1`, `v3`, any `vN`, `unstable`, `api/v1`), so a
+//! spelling the homeserver routes to an endpoint is classified as that endpoint.
+//! `HEAD` is classified as `GET`. Anything not listed needs a token: the safe default.
+
+use http::Method;
+
+use crate::config::GuestEndpoints;
+use crate::error::GatewayError;
+
+/// What the gateway does with a request before proxying it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteClass {
+    /// A CORS preflight (`OPTIONS`): answered by the gateway, no token.
+    Preflight,
+    /// Server-server API (`/_matrix/federation`, `/_matrix/key`): passed through untouched,
+    /// including its `Authorization: X-Matrix` header.
+    Federation,
+    /// A client route that needs no token; a token that is present is still verified.
+    Public,
+    /// A client route that needs a verified token.
+    Authenticated,
+}
+
+impl RouteClass {
+    /// Label for logs and metrics.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            RouteClass::Preflight => "preflight",
+            RouteClass::Federation => "federation",
+            RouteClass::Public => "public",
+            RouteClass::Authenticated => "authenticated",
+        }
+    }
+}
+
+/// A classified request target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route<'a> {
+    /// The class.
+    pub class: RouteClass,
+    /// The method as classified (`HEAD` → `GET`).
+    pub method: &'a str,
+    /// The path: the raw target up to the first `?`.
+    pub path: &'a str,
+}
+
+/// Client-server endpoints that need no token, relative to `/_matrix/client/<version>/`.
+/// `*` is one path segment, `**` one or more.
+const PUBLIC_CLIENT: &[(&str, &str)] = &[
+    ("GET", "login"),
+    ("POST", "login"),
+    ("GET", "login/sso/redirect"),
+    ("GET", "login/sso/redirect/*"),
+    ("GET", "login/cas/redirect"),
+    ("GET", "login/cas/ticket"),
+    ("POST", "register"),
+    ("GET", "register/available"),
+    ("POST", "register/email/requestToken"),
+    ("POST", "register/msisdn/requestToken"),
+    ("GET", "register/m.login.registration_token/validity"),
+    ("POST", "account/password"),
+    ("POST", "account/password/email/requestToken"),
+    ("POST", "account/password/msisdn/requestToken"),
+    ("POST", "account/deactivate"),
+    ("POST", "refresh"),
+    ("GET", "auth/*/fallback/web"),
+    ("POST", "auth/*/fallback/web"),
+    ("GET", "publicRooms"),
+    ("GET", "profile/*"),
+    ("GET", "profile/*/*"),
+    ("GET", "directory/room/*"),
+    ("GET", "room_summary/*"),
+    ("GET", "im.nheko.summary/summary/*"),
+    ("GET", "im.nheko.summary/rooms/*/summary"),
+    ("GET", "auth_metadata"),
+    ("GET", "org.matrix.msc2965/auth_metadata"),
+    ("GET", "org.matrix.msc2965/auth_issuer"),
+];
+
+/// The Matrix spec's guest endpoint list (client-server API "Guest access"), relative to
+/// `/_matrix/client/<version>/`.
+const GUEST_SPEC: &[(&str, &str)] = &[
+    ("GET", "rooms/*/state"),
+    ("GET", "rooms/*/context/*"),
+    ("GET", "rooms/*/event/*"),
+    ("GET", "rooms/*/state/*"),
+    ("GET", "rooms/*/state/*/*"),
+    ("GET", "rooms/*/messages"),
+    ("GET", "rooms/*/members"),
+    ("GET", "rooms/*/initialSync"),
+    ("GET", "sync"),
+    ("GET", "events"),
+    ("GET", "media/download/*/*"),
+    ("GET", "media/download/*/*/*"),
+    ("GET", "media/thumbnail/*/*"),
+    ("POST", "rooms/*/join"),
+    ("POST", "rooms/*/leave"),
+    ("PUT", "rooms/*/send/*/*"),
+    ("PUT", "rooms/*/state/*"),
+    ("PUT", "rooms/*/state/*/*"),
+    ("PUT", "sendToDevice/*/*"),
+    ("PUT", "profile/*/displayname"),
+    ("DELETE", "profile/*/displayname"),
+    ("GET", "devices"),
+    ("GET", "devices/*"),
+    ("PUT", "devices/*"),
+    ("GET", "account/whoami"),
+    ("POST", "keys/upload"),
+    ("POST", "keys/query"),
+    ("POST", "keys/claim"),
+];
+
+/// What Synapse also lets guests call (`allow_guest=True` in its REST servlets).
+const GUEST_SYNAPSE_EXTRA: &[(&str, &str)] = &[
+    ("GET", "capabilities"),
+    ("GET", "keys/changes"),
+    ("POST", "keys/signatures/upload"),
+    ("POST", "org.matrix.msc3983/keys/claim"),
+    ("GET", "rooms/*/relations/**"),
+    ("POST", "join/*"),
+    ("GET", "publicRooms"),
+    ("POST", "publicRooms"),
+    ("GET", "joined_rooms"),
+    ("GET", "rooms/*/hierarchy"),
+    ("GET", "room_summary/*"),
+    ("POST", "rooms/*/send/*"),
+    ("POST", "rooms/*/send/*/*"),
+    ("POST", "rooms/*/invite"),
+    ("POST", "rooms/*/kick"),
+    ("POST", "rooms/*/ban"),
+    ("POST", "rooms/*/unban"),
+    ("POST", "rooms/*/forget"),
+    ("POST", "org.matrix.simplified_msc3575/sync"),
+    ("GET", "thirdparty/protocols"),
+    ("GET", "thirdparty/protocol/*"),
+    ("GET", "thirdparty/user"),
+    ("GET", "thirdparty/user/*"),
+    ("GET", "thirdparty/location"),
+    ("GET", "thirdparty/location/*"),
+];
+
+/// Classifies a request. `raw_target` is the request target exactly as it will be forwarded.
+pub fn classify<'a>(method: &'a Method, raw_target: &'a [u8]) -> Result<Route<'a>, GatewayError> {
+    let target = std::str::from_utf8(raw_target).map_err(|_| GatewayError::BadRequestTarget)?;
+    if !target.starts_with('/') || target.contains('#') {
+        return Err(GatewayError::BadRequestTarget);
+    }
+    let path = target.split('?').next().unwrap_or_default();
+    let method = match *method {
+        Method::HEAD => "GET",
+        ref m => m.as_str(),
+    };
+    let class = if path.starts_with("/_matrix/federation/") || path.starts_with("/_matrix/key/") {
+        RouteClass::Federation
+    } else if method == "OPTIONS" {
+        RouteClass::Preflight
+    } else if path.starts_with("/.well-known/matrix/")
+        || path == "/_matrix/client/versions"
+        || path.starts_with("/_matrix/static/")
+        || is_public_media(method, path)
+        || client_endpoint(path).is_some_and(|e| listed(PUBLIC_CLIENT, method, e))
+    {
+        RouteClass::Public
+    } else {
+        RouteClass::Authenticated
+    };
+    Ok(Route {
+        class,
+        method,
+        path,
+    })
+}
+
+/// Whether a guest-scoped token may call this route.
+pub fn guest_allowed(route: &Route<'_>, list: GuestEndpoints) -> bool {
+    if route.class != RouteClass::Authenticated {
+        return true;
+    }
+    let Some(endpoint) = client_endpoint(route.path) else {
+        return false;
+    };
+    listed(GUEST_SPEC, route.method, endpoint)
+        || (list == GuestEndpoints::Synapse && listed(GUEST_SYNAPSE_EXTRA, route.method, endpoint))
+}
+
+/// The endpoint part of a client-server path: `/_matrix/client/<version>/<endpoint>`.
+fn client_endpoint(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/_matrix/client/")?;
+    if let Some(e) = rest.strip_prefix("api/v1/") {
+        return Some(e);
+    }
+    let (version, endpoint) = rest.split_once('/')?;
+    is_version(version).then_some(endpoint)
+}
+
+fn is_version(seg: &str) -> bool {
+    seg == "r0"
+        || seg == "unstable"
+        || seg
+            .strip_prefix('v')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Legacy unauthenticated media: `GET /_matrix/media/<version>/{download,thumbnail}/…`.
+fn is_public_media(method: &str, path: &str) -> bool {
+    if method != "GET" {
+        return false;
+    }
+    let Some(rest) = path.strip_prefix("/_matrix/media/") else {
+        return false;
+    };
+    let Some((version, endpoint)) = rest.split_once('/') else {
+        return false;
+    };
+    is_version(version)
+        && (matches("download/*/**", endpoint) || matches("thumbnail/*/*", endpoint))
+}
+
+fn listed(table: &[(&str, &str)], method: &str, endpoint: &str) -> bool {
+    table
+        .iter()
+        .any(|(m, pattern)| *m == method && matches(pattern, endpoint))
+}
+
+/// Segment-wise match: `*` is exactly one segment (possibly empty), `**` one or more.
+fn matches(pattern: &str, path: &str) -> bool {
+    let mut pat = pattern.split('/');
+    let mut segs = path.split('/');
+    loop {
+        match (pat.next(), segs.next()) {
+            (Some("**"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(p), Some(s)) if p == s => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(method: Method, target: &str) -> RouteClass {
+        classify(&method, target.as_bytes()).unwrap().class
+    }
+
+    #[test]
+    fn version_segment_is_a_wildcard() {
+        for v in ["r0", "v1", "v3", "v4", "unstable", "api/v1"] {
+            assert_eq!(class(Method::POST, &format!("/_matrix/client/{v}/login")), RouteClass::Public);
+            assert_eq!(
+                class(Method::GET, &format!("/_matrix/client/{v}/sync")),
+                RouteClass::Authenticated
+            );
+        }
+    }
+
+    #[test]
+    fn head_is_get() {
+        assert_eq!(class(Method::HEAD, "/_matrix/client/v3/publicRooms"), RouteClass::Public);
+        let r = classify(&Method::HEAD, b"/_matrix/client/v3/sync").unwrap();
+        assert_eq!(r.method, "GET");
+    }
+
+    #[test]
+    fn path_ends_at_first_question_mark() {
+        assert_eq!(class(Method::GET, "/_matrix/client/v3/login?/../sync"), RouteClass::Public);
+        assert_eq!(class(Method::GET, "/_matrix/client/v3/sync??x"), RouteClass::Authenticated);
+    }
+
+    #[test]
+    fn non_origin_form_and_fragments_are_refused() {
+        for t in ["http://h/_matrix/client/v3/register", "*", "_matrix/client/v3/sync", "/a#b"] {
+            assert_eq!(classify(&Method::GET, t.as_bytes()), Err(GatewayError::BadRequestTarget), "{t}");
+        }
+        assert_eq!(classify(&Method::GET, b"/\xff"), Err(GatewayError::BadRequestTarget));
+    }
+
+    #[test]
+    fn public_table() {
+        assert_eq!(class(Method::GET, "/_matrix/client/versions"), RouteClass::Public);
+        assert_eq!(class(Method::GET, "/.well-known/matrix/client"), RouteClass::Public);
+        assert_eq!(class(Method::GET, "/_matrix/media/v3/download/s/m"), RouteClass::Public);
+        assert_eq!(class(Method::GET, "/_matrix/media/r0/thumbnail/s/m"), RouteClass::Public);
+        assert_eq!(class(Method::POST, "/_matrix/media/v3/upload"), RouteClass::Authenticated);
+        assert_eq!(class(Method::GET, "/_matrix/media/v3/config"), RouteClass::Authenticated);
+        assert_eq!(class(Method::GET, "/_matrix/client/v1/auth_metadata"), RouteClass::Public);
+        assert_eq!(
+            class(Method::GET, "/_matrix/client/unstable/org.matrix.msc2965/auth_metadata"),
+            RouteClass::Public
+        );
+        assert_eq!(class(Method::GET, "/_matrix/client/v3/profile/@a:b"), RouteClass::Public);
+        assert_eq!(class(Method::PUT, "/_matrix/client/v3/profile/@a:b/displayname"), RouteClass::Authenticated);
+        assert_eq!(class(Method::POST, "/_matrix/client/v3/publicRooms"), RouteClass::Authenticated);
+    }
+
+    #[test]
+    fn federation_and_preflight() {
+        assert_eq!(class(Method::PUT, "/_matrix/federation/v1/send/1"), RouteClass::Federation);
+        assert_eq!(class(Method::GET, "/_matrix/key/v2/server"), RouteClass::Federation);
+        assert_eq!(class(Method::OPTIONS, "/_matrix/client/v3/sync"), RouteClass::Preflight);
+    }
+
+    #[test]
+    fn non_canonical_spellings_need_a_token() {
+        // Homeservers route none of these; the gateway must not treat them as public either.
+        for t in [
+            "/_matrix/client/v3/LOGIN",
+            "/_matrix/client/v3//login",
+            "/_matrix/client/v3/login/",
+            "/_matrix/client/v3/%6cogin",
+            "/_matrix/client/v3/./login",
+            "/_matrix/client/v3/login;x=y",
+            "/_matrix/client/V3/login",
+            "/",
+            "/_synapse/admin/v1/users",
+        ] {
+            assert_eq!(class(Method::POST, t), RouteClass::Authenticated, "{t}");
+        }
+    }
+
+    #[test]
+    fn guest_lists() {
+        let ok = |m: Method, p: &str, l| guest_allowed(&classify(&m, p.as_bytes()).unwrap(), l);
+        use GuestEndpoints::*;
+        assert!(ok(Method::GET, "/_matrix/client/v3/sync", Spec));
+        assert!(ok(Method::HEAD, "/_matrix/client/r0/sync", Spec));
+        assert!(ok(Method::PUT, "/_matrix/client/v3/rooms/!r:x/send/m.room.message/t1", Spec));
+        assert!(ok(Method::PUT, "/_matrix/client/v3/rooms/!r:x/state/m.room.name/", Spec));
+        assert!(ok(Method::GET, "/_matrix/client/v1/media/download/s/m", Spec));
+        assert!(ok(Method::GET, "/_matrix/client/v3/account/whoami", Spec));
+        assert!(!ok(Method::POST, "/_matrix/client/v3/createRoom", Spec));
+        assert!(!ok(Method::POST, "/_matrix/client/v3/createRoom", Synapse));
+        assert!(!ok(Method::GET, "/_matrix/client/v3/capabilities", Spec));
+        assert!(ok(Method::GET, "/_matrix/client/v3/capabilities", Synapse));
+        assert!(ok(Method::GET, "/_matrix/client/v1/rooms/!r/relations/$e/m.thread", Synapse));
+        assert!(!ok(Method::DELETE, "/_matrix/client/v3/devices/D", Synapse));
+        // public routes are fine for guests
+        assert!(ok(Method::GET, "/_matrix/client/versions", Spec));
+    }
+
+    #[test]
+    fn pattern_matching() {
+        assert!(matches("a/*/c", "a/b/c"));
+        assert!(matches("a/*/c", "a//c"));
+        assert!(!matches("a/*/c", "a/b/c/d"));
+        assert!(matches("a/**", "a/b/c"));
+        assert!(!matches("a/**", "a"));
+    }
+}

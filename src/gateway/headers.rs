@@ -1,0 +1,196 @@
+//! Upstream request headers (upstream_request_filter): strip everything a client could use to
+//! spoof an identity, then inject the verified one.
+//!
+//! Stripped on every route (all case variants, every repeated value): the five identity headers,
+//! the signature header and `identity_headers.also_strip`. On client routes the client's
+//! `Authorization` is not forwarded (the identity headers replace it); federation keeps its
+//! `Authorization: X-Matrix`. With a signing secret, `X-Matrix-Identity-Signature` carries
+//! `t=<unix seconds>,v1=<hex HMAC-SHA256>` over the canonical string documented in
+//! `docs/identity-headers.md`, so an upstream can check the headers came from the gateway.
+
+use hmac::{Hmac, Mac};
+use pingora::http::RequestHeader;
+use pingora::Result;
+use sha2::Sha256;
+
+use crate::auth::{Access, Identity};
+use crate::config::IdentityHeaders;
+
+/// The canonical string the identity signature covers.
+pub fn signing_input(
+    timestamp: u64,
+    method: &str,
+    target: &str,
+    identity: &Identity,
+) -> String {
+    format!(
+        "v1\n{timestamp}\n{method}\n{target}\n{}\n{}\n{}\n{}\n{}",
+        identity.user_id,
+        identity.device_id.as_deref().unwrap_or(""),
+        identity.scope,
+        identity.access == Access::Guest,
+        identity.subject,
+    )
+}
+
+/// `t=<timestamp>,v1=<hex hmac>`.
+pub fn signature(secret: &[u8], timestamp: u64, method: &str, target: &str, identity: &Identity) -> String {
+    // HMAC accepts keys of any length; this cannot fail.
+    let mut mac = match Hmac::<Sha256>::new_from_slice(secret) {
+        Ok(m) => m,
+        Err(_) => return String::new(),
+    };
+    mac.update(signing_input(timestamp, method, target, identity).as_bytes());
+    format!("t={timestamp},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Removes every header a client could spoof.
+pub fn strip(req: &mut RequestHeader, names: &IdentityHeaders, client_route: bool) {
+    for name in [
+        &names.user_id,
+        &names.device_id,
+        &names.scope,
+        &names.guest,
+        &names.subject,
+        &names.signature,
+    ]
+    .into_iter()
+    .chain(names.also_strip.iter())
+    {
+        while req.remove_header(name).is_some() {}
+    }
+    if client_route {
+        while req.remove_header(&http::header::AUTHORIZATION).is_some() {}
+    }
+}
+
+/// Adds the verified identity (after [`strip`]).
+pub fn inject(
+    req: &mut RequestHeader,
+    names: &IdentityHeaders,
+    identity: &Identity,
+    now_secs: u64,
+) -> Result<()> {
+    req.insert_header(names.user_id.clone(), identity.user_id.as_str())?;
+    if let Some(d) = &identity.device_id {
+        req.insert_header(names.device_id.clone(), d.as_str())?;
+    }
+    req.insert_header(names.scope.clone(), identity.scope.as_str())?;
+    let guest = if identity.access == Access::Guest { "true" } else { "false" };
+    req.insert_header(names.guest.clone(), guest)?;
+    req.insert_header(names.subject.clone(), identity.subject.as_str())?;
+    if let Some(secret) = &names.signing_secret {
+        let target = String::from_utf8_lossy(req.raw_path()).into_owned();
+        let sig = signature(
+            secret.expose().as_bytes(),
+            now_secs,
+            req.method.as_str(),
+            &target,
+            identity,
+        );
+        req.insert_header(names.signature.clone(), sig)?;
+    }
+    Ok(())
+}
+
+/// Sets `X-Forwarded-For` / `X-Forwarded-Proto` for the homeserver.
+pub fn forwarded(req: &mut RequestHeader, client_ip: Option<String>, trust_incoming: bool) -> Result<()> {
+    let incoming = req
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(", ");
+    while req.remove_header("x-forwarded-for").is_some() {}
+    let value = match (trust_incoming && !incoming.is_empty(), client_ip) {
+        (true, Some(ip)) => Some(format!("{incoming}, {ip}")),
+        (true, None) => Some(incoming),
+        (false, ip) => ip,
+    };
+    if let Some(v) = value {
+        req.insert_header("X-Forwarded-For", v)?;
+    }
+    if !trust_incoming {
+        while req.remove_header("x-forwarded-proto").is_some() {}
+        req.insert_header("X-Forwarded-Proto", "http")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+    use http::HeaderName;
+
+    fn names() -> IdentityHeaders {
+        IdentityHeaders {
+            user_id: HeaderName::from_static("x-matrix-user-id"),
+            device_id: HeaderName::from_static("x-matrix-device-id"),
+            scope: HeaderName::from_static("x-matrix-scope"),
+            guest: HeaderName::from_static("x-matrix-guest"),
+            subject: HeaderName::from_static("x-oidc-subject"),
+            signature: HeaderName::from_static("x-matrix-identity-signature"),
+            signing_secret: Some(Secret::new("k".repeat(32))),
+            also_strip: vec![HeaderName::from_static("x-remote-user")],
+        }
+    }
+
+    fn alice() -> Identity {
+        Identity {
+            user_id: "@alice:example.org".into(),
+            device_id: Some("DEV".into()),
+            scope: "urn:matrix:client:api:*".into(),
+            access: Access::Full,
+            subject: "sub-a".into(),
+            session_id: None,
+            expires_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn strips_all_case_variants_and_repeats_then_injects() {
+        let mut r = RequestHeader::build("GET", b"/_matrix/client/v3/sync", None).unwrap();
+        r.append_header("X-Matrix-User-Id", "@mallory:x").unwrap();
+        r.append_header("x-matrix-user-id", "@mallory2:x").unwrap();
+        r.append_header("X-MATRIX-DEVICE-ID", "EVIL").unwrap();
+        r.append_header("x-remote-user", "m").unwrap();
+        r.append_header("Authorization", "Bearer t").unwrap();
+        strip(&mut r, &names(), true);
+        assert!(r.headers.get("x-matrix-user-id").is_none());
+        assert!(r.headers.get("x-matrix-device-id").is_none());
+        assert!(r.headers.get("x-remote-user").is_none());
+        assert!(r.headers.get("authorization").is_none());
+        inject(&mut r, &names(), &alice(), 1_700_000_000).unwrap();
+        assert_eq!(r.headers.get_all("x-matrix-user-id").iter().count(), 1);
+        assert_eq!(r.headers["x-matrix-user-id"], "@alice:example.org");
+        assert_eq!(r.headers["x-matrix-device-id"], "DEV");
+        assert_eq!(r.headers["x-matrix-guest"], "false");
+        let sig = r.headers["x-matrix-identity-signature"].to_str().unwrap();
+        assert_eq!(
+            sig,
+            signature(&[b'k'; 32], 1_700_000_000, "GET", "/_matrix/client/v3/sync", &alice())
+        );
+        assert!(sig.starts_with("t=1700000000,v1="));
+    }
+
+    #[test]
+    fn federation_keeps_its_authorization() {
+        let mut r = RequestHeader::build("GET", b"/_matrix/federation/v1/version", None).unwrap();
+        r.append_header("Authorization", "X-Matrix origin=a").unwrap();
+        strip(&mut r, &names(), false);
+        assert_eq!(r.headers["authorization"], "X-Matrix origin=a");
+    }
+
+    #[test]
+    fn signature_depends_on_every_field() {
+        let base = signature(b"key", 1, "GET", "/a", &alice());
+        let mut other = alice();
+        other.device_id = Some("OTHER".into());
+        assert_ne!(base, signature(b"key", 1, "GET", "/a", &other));
+        assert_ne!(base, signature(b"key", 1, "GET", "/b", &alice()));
+        assert_ne!(base, signature(b"key", 2, "GET", "/a", &alice()));
+        assert_ne!(base, signature(b"yek", 1, "GET", "/a", &alice()));
+    }
+}

@@ -1,0 +1,77 @@
+//! The only writer of gateway-made responses: Matrix JSON errors and the few JSON answers the
+//! gateway serves itself (CORS preflight).
+//!
+//! Every response written here has `Content-Type: application/json`, an exact
+//! `Content-Length`, the CORS headers the Matrix spec asks of a homeserver, and keeps the
+//! connection alive (unlike Pingora's `respond_error_with_body`).
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::Result;
+use serde_json::{json, Value};
+
+use crate::error::GatewayError;
+
+/// CORS headers of every gateway-written response
+/// (<https://spec.matrix.org/latest/client-server-api/#web-browser-clients>).
+pub const CORS_HEADERS: [(&str, &str); 3] = [
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS"),
+    (
+        "Access-Control-Allow-Headers",
+        "X-Requested-With, Content-Type, Authorization",
+    ),
+];
+
+/// The JSON body of an error.
+pub fn error_body(err: &GatewayError) -> Value {
+    let mut body = json!({
+        "errcode": err.errcode().as_str(),
+        "error": err.client_message(),
+    });
+    if let Some(soft) = err.soft_logout() {
+        body["soft_logout"] = Value::Bool(soft);
+    }
+    body
+}
+
+/// Writes `err` as a Matrix JSON error.
+pub async fn error(session: &mut Session, err: &GatewayError, retry_after_secs: u32) -> Result<()> {
+    let mut extra: Vec<(&str, String)> = Vec::new();
+    match err {
+        GatewayError::OpUnavailable(_) => extra.push(("Retry-After", retry_after_secs.to_string())),
+        GatewayError::GuestAccessForbidden => extra.push((
+            "WWW-Authenticate",
+            "Bearer error=\"insufficient_scope\", scope=\"urn:matrix:client:api:*\"".to_owned(),
+        )),
+        _ => {}
+    }
+    json_response(session, err.status(), &error_body(err), &extra).await
+}
+
+/// Writes a JSON response with the CORS headers and any `extra` headers.
+pub async fn json_response(
+    session: &mut Session,
+    status: u16,
+    body: &Value,
+    extra: &[(&str, String)],
+) -> Result<()> {
+    let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec()));
+    let mut h = ResponseHeader::build(status, Some(6 + extra.len()))?;
+    h.insert_header("Content-Type", "application/json")?;
+    h.insert_header("Content-Length", bytes.len().to_string())?;
+    h.insert_header("Cache-Control", "no-store")?;
+    for (k, v) in CORS_HEADERS {
+        h.insert_header(k, v)?;
+    }
+    for (k, v) in extra {
+        h.insert_header(k.to_string(), v.as_str())?;
+    }
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session.write_response_header(Box::new(h), head_only).await?;
+    if !head_only {
+        session.write_response_body(Some(bytes), true).await?;
+    }
+    Ok(())
+}

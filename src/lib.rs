@@ -1,0 +1,12 @@
+//! matrix-oidc-gateway: a Pingora reverse proxy that turns any Matrix homeserver into an
+//! OIDC-native one (MSC3861). See `README.md` for the request path and `docs/` for the details.
+
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod gateway;
+pub mod http_client;
+pub mod logging;
+pub mod server;

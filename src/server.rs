@@ -1,0 +1,75 @@
+//! Assembles the Pingora server from a validated [`Config`]: the public proxy service and the
+//! background services. `main` and the in-process tests both go through [`build`].
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+
+use crate::auth::op::OpClient;
+use crate::auth::Verifier;
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::gateway::upstream::Upstream;
+use crate::gateway::Gateway;
+
+/// Why the server could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The homeserver host does not resolve.
+    #[error("homeserver.url: cannot resolve {host}: {source}")]
+    Resolve {
+        /// The host.
+        host: String,
+        /// The resolver error.
+        source: std::io::Error,
+    },
+    /// The OP HTTP client could not be built.
+    #[error("cannot build the HTTP client for the OP: {0}")]
+    HttpClient(#[from] reqwest::Error),
+}
+
+/// Keeps the primary OP's discovery document fresh.
+struct MetadataRefresher {
+    op: Arc<OpClient>,
+}
+
+#[async_trait]
+impl BackgroundService for MetadataRefresher {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.op.refresh_loop(shutdown).await;
+    }
+}
+
+/// Builds a ready-to-run server.
+pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
+    let config = Arc::new(config);
+    let upstream = Upstream::resolve(&config.homeserver).map_err(|source| BuildError::Resolve {
+        host: config.homeserver.host.clone(),
+        source,
+    })?;
+    let op = Arc::new(OpClient::new(config.issuers[0].clone())?);
+    let verifier = Arc::new(Verifier::new(&config, op.clone(), clock.clone()));
+
+    let conf = ServerConf {
+        threads: config.listen.threads,
+        grace_period_seconds: Some(1),
+        graceful_shutdown_timeout_seconds: Some(5),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let gateway = Gateway::new(config.clone(), verifier, upstream, clock);
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        gateway,
+        "matrix-oidc-gateway",
+    );
+    proxy.add_tcp(&config.listen.public.to_string());
+    server.add_service(proxy);
+    server.add_service(background_service("op-metadata", MetadataRefresher { op }));
+    Ok(server)
+}
