@@ -193,7 +193,10 @@ mod tests {
         Claims {
             sub: all.get("sub").and_then(Value::as_str).map(str::to_owned),
             scope: scope.to_owned(),
-            device_id: all.get("device_id").and_then(Value::as_str).map(str::to_owned),
+            device_id: all
+                .get("device_id")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
             all,
             ..Claims::default()
         }
@@ -218,12 +221,22 @@ mod tests {
         let g = build(&claims(SCOPE_GUEST_UNSTABLE, json!({"username": "g"}))).unwrap();
         assert_eq!(g.access, Access::Guest);
         let both = format!("{SCOPE_GUEST} {SCOPE_API}");
-        assert_eq!(build(&claims(&both, json!({"username": "g"}))).unwrap().access, Access::Full);
+        assert_eq!(
+            build(&claims(&both, json!({"username": "g"})))
+                .unwrap()
+                .access,
+            Access::Full
+        );
     }
 
     #[test]
     fn no_api_scope_is_rejected() {
-        for s in ["openid", "", "urn:matrix:client:device:ABCDEFGHIJ", "urn:synapse:admin:*"] {
+        for s in [
+            "openid",
+            "",
+            "urn:matrix:client:device:ABCDEFGHIJ",
+            "urn:synapse:admin:*",
+        ] {
             assert_eq!(
                 build(&claims(s, json!({"username": "a"}))),
                 Err(IdentityError::Reject(RejectReason::NoApiScope)),
@@ -251,7 +264,11 @@ mod tests {
     #[test]
     fn explicit_device_id_wins_over_scope() {
         let s = format!("{SCOPE_API} {DEVICE_PREFIX}AAAAAAAAAA {DEVICE_PREFIX}BBBBBBBBBB");
-        let id = build(&claims(&s, json!({"username": "a", "device_id": "EXPLICIT"}))).unwrap();
+        let id = build(&claims(
+            &s,
+            json!({"username": "a", "device_id": "EXPLICIT"}),
+        ))
+        .unwrap();
         assert_eq!(id.device_id.as_deref(), Some("EXPLICIT"));
     }
 
@@ -298,11 +315,21 @@ mod tests {
             Err(IdentityError::Mapping(MappingFailure::InvalidLocalpart))
         );
         // no usable claim at all
-        let only = build_identity(&claims(SCOPE_API, json!({})), &["preferred_username".into()], "x");
-        assert_eq!(only, Err(IdentityError::Mapping(MappingFailure::MissingClaim)));
+        let only = build_identity(
+            &claims(SCOPE_API, json!({})),
+            &["preferred_username".into()],
+            "x",
+        );
+        assert_eq!(
+            only,
+            Err(IdentityError::Mapping(MappingFailure::MissingClaim))
+        );
         // a non-string claim does not count
         let num = build_identity(&claims(SCOPE_API, json!({"uid": 5})), &["uid".into()], "x");
-        assert_eq!(num, Err(IdentityError::Mapping(MappingFailure::MissingClaim)));
+        assert_eq!(
+            num,
+            Err(IdentityError::Mapping(MappingFailure::MissingClaim))
+        );
     }
 
     #[test]
@@ -318,6 +345,9 @@ mod tests {
     fn missing_subject_is_rejected() {
         let mut c = claims(SCOPE_API, json!({"username": "a"}));
         c.sub = None;
-        assert_eq!(build(&c), Err(IdentityError::Reject(RejectReason::NoSubject)));
+        assert_eq!(
+            build(&c),
+            Err(IdentityError::Reject(RejectReason::NoSubject))
+        );
     }
 }

@@ -16,8 +16,8 @@ use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::error::{GatewayError, OpFailure, RejectReason};
 use cache::{CacheOutcome, CachedVerdict, IdentityCache, Verdict};
-pub use identity::{Access, Identity};
 use identity::{build_identity, Claims, IdentityError};
+pub use identity::{Access, Identity};
 use op::{IntrospectionResponse, OpClient};
 
 /// SHA-256 of a token: the only form in which a token is stored or logged.
@@ -127,7 +127,11 @@ impl Verifier {
                 result: entry
                     .check(self.clock.now_ms())
                     .unwrap_or_else(|| entry.verdict.to_result()),
-                cache: if fresh { outcome } else { CacheOutcome::Coalesced },
+                cache: if fresh {
+                    outcome
+                } else {
+                    CacheOutcome::Coalesced
+                },
             },
             Err(failure) => {
                 tracing::warn!(reason = ?failure, token = %key.short(), "introspection failed");

@@ -162,7 +162,10 @@ impl OpClient {
                 req = req.basic_auth(form_encode(id), Some(form_encode(secret)));
             }
             ClientAuthMethod::ClientSecretPost => {
-                form.push(("client_id", self.issuer.client_id.as_deref().unwrap_or_default()));
+                form.push((
+                    "client_id",
+                    self.issuer.client_id.as_deref().unwrap_or_default(),
+                ));
                 form.push(("client_secret", secret));
             }
             ClientAuthMethod::Bearer => {
@@ -187,7 +190,10 @@ impl OpClient {
 
     async fn read_json(&self, mut resp: reqwest::Response) -> Result<Value, OpFailure> {
         if !resp.status().is_success() {
-            tracing::warn!(status = resp.status().as_u16(), "OP answered with an error status");
+            tracing::warn!(
+                status = resp.status().as_u16(),
+                "OP answered with an error status"
+            );
             return Err(OpFailure::Status);
         }
         let limit = self.issuer.max_response_bytes;

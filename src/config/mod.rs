@@ -321,7 +321,9 @@ fn apply_env(
 
 fn parse_env_value(raw: &str) -> toml::Value {
     match format!("v = {raw}").parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_owned())),
         Err(_) => toml::Value::String(raw.to_owned()),
     }
 }
@@ -352,7 +354,10 @@ fn set_in_value(node: &mut toml::Value, path: &[String], value: toml::Value) -> 
                 .parse()
                 .map_err(|_| format!("`{first}` is not an array index"))?;
             if idx > items.len() {
-                return Err(format!("index {idx} skips entries (array has {})", items.len()));
+                return Err(format!(
+                    "index {idx} skips entries (array has {})",
+                    items.len()
+                ));
             }
             if idx == items.len() {
                 items.push(toml::Value::Table(toml::Table::new()));
@@ -410,7 +415,12 @@ fn is_loopback_host(url: &Url) -> bool {
     }
 }
 
-fn http_url(problems: &mut Problems, warnings: &mut Vec<String>, key: &str, s: &str) -> Option<Url> {
+fn http_url(
+    problems: &mut Problems,
+    warnings: &mut Vec<String>,
+    key: &str,
+    s: &str,
+) -> Option<Url> {
     match Url::parse(s) {
         Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {
             if u.host().is_none() {
@@ -452,7 +462,10 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
     let public = f.listen.public.parse::<SocketAddr>().unwrap_or_else(|_| {
         p.add(
             "listen.public",
-            format!("{:?} is not an address like \"0.0.0.0:8008\"", f.listen.public),
+            format!(
+                "{:?} is not an address like \"0.0.0.0:8008\"",
+                f.listen.public
+            ),
         );
         SocketAddr::from(([0, 0, 0, 0], 0))
     });
@@ -485,7 +498,10 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
     let server_name = match hs.server_name {
         Some(s) if valid_server_name(&s) => s,
         Some(s) => {
-            p.add("homeserver.server_name", format!("{s:?} is not a valid server name"));
+            p.add(
+                "homeserver.server_name",
+                format!("{s:?} is not a valid server name"),
+            );
             String::new()
         }
         None => {
@@ -533,13 +549,18 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
             other => {
                 p.add(
                     &k("client_auth"),
-                    format!("{other:?} is not one of client_secret_basic, client_secret_post, bearer"),
+                    format!(
+                        "{other:?} is not one of client_secret_basic, client_secret_post, bearer"
+                    ),
                 );
                 ClientAuthMethod::ClientSecretBasic
             }
         };
         if client_auth != ClientAuthMethod::Bearer && iss.client_id.is_none() {
-            p.add(&k("client_id"), format!("required with client_auth = {:?}", iss.client_auth));
+            p.add(
+                &k("client_id"),
+                format!("required with client_auth = {:?}", iss.client_auth),
+            );
         }
         let secret = secret::resolve(
             &mut p,
@@ -585,7 +606,10 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
         "spec" => GuestEndpoints::Spec,
         "synapse" => GuestEndpoints::Synapse,
         other => {
-            p.add("auth.guest_endpoints", format!("{other:?} is not one of spec, synapse"));
+            p.add(
+                "auth.guest_endpoints",
+                format!("{other:?} is not one of spec, synapse"),
+            );
             GuestEndpoints::Spec
         }
     };
@@ -625,7 +649,10 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
     };
     if let Some(s) = &identity_headers.signing_secret {
         if s.expose().len() < 32 {
-            p.add("identity_headers.signing_secret", "must be at least 32 bytes");
+            p.add(
+                "identity_headers.signing_secret",
+                "must be at least 32 bytes",
+            );
         }
     }
 
@@ -634,12 +661,18 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
         "pretty" => LogFormat::Pretty,
         "json" => LogFormat::Json,
         other => {
-            p.add("log.format", format!("{other:?} is not one of pretty, json"));
+            p.add(
+                "log.format",
+                format!("{other:?} is not one of pretty, json"),
+            );
             LogFormat::Pretty
         }
     };
     if tracing_subscriber::EnvFilter::try_new(&f.log.level).is_err() {
-        p.add("log.level", format!("{:?} is not a tracing filter", f.log.level));
+        p.add(
+            "log.level",
+            format!("{:?} is not a tracing filter", f.log.level),
+        );
     }
 
     if !p.is_empty() {
@@ -647,8 +680,14 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
     }
     let hs_url = hs_url.ok_or_else(Problems::default)?;
     let tls = hs_url.scheme() == "https";
-    let host = hs_url.host_str().unwrap_or_default().trim_matches(['[', ']']).to_owned();
-    let port = hs_url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+    let host = hs_url
+        .host_str()
+        .unwrap_or_default()
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let port = hs_url
+        .port_or_known_default()
+        .unwrap_or(if tls { 443 } else { 80 });
     Ok(Loaded {
         config: Config {
             listen: Listen {
@@ -776,10 +815,22 @@ mod tests {
         let path = dir.path().join("gw.toml");
         std::fs::write(&path, MINIMAL).unwrap();
         let env = vec![
-            ("MATRIX_OIDC_GATEWAY__CACHE__MAX_TTL".to_owned(), "30s".to_owned()),
-            ("MATRIX_OIDC_GATEWAY__AUTH__ALLOW_QUERY_TOKEN".to_owned(), "false".to_owned()),
-            ("MATRIX_OIDC_GATEWAY__ISSUERS__0__CLIENT_SECRET".to_owned(), "from-env".to_owned()),
-            ("MATRIX_OIDC_GATEWAY__AUTH__USER_ID_CLAIMS".to_owned(), "[\"preferred_username\"]".to_owned()),
+            (
+                "MATRIX_OIDC_GATEWAY__CACHE__MAX_TTL".to_owned(),
+                "30s".to_owned(),
+            ),
+            (
+                "MATRIX_OIDC_GATEWAY__AUTH__ALLOW_QUERY_TOKEN".to_owned(),
+                "false".to_owned(),
+            ),
+            (
+                "MATRIX_OIDC_GATEWAY__ISSUERS__0__CLIENT_SECRET".to_owned(),
+                "from-env".to_owned(),
+            ),
+            (
+                "MATRIX_OIDC_GATEWAY__AUTH__USER_ID_CLAIMS".to_owned(),
+                "[\"preferred_username\"]".to_owned(),
+            ),
             ("UNRELATED".to_owned(), "x".to_owned()),
         ];
         let c = load(Some(&path), env).expect("valid").config;

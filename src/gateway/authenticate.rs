@@ -35,8 +35,8 @@ pub async fn authenticate(
         RouteClass::Preflight => return Ok(Decision::Preflight),
         RouteClass::Public | RouteClass::Authenticated => {}
     }
-    let extracted = token::extract(req, config.auth.allow_query_token)
-        .map_err(GatewayError::MissingToken)?;
+    let extracted =
+        token::extract(req, config.auth.allow_query_token).map_err(GatewayError::MissingToken)?;
     ctx.rewritten_target = extracted.rewritten_target;
     let token = match extracted.presented {
         Presented::Token(t) => t,

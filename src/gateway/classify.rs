@@ -253,7 +253,10 @@ mod tests {
     #[test]
     fn version_segment_is_a_wildcard() {
         for v in ["r0", "v1", "v3", "v4", "unstable", "api/v1"] {
-            assert_eq!(class(Method::POST, &format!("/_matrix/client/{v}/login")), RouteClass::Public);
+            assert_eq!(
+                class(Method::POST, &format!("/_matrix/client/{v}/login")),
+                RouteClass::Public
+            );
             assert_eq!(
                 class(Method::GET, &format!("/_matrix/client/{v}/sync")),
                 RouteClass::Authenticated
@@ -263,48 +266,111 @@ mod tests {
 
     #[test]
     fn head_is_get() {
-        assert_eq!(class(Method::HEAD, "/_matrix/client/v3/publicRooms"), RouteClass::Public);
+        assert_eq!(
+            class(Method::HEAD, "/_matrix/client/v3/publicRooms"),
+            RouteClass::Public
+        );
         let r = classify(&Method::HEAD, b"/_matrix/client/v3/sync").unwrap();
         assert_eq!(r.method, "GET");
     }
 
     #[test]
     fn path_ends_at_first_question_mark() {
-        assert_eq!(class(Method::GET, "/_matrix/client/v3/login?/../sync"), RouteClass::Public);
-        assert_eq!(class(Method::GET, "/_matrix/client/v3/sync??x"), RouteClass::Authenticated);
+        assert_eq!(
+            class(Method::GET, "/_matrix/client/v3/login?/../sync"),
+            RouteClass::Public
+        );
+        assert_eq!(
+            class(Method::GET, "/_matrix/client/v3/sync??x"),
+            RouteClass::Authenticated
+        );
     }
 
     #[test]
     fn non_origin_form_and_fragments_are_refused() {
-        for t in ["http://h/_matrix/client/v3/register", "*", "_matrix/client/v3/sync", "/a#b"] {
-            assert_eq!(classify(&Method::GET, t.as_bytes()), Err(GatewayError::BadRequestTarget), "{t}");
+        for t in [
+            "http://h/_matrix/client/v3/register",
+            "*",
+            "_matrix/client/v3/sync",
+            "/a#b",
+        ] {
+            assert_eq!(
+                classify(&Method::GET, t.as_bytes()),
+                Err(GatewayError::BadRequestTarget),
+                "{t}"
+            );
         }
-        assert_eq!(classify(&Method::GET, b"/\xff"), Err(GatewayError::BadRequestTarget));
+        assert_eq!(
+            classify(&Method::GET, b"/\xff"),
+            Err(GatewayError::BadRequestTarget)
+        );
     }
 
     #[test]
     fn public_table() {
-        assert_eq!(class(Method::GET, "/_matrix/client/versions"), RouteClass::Public);
-        assert_eq!(class(Method::GET, "/.well-known/matrix/client"), RouteClass::Public);
-        assert_eq!(class(Method::GET, "/_matrix/media/v3/download/s/m"), RouteClass::Public);
-        assert_eq!(class(Method::GET, "/_matrix/media/r0/thumbnail/s/m"), RouteClass::Public);
-        assert_eq!(class(Method::POST, "/_matrix/media/v3/upload"), RouteClass::Authenticated);
-        assert_eq!(class(Method::GET, "/_matrix/media/v3/config"), RouteClass::Authenticated);
-        assert_eq!(class(Method::GET, "/_matrix/client/v1/auth_metadata"), RouteClass::Public);
         assert_eq!(
-            class(Method::GET, "/_matrix/client/unstable/org.matrix.msc2965/auth_metadata"),
+            class(Method::GET, "/_matrix/client/versions"),
             RouteClass::Public
         );
-        assert_eq!(class(Method::GET, "/_matrix/client/v3/profile/@a:b"), RouteClass::Public);
-        assert_eq!(class(Method::PUT, "/_matrix/client/v3/profile/@a:b/displayname"), RouteClass::Authenticated);
-        assert_eq!(class(Method::POST, "/_matrix/client/v3/publicRooms"), RouteClass::Authenticated);
+        assert_eq!(
+            class(Method::GET, "/.well-known/matrix/client"),
+            RouteClass::Public
+        );
+        assert_eq!(
+            class(Method::GET, "/_matrix/media/v3/download/s/m"),
+            RouteClass::Public
+        );
+        assert_eq!(
+            class(Method::GET, "/_matrix/media/r0/thumbnail/s/m"),
+            RouteClass::Public
+        );
+        assert_eq!(
+            class(Method::POST, "/_matrix/media/v3/upload"),
+            RouteClass::Authenticated
+        );
+        assert_eq!(
+            class(Method::GET, "/_matrix/media/v3/config"),
+            RouteClass::Authenticated
+        );
+        assert_eq!(
+            class(Method::GET, "/_matrix/client/v1/auth_metadata"),
+            RouteClass::Public
+        );
+        assert_eq!(
+            class(
+                Method::GET,
+                "/_matrix/client/unstable/org.matrix.msc2965/auth_metadata"
+            ),
+            RouteClass::Public
+        );
+        assert_eq!(
+            class(Method::GET, "/_matrix/client/v3/profile/@a:b"),
+            RouteClass::Public
+        );
+        assert_eq!(
+            class(Method::PUT, "/_matrix/client/v3/profile/@a:b/displayname"),
+            RouteClass::Authenticated
+        );
+        assert_eq!(
+            class(Method::POST, "/_matrix/client/v3/publicRooms"),
+            RouteClass::Authenticated
+        );
     }
 
     #[test]
     fn federation_and_preflight() {
-        assert_eq!(class(Method::PUT, "/_matrix/federation/v1/send/1"), RouteClass::Federation);
-        assert_eq!(class(Method::GET, "/_matrix/key/v2/server"), RouteClass::Federation);
-        assert_eq!(class(Method::OPTIONS, "/_matrix/client/v3/sync"), RouteClass::Preflight);
+        assert_eq!(
+            class(Method::PUT, "/_matrix/federation/v1/send/1"),
+            RouteClass::Federation
+        );
+        assert_eq!(
+            class(Method::GET, "/_matrix/key/v2/server"),
+            RouteClass::Federation
+        );
+        assert_eq!(
+            class(Method::OPTIONS, "/_matrix/client/v3/sync"),
+            RouteClass::Preflight
+        );
     }
 
     #[test]
@@ -331,15 +397,31 @@ mod tests {
         use GuestEndpoints::*;
         assert!(ok(Method::GET, "/_matrix/client/v3/sync", Spec));
         assert!(ok(Method::HEAD, "/_matrix/client/r0/sync", Spec));
-        assert!(ok(Method::PUT, "/_matrix/client/v3/rooms/!r:x/send/m.room.message/t1", Spec));
-        assert!(ok(Method::PUT, "/_matrix/client/v3/rooms/!r:x/state/m.room.name/", Spec));
-        assert!(ok(Method::GET, "/_matrix/client/v1/media/download/s/m", Spec));
+        assert!(ok(
+            Method::PUT,
+            "/_matrix/client/v3/rooms/!r:x/send/m.room.message/t1",
+            Spec
+        ));
+        assert!(ok(
+            Method::PUT,
+            "/_matrix/client/v3/rooms/!r:x/state/m.room.name/",
+            Spec
+        ));
+        assert!(ok(
+            Method::GET,
+            "/_matrix/client/v1/media/download/s/m",
+            Spec
+        ));
         assert!(ok(Method::GET, "/_matrix/client/v3/account/whoami", Spec));
         assert!(!ok(Method::POST, "/_matrix/client/v3/createRoom", Spec));
         assert!(!ok(Method::POST, "/_matrix/client/v3/createRoom", Synapse));
         assert!(!ok(Method::GET, "/_matrix/client/v3/capabilities", Spec));
         assert!(ok(Method::GET, "/_matrix/client/v3/capabilities", Synapse));
-        assert!(ok(Method::GET, "/_matrix/client/v1/rooms/!r/relations/$e/m.thread", Synapse));
+        assert!(ok(
+            Method::GET,
+            "/_matrix/client/v1/rooms/!r/relations/$e/m.thread",
+            Synapse
+        ));
         assert!(!ok(Method::DELETE, "/_matrix/client/v3/devices/D", Synapse));
         // public routes are fine for guests
         assert!(ok(Method::GET, "/_matrix/client/versions", Spec));

@@ -17,12 +17,7 @@ use crate::auth::{Access, Identity};
 use crate::config::IdentityHeaders;
 
 /// The canonical string the identity signature covers.
-pub fn signing_input(
-    timestamp: u64,
-    method: &str,
-    target: &str,
-    identity: &Identity,
-) -> String {
+pub fn signing_input(timestamp: u64, method: &str, target: &str, identity: &Identity) -> String {
     format!(
         "v1\n{timestamp}\n{method}\n{target}\n{}\n{}\n{}\n{}\n{}",
         identity.user_id,
@@ -34,14 +29,23 @@ pub fn signing_input(
 }
 
 /// `t=<timestamp>,v1=<hex hmac>`.
-pub fn signature(secret: &[u8], timestamp: u64, method: &str, target: &str, identity: &Identity) -> String {
+pub fn signature(
+    secret: &[u8],
+    timestamp: u64,
+    method: &str,
+    target: &str,
+    identity: &Identity,
+) -> String {
     // HMAC accepts keys of any length; this cannot fail.
     let mut mac = match Hmac::<Sha256>::new_from_slice(secret) {
         Ok(m) => m,
         Err(_) => return String::new(),
     };
     mac.update(signing_input(timestamp, method, target, identity).as_bytes());
-    format!("t={timestamp},v1={}", hex::encode(mac.finalize().into_bytes()))
+    format!(
+        "t={timestamp},v1={}",
+        hex::encode(mac.finalize().into_bytes())
+    )
 }
 
 /// Removes every header a client could spoof.
@@ -76,7 +80,11 @@ pub fn inject(
         req.insert_header(names.device_id.clone(), d.as_str())?;
     }
     req.insert_header(names.scope.clone(), identity.scope.as_str())?;
-    let guest = if identity.access == Access::Guest { "true" } else { "false" };
+    let guest = if identity.access == Access::Guest {
+        "true"
+    } else {
+        "false"
+    };
     req.insert_header(names.guest.clone(), guest)?;
     req.insert_header(names.subject.clone(), identity.subject.as_str())?;
     if let Some(secret) = &names.signing_secret {
@@ -94,7 +102,11 @@ pub fn inject(
 }
 
 /// Sets `X-Forwarded-For` / `X-Forwarded-Proto` for the homeserver.
-pub fn forwarded(req: &mut RequestHeader, client_ip: Option<String>, trust_incoming: bool) -> Result<()> {
+pub fn forwarded(
+    req: &mut RequestHeader,
+    client_ip: Option<String>,
+    trust_incoming: bool,
+) -> Result<()> {
     let incoming = req
         .headers
         .get_all("x-forwarded-for")
@@ -170,7 +182,13 @@ mod tests {
         let sig = r.headers["x-matrix-identity-signature"].to_str().unwrap();
         assert_eq!(
             sig,
-            signature(&[b'k'; 32], 1_700_000_000, "GET", "/_matrix/client/v3/sync", &alice())
+            signature(
+                &[b'k'; 32],
+                1_700_000_000,
+                "GET",
+                "/_matrix/client/v3/sync",
+                &alice()
+            )
         );
         assert!(sig.starts_with("t=1700000000,v1="));
     }
@@ -178,7 +196,8 @@ mod tests {
     #[test]
     fn federation_keeps_its_authorization() {
         let mut r = RequestHeader::build("GET", b"/_matrix/federation/v1/version", None).unwrap();
-        r.append_header("Authorization", "X-Matrix origin=a").unwrap();
+        r.append_header("Authorization", "X-Matrix origin=a")
+            .unwrap();
         strip(&mut r, &names(), false);
         assert_eq!(r.headers["authorization"], "X-Matrix origin=a");
     }

@@ -60,7 +60,12 @@ impl Gateway {
         }
     }
 
-    async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, err: GatewayError) -> Result<bool> {
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        err: GatewayError,
+    ) -> Result<bool> {
         respond::error(session, &err, self.config.auth.retry_after_secs).await?;
         ctx.rejection = Some(err);
         Ok(true)
@@ -77,7 +82,8 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let decision =
-            authenticate::authenticate(session.req_header(), &self.config, &self.verifier, ctx).await;
+            authenticate::authenticate(session.req_header(), &self.config, &self.verifier, ctx)
+                .await;
         match decision {
             Ok(Decision::Proxy) => Ok(false),
             Ok(Decision::Preflight) => {
@@ -117,22 +123,33 @@ impl ProxyHttp for Gateway {
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let err = match (e.esource(), e.etype()) {
-            (ErrorSource::Downstream, ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed) => None,
+            (
+                ErrorSource::Downstream,
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
+            ) => None,
             (ErrorSource::Upstream, _) => Some(GatewayError::UpstreamUnavailable),
             (ErrorSource::Downstream, _) => Some(GatewayError::BadRequestTarget),
             _ => Some(GatewayError::Internal),
         };
         let Some(err) = err else {
-            return FailToProxy { error_code: 0, can_reuse_downstream: false };
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
         };
         let code = err.status();
         if session.response_written().is_none() {
-            if let Err(write_err) = respond::error(session, &err, self.config.auth.retry_after_secs).await {
+            if let Err(write_err) =
+                respond::error(session, &err, self.config.auth.retry_after_secs).await
+            {
                 tracing::debug!(error = %write_err, "could not write the error response");
             }
         }
         ctx.rejection = Some(err);
-        FailToProxy { error_code: code, can_reuse_downstream: true }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: true,
+        }
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {

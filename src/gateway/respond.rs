@@ -17,7 +17,10 @@ use crate::error::GatewayError;
 /// (<https://spec.matrix.org/latest/client-server-api/#web-browser-clients>).
 pub const CORS_HEADERS: [(&str, &str); 3] = [
     ("Access-Control-Allow-Origin", "*"),
-    ("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS"),
+    (
+        "Access-Control-Allow-Methods",
+        "GET, POST, PUT, DELETE, OPTIONS",
+    ),
     (
         "Access-Control-Allow-Headers",
         "X-Requested-With, Content-Type, Authorization",
@@ -50,6 +53,34 @@ pub async fn error(session: &mut Session, err: &GatewayError, retry_after_secs: 
     json_response(session, err.status(), &error_body(err), &extra).await
 }
 
+/// Request bodies up to this size are read and discarded before the gateway answers, so the
+/// connection can stay open; a larger body closes the connection instead of being read.
+const DRAIN_LIMIT: u64 = 64 * 1024;
+
+async fn drain_small_body(session: &mut Session) {
+    if session.is_body_done() {
+        return;
+    }
+    let small = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n <= DRAIN_LIMIT);
+    if small {
+        let drained = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            session.drain_request_body(),
+        )
+        .await;
+        if matches!(drained, Ok(Ok(()))) {
+            return;
+        }
+    }
+    session.set_keepalive(None);
+}
+
 /// Writes a JSON response with the CORS headers and any `extra` headers.
 pub async fn json_response(
     session: &mut Session,
@@ -57,6 +88,7 @@ pub async fn json_response(
     body: &Value,
     extra: &[(&str, String)],
 ) -> Result<()> {
+    drain_small_body(session).await;
     let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec()));
     let mut h = ResponseHeader::build(status, Some(6 + extra.len()))?;
     h.insert_header("Content-Type", "application/json")?;
@@ -69,7 +101,9 @@ pub async fn json_response(
         h.insert_header(k.to_string(), v.as_str())?;
     }
     let head_only = session.req_header().method == http::Method::HEAD;
-    session.write_response_header(Box::new(h), head_only).await?;
+    session
+        .write_response_header(Box::new(h), head_only)
+        .await?;
     if !head_only {
         session.write_response_body(Some(bytes), true).await?;
     }

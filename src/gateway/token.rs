@@ -132,8 +132,20 @@ mod tests {
 
     #[test]
     fn malformed_headers() {
-        for bad in ["Bearer", "Bearer ", "Basic abc", "Bearer a b", "Bearer a\"b", "tok", "Bearer ==="] {
-            assert_eq!(extract(&req("/x", &[bad]), true), Err(MissingTokenReason::Malformed), "{bad}");
+        for bad in [
+            "Bearer",
+            "Bearer ",
+            "Basic abc",
+            "Bearer a b",
+            "Bearer a\"b",
+            "tok",
+            "Bearer ===",
+        ] {
+            assert_eq!(
+                extract(&req("/x", &[bad]), true),
+                Err(MissingTokenReason::Malformed),
+                "{bad}"
+            );
         }
         assert_eq!(
             extract(&req("/x", &["Bearer a", "Bearer a"]), true),
@@ -179,6 +191,12 @@ mod tests {
     #[test]
     fn unrelated_query_untouched() {
         let e = extract(&req("/s?my_access_token_x=1", &[]), true).unwrap();
-        assert_eq!(e, Extracted { presented: Presented::None, rewritten_target: None });
+        assert_eq!(
+            e,
+            Extracted {
+                presented: Presented::None,
+                rewritten_target: None
+            }
+        );
     }
 }

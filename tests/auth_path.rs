@@ -1,0 +1,740 @@
+//! The authenticated path end to end in-process: the real gateway in front of wiremock fakes of
+//! the OP (RFC 7662 introspection) and the homeserver (an echo). Every client-visible answer of
+//! `shared/decisions.md` that the authenticated path produces is asserted with its exact body.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use wiremock::matchers::{header, method, path};
+use wiremock::{Mock, ResponseTemplate};
+
+const SYNC: &str = "/_matrix/client/v3/sync";
+
+async fn get(gw: &TestGateway, p: &str, token: Option<&str>) -> reqwest::Response {
+    let mut r = client().get(gw.url(p));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    r.send().await.expect("request")
+}
+
+#[tokio::test]
+async fn valid_token_reaches_the_homeserver_with_identity_headers() {
+    let f = Fakes::start().await;
+    f.introspection("tok-alice", active("alice", &full_scope("ALICEDEV01")), 1)
+        .await;
+    let gw = spawn(&f.config("")).await;
+
+    let resp = get(&gw, SYNC, Some("tok-alice")).await;
+    assert_eq!(resp.status(), 200);
+    let echo: Value = resp.json().await.unwrap();
+    let h = &echo["headers"];
+    assert_eq!(h["x-matrix-user-id"], json!(["@alice:example.org"]));
+    assert_eq!(h["x-matrix-device-id"], json!(["ALICEDEV01"]));
+    assert_eq!(h["x-matrix-guest"], json!(["false"]));
+    assert_eq!(h["x-oidc-subject"], json!(["sub-alice"]));
+    assert_eq!(h["x-matrix-scope"], json!([full_scope("ALICEDEV01")]));
+    assert!(
+        h.get("authorization").is_none(),
+        "client token forwarded: {h}"
+    );
+    assert!(h.get("x-matrix-identity-signature").is_none());
+}
+
+#[tokio::test]
+async fn introspection_request_has_the_required_shape() {
+    let f = Fakes::start().await;
+    // client_secret_basic: base64("gateway:gateway-secret")
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .and(header(
+            "authorization",
+            "Basic Z2F0ZXdheTpnYXRld2F5LXNlY3JldA==",
+        ))
+        .and(header("x-mas-supports-device-id", "1"))
+        .and(header("accept", "application/json"))
+        .and(header("content-type", "application/x-www-form-urlencoded"))
+        .and(wiremock::matchers::body_string(
+            "token=tok&token_type_hint=access_token",
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(active("a", &full_scope("D1"))))
+        .expect(1)
+        .mount(&f.op)
+        .await;
+    let gw = spawn(&f.config("")).await;
+    assert_eq!(get(&gw, SYNC, Some("tok")).await.status(), 200);
+}
+
+#[tokio::test]
+async fn client_secret_post_and_bearer_client_auth() {
+    for (auth, matcher_header, body) in [
+        (
+            "client_secret_post",
+            None,
+            "token=tok&token_type_hint=access_token&client_id=gateway&client_secret=gateway-secret",
+        ),
+        (
+            "bearer",
+            Some("Bearer gateway-secret"),
+            "token=tok&token_type_hint=access_token",
+        ),
+    ] {
+        let f = Fakes::start().await;
+        let mut m = Mock::given(method("POST"))
+            .and(path("/introspect"))
+            .and(wiremock::matchers::body_string(body));
+        if let Some(h) = matcher_header {
+            m = m.and(header("authorization", h));
+        }
+        m.respond_with(ResponseTemplate::new(200).set_body_json(active("a", &full_scope("D1"))))
+            .expect(1)
+            .mount(&f.op)
+            .await;
+        let gw = spawn(&f.config(&format!("client_auth = \"{auth}\""))).await;
+        assert_eq!(get(&gw, SYNC, Some("tok")).await.status(), 200, "{auth}");
+    }
+}
+
+#[tokio::test]
+async fn introspection_endpoint_comes_from_discovery() {
+    let f = Fakes::start().await;
+    Mock::given(method("GET"))
+        .and(path("/.well-known/openid-configuration"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "issuer": format!("{}/", f.op.uri()),
+            "introspection_endpoint": format!("{}/oauth2/introspect", f.op.uri()),
+        })))
+        .mount(&f.op)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/oauth2/introspect"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(active("a", &full_scope("D1"))))
+        .expect(1)
+        .mount(&f.op)
+        .await;
+    let cfg = f.config("").replace(
+        &format!("introspection_endpoint = \"{}/introspect\"\n", f.op.uri()),
+        "",
+    );
+    let gw = spawn(&cfg).await;
+    assert_eq!(get(&gw, SYNC, Some("tok")).await.status(), 200);
+}
+
+#[tokio::test]
+async fn discovery_naming_another_issuer_is_an_op_failure() {
+    let f = Fakes::start().await;
+    Mock::given(method("GET"))
+        .and(path("/.well-known/openid-configuration"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "issuer": "https://evil.example/",
+            "introspection_endpoint": format!("{}/introspect", f.op.uri()),
+        })))
+        .mount(&f.op)
+        .await;
+    f.introspection("tok", active("a", &full_scope("D1")), 0)
+        .await;
+    let cfg = f.config("").replace(
+        &format!("introspection_endpoint = \"{}/introspect\"\n", f.op.uri()),
+        "",
+    );
+    let gw = spawn(&cfg).await;
+    let (h, _) = assert_matrix_error(get(&gw, SYNC, Some("tok")).await, 503, "M_UNKNOWN").await;
+    assert!(h.contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn missing_and_malformed_tokens() {
+    let f = Fakes::start().await;
+    let gw = spawn(&f.config("")).await;
+
+    let (_, body) = assert_matrix_error(get(&gw, SYNC, None).await, 401, "M_MISSING_TOKEN").await;
+    assert_eq!(
+        body,
+        json!({"errcode": "M_MISSING_TOKEN", "error": "Missing access token (gateway)"})
+    );
+
+    for bad in ["Basic abc", "Bearer", "Bearer a b", "Token x"] {
+        let r = client()
+            .get(gw.url(SYNC))
+            .header("Authorization", bad)
+            .send()
+            .await
+            .unwrap();
+        assert_matrix_error(r, 401, "M_MISSING_TOKEN").await;
+    }
+    let both = client()
+        .get(gw.url(&format!("{SYNC}?access_token=a")))
+        .bearer_auth("b")
+        .send()
+        .await
+        .unwrap();
+    let (_, body) = assert_matrix_error(both, 401, "M_MISSING_TOKEN").await;
+    assert_eq!(body["error"], "Access token given more than once (gateway)");
+    assert_eq!(introspections(&f.op).await, 0, "OP was asked");
+}
+
+#[tokio::test]
+async fn query_token_is_accepted_and_never_forwarded() {
+    let f = Fakes::start().await;
+    f.introspection("qtok", active("alice", &full_scope("D1")), 1)
+        .await;
+    let gw = spawn(&f.config("")).await;
+    let resp = get(
+        &gw,
+        &format!("{SYNC}?since=s1&access_token=qtok&timeout=0"),
+        None,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let echo: Value = resp.json().await.unwrap();
+    assert_eq!(echo["query"], "since=s1&timeout=0");
+    assert_eq!(
+        echo["headers"]["x-matrix-user-id"],
+        json!(["@alice:example.org"])
+    );
+}
+
+#[tokio::test]
+async fn query_token_can_be_switched_off() {
+    let f = Fakes::start().await;
+    f.introspection("qtok", active("alice", &full_scope("D1")), 0)
+        .await;
+    let cfg = f.config("").replace(
+        "[[issuers]]",
+        "[auth]\nallow_query_token = false\n\n[[issuers]]",
+    );
+    let gw = spawn(&cfg).await;
+    let resp = get(&gw, &format!("{SYNC}?access_token=qtok"), None).await;
+    assert_matrix_error(resp, 401, "M_MISSING_TOKEN").await;
+    // On a public route the refused parameter is still stripped before forwarding.
+    let resp = get(&gw, "/_matrix/client/versions?access_token=qtok&x=1", None).await;
+    let echo: Value = resp.json().await.unwrap();
+    assert_eq!(echo["query"], "x=1");
+}
+
+#[tokio::test]
+async fn refused_tokens_get_unknown_token_with_soft_logout_false() {
+    let f = Fakes::start().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut refresh = active("a", &full_scope("D1"));
+    refresh["token_type"] = json!("refresh_token");
+    let mut expired = active("a", &full_scope("D1"));
+    expired["exp"] = json!(now - 10);
+    let cases = [
+        ("inactive", json!({"active": false})),
+        ("refresh", refresh),
+        ("expired", expired),
+        ("noscope", active("a", "openid urn:matrix:client:device:D1")),
+        (
+            "twodevices",
+            active(
+                "a",
+                "urn:matrix:client:api:* urn:matrix:client:device:AAAA urn:matrix:org.matrix.msc2967.client:device:BBBB",
+            ),
+        ),
+        ("baddevice", active("a", "urn:matrix:client:api:* urn:matrix:client:device:")),
+    ];
+    for (tok, answer) in &cases {
+        f.introspection(tok, answer.clone(), 1).await;
+    }
+    let gw = spawn(&f.config("")).await;
+    for (tok, _) in &cases {
+        let (_, body) =
+            assert_matrix_error(get(&gw, SYNC, Some(tok)).await, 401, "M_UNKNOWN_TOKEN").await;
+        assert_eq!(
+            body,
+            json!({"errcode": "M_UNKNOWN_TOKEN", "error": "Invalid access token (gateway)", "soft_logout": false}),
+            "{tok}"
+        );
+    }
+    assert!(
+        f.hs.received_requests().await.unwrap().is_empty(),
+        "a refused request reached the homeserver"
+    );
+}
+
+#[tokio::test]
+async fn unstable_scopes_are_accepted() {
+    let f = Fakes::start().await;
+    f.introspection(
+        "u",
+        active(
+            "bob",
+            "urn:matrix:org.matrix.msc2967.client:api:* urn:matrix:org.matrix.msc2967.client:device:BOBDEV",
+        ),
+        1,
+    )
+    .await;
+    let gw = spawn(&f.config("")).await;
+    let echo: Value = get(&gw, SYNC, Some("u")).await.json().await.unwrap();
+    assert_eq!(echo["headers"]["x-matrix-device-id"], json!(["BOBDEV"]));
+}
+
+#[tokio::test]
+async fn explicit_device_id_wins() {
+    let f = Fakes::start().await;
+    let mut a = active("bob", &full_scope("SCOPEDEV"));
+    a["device_id"] = json!("EXPLICIT");
+    f.introspection("t", a, 1).await;
+    let gw = spawn(&f.config("")).await;
+    let echo: Value = get(&gw, SYNC, Some("t")).await.json().await.unwrap();
+    assert_eq!(echo["headers"]["x-matrix-device-id"], json!(["EXPLICIT"]));
+}
+
+#[tokio::test]
+async fn guest_tokens_only_reach_the_guest_list() {
+    let f = Fakes::start().await;
+    f.introspection("g", active("guest1", "urn:matrix:client:api:guest"), 1)
+        .await;
+    let gw = spawn(&f.config("")).await;
+
+    let ok = get(&gw, SYNC, Some("g")).await;
+    assert_eq!(ok.status(), 200);
+    let echo: Value = ok.json().await.unwrap();
+    assert_eq!(echo["headers"]["x-matrix-guest"], json!(["true"]));
+
+    let r = client()
+        .post(gw.url("/_matrix/client/v3/createRoom"))
+        .bearer_auth("g")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let (h, body) = assert_matrix_error(r, 403, "M_GUEST_ACCESS_FORBIDDEN").await;
+    assert!(h["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Bearer error=\"insufficient_scope\""));
+    assert!(body.get("soft_logout").is_none());
+    // capabilities is only on Synapse's wider list
+    let r = get(&gw, "/_matrix/client/v3/capabilities", Some("g")).await;
+    assert_matrix_error(r, 403, "M_GUEST_ACCESS_FORBIDDEN").await;
+}
+
+#[tokio::test]
+async fn synapse_guest_list_is_an_option() {
+    let f = Fakes::start().await;
+    f.introspection(
+        "g",
+        active("guest1", "urn:matrix:org.matrix.msc2967.client:api:guest"),
+        1,
+    )
+    .await;
+    let cfg = f.config("").replace(
+        "[[issuers]]",
+        "[auth]\nguest_endpoints = \"synapse\"\n\n[[issuers]]",
+    );
+    let gw = spawn(&cfg).await;
+    assert_eq!(
+        get(&gw, "/_matrix/client/v3/capabilities", Some("g"))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn unusable_user_claim_is_a_server_error() {
+    let f = Fakes::start().await;
+    f.introspection("bad", active("Not A Localpart", &full_scope("D1")), 1)
+        .await;
+    let mut no_claims = json!({"active": true, "scope": full_scope("D1")});
+    no_claims["sub"] = json!("UPPER");
+    f.introspection("none", no_claims, 1).await;
+    let gw = spawn(&f.config("")).await;
+    let (_, body) = assert_matrix_error(get(&gw, SYNC, Some("bad")).await, 500, "M_UNKNOWN").await;
+    assert!(body.get("soft_logout").is_none());
+    assert_matrix_error(get(&gw, SYNC, Some("none")).await, 500, "M_UNKNOWN").await;
+}
+
+#[tokio::test]
+async fn oversized_token_is_refused_without_asking_the_op() {
+    let f = Fakes::start().await;
+    let gw = spawn(&f.config("")).await;
+    let long = "a".repeat(4097);
+    assert_matrix_error(get(&gw, SYNC, Some(&long)).await, 401, "M_UNKNOWN_TOKEN").await;
+    assert_eq!(introspections(&f.op).await, 0);
+}
+
+#[tokio::test]
+async fn cache_hit_skips_the_op() {
+    let f = Fakes::start().await;
+    f.introspection("c", active("alice", &full_scope("D1")), 1)
+        .await;
+    let gw = spawn(&f.config("")).await;
+    for _ in 0..5 {
+        assert_eq!(get(&gw, SYNC, Some("c")).await.status(), 200);
+    }
+    // `.expect(1)` is verified when the fakes drop
+}
+
+#[tokio::test]
+async fn negative_verdicts_are_cached_for_the_negative_ttl() {
+    let f = Fakes::start().await;
+    f.introspection("n", json!({"active": false}), 2).await;
+    let gw = spawn(&f.config("")).await;
+    for _ in 0..3 {
+        assert_matrix_error(get(&gw, SYNC, Some("n")).await, 401, "M_UNKNOWN_TOKEN").await;
+    }
+    gw.clock.advance(Duration::from_secs(11)); // negative_ttl = 10s
+    assert_matrix_error(get(&gw, SYNC, Some("n")).await, 401, "M_UNKNOWN_TOKEN").await;
+}
+
+#[tokio::test]
+async fn cached_token_expires_at_its_exp_without_a_new_introspection() {
+    let f = Fakes::start().await;
+    let mut a = active("alice", &full_scope("D1"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    a["exp"] = json!(now + 60);
+    f.introspection("e", a, 1).await;
+    let gw = spawn(&f.config("")).await;
+    assert_eq!(get(&gw, SYNC, Some("e")).await.status(), 200);
+    gw.clock.advance(Duration::from_secs(30));
+    assert_eq!(get(&gw, SYNC, Some("e")).await.status(), 200);
+    gw.clock.advance(Duration::from_secs(31));
+    assert_matrix_error(get(&gw, SYNC, Some("e")).await, 401, "M_UNKNOWN_TOKEN").await;
+}
+
+#[tokio::test]
+async fn expires_in_bounds_the_cache_too() {
+    let f = Fakes::start().await;
+    let mut a = active("alice", &full_scope("D1"));
+    a.as_object_mut().unwrap().remove("exp");
+    a["expires_in"] = json!(20);
+    f.introspection("ei", a, 1).await;
+    let gw = spawn(&f.config("")).await;
+    assert_eq!(get(&gw, SYNC, Some("ei")).await.status(), 200);
+    gw.clock.advance(Duration::from_secs(21));
+    assert_matrix_error(get(&gw, SYNC, Some("ei")).await, 401, "M_UNKNOWN_TOKEN").await;
+}
+
+#[tokio::test]
+async fn active_entries_are_reintrospected_after_max_ttl() {
+    let f = Fakes::start().await;
+    f.introspection("m", active("alice", &full_scope("D1")), 2)
+        .await;
+    let gw = spawn(&f.config("")).await;
+    assert_eq!(get(&gw, SYNC, Some("m")).await.status(), 200);
+    gw.clock.advance(Duration::from_secs(100));
+    assert_eq!(get(&gw, SYNC, Some("m")).await.status(), 200);
+    gw.clock.advance(Duration::from_secs(21)); // past max_ttl = 120s
+    assert_eq!(get(&gw, SYNC, Some("m")).await.status(), 200);
+}
+
+#[tokio::test]
+async fn concurrent_first_requests_share_one_introspection() {
+    let f = Fakes::start().await;
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(active("alice", &full_scope("D1")))
+                .set_delay(Duration::from_millis(300)),
+        )
+        .expect(1)
+        .mount(&f.op)
+        .await;
+    let gw = spawn(&f.config("")).await;
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let url = gw.url(SYNC);
+        tasks.push(tokio::spawn(async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth("shared-new-token")
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), 200);
+    }
+}
+
+#[tokio::test]
+async fn op_failures_are_503_and_never_cached() {
+    let f = Fakes::start().await;
+    // Four failures in a row (500, garbage, wrong type, not an object), then success.
+    for (i, resp) in [
+        ResponseTemplate::new(500),
+        ResponseTemplate::new(200).set_body_string("<html>oops</html>"),
+        ResponseTemplate::new(200).set_body_json(json!({"active": "yes"})),
+        ResponseTemplate::new(200).set_body_json(json!([true])),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        Mock::given(method("POST"))
+            .and(path("/introspect"))
+            .respond_with(resp)
+            .up_to_n_times(1)
+            .with_priority(1 + i as u8)
+            .expect(1)
+            .mount(&f.op)
+            .await;
+    }
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(active("alice", &full_scope("D1"))))
+        .with_priority(10)
+        .expect(1)
+        .mount(&f.op)
+        .await;
+    let gw = spawn(&f.config("")).await;
+    for _ in 0..4 {
+        let (h, body) =
+            assert_matrix_error(get(&gw, SYNC, Some("t")).await, 503, "M_UNKNOWN").await;
+        assert_eq!(h["retry-after"], "5");
+        assert_eq!(
+            body["error"],
+            "Unable to introspect the access token (gateway)"
+        );
+    }
+    assert_eq!(get(&gw, SYNC, Some("t")).await.status(), 200);
+}
+
+#[tokio::test]
+async fn op_timeout_and_oversized_answers_are_503() {
+    let f = Fakes::start().await;
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .and(wiremock::matchers::body_string_contains("token=slow&"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(active("a", &full_scope("D")))
+                .set_delay(Duration::from_secs(3)),
+        )
+        .mount(&f.op)
+        .await;
+    let mut big = active("a", &full_scope("D"));
+    big["padding"] = json!("x".repeat(2 * 1024 * 1024));
+    f.introspection("big", big, 1).await;
+    let gw = spawn(&f.config("")).await; // timeout = 2s
+    assert_matrix_error(get(&gw, SYNC, Some("slow")).await, 503, "M_UNKNOWN").await;
+    assert_matrix_error(get(&gw, SYNC, Some("big")).await, 503, "M_UNKNOWN").await;
+}
+
+#[tokio::test]
+async fn op_unreachable_is_503() {
+    let f = Fakes::start().await;
+    let cfg = f.config("").replace(
+        &format!("introspection_endpoint = \"{}/introspect\"", f.op.uri()),
+        &format!(
+            "introspection_endpoint = \"http://127.0.0.1:{}/introspect\"",
+            free_port()
+        ),
+    );
+    let gw = spawn(&cfg).await;
+    assert_matrix_error(get(&gw, SYNC, Some("t")).await, 503, "M_UNKNOWN").await;
+}
+
+#[tokio::test]
+async fn spoofed_identity_headers_never_reach_the_homeserver() {
+    let f = Fakes::start().await;
+    f.introspection("t", active("alice", &full_scope("D1")), 1)
+        .await;
+    let gw = spawn(&f.config("")).await;
+    for (p, token) in [
+        (SYNC, Some("t")),
+        ("/_matrix/client/versions", None),
+        ("/_matrix/federation/v1/version", None),
+    ] {
+        let mut r = client()
+            .get(gw.url(p))
+            .header("X-Matrix-User-Id", "@mallory:example.org")
+            .header("x-matrix-user-id", "@mallory2:example.org")
+            .header("X-MATRIX-DEVICE-ID", "EVIL")
+            .header("X-Matrix-Scope", "urn:matrix:client:api:*")
+            .header("X-Matrix-Guest", "false")
+            .header("X-OIDC-Subject", "mallory")
+            .header("X-Matrix-Identity-Signature", "t=1,v1=00");
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let echo: Value = r.send().await.unwrap().json().await.unwrap();
+        let h = echo["headers"].as_object().unwrap();
+        let users = h.get("x-matrix-user-id").cloned().unwrap_or(json!([]));
+        assert!(!users.to_string().contains("mallory"), "{p}: {users}");
+        assert!(!h
+            .get("x-matrix-device-id")
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+            .contains("EVIL"));
+        assert!(!h
+            .get("x-oidc-subject")
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+            .contains("mallory"));
+        assert!(h.get("x-matrix-identity-signature").is_none(), "{p}");
+        if token.is_none() {
+            assert!(h.get("x-matrix-user-id").is_none(), "{p}");
+            assert!(h.get("x-matrix-scope").is_none(), "{p}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn identity_signature_is_added_with_a_secret() {
+    let f = Fakes::start().await;
+    f.introspection("t", active("alice", &full_scope("D1")), 1)
+        .await;
+    let secret = "0123456789abcdef0123456789abcdef";
+    let gw = spawn(&f.config(&format!(
+        "\n[identity_headers]\nsigning_secret = \"{secret}\""
+    )))
+    .await;
+    let echo: Value = get(&gw, SYNC, Some("t")).await.json().await.unwrap();
+    let sig = echo["headers"]["x-matrix-identity-signature"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ts: u64 = sig
+        .split(',')
+        .next()
+        .unwrap()
+        .trim_start_matches("t=")
+        .parse()
+        .unwrap();
+    let identity = matrix_oidc_gateway::auth::Identity {
+        user_id: "@alice:example.org".into(),
+        device_id: Some("D1".into()),
+        scope: full_scope("D1"),
+        access: matrix_oidc_gateway::auth::Access::Full,
+        subject: "sub-alice".into(),
+        session_id: None,
+        expires_at_ms: None,
+    };
+    let expected = matrix_oidc_gateway::gateway::headers::signature(
+        secret.as_bytes(),
+        ts,
+        "GET",
+        SYNC,
+        &identity,
+    );
+    assert_eq!(sig, expected);
+}
+
+#[tokio::test]
+async fn public_routes_pass_without_a_token_but_verify_one_that_is_present() {
+    let f = Fakes::start().await;
+    f.introspection("good", active("alice", &full_scope("D1")), 1)
+        .await;
+    f.introspection("bad", json!({"active": false}), 1).await;
+    let gw = spawn(&f.config("")).await;
+    for p in [
+        "/_matrix/client/versions",
+        "/.well-known/matrix/client",
+        "/_matrix/media/v3/download/example.org/abc",
+        "/_matrix/client/v3/login",
+        "/_matrix/client/r0/publicRooms",
+    ] {
+        assert_eq!(get(&gw, p, None).await.status(), 200, "{p}");
+    }
+    let echo: Value = get(&gw, "/_matrix/client/versions", Some("good"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        echo["headers"]["x-matrix-user-id"],
+        json!(["@alice:example.org"])
+    );
+    assert_matrix_error(
+        get(&gw, "/_matrix/client/versions", Some("bad")).await,
+        401,
+        "M_UNKNOWN_TOKEN",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn federation_passes_through_untouched() {
+    let f = Fakes::start().await;
+    let gw = spawn(&f.config("")).await;
+    let auth =
+        "X-Matrix origin=\"other.org\",destination=\"example.org\",key=\"ed25519:1\",sig=\"abc\"";
+    let r = client()
+        .put(gw.url("/_matrix/federation/v1/send/txn1"))
+        .header("Authorization", auth)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let echo: Value = r.json().await.unwrap();
+    assert_eq!(echo["headers"]["authorization"], json!([auth]));
+    assert_eq!(introspections(&f.op).await, 0);
+}
+
+#[tokio::test]
+async fn preflight_is_answered_without_a_token() {
+    let f = Fakes::start().await;
+    let gw = spawn(&f.config("")).await;
+    let r = client()
+        .request(reqwest::Method::OPTIONS, gw.url(SYNC))
+        .header("Origin", "https://app.example")
+        .header("Access-Control-Request-Method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    assert!(r.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .contains("Authorization"));
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert!(f.hs.received_requests().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn homeserver_down_is_a_502_json() {
+    let f = Fakes::start().await;
+    f.introspection("t", active("alice", &full_scope("D1")), 1)
+        .await;
+    let cfg = f
+        .config("")
+        .replace(&f.hs.uri(), &format!("http://127.0.0.1:{}", free_port()));
+    let gw = spawn(&cfg).await;
+    let (_, body) = assert_matrix_error(get(&gw, SYNC, Some("t")).await, 502, "M_UNKNOWN").await;
+    assert_eq!(body["error"], "The homeserver is unreachable (gateway)");
+}
+
+#[tokio::test]
+async fn errors_keep_the_connection_alive() {
+    let f = Fakes::start().await;
+    let gw = spawn(&f.config("")).await;
+    // Two requests, one after the other, on one connection: both answered, none closes it.
+    let one =
+        "POST /_matrix/client/v3/createRoom HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}";
+    let out = raw_sequence(gw.addr, &[one.as_bytes(), one.as_bytes()]).await;
+    assert_eq!(out.len(), 2, "{out:?}");
+    for o in &out {
+        assert!(o.starts_with("HTTP/1.1 401"), "{o}");
+        assert!(!o.to_ascii_lowercase().contains("connection: close"), "{o}");
+    }
+}
+
+#[tokio::test]
+async fn absolute_form_targets_are_refused() {
+    let f = Fakes::start().await;
+    let gw = spawn(&f.config("")).await;
+    let out = raw_exchange(
+        gw.addr,
+        b"POST http://evil/_matrix/client/v3/register HTTP/1.1\r\nHost: evil\r\nContent-Length: 2\r\n\r\n{}",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("M_UNRECOGNIZED"), "{out}");
+    assert!(f.hs.received_requests().await.unwrap().is_empty());
+}

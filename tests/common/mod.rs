@@ -1,0 +1,272 @@
+//! Shared harness for the in-process integration tests: the real gateway (built through
+//! `server::build`, exactly as `main` does) on a free loopback port, in front of wiremock fakes
+//! of the OP and the homeserver, with a clock the test can move forward.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use matrix_oidc_gateway::clock::OffsetClock;
+use matrix_oidc_gateway::{config, server};
+use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
+use serde_json::{json, Value};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+struct Stop(tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for Stop {
+    async fn recv(&self) -> ShutdownSignal {
+        if let Some(rx) = self.0.lock().await.take() {
+            let _ = rx.await;
+        }
+        ShutdownSignal::FastShutdown
+    }
+}
+
+/// A running gateway.
+pub struct TestGateway {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its clock.
+    pub clock: OffsetClock,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TestGateway {
+    /// `http://127.0.0.1:<port>`
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// The OP and homeserver fakes plus the settings the gateway needs to use them.
+pub struct Fakes {
+    /// Fake OP (introspection at `/introspect`, discovery at the well-known path).
+    pub op: MockServer,
+    /// Fake homeserver that echoes what it received.
+    pub hs: MockServer,
+}
+
+impl Fakes {
+    /// Starts both fakes; the homeserver echoes every request.
+    pub async fn start() -> Self {
+        let op = MockServer::start().await;
+        let hs = MockServer::start().await;
+        Mock::given(wiremock::matchers::any())
+            .respond_with(Echo)
+            .mount(&hs)
+            .await;
+        Self { op, hs }
+    }
+
+    /// A configuration pointing at the fakes; `extra` is appended verbatim (TOML).
+    pub fn config(&self, extra: &str) -> String {
+        format!(
+            r#"
+[listen]
+public = "127.0.0.1:{port}"
+
+[homeserver]
+url = "{hs}"
+server_name = "example.org"
+
+[[issuers]]
+issuer = "{op}/"
+introspection_endpoint = "{op}/introspect"
+client_id = "gateway"
+client_secret = "gateway-secret"
+timeout = "2s"
+{extra}
+"#,
+            port = free_port(),
+            hs = self.hs.uri(),
+            op = self.op.uri(),
+        )
+    }
+
+    /// Answers introspection of `token` with `answer`, expecting exactly `times` calls.
+    pub async fn introspection(&self, token: &str, answer: Value, times: u64) {
+        Mock::given(method("POST"))
+            .and(path("/introspect"))
+            .and(wiremock::matchers::body_string_contains(format!(
+                "token={token}&"
+            )))
+            .respond_with(ResponseTemplate::new(200).set_body_json(answer))
+            .expect(times)
+            .mount(&self.op)
+            .await;
+    }
+}
+
+/// An active introspection answer for `username` with `scope`, valid for an hour.
+pub fn active(username: &str, scope: &str) -> Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    json!({
+        "active": true,
+        "sub": format!("sub-{username}"),
+        "username": username,
+        "scope": scope,
+        "token_type": "access_token",
+        "client_id": "client",
+        "exp": now + 3600,
+        "iat": now,
+    })
+}
+
+/// The full-API scope with a device.
+pub fn full_scope(device: &str) -> String {
+    format!("urn:matrix:client:api:* urn:matrix:client:device:{device}")
+}
+
+/// Echoes method, URL and headers as JSON.
+pub struct Echo;
+
+impl Respond for Echo {
+    fn respond(&self, req: &Request) -> ResponseTemplate {
+        let mut headers = serde_json::Map::new();
+        for (name, value) in req.headers.iter() {
+            let entry = headers
+                .entry(name.as_str().to_owned())
+                .or_insert_with(|| Value::Array(Vec::new()));
+            if let Value::Array(v) = entry {
+                v.push(Value::String(
+                    value.to_str().unwrap_or("<binary>").to_owned(),
+                ));
+            }
+        }
+        ResponseTemplate::new(200).set_body_json(json!({
+            "echo": true,
+            "method": req.method.as_str(),
+            "path": req.url.path(),
+            "query": req.url.query(),
+            "headers": headers,
+        }))
+    }
+}
+
+/// Starts the gateway with `toml` on a fresh clock.
+pub async fn spawn(toml: &str) -> TestGateway {
+    let loaded = config::load_str(toml).expect("test config is valid");
+    let addr = loaded.config.listen.public;
+    let clock = OffsetClock::new();
+    let srv = server::build(loaded.config, Arc::new(clock.clone())).expect("server builds");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        srv.run(RunArgs {
+            shutdown_signal: Box::new(Stop(tokio::sync::Mutex::new(Some(rx)))),
+        });
+    });
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return TestGateway {
+                addr,
+                clock,
+                stop: Some(tx),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("gateway did not start listening on {addr}");
+}
+
+/// A client that never follows redirects and never pools across tests.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+/// Sends raw bytes on one connection and returns everything read until the peer stops sending
+/// for a moment (enough for one or several complete responses).
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Sends each request on one connection after the previous answer arrived; returns the answers.
+pub async fn raw_sequence(addr: SocketAddr, requests: &[&[u8]]) -> Vec<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut answers = Vec::new();
+    for req in requests {
+        if s.write_all(req).await.is_err() {
+            break;
+        }
+        let mut out = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        if out.is_empty() {
+            break;
+        }
+        answers.push(String::from_utf8_lossy(&out).into_owned());
+    }
+    answers
+}
+
+/// How many introspection requests the fake OP received.
+pub async fn introspections(op: &MockServer) -> usize {
+    op.received_requests()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| r.url.path() == "/introspect")
+        .count()
+}
+
+/// Asserts a Matrix JSON error and returns the response headers.
+pub async fn assert_matrix_error(
+    resp: reqwest::Response,
+    status: u16,
+    errcode: &str,
+) -> (reqwest::header::HeaderMap, Value) {
+    assert_eq!(resp.status().as_u16(), status, "status");
+    let headers = resp.headers().clone();
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(headers["access-control-allow-origin"], "*");
+    let body: Value = resp.json().await.expect("JSON body");
+    assert_eq!(body["errcode"], errcode, "body {body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("(gateway)"),
+        "body {body}"
+    );
+    (headers, body)
+}

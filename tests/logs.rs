@@ -1,0 +1,122 @@
+//! No raw token ever reaches a log line: drive traffic through every path that logs (success,
+//! refusal, OP failure, homeserver down, query-string tokens) with tracing at TRACE level and
+//! Pingora's own `log` output bridged in, then search everything that was written.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use serde_json::json;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, ResponseTemplate};
+
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn raw_tokens_never_appear_in_logs() {
+    let sink = Sink::default();
+    let writer = sink.clone();
+    // The operator asks for everything; the gateway's own init must still keep tokens out.
+    matrix_oidc_gateway::logging::init_with_writer(
+        &matrix_oidc_gateway::config::LogSettings {
+            format: matrix_oidc_gateway::config::LogFormat::Json,
+            level: "trace".into(),
+        },
+        move || writer.clone(),
+    );
+
+    let f = Fakes::start().await;
+    f.introspection("VALIDTOKEN1secret", active("alice", &full_scope("D1")), 1)
+        .await;
+    f.introspection("INACTIVETOKEN2secret", json!({"active": false}), 1)
+        .await;
+    f.introspection("QUERYTOKEN3secret", active("bob", &full_scope("D2")), 1)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .and(wiremock::matchers::body_string_contains(
+            "token=FAILTOKEN4secret&",
+        ))
+        .respond_with(ResponseTemplate::new(500))
+        .mount(&f.op)
+        .await;
+    let gw = spawn(
+        &f.config("[identity_headers]\nsigning_secret = \"SIGNINGSECRET5-0123456789abcdef0123\""),
+    )
+    .await;
+    let c = client();
+    let sync = gw.url("/_matrix/client/v3/sync");
+    assert_eq!(
+        c.get(&sync)
+            .bearer_auth("VALIDTOKEN1secret")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(&sync)
+            .bearer_auth("INACTIVETOKEN2secret")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let q = gw.url("/_matrix/client/v3/sync?access_token=QUERYTOKEN3secret");
+    assert_eq!(c.get(&q).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(&sync)
+            .bearer_auth("FAILTOKEN4secret")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+
+    // Homeserver down: Pingora logs its own error with our request summary.
+    let f2 = Fakes::start().await;
+    f2.introspection("DOWNTOKEN6secret", active("carol", &full_scope("D3")), 1)
+        .await;
+    let cfg = f2
+        .config("")
+        .replace(&f2.hs.uri(), &format!("http://127.0.0.1:{}", free_port()));
+    let gw2 = spawn(&cfg).await;
+    let q = gw2.url("/_matrix/client/v3/sync?access_token=DOWNTOKEN6secret");
+    assert_eq!(c.get(&q).send().await.unwrap().status(), 502);
+    drop(gw);
+    drop(gw2);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    let logs = String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned();
+    assert!(logs.contains("request"), "access log missing:\n{logs}");
+    for secret in [
+        "VALIDTOKEN1secret",
+        "INACTIVETOKEN2secret",
+        "QUERYTOKEN3secret",
+        "FAILTOKEN4secret",
+        "SIGNINGSECRET5",
+        "DOWNTOKEN6secret",
+        "gateway-secret",
+    ] {
+        assert!(
+            !logs.contains(secret),
+            "{secret} leaked into the logs:\n{logs}"
+        );
+    }
+}
