@@ -28,6 +28,8 @@ pub enum RejectReason {
     Expired,
     /// `token_type` says this is a refresh token.
     RefreshToken,
+    /// `token_type` is missing or not one of the accepted access-token types.
+    NotAccessToken,
     /// Neither the full API scope nor the guest scope was granted.
     NoApiScope,
     /// The scope names two different device IDs.
@@ -200,6 +202,7 @@ impl GatewayError {
                 RejectReason::Inactive => "inactive",
                 RejectReason::Expired => "expired",
                 RejectReason::RefreshToken => "refresh_token",
+                RejectReason::NotAccessToken => "not_access_token",
                 RejectReason::NoApiScope => "no_api_scope",
                 RejectReason::MultipleDevices => "multiple_devices",
                 RejectReason::InvalidDevice => "invalid_device",

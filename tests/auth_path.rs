@@ -224,11 +224,17 @@ async fn refused_tokens_get_unknown_token_with_soft_logout_false() {
         .as_secs();
     let mut refresh = active("a", &full_scope("D1"));
     refresh["token_type"] = json!("refresh_token");
+    let mut untyped = active("a", &full_scope("D1"));
+    untyped.as_object_mut().unwrap().remove("token_type");
+    let mut othertype = active("a", &full_scope("D1"));
+    othertype["token_type"] = json!("urn:ietf:params:oauth:token-type:id_token");
     let mut expired = active("a", &full_scope("D1"));
     expired["exp"] = json!(now - 10);
     let cases = [
         ("inactive", json!({"active": false})),
         ("refresh", refresh),
+        ("untyped", untyped),
+        ("othertype", othertype),
         ("expired", expired),
         ("noscope", active("a", "openid urn:matrix:client:device:D1")),
         (
@@ -257,6 +263,16 @@ async fn refused_tokens_get_unknown_token_with_soft_logout_false() {
         f.hs.received_requests().await.unwrap().is_empty(),
         "a refused request reached the homeserver"
     );
+}
+
+#[tokio::test]
+async fn untyped_answers_can_be_accepted_for_ops_that_omit_token_type() {
+    let f = Fakes::start().await;
+    let mut untyped = active("a", &full_scope("D1"));
+    untyped.as_object_mut().unwrap().remove("token_type");
+    f.introspection("u", untyped, 1).await;
+    let gw = spawn(&f.config("require_token_type = false")).await;
+    assert_eq!(get(&gw, SYNC, Some("u")).await.status(), 200);
 }
 
 #[tokio::test]
@@ -344,7 +360,7 @@ async fn unusable_user_claim_is_a_server_error() {
     let f = Fakes::start().await;
     f.introspection("bad", active("Not A Localpart", &full_scope("D1")), 1)
         .await;
-    let mut no_claims = json!({"active": true, "scope": full_scope("D1")});
+    let mut no_claims = json!({"active": true, "scope": full_scope("D1"), "token_type": "Bearer"});
     no_claims["sub"] = json!("UPPER");
     f.introspection("none", no_claims, 1).await;
     let gw = spawn(&f.config("")).await;

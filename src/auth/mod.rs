@@ -158,8 +158,21 @@ impl Verifier {
         if !a.active {
             return negative(RejectReason::Inactive);
         }
-        if a.token_type.as_deref() == Some("refresh_token") {
-            return negative(RejectReason::RefreshToken);
+        let issuer = self.op.issuer();
+        match a.token_type.as_deref() {
+            Some(t) if t.eq_ignore_ascii_case("refresh_token") => {
+                return negative(RejectReason::RefreshToken);
+            }
+            Some(t)
+                if !issuer
+                    .access_token_types
+                    .iter()
+                    .any(|a| a.eq_ignore_ascii_case(t)) =>
+            {
+                return negative(RejectReason::NotAccessToken);
+            }
+            None if issuer.require_token_type => return negative(RejectReason::NotAccessToken),
+            _ => {}
         }
         let from_exp = a.exp.map(|e| e.max(0) as u64 * 1000);
         let from_expires_in = a.expires_in.map(|s| now + s.max(0) as u64 * 1000);

@@ -239,6 +239,9 @@ fn form_encode(s: &str) -> String {
 }
 
 fn classify(e: reqwest::Error) -> OpFailure {
+    // The error names the OP URL and the transport cause; never a token (tokens travel in
+    // form bodies, which reqwest errors do not print).
+    tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "OP request failed");
     if e.is_timeout() {
         OpFailure::Timeout
     } else if e.is_decode() || e.is_body() {

@@ -115,6 +115,17 @@ pub struct IssuerFile {
     /// How often the discovery document is re-read.
     #[serde(default = "default_metadata_refresh")]
     pub metadata_refresh: String,
+    /// `token_type` values of an introspection answer that mean "access token"
+    /// (compared case-insensitively; `refresh_token` is always refused).
+    #[serde(default = "default_access_token_types")]
+    pub access_token_types: Vec<String>,
+    /// Refuse active answers without `token_type` (oidc-provider omits it for refresh tokens).
+    #[serde(default = "default_true")]
+    pub require_token_type: bool,
+}
+
+fn default_access_token_types() -> Vec<String> {
+    vec!["access_token".into(), "Bearer".into()]
 }
 
 fn default_client_auth() -> String {

@@ -150,6 +150,10 @@ pub struct Issuer {
     pub max_response_bytes: usize,
     /// Discovery refresh interval.
     pub metadata_refresh: Duration,
+    /// `token_type` values accepted as access tokens.
+    pub access_token_types: Vec<String>,
+    /// Refuse answers without `token_type`.
+    pub require_token_type: bool,
 }
 
 /// Which endpoint list a guest-scoped token may call.
@@ -577,6 +581,19 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
         if metadata_refresh < Duration::from_secs(1) {
             p.add(&k("metadata_refresh"), "must be at least 1s");
         }
+        if iss.access_token_types.is_empty() {
+            p.add(
+                &k("access_token_types"),
+                "must list at least one token type",
+            );
+        }
+        if iss
+            .access_token_types
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case("refresh_token"))
+        {
+            p.add(&k("access_token_types"), "must not accept refresh_token");
+        }
         if iss.max_response_bytes < 1024 {
             p.add(&k("max_response_bytes"), "must be at least 1024");
         }
@@ -591,6 +608,8 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
                 timeout,
                 max_response_bytes: iss.max_response_bytes,
                 metadata_refresh,
+                access_token_types: iss.access_token_types.clone(),
+                require_token_type: iss.require_token_type,
             });
         }
     }

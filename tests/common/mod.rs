@@ -228,8 +228,9 @@ pub async fn raw_sequence(addr: SocketAddr, requests: &[&[u8]]) -> Vec<String> {
         }
         let mut out = Vec::new();
         let mut buf = [0u8; 8192];
-        loop {
-            match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+        let head_only = req.starts_with(b"HEAD ");
+        while !response_complete(&out, head_only) {
+            match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
                 Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
                 Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
             }
@@ -240,6 +241,26 @@ pub async fn raw_sequence(addr: SocketAddr, requests: &[&[u8]]) -> Vec<String> {
         answers.push(String::from_utf8_lossy(&out).into_owned());
     }
     answers
+}
+
+/// Whether `out` holds a whole response with a `Content-Length` body.
+fn response_complete(out: &[u8], head_only: bool) -> bool {
+    let text = String::from_utf8_lossy(out);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    if head_only {
+        return true;
+    }
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    body.len() >= len
 }
 
 /// How many introspection requests the fake OP received.

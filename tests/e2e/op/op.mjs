@@ -1,0 +1,113 @@
+// The real OpenID Provider for the end-to-end tests and the quickstart: oidc-provider (npm,
+// OpenID-certified) configured the way a Matrix deployment needs it.
+//
+//   node op.mjs --port 9400 [--gateway-secret gateway-secret]
+//
+// - `gateway` is the confidential client the gateway introspects with (client_secret_basic);
+//   only it may call the introspection endpoint.
+// - `e2e-client` is a public native client (code + PKCE) that test drivers use to mint tokens
+//   (see mint.mjs); `e2e-short` is the same with 3-second access tokens.
+// - Matrix device scopes are not static scopes, so they are admitted through resource
+//   indicators: resource `urn:matrix:homeserver` (opaque tokens) or
+//   `urn:matrix:homeserver:jwt` (RFC 9068 JWTs) grants the Matrix API scopes plus whatever
+//   device scopes the request named.
+// - Prints one line `READY <issuer>` on stdout when it listens.
+import { generateKeyPairSync } from 'node:crypto';
+import Provider from 'oidc-provider';
+
+const args = Object.fromEntries(
+  process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith('--') ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
+);
+const port = Number(args.port || 9400);
+const host = args.host || '127.0.0.1';
+const issuer = `http://${host}:${port}`;
+const gatewaySecret = args['gateway-secret'] || 'gateway-secret';
+const redirect = 'http://127.0.0.1/callback';
+
+const API_SCOPES = [
+  'urn:matrix:client:api:*',
+  'urn:matrix:client:api:guest',
+  'urn:matrix:org.matrix.msc2967.client:api:*',
+  'urn:matrix:org.matrix.msc2967.client:api:guest',
+];
+const DEVICE_PREFIXES = ['urn:matrix:client:device:', 'urn:matrix:org.matrix.msc2967.client:device:'];
+const RESOURCES = {
+  'urn:matrix:homeserver': 'opaque',
+  'urn:matrix:homeserver:jwt': 'jwt',
+};
+
+function requestedScopes(ctx) {
+  const e = ctx.oidc.entities || {};
+  const source = e.AuthorizationCode || e.RefreshToken || e.DeviceCode;
+  return (source?.scope || ctx.oidc.params?.scope || '').split(' ').filter(Boolean);
+}
+
+const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+const signingKey = { ...privateKey.export({ format: 'jwk' }), kid: 'op-rsa-1', use: 'sig', alg: 'RS256' };
+
+const provider = new Provider(issuer, {
+  clients: [
+    {
+      client_id: 'gateway',
+      client_secret: gatewaySecret,
+      grant_types: [],
+      response_types: [],
+      redirect_uris: [],
+      token_endpoint_auth_method: 'client_secret_basic',
+    },
+    ...['e2e-client', 'e2e-short'].map((id) => ({
+      client_id: id,
+      application_type: 'native',
+      token_endpoint_auth_method: 'none',
+      grant_types: ['authorization_code', 'refresh_token'],
+      response_types: ['code'],
+      redirect_uris: [redirect],
+    })),
+  ],
+  jwks: { keys: [signingKey] },
+  scopes: ['openid', 'offline_access', ...API_SCOPES],
+  claims: { openid: ['sub'], profile: ['name'] },
+  cookies: { keys: ['e2e-cookie-key-not-secret'] },
+  pkce: { required: () => true },
+  findAccount: (ctx, id) => ({ accountId: id, claims: () => ({ sub: id }) }),
+  extraTokenClaims: (ctx, token) => (token.accountId?.startsWith('nouser-') ? undefined : { username: token.accountId }),
+  ttl: {
+    AccessToken: (ctx, token, client) => (client?.clientId === 'e2e-short' ? 3 : 600),
+    AuthorizationCode: 60,
+    RefreshToken: 3600,
+    Session: 3600,
+    Interaction: 600,
+    Grant: 3600,
+  },
+  issueRefreshToken: (ctx, client, code) => client.grantTypeAllowed('refresh_token'),
+  features: {
+    devInteractions: { enabled: true },
+    introspection: {
+      enabled: true,
+      allowedPolicy: (ctx, client) => client.clientId === 'gateway',
+    },
+    revocation: { enabled: true },
+    resourceIndicators: {
+      enabled: true,
+      defaultResource: (ctx, client, oneOf) => oneOf || 'urn:matrix:homeserver',
+      useGrantedResource: () => true,
+      getResourceServerInfo: (ctx, resource) => {
+        const format = RESOURCES[resource];
+        if (!format) throw new Provider.errors.InvalidTarget();
+        const devices = requestedScopes(ctx).filter((s) => DEVICE_PREFIXES.some((p) => s.startsWith(p)));
+        return {
+          scope: [...API_SCOPES, ...devices].join(' '),
+          audience: resource,
+          accessTokenFormat: format,
+          accessTokenTTL: undefined,
+          jwt: { sign: { alg: 'RS256' } },
+        };
+      },
+    },
+  },
+});
+provider.proxy = false;
+
+provider.listen(port, host, () => {
+  process.stdout.write(`READY ${issuer}\n`);
+});

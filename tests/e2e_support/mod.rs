@@ -1,0 +1,204 @@
+//! Real peers for the end-to-end suites: the `oidc-provider` OP (Node) from `tests/e2e/op`, and
+//! the built gateway binary. A missing peer is a test **failure** with the command that installs
+//! it, never a skip.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn op_dir() -> PathBuf {
+    repo().join("tests/e2e/op")
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited with {status} before listening on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not listen on {port} within 30 s");
+}
+
+/// A running oidc-provider.
+pub struct Op {
+    /// The issuer URL (no trailing slash).
+    pub issuer: String,
+    child: Child,
+}
+
+/// Tokens minted by the OP.
+#[derive(Debug, Clone)]
+pub struct Minted {
+    /// The access token.
+    pub access_token: String,
+    /// The refresh token.
+    pub refresh_token: Option<String>,
+    /// The granted scope.
+    pub scope: String,
+}
+
+impl Op {
+    /// Starts the OP on a free port.
+    pub fn start() -> Op {
+        let dir = op_dir();
+        assert!(
+            dir.join("node_modules/oidc-provider").is_dir(),
+            "oidc-provider is not installed in {}: run scripts/test.sh (or `npm ci` there)",
+            dir.display()
+        );
+        let port = free_port();
+        let mut child = Command::new("node")
+            .arg("op.mjs")
+            .args(["--port", &port.to_string()])
+            .current_dir(&dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("`node` must be installed (Node 20+) for the end-to-end tests");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("OP output");
+        assert!(line.starts_with("READY "), "the OP did not start: {line:?}");
+        // Keep draining: a closed pipe would kill the OP on its next write.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        Op {
+            issuer: line.trim_start_matches("READY ").trim().to_owned(),
+            child,
+        }
+    }
+
+    /// Mints tokens through the real authorization-code + PKCE flow.
+    pub fn mint_with(&self, user: &str, scope: &str, resource: &str, client: &str) -> Minted {
+        let out = Command::new("node")
+            .arg("mint.mjs")
+            .args(["--issuer", &self.issuer, "--user", user, "--scope", scope])
+            .args(["--resource", resource, "--client", client])
+            .current_dir(op_dir())
+            .output()
+            .expect("node");
+        assert!(
+            out.status.success(),
+            "minting failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("mint output");
+        Minted {
+            access_token: v["access_token"].as_str().expect("access_token").to_owned(),
+            refresh_token: v["refresh_token"].as_str().map(str::to_owned),
+            scope: v["scope"].as_str().unwrap_or_default().to_owned(),
+        }
+    }
+
+    /// Mints an opaque token for the default client.
+    pub fn mint(&self, user: &str, scope: &str) -> Minted {
+        self.mint_with(user, scope, "urn:matrix:homeserver", "e2e-client")
+    }
+
+    /// Revokes a token at the OP (RFC 7009), as the client would.
+    pub async fn revoke(&self, token: &str, hint: &str) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/token/revocation", self.issuer))
+            .form(&[
+                ("token", token),
+                ("token_type_hint", hint),
+                ("client_id", "e2e-client"),
+            ])
+            .send()
+            .await
+            .expect("revocation request");
+        assert_eq!(resp.status(), 200, "revocation: {:?}", resp.text().await);
+    }
+}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The built gateway binary running with a config file.
+pub struct GatewayProcess {
+    /// Its public address.
+    pub base: String,
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    /// Writes `toml` (with `{port}` replaced) and starts the binary.
+    pub fn start(toml_template: &str) -> GatewayProcess {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("gateway.toml");
+        std::fs::write(&cfg, toml_template.replace("{port}", &port.to_string()))
+            .expect("write config");
+        let log = dir.path().join("gateway.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_matrix-oidc-gateway"))
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("gateway binary");
+        wait_for_port(port, "the gateway", &mut child);
+        GatewayProcess {
+            base: format!("http://127.0.0.1:{port}"),
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// `base + path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Everything the gateway logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Path of the log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
