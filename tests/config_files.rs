@@ -52,7 +52,10 @@ fn every_problem_is_listed_with_its_key() {
         "cache.negative_ttl",
         "identity_headers.user_id",
     ] {
-        assert!(text.contains(&format!("  {key}: ")), "{key} not reported in:\n{text}");
+        assert!(
+            text.contains(&format!("  {key}: ")),
+            "{key} not reported in:\n{text}"
+        );
     }
 }
 
