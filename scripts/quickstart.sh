@@ -50,6 +50,9 @@ public = "127.0.0.1:$GW_PORT"
 url = "http://127.0.0.1:$UP_PORT"
 server_name = "localhost"
 
+[store]
+path = "$PWD/$work/state.sqlite3"
+
 [[issuers]]
 issuer = "http://127.0.0.1:$OP_PORT"
 client_id = "gateway"

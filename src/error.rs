@@ -68,6 +68,37 @@ pub enum MappingFailure {
     InvalidLocalpart,
 }
 
+/// Why the upstream binding of an identity could not be established (503, never 401).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindingFailure {
+    /// The homeserver did not answer a provisioning call.
+    Unreachable,
+    /// Appservice registration of the user failed.
+    Registration,
+    /// Appservice login of the device failed.
+    Login,
+    /// Appservice creation of the device failed.
+    DeviceCreation,
+    /// The state store failed.
+    Store,
+    /// The homeserver no longer accepts the bound credentials; re-provisioned on the next request.
+    Lost,
+}
+
+/// Endpoints the gateway answers itself with an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Owned by the OP now (login, logout, refresh, password, 3PID changes, deactivation, …):
+    /// 404 `M_UNRECOGNIZED`.
+    OwnedByOp,
+    /// `/register`: 403 `M_FORBIDDEN`.
+    Registration,
+    /// Only an application service may call it: 403 `M_FORBIDDEN`.
+    AppserviceOnly,
+    /// A homeserver admin API on the public listener: 404 `M_UNRECOGNIZED`.
+    AdminApi,
+}
+
 /// Everything that stops a request inside the gateway.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GatewayError {
@@ -95,6 +126,18 @@ pub enum GatewayError {
     /// 500 `M_UNKNOWN`: a bug or resource problem inside the gateway.
     #[error("internal error")]
     Internal,
+    /// 403 `M_FORBIDDEN`: the token's `sub` is not the subject pinned to this user ID.
+    #[error("subject does not own this user ID")]
+    SubjectMismatch,
+    /// 404 / 403: the gateway refuses this endpoint.
+    #[error("endpoint refused: {0:?}")]
+    Refused(Refused),
+    /// 503 `M_UNKNOWN` with `Retry-After`.
+    #[error("upstream binding unavailable: {0:?}")]
+    BindingUnavailable(BindingFailure),
+    /// 401 user-interactive-auth answer pointing at the OP's account page (`m.oauth`).
+    #[error("cross-signing reset needs approval at the OP")]
+    CrossSigningResetRequired,
 }
 
 /// Matrix error codes the gateway emits
@@ -107,6 +150,8 @@ pub enum Errcode {
     UnknownToken,
     /// A guest may not call this endpoint.
     GuestAccessForbidden,
+    /// Not allowed.
+    Forbidden,
     /// The endpoint or request is not recognised.
     Unrecognized,
     /// Anything else.
@@ -120,6 +165,7 @@ impl Errcode {
             Errcode::MissingToken => "M_MISSING_TOKEN",
             Errcode::UnknownToken => "M_UNKNOWN_TOKEN",
             Errcode::GuestAccessForbidden => "M_GUEST_ACCESS_FORBIDDEN",
+            Errcode::Forbidden => "M_FORBIDDEN",
             Errcode::Unrecognized => "M_UNRECOGNIZED",
             Errcode::Unknown => "M_UNKNOWN",
         }
@@ -142,6 +188,11 @@ impl GatewayError {
             GatewayError::OpUnavailable(_) => 503,
             GatewayError::UpstreamUnavailable => 502,
             GatewayError::UserMapping(_) | GatewayError::Internal => 500,
+            GatewayError::SubjectMismatch => 403,
+            GatewayError::Refused(Refused::OwnedByOp | Refused::AdminApi) => 404,
+            GatewayError::Refused(Refused::Registration | Refused::AppserviceOnly) => 403,
+            GatewayError::BindingUnavailable(_) => 503,
+            GatewayError::CrossSigningResetRequired => 401,
         }
     }
 
@@ -151,7 +202,14 @@ impl GatewayError {
             GatewayError::MissingToken(_) => Errcode::MissingToken,
             GatewayError::UnknownToken(_) => Errcode::UnknownToken,
             GatewayError::GuestAccessForbidden => Errcode::GuestAccessForbidden,
-            GatewayError::BadRequestTarget => Errcode::Unrecognized,
+            GatewayError::BadRequestTarget
+            | GatewayError::Refused(Refused::OwnedByOp | Refused::AdminApi) => {
+                Errcode::Unrecognized
+            }
+            GatewayError::SubjectMismatch
+            | GatewayError::Refused(Refused::Registration | Refused::AppserviceOnly)
+            | GatewayError::CrossSigningResetRequired => Errcode::Forbidden,
+            GatewayError::BindingUnavailable(_) => Errcode::Unknown,
             GatewayError::OpUnavailable(_)
             | GatewayError::UpstreamUnavailable
             | GatewayError::UserMapping(_)
@@ -182,6 +240,27 @@ impl GatewayError {
                 "The OpenID Provider returned an unusable user identity (gateway)"
             }
             GatewayError::Internal => "Internal error (gateway)",
+            GatewayError::SubjectMismatch => {
+                "This Matrix user ID belongs to another account at the OpenID Provider (gateway)"
+            }
+            GatewayError::Refused(Refused::OwnedByOp) => {
+                "This endpoint is handled by the OpenID Provider, not the homeserver (gateway)"
+            }
+            GatewayError::Refused(Refused::Registration) => {
+                "Registration is handled by the OpenID Provider (gateway)"
+            }
+            GatewayError::Refused(Refused::AppserviceOnly) => {
+                "Only application services may call this endpoint (gateway)"
+            }
+            GatewayError::Refused(Refused::AdminApi) => {
+                "The homeserver admin API is not exposed on this listener (gateway)"
+            }
+            GatewayError::BindingUnavailable(_) => {
+                "The homeserver session is being set up, try again (gateway)"
+            }
+            GatewayError::CrossSigningResetRequired => {
+                "To reset your cross-signing identity, approve it at your account page first (gateway)"
+            }
         }
     }
 
@@ -225,6 +304,22 @@ impl GatewayError {
                 MappingFailure::InvalidLocalpart => "user_claim_invalid",
             },
             GatewayError::Internal => "internal",
+            GatewayError::SubjectMismatch => "subject_mismatch",
+            GatewayError::Refused(r) => match r {
+                Refused::OwnedByOp => "owned_by_op",
+                Refused::Registration => "registration",
+                Refused::AppserviceOnly => "appservice_only",
+                Refused::AdminApi => "admin_api",
+            },
+            GatewayError::BindingUnavailable(b) => match b {
+                BindingFailure::Unreachable => "binding_unreachable",
+                BindingFailure::Registration => "binding_registration",
+                BindingFailure::Login => "binding_login",
+                BindingFailure::DeviceCreation => "binding_device",
+                BindingFailure::Store => "binding_store",
+                BindingFailure::Lost => "binding_lost",
+            },
+            GatewayError::CrossSigningResetRequired => "cross_signing_reset",
         }
     }
 }

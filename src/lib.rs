@@ -2,6 +2,7 @@
 //! OIDC-native one (MSC3861). See `README.md` for the request path and `docs/` for the details.
 
 pub mod auth;
+pub mod binding;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -10,3 +11,4 @@ pub mod gateway;
 pub mod http_client;
 pub mod logging;
 pub mod server;
+pub mod store;

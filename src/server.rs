@@ -10,10 +10,13 @@ use pingora::services::background::{background_service, BackgroundService};
 
 use crate::auth::op::OpClient;
 use crate::auth::Verifier;
+use crate::binding::Binder;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::gateway::upstream::Upstream;
 use crate::gateway::Gateway;
+use crate::store::sqlite::SqliteStore;
+use crate::store::StoreError;
 
 /// Why the server could not be assembled.
 #[derive(Debug, thiserror::Error)]
@@ -26,9 +29,12 @@ pub enum BuildError {
         /// The resolver error.
         source: std::io::Error,
     },
-    /// The OP HTTP client could not be built.
-    #[error("cannot build the HTTP client for the OP: {0}")]
+    /// An HTTP client could not be built.
+    #[error("cannot build an HTTP client: {0}")]
     HttpClient(#[from] reqwest::Error),
+    /// The state store could not be opened.
+    #[error("store.path: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// Keeps the primary OP's discovery document fresh.
@@ -52,6 +58,8 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
     })?;
     let op = Arc::new(OpClient::new(config.issuers[0].clone())?);
     let verifier = Arc::new(Verifier::new(&config, op.clone(), clock.clone()));
+    let store = Arc::new(SqliteStore::open(&config.store.path)?);
+    let binder = Arc::new(Binder::new(&config, store)?);
 
     let conf = ServerConf {
         threads: config.listen.threads,
@@ -62,7 +70,7 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let gateway = Gateway::new(config.clone(), verifier, upstream, clock);
+    let gateway = Gateway::new(config.clone(), verifier, binder, upstream, clock);
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         gateway,

@@ -33,6 +33,9 @@ public = "127.0.0.1:{{port}}"
 url = "{hs}"
 server_name = "localhost"
 
+[store]
+path = "{{state_dir}}/state.sqlite3"
+
 [[issuers]]
 issuer = "{issuer}"
 client_id = "gateway"

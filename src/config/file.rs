@@ -30,6 +30,46 @@ pub struct FileConfig {
     /// Logging.
     #[serde(default)]
     pub log: LogFile,
+    /// Persistent state (bindings, provisioned devices, subject pins).
+    #[serde(default)]
+    pub store: StoreFile,
+    /// What the gateway serves for OAuth discovery (MSC2965).
+    #[serde(default)]
+    pub discovery: DiscoveryFile,
+}
+
+/// `[store]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFile {
+    /// Path of the embedded SQLite database (created with mode 0600).
+    #[serde(default = "default_store_path")]
+    pub path: String,
+}
+
+impl Default for StoreFile {
+    fn default() -> Self {
+        Self {
+            path: default_store_path(),
+        }
+    }
+}
+
+fn default_store_path() -> String {
+    "/var/lib/matrix-oidc-gateway/state.sqlite3".into()
+}
+
+/// `[discovery]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryFile {
+    /// The homeserver's public client URL, as clients reach the gateway
+    /// (default `https://<server_name>`).
+    pub public_base_url: Option<String>,
+    /// Account management page at the OP, when its metadata lacks `account_management_uri`.
+    pub account_management_uri: Option<String>,
+    /// Dynamic client registration endpoint, when the OP's metadata lacks it.
+    pub registration_endpoint: Option<String>,
 }
 
 /// `[listen]`
@@ -78,6 +118,23 @@ pub struct HomeserverFile {
     /// Upstream read timeout (must exceed the longest `/sync` long-poll).
     #[serde(default = "default_read_timeout")]
     pub read_timeout: String,
+    /// `synapse`, `dendrite`, `conduit`, `tuwunel` or `generic`: picks defaults and quirks.
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// `appservice_login`, `appservice_masquerade` or `headers` (default depends on `kind`).
+    pub binding: Option<String>,
+    /// The application service token registered at the homeserver (appservice bindings).
+    pub as_token: Option<String>,
+    /// A file holding the AS token; its content is trimmed.
+    pub as_token_file: Option<String>,
+    /// Let clients reach homeserver admin APIs (`/_synapse/admin`, `/_dendrite/admin`) through
+    /// the public listener.
+    #[serde(default)]
+    pub expose_admin_api: bool,
+}
+
+fn default_kind() -> String {
+    "generic".into()
 }
 
 fn default_connect_timeout() -> String {

@@ -86,6 +86,65 @@ pub struct Config {
     pub identity_headers: IdentityHeaders,
     /// Logging.
     pub log: LogSettings,
+    /// Embedded state.
+    pub store: StoreSettings,
+    /// Discovery answers.
+    pub discovery: Discovery,
+}
+
+/// `[store]`
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// SQLite database path.
+    pub path: std::path::PathBuf,
+}
+
+/// `[discovery]`
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    /// `m.homeserver.base_url` in `/.well-known/matrix/client`.
+    pub public_base_url: Url,
+    /// Fills `account_management_uri` when the OP lacks it.
+    pub account_management_uri: Option<Url>,
+    /// Fills `registration_endpoint` when the OP lacks it.
+    pub registration_endpoint: Option<Url>,
+}
+
+/// Which homeserver implementation sits behind the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HomeserverKind {
+    /// Synapse.
+    Synapse,
+    /// Dendrite.
+    Dendrite,
+    /// Conduit.
+    Conduit,
+    /// tuwunel / continuwuity.
+    Tuwunel,
+    /// Anything else.
+    Generic,
+}
+
+/// How the verified identity reaches the homeserver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindingMode {
+    /// One upstream token per (user, device) from appservice login (Dendrite, Conduit).
+    AppserviceLogin,
+    /// The AS token plus `user_id` / `device_id` query parameters (Synapse, tuwunel).
+    AppserviceMasquerade,
+    /// Identity headers only.
+    Headers,
+}
+
+impl BindingMode {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BindingMode::AppserviceLogin => "appservice_login",
+            BindingMode::AppserviceMasquerade => "appservice_masquerade",
+            BindingMode::Headers => "headers",
+        }
+    }
 }
 
 /// `[listen]`
@@ -116,6 +175,14 @@ pub struct Homeserver {
     pub connect_timeout: Duration,
     /// Upstream read timeout.
     pub read_timeout: Duration,
+    /// Implementation.
+    pub kind: HomeserverKind,
+    /// Binding mode.
+    pub binding: BindingMode,
+    /// AS token (appservice bindings only).
+    pub as_token: Option<Secret>,
+    /// Admin APIs reachable through the public listener.
+    pub expose_admin_api: bool,
 }
 
 /// How the gateway authenticates itself to the introspection endpoint.
@@ -483,7 +550,61 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
         server_name: None,
         connect_timeout: "5s".into(),
         read_timeout: "300s".into(),
+        kind: "generic".into(),
+        binding: None,
+        as_token: None,
+        as_token_file: None,
+        expose_admin_api: false,
     });
+    let kind = match hs.kind.as_str() {
+        "synapse" => HomeserverKind::Synapse,
+        "dendrite" => HomeserverKind::Dendrite,
+        "conduit" => HomeserverKind::Conduit,
+        "tuwunel" => HomeserverKind::Tuwunel,
+        "generic" => HomeserverKind::Generic,
+        other => {
+            p.add(
+                "homeserver.kind",
+                format!("{other:?} is not one of synapse, dendrite, conduit, tuwunel, generic"),
+            );
+            HomeserverKind::Generic
+        }
+    };
+    let binding = match hs.binding.as_deref() {
+        None => match kind {
+            HomeserverKind::Dendrite | HomeserverKind::Conduit => BindingMode::AppserviceLogin,
+            HomeserverKind::Synapse | HomeserverKind::Tuwunel => BindingMode::AppserviceMasquerade,
+            HomeserverKind::Generic => BindingMode::Headers,
+        },
+        Some("appservice_login") => BindingMode::AppserviceLogin,
+        Some("appservice_masquerade") => BindingMode::AppserviceMasquerade,
+        Some("headers") => BindingMode::Headers,
+        Some(other) => {
+            p.add(
+                "homeserver.binding",
+                format!("{other:?} is not one of appservice_login, appservice_masquerade, headers"),
+            );
+            BindingMode::Headers
+        }
+    };
+    if binding == BindingMode::AppserviceMasquerade
+        && matches!(kind, HomeserverKind::Dendrite | HomeserverKind::Conduit)
+    {
+        p.add(
+            "homeserver.binding",
+            format!(
+                "{} cannot masquerade a device through the appservice API: use appservice_login",
+                hs.kind
+            ),
+        );
+    }
+    let as_token = secret::resolve(
+        &mut p,
+        "homeserver.as_token",
+        hs.as_token.as_deref(),
+        hs.as_token_file.as_deref(),
+        binding != BindingMode::Headers,
+    );
     let hs_url = match hs.url.as_deref() {
         Some(u) => http_url(&mut p, &mut warnings, "homeserver.url", u),
         None => {
@@ -675,6 +796,25 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
         }
     }
 
+    // [discovery]
+    let public_base_url = match f.discovery.public_base_url.as_deref() {
+        Some(u) => http_url(&mut p, &mut warnings, "discovery.public_base_url", u),
+        None => Url::parse(&format!("https://{server_name}")).ok(),
+    };
+    let account_management_uri = f
+        .discovery
+        .account_management_uri
+        .as_deref()
+        .and_then(|u| http_url(&mut p, &mut warnings, "discovery.account_management_uri", u));
+    let registration_endpoint = f
+        .discovery
+        .registration_endpoint
+        .as_deref()
+        .and_then(|u| http_url(&mut p, &mut warnings, "discovery.registration_endpoint", u));
+    if f.store.path.trim().is_empty() {
+        p.add("store.path", "must not be empty");
+    }
+
     // [log]
     let format = match f.log.format.as_str() {
         "pretty" => LogFormat::Pretty,
@@ -698,6 +838,7 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
         return Err(p);
     }
     let hs_url = hs_url.ok_or_else(Problems::default)?;
+    let public_base_url = public_base_url.ok_or_else(Problems::default)?;
     let tls = hs_url.scheme() == "https";
     let host = hs_url
         .host_str()
@@ -722,6 +863,10 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
                 server_name,
                 connect_timeout,
                 read_timeout,
+                kind,
+                binding,
+                as_token,
+                expose_admin_api: hs.expose_admin_api,
             },
             issuers,
             auth: AuthPolicy {
@@ -740,6 +885,14 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
             log: LogSettings {
                 format,
                 level: f.log.level,
+            },
+            store: StoreSettings {
+                path: f.store.path.into(),
+            },
+            discovery: Discovery {
+                public_base_url,
+                account_management_uri,
+                registration_endpoint,
             },
         },
         warnings,
@@ -878,6 +1031,34 @@ mod tests {
         let text = MINIMAL.replace("http://127.0.0.1:8080", "http://matrix.internal:8008");
         let l = load_str(&text).expect("valid");
         assert!(l.warnings.iter().any(|w| w.starts_with("homeserver.url")));
+    }
+
+    #[test]
+    fn binding_defaults_follow_the_homeserver_kind() {
+        let with = |kind: &str| {
+            let text = MINIMAL.replace(
+                "server_name = \"example.org\"",
+                &format!("server_name = \"example.org\"\nkind = \"{kind}\"\nas_token = \"t\""),
+            );
+            load_str(&text).expect("valid").config.homeserver.binding
+        };
+        assert_eq!(with("dendrite"), BindingMode::AppserviceLogin);
+        assert_eq!(with("conduit"), BindingMode::AppserviceLogin);
+        assert_eq!(with("synapse"), BindingMode::AppserviceMasquerade);
+        assert_eq!(with("tuwunel"), BindingMode::AppserviceMasquerade);
+        assert_eq!(with("generic"), BindingMode::Headers);
+    }
+
+    #[test]
+    fn appservice_bindings_need_an_as_token_and_a_capable_homeserver() {
+        let text = MINIMAL.replace(
+            "server_name = \"example.org\"",
+            "server_name = \"example.org\"\nkind = \"dendrite\"\nbinding = \"appservice_masquerade\"",
+        );
+        let err = load_str(&text).expect_err("invalid");
+        let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"homeserver.binding"), "{keys:?}");
+        assert!(keys.contains(&"homeserver.as_token"), "{keys:?}");
     }
 
     #[test]

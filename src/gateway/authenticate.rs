@@ -1,15 +1,16 @@
-//! request_filter: classify the route, extract and verify the token, enforce the scope.
+//! request_filter: classify the route, extract and verify the token, enforce the scope, and bind
+//! the identity upstream.
 //!
-//! Returns what the gateway must do: answer itself (preflight or an error) or proxy. Writing the
-//! answer is left to `respond`.
+//! Returns what the gateway must do: answer itself (preflight, discovery, or an error) or proxy.
+//! Writing the answer is left to `respond`.
 
 use pingora::http::RequestHeader;
 
-use super::classify::{self, RouteClass};
+use super::classify::{self, RouteClass, Served, Special};
 use super::ctx::Ctx;
 use super::token::{self, Presented};
-use crate::auth::{Access, TokenHash, Verifier};
-use crate::config::Config;
+use super::Gateway;
+use crate::auth::{Access, TokenHash};
 use crate::error::{GatewayError, MissingTokenReason};
 
 /// The decision of the request_filter phase.
@@ -19,24 +20,31 @@ pub enum Decision {
     Proxy,
     /// Answer a CORS preflight.
     Preflight,
+    /// Answer with a discovery document.
+    Serve(Served),
 }
 
-/// Runs classification, token extraction, verification and scope checks.
+/// Runs classification, token extraction, verification, scope checks and binding.
 pub async fn authenticate(
+    gw: &Gateway,
     req: &RequestHeader,
-    config: &Config,
-    verifier: &Verifier,
     ctx: &mut Ctx,
 ) -> Result<Decision, GatewayError> {
-    let route = classify::classify(&req.method, req.raw_path())?;
+    let options = classify::Options {
+        expose_admin_api: gw.config.homeserver.expose_admin_api,
+    };
+    let route = classify::classify(&req.method, req.raw_path(), options)?;
     ctx.route = Some(route.class);
+    ctx.special = route.special;
     match route.class {
         RouteClass::Federation => return Ok(Decision::Proxy),
         RouteClass::Preflight => return Ok(Decision::Preflight),
+        RouteClass::Refused(r) => return Err(GatewayError::Refused(r)),
+        RouteClass::Served(s) => return Ok(Decision::Serve(s)),
         RouteClass::Public | RouteClass::Authenticated => {}
     }
-    let extracted =
-        token::extract(req, config.auth.allow_query_token).map_err(GatewayError::MissingToken)?;
+    let extracted = token::extract(req, gw.config.auth.allow_query_token)
+        .map_err(GatewayError::MissingToken)?;
     ctx.rewritten_target = extracted.rewritten_target;
     let token = match extracted.presented {
         Presented::Token(t) => t,
@@ -44,15 +52,28 @@ pub async fn authenticate(
         Presented::None => return Err(GatewayError::MissingToken(MissingTokenReason::Absent)),
     };
     ctx.token = Some(TokenHash::of(&token));
-    let verified = verifier.verify(&token).await;
+    let verified = gw.verifier.verify(&token).await;
     ctx.cache = verified.cache;
     let identity = verified.result?;
+    ctx.identity = Some(identity.clone());
     if identity.access == Access::Guest
-        && !classify::guest_allowed(&route, config.auth.guest_endpoints)
+        && !classify::guest_allowed(&route, gw.config.auth.guest_endpoints)
     {
-        ctx.identity = Some(identity);
         return Err(GatewayError::GuestAccessForbidden);
     }
-    ctx.identity = Some(identity);
+    let bound = gw.binder.bind(&identity).await?;
+    ctx.bound = Some(bound.clone());
+    if route.special == Special::CrossSigningUpload && gw.binder.has_master_key(&bound).await? {
+        let approved = gw
+            .binder
+            .store()
+            .take_cross_signing_reset(&identity.user_id, gw.clock.now_ms())
+            .await
+            .unwrap_or(false);
+        if !approved {
+            return Err(GatewayError::CrossSigningResetRequired);
+        }
+        tracing::info!(user = %identity.user_id, "approved cross-signing reset used");
+    }
     Ok(Decision::Proxy)
 }

@@ -10,7 +10,7 @@
 use http::Method;
 
 use crate::config::GuestEndpoints;
-use crate::error::GatewayError;
+use crate::error::{GatewayError, Refused};
 
 /// What the gateway does with a request before proxying it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +24,41 @@ pub enum RouteClass {
     Public,
     /// A client route that needs a verified token.
     Authenticated,
+    /// An endpoint the gateway refuses (owned by the OP, appservice-only, admin API).
+    Refused(Refused),
+    /// An endpoint the gateway answers itself (OAuth discovery).
+    Served(Served),
+}
+
+/// Discovery documents the gateway serves (MSC2965).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// `GET /_matrix/client/v1/auth_metadata` and the unstable `org.matrix.msc2965/auth_metadata`.
+    AuthMetadata,
+    /// `GET /_matrix/client/unstable/org.matrix.msc2965/auth_issuer`.
+    AuthIssuer,
+    /// `GET /.well-known/matrix/client`.
+    WellKnownClient,
+}
+
+/// Proxied endpoints that need extra handling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Special {
+    /// Nothing special.
+    None,
+    /// `/versions`: the answer gains the OAuth unstable features.
+    Versions,
+    /// `/capabilities`: password, 3PID and login-token capabilities are disabled in the answer.
+    Capabilities,
+    /// `POST keys/device_signing/upload`: replacing a master key needs approval at the OP.
+    CrossSigningUpload,
+}
+
+/// Settings that change classification.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Let homeserver admin APIs through.
+    pub expose_admin_api: bool,
 }
 
 impl RouteClass {
@@ -34,6 +69,8 @@ impl RouteClass {
             RouteClass::Federation => "federation",
             RouteClass::Public => "public",
             RouteClass::Authenticated => "authenticated",
+            RouteClass::Refused(_) => "refused",
+            RouteClass::Served(_) => "served",
         }
     }
 }
@@ -47,27 +84,52 @@ pub struct Route<'a> {
     pub method: &'a str,
     /// The path: the raw target up to the first `?`.
     pub path: &'a str,
+    /// Extra handling of a proxied endpoint.
+    pub special: Special,
 }
+
+/// Client-server endpoints the gateway refuses, relative to `/_matrix/client/<version>/`:
+/// the set Synapse disables under MSC3861 (checklist §3.5) and the sibling routes real
+/// homeservers serve the same capabilities on. `*` as the method means every method.
+const REFUSED_CLIENT: &[(&str, &str, Refused)] = &[
+    ("*", "login", Refused::OwnedByOp),
+    ("*", "login/**", Refused::OwnedByOp),
+    ("*", "logout", Refused::OwnedByOp),
+    ("*", "logout/all", Refused::OwnedByOp),
+    ("*", "refresh", Refused::OwnedByOp),
+    ("*", "register", Refused::Registration),
+    ("*", "register/**", Refused::OwnedByOp),
+    ("*", "account/password", Refused::OwnedByOp),
+    ("*", "account/password/**", Refused::OwnedByOp),
+    ("*", "account/deactivate", Refused::OwnedByOp),
+    ("POST", "account/3pid", Refused::OwnedByOp),
+    ("*", "account/3pid/add", Refused::OwnedByOp),
+    ("*", "account/3pid/delete", Refused::OwnedByOp),
+    ("*", "account/3pid/email/requestToken", Refused::OwnedByOp),
+    ("*", "account/3pid/msisdn/requestToken", Refused::OwnedByOp),
+    ("*", "delete_devices", Refused::OwnedByOp),
+    ("DELETE", "devices/*", Refused::OwnedByOp),
+    ("*", "user/*/openid/request_token", Refused::OwnedByOp),
+    ("*", "appservice/*/ping", Refused::AppserviceOnly),
+    (
+        "PUT",
+        "directory/list/appservice/*/*",
+        Refused::AppserviceOnly,
+    ),
+];
+
+/// Homeserver admin APIs, refused unless `homeserver.expose_admin_api`.
+const ADMIN_PREFIXES: &[&str] = &[
+    "/_synapse/admin/",
+    "/_dendrite/admin/",
+    "/_synapse/mas/",
+    "/_conduwuit/",
+    "/_continuwuity/",
+];
 
 /// Client-server endpoints that need no token, relative to `/_matrix/client/<version>/`.
 /// `*` is one path segment, `**` one or more.
 const PUBLIC_CLIENT: &[(&str, &str)] = &[
-    ("GET", "login"),
-    ("POST", "login"),
-    ("GET", "login/sso/redirect"),
-    ("GET", "login/sso/redirect/*"),
-    ("GET", "login/cas/redirect"),
-    ("GET", "login/cas/ticket"),
-    ("POST", "register"),
-    ("GET", "register/available"),
-    ("POST", "register/email/requestToken"),
-    ("POST", "register/msisdn/requestToken"),
-    ("GET", "register/m.login.registration_token/validity"),
-    ("POST", "account/password"),
-    ("POST", "account/password/email/requestToken"),
-    ("POST", "account/password/msisdn/requestToken"),
-    ("POST", "account/deactivate"),
-    ("POST", "refresh"),
     ("GET", "auth/*/fallback/web"),
     ("POST", "auth/*/fallback/web"),
     ("GET", "publicRooms"),
@@ -77,9 +139,6 @@ const PUBLIC_CLIENT: &[(&str, &str)] = &[
     ("GET", "room_summary/*"),
     ("GET", "im.nheko.summary/summary/*"),
     ("GET", "im.nheko.summary/rooms/*/summary"),
-    ("GET", "auth_metadata"),
-    ("GET", "org.matrix.msc2965/auth_metadata"),
-    ("GET", "org.matrix.msc2965/auth_issuer"),
 ];
 
 /// The Matrix spec's guest endpoint list (client-server API "Guest access"), relative to
@@ -145,7 +204,11 @@ const GUEST_SYNAPSE_EXTRA: &[(&str, &str)] = &[
 ];
 
 /// Classifies a request. `raw_target` is the request target exactly as it will be forwarded.
-pub fn classify<'a>(method: &'a Method, raw_target: &'a [u8]) -> Result<Route<'a>, GatewayError> {
+pub fn classify<'a>(
+    method: &'a Method,
+    raw_target: &'a [u8],
+    options: Options,
+) -> Result<Route<'a>, GatewayError> {
     let target = std::str::from_utf8(raw_target).map_err(|_| GatewayError::BadRequestTarget)?;
     if !target.starts_with('/') || target.contains('#') {
         return Err(GatewayError::BadRequestTarget);
@@ -155,25 +218,60 @@ pub fn classify<'a>(method: &'a Method, raw_target: &'a [u8]) -> Result<Route<'a
         Method::HEAD => "GET",
         ref m => m.as_str(),
     };
+    let endpoint = client_endpoint(path);
+    let mut special = Special::None;
     let class = if path.starts_with("/_matrix/federation/") || path.starts_with("/_matrix/key/") {
         RouteClass::Federation
+    } else if !options.expose_admin_api && ADMIN_PREFIXES.iter().any(|p| path.starts_with(p)) {
+        RouteClass::Refused(Refused::AdminApi)
     } else if method == "OPTIONS" {
         RouteClass::Preflight
+    } else if let Some(refused) = endpoint.and_then(|e| refused(method, e)) {
+        RouteClass::Refused(refused)
+    } else if path.starts_with("/_matrix/static/client/login") {
+        RouteClass::Refused(Refused::OwnedByOp)
+    } else if method == "GET" && path == "/.well-known/matrix/client" {
+        RouteClass::Served(Served::WellKnownClient)
+    } else if let Some(served) = endpoint.and_then(|e| served(method, e)) {
+        RouteClass::Served(served)
+    } else if path == "/_matrix/client/versions" {
+        special = Special::Versions;
+        RouteClass::Public
     } else if path.starts_with("/.well-known/matrix/")
-        || path == "/_matrix/client/versions"
         || path.starts_with("/_matrix/static/")
         || is_public_media(method, path)
-        || client_endpoint(path).is_some_and(|e| listed(PUBLIC_CLIENT, method, e))
+        || endpoint.is_some_and(|e| listed(PUBLIC_CLIENT, method, e))
     {
         RouteClass::Public
     } else {
+        special = match endpoint {
+            Some("capabilities") if method == "GET" => Special::Capabilities,
+            Some("keys/device_signing/upload") if method == "POST" => Special::CrossSigningUpload,
+            _ => Special::None,
+        };
         RouteClass::Authenticated
     };
     Ok(Route {
         class,
         method,
         path,
+        special,
     })
+}
+
+fn refused(method: &str, endpoint: &str) -> Option<Refused> {
+    REFUSED_CLIENT
+        .iter()
+        .find(|(m, pattern, _)| (*m == "*" || *m == method) && matches(pattern, endpoint))
+        .map(|(_, _, r)| *r)
+}
+
+fn served(method: &str, endpoint: &str) -> Option<Served> {
+    match (method, endpoint) {
+        ("GET", "auth_metadata" | "org.matrix.msc2965/auth_metadata") => Some(Served::AuthMetadata),
+        ("GET", "org.matrix.msc2965/auth_issuer") => Some(Served::AuthIssuer),
+        _ => None,
+    }
 }
 
 /// Whether a guest-scoped token may call this route.
@@ -247,7 +345,9 @@ mod tests {
     use super::*;
 
     fn class(method: Method, target: &str) -> RouteClass {
-        classify(&method, target.as_bytes()).unwrap().class
+        classify(&method, target.as_bytes(), Options::default())
+            .unwrap()
+            .class
     }
 
     #[test]
@@ -255,6 +355,10 @@ mod tests {
         for v in ["r0", "v1", "v3", "v4", "unstable", "api/v1"] {
             assert_eq!(
                 class(Method::POST, &format!("/_matrix/client/{v}/login")),
+                RouteClass::Refused(Refused::OwnedByOp)
+            );
+            assert_eq!(
+                class(Method::GET, &format!("/_matrix/client/{v}/publicRooms")),
                 RouteClass::Public
             );
             assert_eq!(
@@ -270,7 +374,12 @@ mod tests {
             class(Method::HEAD, "/_matrix/client/v3/publicRooms"),
             RouteClass::Public
         );
-        let r = classify(&Method::HEAD, b"/_matrix/client/v3/sync").unwrap();
+        let r = classify(
+            &Method::HEAD,
+            b"/_matrix/client/v3/sync",
+            Options::default(),
+        )
+        .unwrap();
         assert_eq!(r.method, "GET");
     }
 
@@ -278,6 +387,10 @@ mod tests {
     fn path_ends_at_first_question_mark() {
         assert_eq!(
             class(Method::GET, "/_matrix/client/v3/login?/../sync"),
+            RouteClass::Refused(Refused::OwnedByOp)
+        );
+        assert_eq!(
+            class(Method::GET, "/_matrix/client/v3/publicRooms?/../sync"),
             RouteClass::Public
         );
         assert_eq!(
@@ -295,13 +408,13 @@ mod tests {
             "/a#b",
         ] {
             assert_eq!(
-                classify(&Method::GET, t.as_bytes()),
+                classify(&Method::GET, t.as_bytes(), Options::default()),
                 Err(GatewayError::BadRequestTarget),
                 "{t}"
             );
         }
         assert_eq!(
-            classify(&Method::GET, b"/\xff"),
+            classify(&Method::GET, b"/\xff", Options::default()),
             Err(GatewayError::BadRequestTarget)
         );
     }
@@ -313,7 +426,7 @@ mod tests {
             RouteClass::Public
         );
         assert_eq!(
-            class(Method::GET, "/.well-known/matrix/client"),
+            class(Method::GET, "/.well-known/matrix/server"),
             RouteClass::Public
         );
         assert_eq!(
@@ -331,17 +444,6 @@ mod tests {
         assert_eq!(
             class(Method::GET, "/_matrix/media/v3/config"),
             RouteClass::Authenticated
-        );
-        assert_eq!(
-            class(Method::GET, "/_matrix/client/v1/auth_metadata"),
-            RouteClass::Public
-        );
-        assert_eq!(
-            class(
-                Method::GET,
-                "/_matrix/client/unstable/org.matrix.msc2965/auth_metadata"
-            ),
-            RouteClass::Public
         );
         assert_eq!(
             class(Method::GET, "/_matrix/client/v3/profile/@a:b"),
@@ -377,23 +479,24 @@ mod tests {
     fn non_canonical_spellings_need_a_token() {
         // Homeservers route none of these; the gateway must not treat them as public either.
         for t in [
-            "/_matrix/client/v3/LOGIN",
-            "/_matrix/client/v3//login",
-            "/_matrix/client/v3/login/",
-            "/_matrix/client/v3/%6cogin",
-            "/_matrix/client/v3/./login",
-            "/_matrix/client/v3/login;x=y",
-            "/_matrix/client/V3/login",
+            "/_matrix/client/v3/PUBLICROOMS",
+            "/_matrix/client/v3//publicRooms",
+            "/_matrix/client/v3/publicRooms/",
+            "/_matrix/client/v3/%70ublicRooms",
+            "/_matrix/client/v3/./publicRooms",
+            "/_matrix/client/v3/publicRooms;x=y",
+            "/_matrix/client/V3/publicRooms",
             "/",
-            "/_synapse/admin/v1/users",
         ] {
-            assert_eq!(class(Method::POST, t), RouteClass::Authenticated, "{t}");
+            assert_eq!(class(Method::GET, t), RouteClass::Authenticated, "{t}");
         }
     }
 
     #[test]
     fn guest_lists() {
-        let ok = |m: Method, p: &str, l| guest_allowed(&classify(&m, p.as_bytes()).unwrap(), l);
+        let ok = |m: Method, p: &str, l| {
+            guest_allowed(&classify(&m, p.as_bytes(), Options::default()).unwrap(), l)
+        };
         use GuestEndpoints::*;
         assert!(ok(Method::GET, "/_matrix/client/v3/sync", Spec));
         assert!(ok(Method::HEAD, "/_matrix/client/r0/sync", Spec));
@@ -422,9 +525,175 @@ mod tests {
             "/_matrix/client/v1/rooms/!r/relations/$e/m.thread",
             Synapse
         ));
-        assert!(!ok(Method::DELETE, "/_matrix/client/v3/devices/D", Synapse));
+        assert!(!ok(
+            Method::POST,
+            "/_matrix/client/v3/keys/device_signing/upload",
+            Synapse
+        ));
         // public routes are fine for guests
         assert!(ok(Method::GET, "/_matrix/client/versions", Spec));
+    }
+
+    #[test]
+    fn refused_table() {
+        use Refused::*;
+        let cases = [
+            (Method::GET, "/_matrix/client/v3/login", OwnedByOp),
+            (Method::HEAD, "/_matrix/client/r0/login", OwnedByOp),
+            (
+                Method::GET,
+                "/_matrix/client/v3/login/sso/redirect/oidc",
+                OwnedByOp,
+            ),
+            (
+                Method::POST,
+                "/_matrix/client/v1/login/get_token",
+                OwnedByOp,
+            ),
+            (Method::POST, "/_matrix/client/unstable/logout", OwnedByOp),
+            (Method::POST, "/_matrix/client/api/v1/logout/all", OwnedByOp),
+            (Method::POST, "/_matrix/client/v3/refresh", OwnedByOp),
+            (Method::POST, "/_matrix/client/v3/register", Registration),
+            (
+                Method::GET,
+                "/_matrix/client/v3/register/available",
+                OwnedByOp,
+            ),
+            (
+                Method::POST,
+                "/_matrix/client/v3/register/email/requestToken",
+                OwnedByOp,
+            ),
+            (
+                Method::GET,
+                "/_matrix/client/v1/register/m.login.registration_token/validity",
+                OwnedByOp,
+            ),
+            (
+                Method::POST,
+                "/_matrix/client/v3/account/password",
+                OwnedByOp,
+            ),
+            (
+                Method::POST,
+                "/_matrix/client/v3/account/password/email/requestToken",
+                OwnedByOp,
+            ),
+            (
+                Method::POST,
+                "/_matrix/client/v3/account/deactivate",
+                OwnedByOp,
+            ),
+            (Method::POST, "/_matrix/client/v3/account/3pid", OwnedByOp),
+            (
+                Method::POST,
+                "/_matrix/client/v3/account/3pid/add",
+                OwnedByOp,
+            ),
+            (
+                Method::POST,
+                "/_matrix/client/v3/account/3pid/delete",
+                OwnedByOp,
+            ),
+            (
+                Method::POST,
+                "/_matrix/client/v3/account/3pid/msisdn/requestToken",
+                OwnedByOp,
+            ),
+            (Method::POST, "/_matrix/client/v3/delete_devices", OwnedByOp),
+            (Method::DELETE, "/_matrix/client/v3/devices/ABC", OwnedByOp),
+            (
+                Method::POST,
+                "/_matrix/client/v3/user/@a:b/openid/request_token",
+                OwnedByOp,
+            ),
+            (
+                Method::POST,
+                "/_matrix/client/v1/appservice/as1/ping",
+                AppserviceOnly,
+            ),
+            (Method::GET, "/_synapse/admin/v1/users/@a:b", AdminApi),
+            (Method::POST, "/_dendrite/admin/evacuateUser/@a:b", AdminApi),
+            (Method::GET, "/_matrix/static/client/login/", OwnedByOp),
+        ];
+        for (m, p, r) in cases {
+            assert_eq!(class(m.clone(), p), RouteClass::Refused(r), "{m} {p}");
+        }
+        // what stays
+        assert_eq!(
+            class(Method::GET, "/_matrix/client/v3/account/3pid"),
+            RouteClass::Authenticated
+        );
+        assert_eq!(
+            class(Method::POST, "/_matrix/client/v3/account/3pid/bind"),
+            RouteClass::Authenticated
+        );
+        assert_eq!(
+            class(Method::GET, "/_matrix/client/v3/devices"),
+            RouteClass::Authenticated
+        );
+        assert_eq!(
+            class(Method::PUT, "/_matrix/client/v3/devices/ABC"),
+            RouteClass::Authenticated
+        );
+        let admin = Options {
+            expose_admin_api: true,
+        };
+        let r = classify(&Method::GET, b"/_synapse/admin/v1/users/@a:b", admin).unwrap();
+        assert_eq!(r.class, RouteClass::Authenticated);
+    }
+
+    #[test]
+    fn served_and_special() {
+        assert_eq!(
+            class(Method::GET, "/_matrix/client/v1/auth_metadata"),
+            RouteClass::Served(Served::AuthMetadata)
+        );
+        assert_eq!(
+            class(
+                Method::GET,
+                "/_matrix/client/unstable/org.matrix.msc2965/auth_metadata"
+            ),
+            RouteClass::Served(Served::AuthMetadata)
+        );
+        assert_eq!(
+            class(
+                Method::GET,
+                "/_matrix/client/unstable/org.matrix.msc2965/auth_issuer"
+            ),
+            RouteClass::Served(Served::AuthIssuer)
+        );
+        assert_eq!(
+            class(Method::GET, "/.well-known/matrix/client"),
+            RouteClass::Served(Served::WellKnownClient)
+        );
+        let special = |m: Method, p: &str| {
+            classify(&m, p.as_bytes(), Options::default())
+                .unwrap()
+                .special
+        };
+        assert_eq!(
+            special(Method::GET, "/_matrix/client/versions"),
+            Special::Versions
+        );
+        assert_eq!(
+            special(Method::GET, "/_matrix/client/r0/capabilities"),
+            Special::Capabilities
+        );
+        assert_eq!(
+            special(
+                Method::POST,
+                "/_matrix/client/v3/keys/device_signing/upload"
+            ),
+            Special::CrossSigningUpload
+        );
+        assert_eq!(
+            special(
+                Method::POST,
+                "/_matrix/client/unstable/keys/device_signing/upload"
+            ),
+            Special::CrossSigningUpload
+        );
     }
 
     #[test]

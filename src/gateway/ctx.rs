@@ -3,10 +3,23 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::classify::RouteClass;
+use super::classify::{RouteClass, Special};
 use crate::auth::cache::CacheOutcome;
 use crate::auth::{Identity, TokenHash};
+use crate::binding::Bound;
 use crate::error::GatewayError;
+
+/// How the response body is changed on its way to the client.
+#[derive(Debug, Default)]
+pub enum BodyEdit {
+    /// Passed through as it streams.
+    #[default]
+    None,
+    /// Collected, then rewritten as JSON (`/versions`, `/capabilities`).
+    Rewrite(Special, Vec<u8>),
+    /// Replaced by this body (a gateway answer in place of the homeserver's).
+    Replace(bytes::Bytes),
+}
 
 /// State of one request, created by `new_ctx` and read by later phases and `logging`.
 #[derive(Debug)]
@@ -15,8 +28,12 @@ pub struct Ctx {
     pub started: Instant,
     /// Route class, once classified.
     pub route: Option<RouteClass>,
+    /// Extra handling of a proxied endpoint.
+    pub special: Special,
     /// The verified caller, if a token was presented and accepted.
     pub identity: Option<Arc<Identity>>,
+    /// The caller's upstream binding.
+    pub bound: Option<Arc<Bound>>,
     /// Why the gateway answered itself, if it did.
     pub rejection: Option<GatewayError>,
     /// How the identity cache took part.
@@ -27,6 +44,8 @@ pub struct Ctx {
     pub rewritten_target: Option<String>,
     /// When the upstream request started.
     pub upstream_started: Option<Instant>,
+    /// Response body handling.
+    pub body: BodyEdit,
 }
 
 impl Ctx {
@@ -35,12 +54,15 @@ impl Ctx {
         Self {
             started: Instant::now(),
             route: None,
+            special: Special::None,
             identity: None,
+            bound: None,
             rejection: None,
             cache: CacheOutcome::None,
             token: None,
             rewritten_target: None,
             upstream_started: None,
+            body: BodyEdit::None,
         }
     }
 }

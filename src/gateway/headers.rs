@@ -14,7 +14,8 @@ use pingora::Result;
 use sha2::Sha256;
 
 use crate::auth::{Access, Identity};
-use crate::config::IdentityHeaders;
+use crate::binding::{Bound, Credential};
+use crate::config::{IdentityHeaders, Secret};
 
 /// The canonical string the identity signature covers.
 pub fn signing_input(timestamp: u64, method: &str, target: &str, identity: &Identity) -> String {
@@ -97,6 +98,42 @@ pub fn inject(
             identity,
         );
         req.insert_header(names.signature.clone(), sig)?;
+    }
+    Ok(())
+}
+
+/// Applies the upstream binding: the device's own token, or the AS token with `user_id` and
+/// `device_id` appended to the (already cleaned) target.
+pub fn bind(
+    req: &mut RequestHeader,
+    target: &mut Option<String>,
+    bound: &Bound,
+    as_token: Option<&Secret>,
+) -> Result<()> {
+    match &bound.credential {
+        Credential::DeviceToken(t) => {
+            req.insert_header(http::header::AUTHORIZATION, format!("Bearer {t}"))?;
+        }
+        Credential::Masquerade => {
+            if let Some(as_token) = as_token {
+                req.insert_header(
+                    http::header::AUTHORIZATION,
+                    format!("Bearer {}", as_token.expose()),
+                )?;
+            }
+            let mut t = target
+                .take()
+                .unwrap_or_else(|| String::from_utf8_lossy(req.raw_path()).into_owned());
+            t.push(if t.contains('?') { '&' } else { '?' });
+            t.push_str("user_id=");
+            t.extend(form_urlencoded::byte_serialize(bound.user_id.as_bytes()));
+            if let Some(d) = &bound.device_id {
+                t.push_str("&device_id=");
+                t.extend(form_urlencoded::byte_serialize(d.as_bytes()));
+            }
+            *target = Some(t);
+        }
+        Credential::None => {}
     }
     Ok(())
 }
@@ -191,6 +228,26 @@ mod tests {
             )
         );
         assert!(sig.starts_with("t=1700000000,v1="));
+    }
+
+    #[test]
+    fn masquerade_appends_user_and_device() {
+        let mut r = RequestHeader::build("GET", b"/_matrix/client/v3/sync?since=1", None).unwrap();
+        let bound = Bound {
+            user_id: "@alice:example.org".into(),
+            device_id: Some("D/1".into()),
+            credential: Credential::Masquerade,
+        };
+        let mut target = None;
+        bind(&mut r, &mut target, &bound, Some(&Secret::new("as-token"))).unwrap();
+        assert_eq!(
+            target.as_deref(),
+            Some("/_matrix/client/v3/sync?since=1&user_id=%40alice%3Aexample.org&device_id=D%2F1")
+        );
+        assert_eq!(r.headers["authorization"], "Bearer as-token");
+        let mut target = Some("/x".to_owned());
+        bind(&mut r, &mut target, &bound, None).unwrap();
+        assert!(target.unwrap().starts_with("/x?user_id="));
     }
 
     #[test]

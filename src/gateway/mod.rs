@@ -1,47 +1,58 @@
 //! The Pingora `ProxyHttp` service. Each phase delegates to the module named after it:
 //!
 //! ```text
-//!  client ──► request_filter ──────────────► upstream_peer ──► upstream_request_filter ──► homeserver
-//!             │ authenticate:                 upstream         headers: strip, inject,
-//!             │  classify → token → verify                      forwarded, query rewrite
-//!             │  (cache / introspection) → scope
-//!             └─ refusal or preflight ──► respond (Matrix JSON, CORS, keep-alive)
-//!  fail_to_proxy ──► respond (502 JSON)         logging ──► observe (access log)
+//!  client ─► request_filter ─────────────────► upstream_peer ─► upstream_request_filter ─► homeserver
+//!            │ authenticate: classify → token    upstream        headers: strip, bind
+//!            │  → verify (cache / OP) → scope                     (device token or AS
+//!            │  → bind (provision upstream)                       masquerade), inject,
+//!            ├─ refusal ──────────► respond                       forwarded
+//!            ├─ preflight ────────► respond
+//!            └─ discovery ────────► discovery + respond
+//!  homeserver ─► upstream_response_filter ─► response_body_filter ─► client
+//!                rewrite: binding lost → 503,   rewrite: /versions, /capabilities,
+//!                /versions, /capabilities       replaced bodies
+//!  fail_to_proxy ─► respond (502 JSON)            logging ─► observe (access log)
 //! ```
 
 pub mod authenticate;
 pub mod classify;
 pub mod ctx;
+pub mod discovery;
 pub mod headers;
 pub mod observe;
 pub mod respond;
+pub mod rewrite;
 pub mod token;
 pub mod upstream;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use pingora::http::RequestHeader;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::auth::Verifier;
+use crate::binding::Binder;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::error::GatewayError;
 use authenticate::Decision;
-use classify::RouteClass;
+use classify::{RouteClass, Served};
 use ctx::Ctx;
+use respond::ErrorSettings;
 use upstream::Upstream;
 
 /// The gateway service.
 pub struct Gateway {
-    config: Arc<Config>,
-    verifier: Arc<Verifier>,
-    upstream: Upstream,
-    clock: SharedClock,
+    pub(crate) config: Arc<Config>,
+    pub(crate) verifier: Arc<Verifier>,
+    pub(crate) binder: Arc<Binder>,
+    pub(crate) upstream: Upstream,
+    pub(crate) clock: SharedClock,
 }
 
 impl Gateway {
@@ -49,14 +60,27 @@ impl Gateway {
     pub fn new(
         config: Arc<Config>,
         verifier: Arc<Verifier>,
+        binder: Arc<Binder>,
         upstream: Upstream,
         clock: SharedClock,
     ) -> Self {
         Self {
             config,
             verifier,
+            binder,
             upstream,
             clock,
+        }
+    }
+
+    pub(crate) fn error_settings(&self) -> ErrorSettings {
+        ErrorSettings {
+            retry_after_secs: self.config.auth.retry_after_secs,
+            account_management_uri: self
+                .verifier
+                .op()
+                .metadata()
+                .and_then(|m| discovery::account_uri(&m, &self.config.discovery)),
         }
     }
 
@@ -66,8 +90,32 @@ impl Gateway {
         ctx: &mut Ctx,
         err: GatewayError,
     ) -> Result<bool> {
-        respond::error(session, &err, self.config.auth.retry_after_secs).await?;
+        respond::error(session, &err, &self.error_settings()).await?;
         ctx.rejection = Some(err);
+        Ok(true)
+    }
+
+    async fn serve(&self, session: &mut Session, ctx: &mut Ctx, what: Served) -> Result<bool> {
+        let op = self.verifier.op();
+        let meta = match op.metadata() {
+            Some(m) => m,
+            None => match op.refresh_metadata().await {
+                Ok(m) => m,
+                Err(f) => {
+                    return self
+                        .refuse(session, ctx, GatewayError::OpUnavailable(f))
+                        .await
+                }
+            },
+        };
+        let discovery = &self.config.discovery;
+        let body = match what {
+            Served::AuthMetadata => discovery::auth_metadata(&meta, discovery),
+            Served::AuthIssuer => discovery::auth_issuer(&meta),
+            Served::WellKnownClient => discovery::well_known(&meta, discovery),
+        };
+        let cache = ("Cache-Control", "public, max-age=600".to_owned());
+        respond::json_response(session, 200, &body, &[cache]).await?;
         Ok(true)
     }
 }
@@ -81,15 +129,13 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let decision =
-            authenticate::authenticate(session.req_header(), &self.config, &self.verifier, ctx)
-                .await;
-        match decision {
+        match authenticate::authenticate(self, session.req_header(), ctx).await {
             Ok(Decision::Proxy) => Ok(false),
             Ok(Decision::Preflight) => {
                 respond::json_response(session, 200, &serde_json::json!({}), &[]).await?;
                 Ok(true)
             }
+            Ok(Decision::Serve(what)) => self.serve(session, ctx, what).await,
             Err(err) => self.refuse(session, ctx, err).await,
         }
     }
@@ -108,17 +154,42 @@ impl ProxyHttp for Gateway {
         let names = &self.config.identity_headers;
         let client_route = ctx.route != Some(RouteClass::Federation);
         headers::strip(req, names, client_route);
-        if let Some(target) = ctx.rewritten_target.take() {
-            req.set_raw_path(target.as_bytes())?;
+        let mut target = ctx.rewritten_target.take();
+        if let Some(bound) = &ctx.bound {
+            headers::bind(req, &mut target, bound, self.binder.as_token())?;
+        }
+        if let Some(t) = target {
+            req.set_raw_path(t.as_bytes())?;
         }
         if let Some(identity) = &ctx.identity {
             headers::inject(req, names, identity, self.clock.now_secs())?;
         }
+        rewrite::prepare_request(req, ctx);
         let client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip().to_string());
         headers::forwarded(req, client_ip, self.config.listen.trust_forwarded_headers)
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        rewrite::response_header(self, resp, ctx).await
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        rewrite::response_body(body, end_of_stream, ctx);
+        Ok(None)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -139,9 +210,7 @@ impl ProxyHttp for Gateway {
         };
         let code = err.status();
         if session.response_written().is_none() {
-            if let Err(write_err) =
-                respond::error(session, &err, self.config.auth.retry_after_secs).await
-            {
+            if let Err(write_err) = respond::error(session, &err, &self.error_settings()).await {
                 tracing::debug!(error = %write_err, "could not write the error response");
             }
         }

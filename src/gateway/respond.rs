@@ -27,8 +27,37 @@ pub const CORS_HEADERS: [(&str, &str); 3] = [
     ),
 ];
 
+/// What error answers need beyond the error itself.
+#[derive(Debug, Clone, Default)]
+pub struct ErrorSettings {
+    /// `Retry-After` seconds on 503.
+    pub retry_after_secs: u32,
+    /// The OP's account management page (for the cross-signing reset answer).
+    pub account_management_uri: Option<String>,
+}
+
 /// The JSON body of an error.
-pub fn error_body(err: &GatewayError) -> Value {
+pub fn error_body(err: &GatewayError, settings: &ErrorSettings) -> Value {
+    if *err == GatewayError::CrossSigningResetRequired {
+        // The user-interactive-auth shape Synapse answers under MSC3861 (spec: "m.oauth").
+        let url = settings
+            .account_management_uri
+            .as_deref()
+            .map(|u| {
+                let sep = if u.contains('?') { '&' } else { '?' };
+                format!("{u}{sep}action=org.matrix.cross_signing_reset")
+            })
+            .unwrap_or_default();
+        return json!({
+            "session": "gateway",
+            "flows": [{"stages": ["m.oauth"]}, {"stages": ["org.matrix.cross_signing_reset"]}],
+            "params": {
+                "m.oauth": {"url": url},
+                "org.matrix.cross_signing_reset": {"url": url},
+            },
+            "msg": err.client_message(),
+        });
+    }
     let mut body = json!({
         "errcode": err.errcode().as_str(),
         "error": err.client_message(),
@@ -40,17 +69,23 @@ pub fn error_body(err: &GatewayError) -> Value {
 }
 
 /// Writes `err` as a Matrix JSON error.
-pub async fn error(session: &mut Session, err: &GatewayError, retry_after_secs: u32) -> Result<()> {
+pub async fn error(
+    session: &mut Session,
+    err: &GatewayError,
+    settings: &ErrorSettings,
+) -> Result<()> {
     let mut extra: Vec<(&str, String)> = Vec::new();
     match err {
-        GatewayError::OpUnavailable(_) => extra.push(("Retry-After", retry_after_secs.to_string())),
+        GatewayError::OpUnavailable(_) | GatewayError::BindingUnavailable(_) => {
+            extra.push(("Retry-After", settings.retry_after_secs.to_string()))
+        }
         GatewayError::GuestAccessForbidden => extra.push((
             "WWW-Authenticate",
             "Bearer error=\"insufficient_scope\", scope=\"urn:matrix:client:api:*\"".to_owned(),
         )),
         _ => {}
     }
-    json_response(session, err.status(), &error_body(err), &extra).await
+    json_response(session, err.status(), &error_body(err, settings), &extra).await
 }
 
 /// Request bodies up to this size are read and discarded before the gateway answers, so the
@@ -93,7 +128,12 @@ pub async fn json_response(
     let mut h = ResponseHeader::build(status, Some(6 + extra.len()))?;
     h.insert_header("Content-Type", "application/json")?;
     h.insert_header("Content-Length", bytes.len().to_string())?;
-    h.insert_header("Cache-Control", "no-store")?;
+    if !extra
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("cache-control"))
+    {
+        h.insert_header("Cache-Control", "no-store")?;
+    }
     for (k, v) in CORS_HEADERS {
         h.insert_header(k, v)?;
     }

@@ -4,10 +4,16 @@
 //! Rules (`shared/decisions.md`): a malformed or repeated `Authorization` header, a repeated
 //! parameter, or both forms at once are 401 `M_MISSING_TOKEN`. The parameter is removed from the
 //! forwarded target whether or not it is accepted, so a token never travels upstream in a URL.
+//! The appservice parameters a client could use to act as someone else or forge timestamps
+//! ([`APPSERVICE_PARAMS`]) are removed too.
 
 use pingora::http::RequestHeader;
 
 use crate::error::MissingTokenReason;
+
+/// Query parameters only an application service may send; never forwarded from a client.
+pub const APPSERVICE_PARAMS: [&str; 4] =
+    ["user_id", "device_id", "org.matrix.msc3202.device_id", "ts"];
 
 /// The token a request presented, if any.
 #[derive(Debug, PartialEq, Eq)]
@@ -37,8 +43,15 @@ pub fn extract(req: &RequestHeader, allow_query: bool) -> Result<Extracted, Miss
     };
     let (query_token, rewritten_target) = match req.uri.query() {
         // Homeservers decode parameter names, so `access%5Ftoken` counts too.
-        Some(q) if q.contains("access_token") || q.contains('%') || q.contains('+') => {
-            strip_query_token(req.uri.path(), q)?
+        Some(q)
+            if q.contains("access_token")
+                || q.contains("user_id")
+                || q.contains("device_id")
+                || q.contains("ts")
+                || q.contains('%')
+                || q.contains('+') =>
+        {
+            rewrite_query(req.uri.path(), q)?
         }
         _ => (None, None),
     };
@@ -75,8 +88,9 @@ fn valid_b64token(t: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
 }
 
-/// Removes every `access_token` pair from the query, keeping the other pairs byte for byte.
-fn strip_query_token(
+/// Removes every `access_token` pair (returning its value) and every appservice parameter from
+/// the query, keeping the other pairs byte for byte.
+fn rewrite_query(
     path: &str,
     query: &str,
 ) -> Result<(Option<String>, Option<String>), MissingTokenReason> {
@@ -96,6 +110,7 @@ fn strip_query_token(
                 token = Some(v.into_owned());
                 removed = true;
             }
+            Some((k, _)) if APPSERVICE_PARAMS.contains(&k.as_ref()) => removed = true,
             _ => kept.push(pair),
         }
     }
@@ -186,6 +201,17 @@ mod tests {
         let e = extract(&req("/s?access%5Ftoken=tok", &[]), true).unwrap();
         assert_eq!(e.presented, Presented::Token("tok".into()));
         assert_eq!(e.rewritten_target.as_deref(), Some("/s"));
+    }
+
+    #[test]
+    fn appservice_parameters_are_removed() {
+        let e = extract(
+            &req("/s?user_id=%40bob%3Ax&since=1&device_id=D&org.matrix.msc3202.device_id=E&ts=1&user%5Fid=x", &[]),
+            true,
+        )
+        .unwrap();
+        assert_eq!(e.presented, Presented::None);
+        assert_eq!(e.rewritten_target.as_deref(), Some("/s?since=1"));
     }
 
     #[test]

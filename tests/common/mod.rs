@@ -65,6 +65,8 @@ pub struct Fakes {
     pub op: MockServer,
     /// Fake homeserver that echoes what it received.
     pub hs: MockServer,
+    /// Where the gateway keeps its state.
+    pub state: tempfile::TempDir,
 }
 
 impl Fakes {
@@ -76,7 +78,11 @@ impl Fakes {
             .respond_with(Echo)
             .mount(&hs)
             .await;
-        Self { op, hs }
+        Self {
+            op,
+            hs,
+            state: tempfile::tempdir().expect("tempdir"),
+        }
     }
 
     /// A configuration pointing at the fakes; `extra` is appended verbatim (TOML).
@@ -90,6 +96,9 @@ public = "127.0.0.1:{port}"
 url = "{hs}"
 server_name = "example.org"
 
+[store]
+path = "{state}/state.sqlite3"
+
 [[issuers]]
 issuer = "{op}/"
 introspection_endpoint = "{op}/introspect"
@@ -101,6 +110,7 @@ timeout = "2s"
             port = free_port(),
             hs = self.hs.uri(),
             op = self.op.uri(),
+            state = self.state.path().display(),
         )
     }
 

@@ -1,0 +1,506 @@
+//! Homeserver binding: how a verified OIDC identity becomes a Matrix user and device on a stock
+//! homeserver, through the application-service API.
+//!
+//! - `appservice_login` (Dendrite, Conduit): register the user once, log the device in with
+//!   `m.login.application_service` and keep that one upstream token per (user, device).
+//! - `appservice_masquerade` (Synapse, tuwunel): register the user once, create the device with
+//!   the AS `PUT /devices/{id}?user_id=…`, then send the AS token with `user_id` / `device_id`.
+//! - `headers`: nothing to provision.
+//!
+//! In every mode the first `sub` seen for a user ID owns it ([`Store::pin_subject`]).
+//! Provisioning of one (user, device) is single-flight: concurrent first requests cause exactly
+//! one registration and one login. Results live in memory in front of the [`Store`], so the hot
+//! path never touches SQLite. Failures are 503 (`BindingUnavailable`), never 401.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::future::Cache;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use url::Url;
+
+use crate::auth::Identity;
+use crate::config::{BindingMode, Config, HomeserverKind, Secret};
+use crate::error::{BindingFailure, GatewayError};
+use crate::store::{DeviceRecord, Pin, Store};
+
+/// How upstream requests of one bound identity authenticate.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// The device's own upstream access token (appservice_login).
+    DeviceToken(String),
+    /// The AS token with `user_id` (and `device_id`) query parameters (appservice_masquerade).
+    Masquerade,
+    /// Identity headers only.
+    None,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Credential::DeviceToken(_) => "DeviceToken(<redacted>)",
+            Credential::Masquerade => "Masquerade",
+            Credential::None => "None",
+        })
+    }
+}
+
+/// An identity bound upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bound {
+    /// The Matrix user ID.
+    pub user_id: String,
+    /// The upstream device, if any.
+    pub device_id: Option<String>,
+    /// How to authenticate upstream requests.
+    pub credential: Credential,
+}
+
+/// Counters of provisioning calls (tests and metrics).
+#[derive(Debug, Default)]
+pub struct ProvisioningCounters {
+    /// Registration requests sent.
+    pub registrations: AtomicU64,
+    /// Appservice logins sent.
+    pub logins: AtomicU64,
+    /// Appservice device creations sent.
+    pub device_creations: AtomicU64,
+}
+
+/// Provisions and remembers upstream bindings.
+pub struct Binder {
+    mode: BindingMode,
+    kind: HomeserverKind,
+    hs: Url,
+    as_token: Option<Secret>,
+    http: reqwest::Client,
+    store: Arc<dyn Store>,
+    bound: Cache<(String, String), Arc<Bound>>,
+    pins: Cache<String, Arc<str>>,
+    registered: Cache<String, ()>,
+    /// Provisioning calls made.
+    pub counters: ProvisioningCounters,
+}
+
+impl Binder {
+    /// Creates the binder for `config`.
+    pub fn new(config: &Config, store: Arc<dyn Store>) -> Result<Self, reqwest::Error> {
+        Ok(Self {
+            mode: config.homeserver.binding,
+            kind: config.homeserver.kind,
+            hs: config.homeserver.url.clone(),
+            as_token: config.homeserver.as_token.clone(),
+            http: crate::http_client::build(Duration::from_secs(15))?,
+            store,
+            bound: Cache::builder().max_capacity(200_000).build(),
+            pins: Cache::builder().max_capacity(200_000).build(),
+            registered: Cache::builder().max_capacity(200_000).build(),
+            counters: ProvisioningCounters::default(),
+        })
+    }
+
+    /// The binding mode.
+    pub fn mode(&self) -> BindingMode {
+        self.mode
+    }
+
+    /// The AS token (appservice modes).
+    pub fn as_token(&self) -> Option<&Secret> {
+        self.as_token.as_ref()
+    }
+
+    /// The state store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Checks the subject pin and returns the upstream binding, provisioning it on first use.
+    pub async fn bind(&self, identity: &Identity) -> Result<Arc<Bound>, GatewayError> {
+        self.check_pin(identity).await?;
+        if self.mode == BindingMode::Headers {
+            return Ok(Arc::new(Bound {
+                user_id: identity.user_id.clone(),
+                device_id: identity.device_id.clone(),
+                credential: Credential::None,
+            }));
+        }
+        let device = match (&identity.device_id, self.mode) {
+            (Some(d), _) => Some(d.clone()),
+            // A device is needed to log in; tokens without a device scope share one per subject.
+            (None, BindingMode::AppserviceLogin) => Some(derived_device_id(&identity.subject)),
+            (None, _) => None,
+        };
+        let key = (identity.user_id.clone(), device.clone().unwrap_or_default());
+        self.bound
+            .try_get_with(key, self.provision(&identity.user_id, device))
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    /// Forgets a binding (the homeserver stopped accepting it, or the device was signed out).
+    pub async fn drop_binding(&self, user_id: &str, device_id: Option<&str>) {
+        let device = device_id.unwrap_or_default().to_owned();
+        self.bound
+            .invalidate(&(user_id.to_owned(), device.clone()))
+            .await;
+        if !device.is_empty() {
+            if let Err(e) = self.store.delete_device(user_id, &device).await {
+                tracing::error!(error = %e, "cannot forget a lost binding");
+            }
+        }
+    }
+
+    /// A request to the homeserver made with `bound`'s credentials; `None` in `headers` mode.
+    fn as_bound(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        bound: &Bound,
+    ) -> Option<reqwest::RequestBuilder> {
+        let mut url = self.endpoint(path);
+        let token = match &bound.credential {
+            Credential::DeviceToken(t) => t.clone(),
+            Credential::Masquerade => {
+                {
+                    let mut q = url.query_pairs_mut();
+                    q.append_pair("user_id", &bound.user_id);
+                    if let Some(d) = &bound.device_id {
+                        q.append_pair("device_id", d);
+                    }
+                }
+                self.as_token.as_ref()?.expose().to_owned()
+            }
+            Credential::None => return None,
+        };
+        Some(self.http.request(method, url).bearer_auth(token))
+    }
+
+    /// Asks the homeserver whether `bound` still works (`whoami`). Unknown answers count as
+    /// working: only a clear refusal drops a binding.
+    pub async fn still_valid(&self, bound: &Bound) -> bool {
+        let Some(req) = self.as_bound(
+            reqwest::Method::GET,
+            "/_matrix/client/v3/account/whoami",
+            bound,
+        ) else {
+            return true;
+        };
+        match req.send().await {
+            Ok(r) => !matches!(r.status().as_u16(), 400 | 401 | 403),
+            Err(_) => true,
+        }
+    }
+
+    /// Whether the user already has a cross-signing master key upstream.
+    pub async fn has_master_key(&self, bound: &Bound) -> Result<bool, GatewayError> {
+        let Some(req) = self.as_bound(
+            reqwest::Method::POST,
+            "/_matrix/client/v3/keys/query",
+            bound,
+        ) else {
+            return Ok(false);
+        };
+        let resp = req
+            .json(&json!({"device_keys": {bound.user_id.clone(): []}}))
+            .send()
+            .await
+            .map_err(|e| unreachable(&e))?;
+        if !resp.status().is_success() {
+            return Err(GatewayError::BindingUnavailable(
+                BindingFailure::Unreachable,
+            ));
+        }
+        let answer: Value = resp.json().await.unwrap_or(Value::Null);
+        Ok(answer["master_keys"].get(&bound.user_id).is_some())
+    }
+
+    async fn check_pin(&self, identity: &Identity) -> Result<(), GatewayError> {
+        if let Some(owner) = self.pins.get(&identity.user_id).await {
+            return if *owner == *identity.subject {
+                Ok(())
+            } else {
+                Err(GatewayError::SubjectMismatch)
+            };
+        }
+        let pin = self
+            .store
+            .pin_subject(&identity.user_id, &identity.subject)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "state store failed");
+                GatewayError::BindingUnavailable(BindingFailure::Store)
+            })?;
+        match pin {
+            Pin::New | Pin::Matches => {
+                self.pins
+                    .insert(
+                        identity.user_id.clone(),
+                        Arc::from(identity.subject.as_str()),
+                    )
+                    .await;
+                Ok(())
+            }
+            Pin::Conflict { owner } => {
+                tracing::warn!(
+                    user = %identity.user_id,
+                    "a token's subject does not own this user ID (reassigned username at the OP?); refused until an operator re-pins it"
+                );
+                self.pins
+                    .insert(identity.user_id.clone(), Arc::from(owner.as_str()))
+                    .await;
+                Err(GatewayError::SubjectMismatch)
+            }
+        }
+    }
+
+    /// Forgets the cached pin of a user (after an operator re-pins it).
+    pub async fn forget_pin(&self, user_id: &str) {
+        self.pins.invalidate(user_id).await;
+    }
+
+    async fn provision(
+        &self,
+        user_id: &str,
+        device: Option<String>,
+    ) -> Result<Arc<Bound>, GatewayError> {
+        let store_err = |e: crate::store::StoreError| {
+            tracing::error!(error = %e, "state store failed");
+            GatewayError::BindingUnavailable(BindingFailure::Store)
+        };
+        if let Some(d) = &device {
+            if let Some(rec) = self.store.device(user_id, d).await.map_err(store_err)? {
+                match (self.mode, rec.upstream_token) {
+                    (BindingMode::AppserviceLogin, Some(token)) => {
+                        return Ok(self.bound(user_id, device, Credential::DeviceToken(token)));
+                    }
+                    (BindingMode::AppserviceMasquerade, _) => {
+                        return Ok(self.bound(user_id, device, Credential::Masquerade));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.ensure_registered(user_id).await?;
+        match (self.mode, device) {
+            (BindingMode::AppserviceLogin, Some(d)) => {
+                let token = self.login(user_id, &d).await?;
+                let rec = DeviceRecord {
+                    upstream_token: Some(token.clone()),
+                };
+                self.store
+                    .put_device(user_id, &d, &rec)
+                    .await
+                    .map_err(store_err)?;
+                tracing::info!(user = %user_id, device = %d, "device logged in upstream");
+                Ok(self.bound(user_id, Some(d), Credential::DeviceToken(token)))
+            }
+            (BindingMode::AppserviceMasquerade, Some(d)) => {
+                self.create_device(user_id, &d).await?;
+                let rec = DeviceRecord {
+                    upstream_token: None,
+                };
+                self.store
+                    .put_device(user_id, &d, &rec)
+                    .await
+                    .map_err(store_err)?;
+                tracing::info!(user = %user_id, device = %d, "device created upstream");
+                Ok(self.bound(user_id, Some(d), Credential::Masquerade))
+            }
+            (_, device) => Ok(self.bound(user_id, device, Credential::Masquerade)),
+        }
+    }
+
+    fn bound(
+        &self,
+        user_id: &str,
+        device_id: Option<String>,
+        credential: Credential,
+    ) -> Arc<Bound> {
+        Arc::new(Bound {
+            user_id: user_id.to_owned(),
+            device_id,
+            credential,
+        })
+    }
+
+    fn endpoint(&self, path: &str) -> Url {
+        let mut u = self.hs.clone();
+        u.set_path(path);
+        u
+    }
+
+    fn as_bearer(&self) -> Result<&str, GatewayError> {
+        self.as_token
+            .as_ref()
+            .map(Secret::expose)
+            .ok_or(GatewayError::Internal)
+    }
+
+    async fn ensure_registered(&self, user_id: &str) -> Result<(), GatewayError> {
+        if self.registered.get(user_id).await.is_some() {
+            return Ok(());
+        }
+        let known = self.store.user_registered(user_id).await.map_err(|e| {
+            tracing::error!(error = %e, "state store failed");
+            GatewayError::BindingUnavailable(BindingFailure::Store)
+        })?;
+        if !known {
+            self.register(user_id).await?;
+            self.store
+                .mark_user_registered(user_id)
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "state store failed");
+                    GatewayError::BindingUnavailable(BindingFailure::Store)
+                })?;
+        }
+        self.registered.insert(user_id.to_owned(), ()).await;
+        Ok(())
+    }
+
+    async fn register(&self, user_id: &str) -> Result<(), GatewayError> {
+        self.counters.registrations.fetch_add(1, Ordering::Relaxed);
+        let mut body = json!({
+            "type": "m.login.application_service",
+            "username": localpart(user_id),
+            "inhibit_login": true,
+        });
+        if self.kind == HomeserverKind::Conduit {
+            // Conduit reports password-less appservice users as guests.
+            body["password"] = Value::String(random_secret());
+        }
+        let resp = self
+            .http
+            .post(self.endpoint("/_matrix/client/v3/register"))
+            .bearer_auth(self.as_bearer()?)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let status = resp.status();
+        if status.is_success() {
+            tracing::info!(user = %user_id, "user registered upstream");
+            return Ok(());
+        }
+        let answer: Value = resp.json().await.unwrap_or(Value::Null);
+        if answer["errcode"] == "M_USER_IN_USE" {
+            return Ok(());
+        }
+        tracing::error!(user = %user_id, status = status.as_u16(), errcode = %answer["errcode"], "appservice registration failed");
+        Err(GatewayError::BindingUnavailable(
+            BindingFailure::Registration,
+        ))
+    }
+
+    async fn login(&self, user_id: &str, device_id: &str) -> Result<String, GatewayError> {
+        self.counters.logins.fetch_add(1, Ordering::Relaxed);
+        let body = json!({
+            "type": "m.login.application_service",
+            "identifier": {"type": "m.id.user", "user": localpart(user_id)},
+            "device_id": device_id,
+            "initial_device_display_name": "OIDC session",
+        });
+        let resp = self
+            .http
+            .post(self.endpoint("/_matrix/client/v3/login"))
+            .bearer_auth(self.as_bearer()?)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let status = resp.status();
+        let answer: Value = resp.json().await.unwrap_or(Value::Null);
+        match answer["access_token"].as_str() {
+            Some(t) if status.is_success() => Ok(t.to_owned()),
+            _ => {
+                tracing::error!(user = %user_id, status = status.as_u16(), errcode = %answer["errcode"], "appservice login failed");
+                Err(GatewayError::BindingUnavailable(BindingFailure::Login))
+            }
+        }
+    }
+
+    async fn create_device(&self, user_id: &str, device_id: &str) -> Result<(), GatewayError> {
+        self.counters
+            .device_creations
+            .fetch_add(1, Ordering::Relaxed);
+        let mut url = self.endpoint(&format!(
+            "/_matrix/client/v3/devices/{}",
+            utf8_percent_encode_segment(device_id)
+        ));
+        url.query_pairs_mut().append_pair("user_id", user_id);
+        let resp = self
+            .http
+            .put(url)
+            .bearer_auth(self.as_bearer()?)
+            .json(&json!({"display_name": "OIDC session"}))
+            .send()
+            .await
+            .map_err(|e| unreachable(&e))?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        let status = resp.status().as_u16();
+        let answer: Value = resp.json().await.unwrap_or(Value::Null);
+        tracing::error!(user = %user_id, status, errcode = %answer["errcode"], "appservice device creation failed");
+        Err(GatewayError::BindingUnavailable(
+            BindingFailure::DeviceCreation,
+        ))
+    }
+}
+
+fn unreachable(e: &reqwest::Error) -> GatewayError {
+    tracing::error!(error = %e, "homeserver unreachable during provisioning");
+    GatewayError::BindingUnavailable(BindingFailure::Unreachable)
+}
+
+/// The localpart of `@localpart:server`.
+pub fn localpart(user_id: &str) -> &str {
+    let rest = user_id.strip_prefix('@').unwrap_or(user_id);
+    rest.split_once(':').map_or(rest, |(lp, _)| lp)
+}
+
+/// The device used for tokens without a device scope in `appservice_login` mode: one per
+/// subject, stable across restarts.
+pub fn derived_device_id(subject: &str) -> String {
+    let digest = Sha256::digest(subject.as_bytes());
+    format!("OIDC{}", hex::encode_upper(&digest[..5]))
+}
+
+/// Percent-encodes one path segment (device IDs may hold `/`, `?`, `#`, `%`).
+pub fn utf8_percent_encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn random_secret() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn helpers() {
+        assert_eq!(localpart("@alice:example.org"), "alice");
+        assert_eq!(localpart("@a.b:example.org:8448"), "a.b");
+        let d = derived_device_id("sub-1");
+        assert_eq!(d, derived_device_id("sub-1"));
+        assert_ne!(d, derived_device_id("sub-2"));
+        assert!(d.starts_with("OIDC") && d.len() == 14);
+        assert_eq!(utf8_percent_encode_segment("A/b c%"), "A%2Fb%20c%25");
+        assert_eq!(random_secret().len(), 48);
+    }
+}

@@ -1,0 +1,101 @@
+//! upstream_response_filter / response_body_filter: the few homeserver answers the gateway
+//! changes.
+//!
+//! - A bound credential the homeserver no longer accepts (device deleted out of band): the
+//!   binding is dropped and the client gets 503 `M_UNKNOWN` with `Retry-After` instead of a 401
+//!   that would log it out; the next request provisions again. A 401 is only taken for a lost
+//!   binding after `whoami` with the same credential fails too (user-interactive-auth endpoints
+//!   answer 401 by design).
+//! - `/versions` gains the OAuth unstable features; `/capabilities` disables password, 3PID and
+//!   login-token changes. Both bodies are small JSON and are collected before rewriting.
+
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::Result;
+use serde_json::Value;
+
+use super::classify::Special;
+use super::ctx::{BodyEdit, Ctx};
+use super::{discovery, respond, Gateway};
+use crate::binding::Credential;
+use crate::error::{BindingFailure, GatewayError};
+
+/// Asks for an uncompressed body where the gateway rewrites it.
+pub fn prepare_request(req: &mut RequestHeader, ctx: &Ctx) {
+    if matches!(ctx.special, Special::Versions | Special::Capabilities) {
+        while req.remove_header(&http::header::ACCEPT_ENCODING).is_some() {}
+    }
+}
+
+/// Inspects the homeserver's response header.
+pub async fn response_header(gw: &Gateway, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+    let status = resp.status.as_u16();
+    if let Some(bound) = &ctx.bound {
+        let suspicious = match bound.credential {
+            Credential::DeviceToken(_) => status == 401,
+            Credential::Masquerade => matches!(status, 400 | 401),
+            Credential::None => false,
+        };
+        if suspicious && !gw.binder.still_valid(bound).await {
+            tracing::warn!(
+                user = %bound.user_id,
+                device = bound.device_id.as_deref().unwrap_or(""),
+                "the homeserver no longer accepts this binding; it is provisioned again on the next request"
+            );
+            gw.binder
+                .drop_binding(&bound.user_id, bound.device_id.as_deref())
+                .await;
+            let err = GatewayError::BindingUnavailable(BindingFailure::Lost);
+            let settings = gw.error_settings();
+            let body = Bytes::from(
+                serde_json::to_vec(&respond::error_body(&err, &settings)).unwrap_or_default(),
+            );
+            let mut fresh = ResponseHeader::build(503, Some(8))?;
+            fresh.insert_header("Content-Type", "application/json")?;
+            fresh.insert_header("Content-Length", body.len().to_string())?;
+            fresh.insert_header("Retry-After", settings.retry_after_secs.to_string())?;
+            fresh.insert_header("Cache-Control", "no-store")?;
+            for (k, v) in respond::CORS_HEADERS {
+                fresh.insert_header(k, v)?;
+            }
+            *resp = fresh;
+            ctx.body = BodyEdit::Replace(body);
+            ctx.rejection = Some(err);
+            return Ok(());
+        }
+    }
+    if status == 200 && matches!(ctx.special, Special::Versions | Special::Capabilities) {
+        resp.remove_header(&http::header::CONTENT_LENGTH);
+        ctx.body = BodyEdit::Rewrite(ctx.special, Vec::new());
+    }
+    Ok(())
+}
+
+/// Applies the body edit decided in [`response_header`].
+pub fn response_body(body: &mut Option<Bytes>, end_of_stream: bool, ctx: &mut Ctx) {
+    match &mut ctx.body {
+        BodyEdit::None => {}
+        BodyEdit::Replace(replacement) => {
+            *body = end_of_stream.then(|| replacement.clone());
+        }
+        BodyEdit::Rewrite(special, buf) => {
+            if let Some(chunk) = body.take() {
+                buf.extend_from_slice(&chunk);
+            }
+            if end_of_stream {
+                let out = match serde_json::from_slice::<Value>(buf) {
+                    Ok(mut v) => {
+                        match special {
+                            Special::Versions => discovery::rewrite_versions(&mut v),
+                            Special::Capabilities => discovery::rewrite_capabilities(&mut v),
+                            _ => {}
+                        }
+                        serde_json::to_vec(&v).unwrap_or_else(|_| buf.clone())
+                    }
+                    Err(_) => std::mem::take(buf),
+                };
+                *body = Some(Bytes::from(out));
+            }
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Persistent gateway state behind the [`Store`] trait: upstream bindings per (user, device),
+//! registered users, and the `sub` → user-ID pins. The embedded SQLite store ([`sqlite`]) is the
+//! default; a shared backend (Redis) implements the same trait.
+//!
+//! The request path never calls a store directly: `binding::Binder` keeps hot entries in memory
+//! and only reads the store on a miss.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+/// A device the gateway provisioned upstream.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    /// The upstream access token (appservice_login); `None` when the device was created through
+    /// the appservice API (appservice_masquerade).
+    pub upstream_token: Option<String>,
+}
+
+impl std::fmt::Debug for DeviceRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceRecord")
+            .field(
+                "upstream_token",
+                &self.upstream_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// The result of pinning a subject to a user ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pin {
+    /// First sighting: `sub` now owns the user ID.
+    New,
+    /// `sub` already owns it.
+    Matches,
+    /// Another subject owns it.
+    Conflict {
+        /// The subject that owns the user ID.
+        owner: String,
+    },
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+#[error("state store: {0}")]
+pub struct StoreError(pub String);
+
+/// Persistent state.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The provisioned device, if any.
+    async fn device(
+        &self,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<Option<DeviceRecord>, StoreError>;
+    /// Records (or replaces) a provisioned device.
+    async fn put_device(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        record: &DeviceRecord,
+    ) -> Result<(), StoreError>;
+    /// Forgets a device.
+    async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<(), StoreError>;
+    /// Device IDs provisioned for a user.
+    async fn devices_of(&self, user_id: &str) -> Result<Vec<String>, StoreError>;
+    /// Whether the user was registered upstream.
+    async fn user_registered(&self, user_id: &str) -> Result<bool, StoreError>;
+    /// Records that the user exists upstream.
+    async fn mark_user_registered(&self, user_id: &str) -> Result<(), StoreError>;
+    /// Pins `sub` to `user_id` on first sight; reports a conflict otherwise.
+    async fn pin_subject(&self, user_id: &str, sub: &str) -> Result<Pin, StoreError>;
+    /// Moves the pin of `user_id` to `sub` (operator action).
+    async fn repin_subject(&self, user_id: &str, sub: &str) -> Result<(), StoreError>;
+    /// Lets `user_id` replace their cross-signing keys once before `until_ms` (Unix ms).
+    async fn approve_cross_signing_reset(
+        &self,
+        user_id: &str,
+        until_ms: u64,
+    ) -> Result<(), StoreError>;
+    /// Consumes an unexpired approval; `true` when there was one.
+    async fn take_cross_signing_reset(
+        &self,
+        user_id: &str,
+        now_ms: u64,
+    ) -> Result<bool, StoreError>;
+}

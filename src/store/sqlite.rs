@@ -1,0 +1,346 @@
+//! The embedded store: one SQLite file (mode 0600, WAL), accessed on the blocking thread pool.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{DeviceRecord, Pin, Store, StoreError};
+
+/// SQLite-backed [`Store`].
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS devices (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    upstream_token TEXT,
+    created_at INTEGER NOT NULL DEFAULT (strftime('%s','now')),
+    PRIMARY KEY (user_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS cross_signing_resets (
+    user_id TEXT PRIMARY KEY,
+    until_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS users (
+    user_id TEXT PRIMARY KEY,
+    subject TEXT,
+    registered INTEGER NOT NULL DEFAULT 0,
+    pinned_at INTEGER
+);
+";
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, readable by the owner only.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
+            }
+        }
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
+        restrict_permissions(path)?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
+            .and_then(|_| conn.execute_batch(SCHEMA))
+            .map_err(|e| StoreError(e.to_string()))?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let guard = conn
+                .lock()
+                .map_err(|_| StoreError("store lock poisoned".into()))?;
+            f(&guard).map_err(|e| StoreError(e.to_string()))
+        })
+        .await
+        .map_err(|e| StoreError(e.to_string()))?
+    }
+}
+
+#[cfg(unix)]
+fn restrict_permissions(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| StoreError(format!("cannot chmod {}: {e}", path.display())))
+}
+
+#[cfg(not(unix))]
+fn restrict_permissions(_path: &Path) -> Result<(), StoreError> {
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn device(
+        &self,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        let (u, d) = (user_id.to_owned(), device_id.to_owned());
+        self.run(move |c| {
+            c.query_row(
+                "SELECT upstream_token FROM devices WHERE user_id = ?1 AND device_id = ?2",
+                params![u, d],
+                |r| {
+                    Ok(DeviceRecord {
+                        upstream_token: r.get(0)?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn put_device(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        record: &DeviceRecord,
+    ) -> Result<(), StoreError> {
+        let (u, d, t) = (
+            user_id.to_owned(),
+            device_id.to_owned(),
+            record.upstream_token.clone(),
+        );
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO devices (user_id, device_id, upstream_token) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (user_id, device_id) DO UPDATE SET upstream_token = excluded.upstream_token",
+                params![u, d, t],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<(), StoreError> {
+        let (u, d) = (user_id.to_owned(), device_id.to_owned());
+        self.run(move |c| {
+            c.execute(
+                "DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2",
+                params![u, d],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn devices_of(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
+        let u = user_id.to_owned();
+        self.run(move |c| {
+            let mut stmt =
+                c.prepare("SELECT device_id FROM devices WHERE user_id = ?1 ORDER BY device_id")?;
+            let rows = stmt.query_map(params![u], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn user_registered(&self, user_id: &str) -> Result<bool, StoreError> {
+        let u = user_id.to_owned();
+        self.run(move |c| {
+            c.query_row(
+                "SELECT registered FROM users WHERE user_id = ?1",
+                params![u],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|v| v == Some(1))
+        })
+        .await
+    }
+
+    async fn mark_user_registered(&self, user_id: &str) -> Result<(), StoreError> {
+        let u = user_id.to_owned();
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO users (user_id, registered) VALUES (?1, 1)
+                 ON CONFLICT (user_id) DO UPDATE SET registered = 1",
+                params![u],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn pin_subject(&self, user_id: &str, sub: &str) -> Result<Pin, StoreError> {
+        let (u, s) = (user_id.to_owned(), sub.to_owned());
+        self.run(move |c| {
+            let existing: Option<Option<String>> = c
+                .query_row("SELECT subject FROM users WHERE user_id = ?1", params![u], |r| r.get(0))
+                .optional()?;
+            match existing.flatten() {
+                Some(owner) if owner == s => Ok(Pin::Matches),
+                Some(owner) => Ok(Pin::Conflict { owner }),
+                None => {
+                    c.execute(
+                        "INSERT INTO users (user_id, subject, pinned_at) VALUES (?1, ?2, strftime('%s','now'))
+                         ON CONFLICT (user_id) DO UPDATE SET subject = excluded.subject,
+                             pinned_at = excluded.pinned_at
+                         WHERE users.subject IS NULL",
+                        params![u, s],
+                    )?;
+                    Ok(Pin::New)
+                }
+            }
+        })
+        .await
+    }
+
+    async fn approve_cross_signing_reset(
+        &self,
+        user_id: &str,
+        until_ms: u64,
+    ) -> Result<(), StoreError> {
+        let u = user_id.to_owned();
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO cross_signing_resets (user_id, until_ms) VALUES (?1, ?2)
+                 ON CONFLICT (user_id) DO UPDATE SET until_ms = excluded.until_ms",
+                params![u, until_ms as i64],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn take_cross_signing_reset(
+        &self,
+        user_id: &str,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let u = user_id.to_owned();
+        self.run(move |c| {
+            let until: Option<i64> = c
+                .query_row(
+                    "DELETE FROM cross_signing_resets WHERE user_id = ?1 RETURNING until_ms",
+                    params![u],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(until.is_some_and(|t| t as u64 > now_ms))
+        })
+        .await
+    }
+
+    async fn repin_subject(&self, user_id: &str, sub: &str) -> Result<(), StoreError> {
+        let (u, s) = (user_id.to_owned(), sub.to_owned());
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO users (user_id, subject, pinned_at) VALUES (?1, ?2, strftime('%s','now'))
+                 ON CONFLICT (user_id) DO UPDATE SET subject = excluded.subject, pinned_at = excluded.pinned_at",
+                params![u, s],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod approval_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn approvals_are_single_use_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        assert!(!s.take_cross_signing_reset("@a:x", 1_000).await.unwrap());
+        s.approve_cross_signing_reset("@a:x", 2_000).await.unwrap();
+        assert!(s.take_cross_signing_reset("@a:x", 1_000).await.unwrap());
+        assert!(!s.take_cross_signing_reset("@a:x", 1_000).await.unwrap());
+        s.approve_cross_signing_reset("@a:x", 2_000).await.unwrap();
+        assert!(!s.take_cross_signing_reset("@a:x", 3_000).await.unwrap());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn state_survives_reopening_and_the_file_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/state.sqlite3");
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.put_device(
+                "@a:x",
+                "D1",
+                &DeviceRecord {
+                    upstream_token: Some("tok".into()),
+                },
+            )
+            .await
+            .unwrap();
+            s.put_device(
+                "@a:x",
+                "D2",
+                &DeviceRecord {
+                    upstream_token: None,
+                },
+            )
+            .await
+            .unwrap();
+            s.mark_user_registered("@a:x").await.unwrap();
+            assert_eq!(s.pin_subject("@a:x", "sub-a").await.unwrap(), Pin::New);
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            s.device("@a:x", "D1").await.unwrap(),
+            Some(DeviceRecord {
+                upstream_token: Some("tok".into())
+            })
+        );
+        assert_eq!(s.devices_of("@a:x").await.unwrap(), vec!["D1", "D2"]);
+        assert!(s.user_registered("@a:x").await.unwrap());
+        assert!(!s.user_registered("@b:x").await.unwrap());
+        assert_eq!(s.pin_subject("@a:x", "sub-a").await.unwrap(), Pin::Matches);
+        assert_eq!(
+            s.pin_subject("@a:x", "sub-b").await.unwrap(),
+            Pin::Conflict {
+                owner: "sub-a".into()
+            }
+        );
+        s.repin_subject("@a:x", "sub-b").await.unwrap();
+        assert_eq!(s.pin_subject("@a:x", "sub-b").await.unwrap(), Pin::Matches);
+        s.delete_device("@a:x", "D1").await.unwrap();
+        assert_eq!(s.device("@a:x", "D1").await.unwrap(), None);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+    }
+
+    #[tokio::test]
+    async fn registration_flag_and_pin_share_a_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        s.mark_user_registered("@a:x").await.unwrap();
+        assert_eq!(s.pin_subject("@a:x", "sub").await.unwrap(), Pin::New);
+        assert!(s.user_registered("@a:x").await.unwrap());
+        assert_eq!(
+            s.pin_subject("@a:x", "other").await.unwrap(),
+            Pin::Conflict {
+                owner: "sub".into()
+            }
+        );
+    }
+}
