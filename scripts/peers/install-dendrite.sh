@@ -5,7 +5,7 @@ set -euo pipefail
 VERSION=${DENDRITE_VERSION:-v0.13.8}
 PEER_CACHE=${PEER_CACHE:-/var/cache/matrix-oidc-gateway}
 dest="$PEER_CACHE/dendrite-$VERSION/bin"
-if [ -x "$dest/dendrite" ] && [ -x "$dest/generate-keys" ]; then
+if [ -x "$dest/dendrite" ] && [ -x "$dest/generate-keys" ] && [ -x "$dest/generate-config" ]; then
   echo "dendrite $VERSION: cached in $dest"
   exit 0
 fi
@@ -15,5 +15,6 @@ echo "dendrite $VERSION: building with $(go version | cut -d' ' -f3) (cgo for sq
 start=$(date +%s)
 CGO_ENABLED=1 GOBIN="$dest" GOFLAGS=-mod=mod go install \
   "github.com/matrix-org/dendrite/cmd/dendrite@$VERSION" \
-  "github.com/matrix-org/dendrite/cmd/generate-keys@$VERSION"
+  "github.com/matrix-org/dendrite/cmd/generate-keys@$VERSION" \
+  "github.com/matrix-org/dendrite/cmd/generate-config@$VERSION"
 echo "dendrite $VERSION: built in $(( $(date +%s) - start )) s into $dest"

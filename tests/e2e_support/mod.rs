@@ -3,6 +3,8 @@
 //! it, never a skip.
 #![allow(dead_code)]
 
+pub mod homeserver;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -161,8 +163,10 @@ impl GatewayProcess {
         let port = free_port();
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = dir.path().join("gateway.toml");
-        std::fs::write(&cfg, toml_template.replace("{port}", &port.to_string()))
-            .expect("write config");
+        let text = toml_template
+            .replace("{port}", &port.to_string())
+            .replace("{state_dir}", &dir.path().display().to_string());
+        std::fs::write(&cfg, text).expect("write config");
         let log = dir.path().join("gateway.log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_matrix-oidc-gateway"))
             .arg("--config")
@@ -194,10 +198,49 @@ impl GatewayProcess {
     pub fn log_path(&self) -> &Path {
         &self.log
     }
+
+    /// Stops the process (state on disk is kept for a restart with [`GatewayProcess::restart`]).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the binary again with the same configuration, state directory and port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let port: u16 = self
+            .base
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        let cfg = self._dir.path().join("gateway.toml");
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_matrix-oidc-gateway"))
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("gateway binary");
+        wait_for_port(port, "the gateway", &mut child);
+        self.child = child;
+    }
 }
 
 impl Drop for GatewayProcess {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(40).collect();
+            eprintln!("--- gateway log (last 40 lines) ---");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

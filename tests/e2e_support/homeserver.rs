@@ -1,0 +1,295 @@
+//! Real homeservers for the end-to-end suites, on loopback with sqlite: Synapse (PyPI, in the
+//! venv `scripts/peers/install-synapse.sh` caches) and Dendrite (built from the Go module proxy
+//! by `scripts/peers/install-dendrite.sh`). Each registers the gateway as an application service
+//! with an exclusive namespace over every local user.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use super::{free_port, wait_for_port};
+
+/// The AS token the homeservers accept from the gateway.
+pub const AS_TOKEN: &str = "e2e-as-token-not-a-secret-0123456789";
+
+/// Which homeserver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HsKind {
+    /// Synapse.
+    Synapse,
+    /// Dendrite.
+    Dendrite,
+}
+
+impl HsKind {
+    /// The `homeserver.kind` config value.
+    pub fn config_name(self) -> &'static str {
+        match self {
+            HsKind::Synapse => "synapse",
+            HsKind::Dendrite => "dendrite",
+        }
+    }
+}
+
+/// A running homeserver.
+pub struct Homeserver {
+    /// Which one.
+    pub kind: HsKind,
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn peer_cache() -> PathBuf {
+    std::env::var_os("PEER_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/matrix-oidc-gateway"))
+}
+
+fn appservice_yaml() -> String {
+    format!(
+        "id: matrix-oidc-gateway\nurl: null\nas_token: {AS_TOKEN}\nhs_token: e2e-hs-token-unused\n\
+         sender_localpart: oidc-gateway\nrate_limited: false\nnamespaces:\n  users:\n    - exclusive: true\n      \
+         regex: '@.*:localhost'\n  aliases: []\n  rooms: []\n"
+    )
+}
+
+impl Homeserver {
+    /// Starts a fresh homeserver of `kind`.
+    pub fn start(kind: HsKind) -> Homeserver {
+        match kind {
+            HsKind::Synapse => Self::synapse(),
+            HsKind::Dendrite => Self::dendrite(),
+        }
+    }
+
+    fn synapse() -> Homeserver {
+        let python = peer_cache().join("synapse-venv/bin/python");
+        assert!(
+            python.exists(),
+            "Synapse is not installed at {}: run scripts/peers/install-synapse.sh (scripts/test.sh does)",
+            python.display()
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let port = free_port();
+        let log = d.join("homeserver.log");
+        std::fs::write(d.join("appservice.yaml"), appservice_yaml()).unwrap();
+        std::fs::write(
+            d.join("log.yaml"),
+            format!(
+                "version: 1\nformatters:\n  precise:\n    format: '%(asctime)s - %(name)s - %(levelname)s - %(message)s'\n\
+                 handlers:\n  file:\n    class: logging.FileHandler\n    filename: {}\n    formatter: precise\n\
+                 root:\n  level: INFO\n  handlers: [file]\ndisable_existing_loggers: false\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        let limits = "{per_second: 10000, burst_count: 10000}";
+        let config = format!(
+            r#"server_name: localhost
+pid_file: {d}/homeserver.pid
+listeners:
+  - port: {port}
+    bind_addresses: ['127.0.0.1']
+    type: http
+    tls: false
+    x_forwarded: true
+    resources:
+      - names: [client]
+        compress: false
+database:
+  name: sqlite3
+  args:
+    database: {d}/homeserver.db
+media_store_path: {d}/media
+signing_key_path: {d}/signing.key
+log_config: {d}/log.yaml
+report_stats: false
+enable_registration: false
+password_config:
+  enabled: false
+trusted_key_servers: []
+suppress_key_server_warning: true
+macaroon_secret_key: e2e-macaroon-secret
+form_secret: e2e-form-secret
+app_service_config_files: [{d}/appservice.yaml]
+rc_message: {limits}
+rc_registration: {limits}
+rc_login:
+  address: {limits}
+  account: {limits}
+  failed_attempts: {limits}
+rc_joins:
+  local: {limits}
+  remote: {limits}
+rc_invites:
+  per_room: {limits}
+  per_user: {limits}
+  per_issuer: {limits}
+rc_key_requests: {limits}
+rc_3pid_validation: {limits}
+rc_admin_redaction: {limits}
+rc_room_creation: {limits}
+rc_presence:
+  per_user: {limits}
+"#,
+            d = d.display()
+        );
+        let cfg = d.join("homeserver.yaml");
+        std::fs::write(&cfg, config).unwrap();
+        let keys = Command::new(&python)
+            .args(["-m", "synapse.app.homeserver", "-c"])
+            .arg(&cfg)
+            .arg("--generate-keys")
+            .output()
+            .expect("synapse --generate-keys");
+        assert!(
+            keys.status.success(),
+            "synapse --generate-keys: {}",
+            String::from_utf8_lossy(&keys.stderr)
+        );
+        let mut child = Command::new(&python)
+            .args(["-m", "synapse.app.homeserver", "-c"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("stderr.log")).unwrap())
+            .spawn()
+            .expect("start synapse");
+        wait_for_port(port, "Synapse", &mut child);
+        Homeserver {
+            kind: HsKind::Synapse,
+            url: format!("http://127.0.0.1:{port}"),
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn dendrite() -> Homeserver {
+        let bin = peer_cache().join("dendrite-v0.13.8/bin");
+        assert!(
+            bin.join("dendrite").exists(),
+            "Dendrite is not built at {}: run scripts/peers/install-dendrite.sh (scripts/test.sh does)",
+            bin.display()
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let port = free_port();
+        let log = d.join("dendrite.log");
+        std::fs::write(d.join("appservice.yaml"), appservice_yaml()).unwrap();
+        let keys = Command::new(bin.join("generate-keys"))
+            .arg("--private-key")
+            .arg(d.join("matrix_key.pem"))
+            .output()
+            .expect("generate-keys");
+        assert!(keys.status.success(), "generate-keys failed");
+        let generated = Command::new(bin.join("generate-config"))
+            .args(["-ci", "-server", "localhost", "-dir"])
+            .arg(d)
+            .output()
+            .expect("generate-config");
+        assert!(generated.status.success(), "generate-config failed");
+        let config = patch_dendrite_config(&String::from_utf8_lossy(&generated.stdout), d);
+        let cfg = d.join("dendrite.yaml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut child = Command::new(bin.join("dendrite"))
+            .arg("-config")
+            .arg(&cfg)
+            .args(["-http-bind-address", &format!("127.0.0.1:{port}")])
+            .current_dir(d)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start dendrite");
+        wait_for_port(port, "Dendrite", &mut child);
+        Homeserver {
+            kind: HsKind::Dendrite,
+            url: format!("http://127.0.0.1:{port}"),
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// The homeserver's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many `method path` requests the homeserver processed (from its request log);
+    /// `path` is matched as a prefix of the logged target.
+    pub fn requests(&self, method: &str, path: &str) -> usize {
+        let log = self.log();
+        match self.kind {
+            HsKind::Synapse => log.matches(&format!("\"{method} {path}")).count(),
+            HsKind::Dendrite => {
+                let mut ids = std::collections::BTreeSet::new();
+                for line in log.lines() {
+                    if line.contains(&format!("req.method={method} "))
+                        && line.contains(&format!("req.path={path}"))
+                    {
+                        if let Some(id) = line
+                            .split("req.id=")
+                            .nth(1)
+                            .and_then(|s| s.split_whitespace().next())
+                        {
+                            ids.insert(id.to_owned());
+                        }
+                    }
+                }
+                ids.len()
+            }
+        }
+    }
+}
+
+/// Applies the settings the suite needs to the configuration `generate-config -ci` printed:
+/// the appservice, no open or guest registration, an absolute key path, quieter logs.
+fn patch_dendrite_config(generated: &str, dir: &Path) -> String {
+    let d = dir.display();
+    let replacements = [
+        (
+            "  config_files: []",
+            format!("  config_files: [{d}/appservice.yaml]"),
+        ),
+        (
+            "  registration_disabled: false",
+            "  registration_disabled: true".to_owned(),
+        ),
+        (
+            "  guests_disabled: false",
+            "  guests_disabled: true".to_owned(),
+        ),
+        (
+            "  private_key: matrix_key.pem",
+            format!("  private_key: {d}/matrix_key.pem"),
+        ),
+        ("  level: trace", "  level: info".to_owned()),
+    ];
+    let mut out = generated.to_owned();
+    for (from, to) in replacements {
+        assert!(
+            out.contains(from),
+            "Dendrite's generated config changed: no {from:?}"
+        );
+        out = out.replacen(from, &to, 1);
+    }
+    out
+}
+
+impl Drop for Homeserver {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let logs = self.log();
+            let tail: Vec<&str> = logs.lines().rev().take(30).collect();
+            eprintln!("--- {:?} log (last 30 lines) ---", self.kind);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
