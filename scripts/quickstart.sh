@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# Quickstart: a real OpenID Provider (oidc-provider), an upstream, and the gateway, all on
-# loopback; mints a real token through the authorization-code + PKCE flow and sends a request
-# through the gateway.
+# Quickstart: a real OpenID Provider (oidc-provider), a real homeserver (Dendrite, which has no
+# OIDC support of its own) and the gateway in front of it, all on loopback. Mints a token for
+# alice through the authorization-code + PKCE flow and makes Matrix requests through the gateway.
 #
 #   scripts/quickstart.sh          # keeps everything running until Ctrl-C
-#   scripts/quickstart.sh --once   # shows the request, then stops everything
+#   scripts/quickstart.sh --once   # shows the requests, then stops everything
 set -euo pipefail
 cd "$(dirname "$0")/.."
 once=false
 [ "${1:-}" = "--once" ] && once=true
 
 OP_PORT=${OP_PORT:-9400}
-UP_PORT=${UP_PORT:-9401}
+HS_PORT=${HS_PORT:-9401}
 GW_PORT=${GW_PORT:-8008}
+PEER_CACHE=${PEER_CACHE:-/var/cache/matrix-oidc-gateway}
+export PEER_CACHE
 work=.e2e/quickstart
-mkdir -p "$work"
+rm -rf "$work"
+mkdir -p "$work/dendrite"
 
 scripts/setup.sh
+scripts/peers/install-dendrite.sh
 echo "== building the gateway (release)"
 cargo build --release --quiet
 
@@ -25,7 +29,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT INT TERM
 
 wait_port() {
-  for _ in $(seq 1 200); do
+  for _ in $(seq 1 300); do
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
     sleep 0.1
   done
@@ -33,25 +37,34 @@ wait_port() {
   exit 1
 }
 
-echo "== starting the OpenID Provider on :$OP_PORT"
+as_token=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+echo "== starting the OpenID Provider (oidc-provider) on :$OP_PORT"
 (cd tests/e2e/op && exec node op.mjs --port "$OP_PORT") >"$work/op.log" 2>&1 &
 pids+=($!)
-echo "== starting the upstream (header echo) on :$UP_PORT"
-python3 scripts/dev/echo_upstream.py "$UP_PORT" >"$work/upstream.log" 2>&1 &
+echo "== starting Dendrite on :$HS_PORT (the gateway is registered as its application service)"
+scripts/peers/dendrite-config.sh "$work/dendrite" "$as_token" >/dev/null
+(cd "$work/dendrite" && exec "$PEER_CACHE/dendrite-v0.13.8/bin/dendrite" -config dendrite.yaml \
+  -http-bind-address "127.0.0.1:$HS_PORT") >"$work/dendrite.log" 2>&1 &
 pids+=($!)
 wait_port "$OP_PORT" "OP"
-wait_port "$UP_PORT" "upstream"
+wait_port "$HS_PORT" "Dendrite"
 
 cat >"$work/gateway.toml" <<TOML
 [listen]
 public = "127.0.0.1:$GW_PORT"
 
 [homeserver]
-url = "http://127.0.0.1:$UP_PORT"
+url = "http://127.0.0.1:$HS_PORT"
 server_name = "localhost"
+kind = "dendrite"
+binding = "appservice_login"
+as_token = "$as_token"
 
 [store]
 path = "$PWD/$work/state.sqlite3"
+
+[discovery]
+public_base_url = "http://127.0.0.1:$GW_PORT"
 
 [[issuers]]
 issuer = "http://127.0.0.1:$OP_PORT"
@@ -68,13 +81,24 @@ token=$(cd tests/e2e/op && node mint.mjs --issuer "http://127.0.0.1:$OP_PORT" --
   --scope "urn:matrix:client:api:* urn:matrix:client:device:QUICKSTART" |
   node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>console.log(JSON.parse(s).access_token))')
 
-echo
-echo "\$ curl -s -H 'Authorization: Bearer <token>' http://127.0.0.1:$GW_PORT/_matrix/client/v3/account/whoami"
-curl -sS -H "Authorization: Bearer $token" "http://127.0.0.1:$GW_PORT/_matrix/client/v3/account/whoami"
-echo
-echo "\$ curl -s http://127.0.0.1:$GW_PORT/_matrix/client/v3/account/whoami    # no token"
-curl -sS "http://127.0.0.1:$GW_PORT/_matrix/client/v3/account/whoami"
-echo
+show() {
+  echo
+  echo "\$ $1"
+  shift
+  curl -sS "$@"
+  echo
+}
+show "curl -H 'Authorization: Bearer <alice>' http://127.0.0.1:$GW_PORT/_matrix/client/v3/account/whoami" \
+  -H "Authorization: Bearer $token" "http://127.0.0.1:$GW_PORT/_matrix/client/v3/account/whoami"
+show "curl -X POST -H 'Authorization: Bearer <alice>' http://127.0.0.1:$GW_PORT/_matrix/client/v3/createRoom -d '{\"name\":\"quickstart\"}'" \
+  -X POST -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
+  -d '{"name":"quickstart"}' "http://127.0.0.1:$GW_PORT/_matrix/client/v3/createRoom"
+show "curl http://127.0.0.1:$GW_PORT/_matrix/client/v3/account/whoami    # no token" \
+  "http://127.0.0.1:$GW_PORT/_matrix/client/v3/account/whoami"
+show "curl -X POST http://127.0.0.1:$GW_PORT/_matrix/client/v3/login    # password login belongs to the OP now" \
+  -X POST -d '{}' "http://127.0.0.1:$GW_PORT/_matrix/client/v3/login"
+show "curl http://127.0.0.1:$GW_PORT/_matrix/client/v1/auth_metadata    # where clients find the OP" \
+  "http://127.0.0.1:$GW_PORT/_matrix/client/v1/auth_metadata" -o /dev/null -w "HTTP %{http_code}\n"
 echo
 if $once; then
   echo "quickstart: OK"

@@ -20,6 +20,7 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null || { echo "setup: Rust (cargo) is required" >&2; exit 1; }
+command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || { echo "setup: Go is required (to build Dendrite)" >&2; exit 1; }
 command -v node >/dev/null || { echo "setup: Node.js 20+ is required" >&2; exit 1; }
 node_major=$(node -p 'process.versions.node.split(".")[0]')
 [ "$node_major" -ge 20 ] || { echo "setup: Node.js 20+ is required (found $(node --version))" >&2; exit 1; }

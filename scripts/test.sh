@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 
 scripts/setup.sh
+# Real homeservers for the end-to-end suites, cached outside the clone ($PEER_CACHE).
+scripts/peers/install-synapse.sh
+scripts/peers/install-dendrite.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

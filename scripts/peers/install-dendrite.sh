@@ -9,6 +9,7 @@ if [ -x "$dest/dendrite" ] && [ -x "$dest/generate-keys" ] && [ -x "$dest/genera
   echo "dendrite $VERSION: cached in $dest"
   exit 0
 fi
+[ -x /usr/local/go/bin/go ] && PATH="$PATH:/usr/local/go/bin"
 command -v go >/dev/null || { echo "install-dendrite: Go is required" >&2; exit 1; }
 mkdir -p "$dest"
 echo "dendrite $VERSION: building with $(go version | cut -d' ' -f3) (cgo for sqlite)"
