@@ -87,6 +87,11 @@ impl Fakes {
 
     /// A configuration pointing at the fakes; `extra` is appended verbatim (TOML).
     pub fn config(&self, extra: &str) -> String {
+        self.config_hs("", extra)
+    }
+
+    /// Like [`Fakes::config`], with `hs_extra` added to the `[homeserver]` table.
+    pub fn config_hs(&self, hs_extra: &str, extra: &str) -> String {
         format!(
             r#"
 [listen]
@@ -95,6 +100,7 @@ public = "127.0.0.1:{port}"
 [homeserver]
 url = "{hs}"
 server_name = "example.org"
+{hs_extra}
 
 [store]
 path = "{state}/state.sqlite3"
