@@ -16,4 +16,9 @@ pub struct Cli {
     /// Validate the configuration, print every problem, and exit (non-zero when invalid).
     #[arg(long)]
     pub check_config: bool,
+
+    /// Print the application-service registration (YAML) to install on the homeserver for the
+    /// configured AS token and server name, and exit.
+    #[arg(long)]
+    pub appservice_registration: bool,
 }

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use matrix_oidc_gateway::{cli::Cli, clock::SystemClock, config, logging, server};
+use matrix_oidc_gateway::{binding, cli::Cli, clock::SystemClock, config, logging, server};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -19,6 +19,20 @@ fn main() -> ExitCode {
     if cli.check_config {
         println!("configuration OK");
         return ExitCode::SUCCESS;
+    }
+    if cli.appservice_registration {
+        return match binding::registration::registration_yaml(&loaded.config) {
+            Some(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!(
+                    "homeserver.as_token is not set: the `headers` binding needs no appservice"
+                );
+                ExitCode::from(2)
+            }
+        };
     }
     logging::init(&loaded.config.log);
     match server::build(loaded.config, Arc::new(SystemClock)) {

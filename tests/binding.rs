@@ -23,8 +23,12 @@ async fn mount_register(hs: &MockServer, times: u64) {
     Mock::given(method("POST"))
         .and(path("/_matrix/client/v3/register"))
         .and(header("authorization", format!("Bearer {AS}").as_str()))
-        .and(body_partial_json(json!({"type": "m.login.application_service", "inhibit_login": true})))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"user_id": "@x:example.org"})))
+        .and(body_partial_json(
+            json!({"type": "m.login.application_service", "inhibit_login": true}),
+        ))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"user_id": "@x:example.org"})),
+        )
         .with_priority(1)
         .expect(times)
         .mount(hs)
@@ -35,7 +39,9 @@ async fn mount_login(hs: &MockServer, device: &str, upstream_token: &str, times:
     Mock::given(method("POST"))
         .and(path("/_matrix/client/v3/login"))
         .and(header("authorization", format!("Bearer {AS}").as_str()))
-        .and(body_partial_json(json!({"type": "m.login.application_service", "device_id": device})))
+        .and(body_partial_json(
+            json!({"type": "m.login.application_service", "device_id": device}),
+        ))
         .respond_with(
             ResponseTemplate::new(200)
                 .set_body_json(json!({"access_token": upstream_token, "device_id": device}))
@@ -48,13 +54,19 @@ async fn mount_login(hs: &MockServer, device: &str, upstream_token: &str, times:
 }
 
 async fn get(gw: &TestGateway, p: &str, token: &str) -> reqwest::Response {
-    client().get(gw.url(p)).bearer_auth(token).send().await.unwrap()
+    client()
+        .get(gw.url(p))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
 async fn appservice_login_provisions_once_and_sends_the_device_token() {
     let f = Fakes::start().await;
-    f.introspection("t", active("alice", &full_scope("ALICEDEV01")), 1).await;
+    f.introspection("t", active("alice", &full_scope("ALICEDEV01")), 1)
+        .await;
     mount_register(&f.hs, 1).await;
     mount_login(&f.hs, "ALICEDEV01", "upstream-device-token", 1).await;
     let gw = spawn(&f.config_hs(&hs_cfg("dendrite", "appservice_login"), "")).await;
@@ -63,24 +75,43 @@ async fn appservice_login_provisions_once_and_sends_the_device_token() {
     for _ in 0..50 {
         let url = gw.url(&format!("{SYNC}?user_id=%40bob%3Aexample.org&ts=1"));
         tasks.push(tokio::spawn(async move {
-            reqwest::Client::new().get(url).bearer_auth("t").send().await.unwrap().json::<Value>().await.unwrap()
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth("t")
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
         }));
     }
     for t in tasks {
         let echo = t.await.unwrap();
-        assert_eq!(echo["headers"]["authorization"], json!(["Bearer upstream-device-token"]));
-        assert_eq!(echo["query"], Value::Null, "client appservice parameters forwarded: {echo}");
+        assert_eq!(
+            echo["headers"]["authorization"],
+            json!(["Bearer upstream-device-token"])
+        );
+        assert_eq!(
+            echo["query"],
+            Value::Null,
+            "client appservice parameters forwarded: {echo}"
+        );
     }
 }
 
 #[tokio::test]
 async fn conduit_registrations_carry_a_password_and_user_in_use_is_fine() {
     let f = Fakes::start().await;
-    f.introspection("t", active("alice", &full_scope("D1")), 1).await;
+    f.introspection("t", active("alice", &full_scope("D1")), 1)
+        .await;
     Mock::given(method("POST"))
         .and(path("/_matrix/client/v3/register"))
         .and(wiremock::matchers::body_string_contains("\"password\""))
-        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"errcode": "M_USER_IN_USE", "error": "taken"})))
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_json(json!({"errcode": "M_USER_IN_USE", "error": "taken"})),
+        )
         .with_priority(1)
         .expect(1)
         .mount(&f.hs)
@@ -94,7 +125,8 @@ async fn conduit_registrations_carry_a_password_and_user_in_use_is_fine() {
 #[tokio::test]
 async fn appservice_masquerade_creates_the_device_and_asserts_identity() {
     let f = Fakes::start().await;
-    f.introspection("t", active("alice", &full_scope("ALICEDEV01")), 1).await;
+    f.introspection("t", active("alice", &full_scope("ALICEDEV01")), 1)
+        .await;
     mount_register(&f.hs, 1).await;
     Mock::given(method("PUT"))
         .and(path("/_matrix/client/v3/devices/ALICEDEV01"))
@@ -107,17 +139,29 @@ async fn appservice_masquerade_creates_the_device_and_asserts_identity() {
         .await;
     let gw = spawn(&f.config_hs(&hs_cfg("synapse", "appservice_masquerade"), "")).await;
     for _ in 0..3 {
-        let r = get(&gw, &format!("{SYNC}?since=s1&user_id=%40bob%3Aexample.org&device_id=EVIL"), "t").await;
+        let r = get(
+            &gw,
+            &format!("{SYNC}?since=s1&user_id=%40bob%3Aexample.org&device_id=EVIL"),
+            "t",
+        )
+        .await;
         let echo: Value = r.json().await.unwrap();
-        assert_eq!(echo["headers"]["authorization"], json!([format!("Bearer {AS}")]));
-        assert_eq!(echo["query"], "since=s1&user_id=%40alice%3Aexample.org&device_id=ALICEDEV01");
+        assert_eq!(
+            echo["headers"]["authorization"],
+            json!([format!("Bearer {AS}")])
+        );
+        assert_eq!(
+            echo["query"],
+            "since=s1&user_id=%40alice%3Aexample.org&device_id=ALICEDEV01"
+        );
     }
 }
 
 #[tokio::test]
 async fn provisioning_failures_are_503_and_retried() {
     let f = Fakes::start().await;
-    f.introspection("t", active("alice", &full_scope("D1")), 1).await;
+    f.introspection("t", active("alice", &full_scope("D1")), 1)
+        .await;
     Mock::given(method("POST"))
         .and(path("/_matrix/client/v3/register"))
         .respond_with(ResponseTemplate::new(500))
@@ -137,12 +181,16 @@ async fn provisioning_failures_are_503_and_retried() {
 #[tokio::test]
 async fn lost_binding_is_a_503_then_provisioned_again() {
     let f = Fakes::start().await;
-    f.introspection("t", active("alice", &full_scope("D1")), 1).await;
+    f.introspection("t", active("alice", &full_scope("D1")), 1)
+        .await;
     mount_register(&f.hs, 1).await;
     // First login hands out a token the homeserver later forgets; the second a good one.
     Mock::given(method("POST"))
         .and(path("/_matrix/client/v3/login"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"access_token": "dead-token", "device_id": "D1"})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"access_token": "dead-token", "device_id": "D1"})),
+        )
         .with_priority(1)
         .up_to_n_times(1)
         .expect(1)
@@ -150,7 +198,10 @@ async fn lost_binding_is_a_503_then_provisioned_again() {
         .await;
     mount_login(&f.hs, "D1", "fresh-token", 1).await;
     Mock::given(header("authorization", "Bearer dead-token"))
-        .respond_with(ResponseTemplate::new(401).set_body_json(json!({"errcode": "M_UNKNOWN_TOKEN", "error": "gone"})))
+        .respond_with(
+            ResponseTemplate::new(401)
+                .set_body_json(json!({"errcode": "M_UNKNOWN_TOKEN", "error": "gone"})),
+        )
         .with_priority(1)
         .mount(&f.hs)
         .await;
@@ -159,13 +210,17 @@ async fn lost_binding_is_a_503_then_provisioned_again() {
     assert!(h.contains_key("retry-after"));
     assert!(body.get("soft_logout").is_none());
     let echo: Value = get(&gw, SYNC, "t").await.json().await.unwrap();
-    assert_eq!(echo["headers"]["authorization"], json!(["Bearer fresh-token"]));
+    assert_eq!(
+        echo["headers"]["authorization"],
+        json!(["Bearer fresh-token"])
+    );
 }
 
 #[tokio::test]
 async fn user_interactive_401s_pass_through() {
     let f = Fakes::start().await;
-    f.introspection("t", active("alice", &full_scope("D1")), 1).await;
+    f.introspection("t", active("alice", &full_scope("D1")), 1)
+        .await;
     mount_register(&f.hs, 1).await;
     mount_login(&f.hs, "D1", "good", 1).await;
     let uia = json!({"session": "s", "flows": [{"stages": ["m.login.password"]}], "params": {}});
@@ -192,7 +247,8 @@ async fn user_interactive_401s_pass_through() {
 #[tokio::test]
 async fn a_reassigned_username_cannot_take_over_the_account() {
     let f = Fakes::start().await;
-    f.introspection("first", active("alice", &full_scope("D1")), 1).await;
+    f.introspection("first", active("alice", &full_scope("D1")), 1)
+        .await;
     let mut other = active("alice", &full_scope("D2"));
     other["sub"] = json!("a-different-person");
     f.introspection("second", other, 1).await;
@@ -207,7 +263,8 @@ async fn a_reassigned_username_cannot_take_over_the_account() {
 #[tokio::test]
 async fn bindings_and_pins_survive_a_restart() {
     let f = Fakes::start().await;
-    f.introspection("t", active("alice", &full_scope("D1")), 2).await;
+    f.introspection("t", active("alice", &full_scope("D1")), 2)
+        .await;
     mount_register(&f.hs, 1).await;
     mount_login(&f.hs, "D1", "kept-token", 1).await;
     let cfg = f.config_hs(&hs_cfg("dendrite", "appservice_login"), "");
@@ -217,12 +274,18 @@ async fn bindings_and_pins_survive_a_restart() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let cfg2 = cfg.replace(
-        &cfg.lines().find(|l| l.starts_with("public = ")).unwrap().to_owned(),
+        &cfg.lines()
+            .find(|l| l.starts_with("public = "))
+            .unwrap()
+            .to_owned(),
         &format!("public = \"127.0.0.1:{}\"", free_port()),
     );
     let gw = spawn(&cfg2).await;
     let echo: Value = get(&gw, SYNC, "t").await.json().await.unwrap();
-    assert_eq!(echo["headers"]["authorization"], json!(["Bearer kept-token"]));
+    assert_eq!(
+        echo["headers"]["authorization"],
+        json!(["Bearer kept-token"])
+    );
 }
 
 #[tokio::test]
@@ -236,11 +299,15 @@ async fn replacing_cross_signing_keys_needs_approval_at_the_op() {
         })))
         .mount(&f.op)
         .await;
-    f.introspection("has", active("alice", &full_scope("D1")), 1).await;
-    f.introspection("new", active("bob", &full_scope("D2")), 1).await;
+    f.introspection("has", active("alice", &full_scope("D1")), 1)
+        .await;
+    f.introspection("new", active("bob", &full_scope("D2")), 1)
+        .await;
     Mock::given(method("POST"))
         .and(path("/_matrix/client/v3/keys/query"))
-        .and(wiremock::matchers::body_string_contains("@alice:example.org"))
+        .and(wiremock::matchers::body_string_contains(
+            "@alice:example.org",
+        ))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({
             "device_keys": {}, "master_keys": {"@alice:example.org": {"keys": {}}}
         })))
@@ -249,7 +316,9 @@ async fn replacing_cross_signing_keys_needs_approval_at_the_op() {
         .await;
     Mock::given(method("POST"))
         .and(path("/_matrix/client/v3/keys/query"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"device_keys": {}, "master_keys": {}})))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"device_keys": {}, "master_keys": {}})),
+        )
         .with_priority(2)
         .mount(&f.hs)
         .await;
@@ -276,7 +345,10 @@ async fn replacing_cross_signing_keys_needs_approval_at_the_op() {
     let r = upload("has").await.unwrap();
     assert_eq!(r.status(), 401);
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body["flows"], json!([{"stages": ["m.oauth"]}, {"stages": ["org.matrix.cross_signing_reset"]}]));
+    assert_eq!(
+        body["flows"],
+        json!([{"stages": ["m.oauth"]}, {"stages": ["org.matrix.cross_signing_reset"]}])
+    );
     assert_eq!(
         body["params"]["m.oauth"]["url"],
         "https://op.example/account?action=org.matrix.cross_signing_reset"
@@ -290,25 +362,42 @@ async fn replacing_cross_signing_keys_needs_approval_at_the_op() {
 #[tokio::test]
 async fn versions_and_capabilities_are_rewritten() {
     let f = Fakes::start().await;
-    f.introspection("t", active("alice", &full_scope("D1")), 1).await;
+    f.introspection("t", active("alice", &full_scope("D1")), 1)
+        .await;
     Mock::given(method("GET"))
         .and(path("/_matrix/client/versions"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"versions": ["v1.11"], "unstable_features": {"x": true}})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"versions": ["v1.11"], "unstable_features": {"x": true}})),
+        )
         .with_priority(1)
         .mount(&f.hs)
         .await;
     Mock::given(method("GET"))
         .and(path("/_matrix/client/v3/capabilities"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"capabilities": {"m.room_versions": {"default": "10", "available": {}}}})))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"capabilities": {"m.room_versions": {"default": "10", "available": {}}}}),
+        ))
         .with_priority(1)
         .mount(&f.hs)
         .await;
     let gw = spawn(&f.config("")).await;
-    let v: Value = client().get(gw.url("/_matrix/client/versions")).send().await.unwrap().json().await.unwrap();
+    let v: Value = client()
+        .get(gw.url("/_matrix/client/versions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["versions"], json!(["v1.11"]));
     assert_eq!(v["unstable_features"]["x"], true);
     assert_eq!(v["unstable_features"]["org.matrix.msc3861"], true);
-    let c: Value = get(&gw, "/_matrix/client/v3/capabilities", "t").await.json().await.unwrap();
+    let c: Value = get(&gw, "/_matrix/client/v3/capabilities", "t")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(c["capabilities"]["m.room_versions"]["default"], "10");
     for k in ["m.change_password", "m.3pid_changes", "m.get_login_token"] {
         assert_eq!(c["capabilities"][k], json!({"enabled": false}));
@@ -319,18 +408,40 @@ async fn versions_and_capabilities_are_rewritten() {
 async fn the_gateway_answers_what_the_op_owns() {
     let f = Fakes::start().await;
     let gw = spawn(&f.config("")).await;
-    let r = client().post(gw.url("/_matrix/client/r0/login")).json(&json!({})).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/_matrix/client/r0/login"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     let (_, body) = assert_matrix_error(r, 404, "M_UNRECOGNIZED").await;
     assert_eq!(
         body,
         json!({"errcode": "M_UNRECOGNIZED", "error": "This endpoint is handled by the OpenID Provider, not the homeserver (gateway)"})
     );
-    let r = client().post(gw.url("/_matrix/client/v3/register?kind=guest")).json(&json!({})).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/_matrix/client/v3/register?kind=guest"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     let (_, body) = assert_matrix_error(r, 403, "M_FORBIDDEN").await;
-    assert_eq!(body["error"], "Registration is handled by the OpenID Provider (gateway)");
-    let r = client().post(gw.url("/_matrix/client/v1/appservice/x/ping")).json(&json!({})).send().await.unwrap();
+    assert_eq!(
+        body["error"],
+        "Registration is handled by the OpenID Provider (gateway)"
+    );
+    let r = client()
+        .post(gw.url("/_matrix/client/v1/appservice/x/ping"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_matrix_error(r, 403, "M_FORBIDDEN").await;
-    let r = client().get(gw.url("/_synapse/admin/v1/server_version")).send().await.unwrap();
+    let r = client()
+        .get(gw.url("/_synapse/admin/v1/server_version"))
+        .send()
+        .await
+        .unwrap();
     assert_matrix_error(r, 404, "M_UNRECOGNIZED").await;
     assert!(f.hs.received_requests().await.unwrap().is_empty());
 }
@@ -355,11 +466,17 @@ async fn discovery_documents() {
     ))
     .await;
     let issuer = format!("{}/", f.op.uri());
-    for p in ["/_matrix/client/v1/auth_metadata", "/_matrix/client/unstable/org.matrix.msc2965/auth_metadata"] {
+    for p in [
+        "/_matrix/client/v1/auth_metadata",
+        "/_matrix/client/unstable/org.matrix.msc2965/auth_metadata",
+    ] {
         let r = client().get(gw.url(p)).send().await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["access-control-allow-origin"], "*");
-        assert!(r.headers()["cache-control"].to_str().unwrap().contains("max-age"));
+        assert!(r.headers()["cache-control"]
+            .to_str()
+            .unwrap()
+            .contains("max-age"));
         let m: Value = r.json().await.unwrap();
         assert_eq!(m["issuer"], issuer.as_str());
         assert_eq!(m["registration_endpoint"], "https://op.example/register");
@@ -375,7 +492,14 @@ async fn discovery_documents() {
         .await
         .unwrap();
     assert_eq!(i, json!({"issuer": issuer}));
-    let w: Value = client().get(gw.url("/.well-known/matrix/client")).send().await.unwrap().json().await.unwrap();
+    let w: Value = client()
+        .get(gw.url("/.well-known/matrix/client"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(
         w,
         json!({

@@ -398,6 +398,54 @@ async fn scenario(kind: HsKind, binding: &str) {
         "{devices_after}"
     );
 
+    // The device is signed out behind the gateway's back: the next request gets 503 (never a
+    // 401 that would log alice out), and the one after works on a freshly provisioned device.
+    match binding {
+        "appservice_login" => {
+            let upstream_token: String = rusqlite::Connection::open(s.gw.state_db())
+                .unwrap()
+                .query_row(
+                    "SELECT upstream_token FROM devices WHERE user_id = '@alice:localhost' AND device_id = 'ALICEDEV01'",
+                    [],
+                    |r| r.get(0),
+                )
+                .expect("alice's binding in the gateway's store");
+            let r = reqwest::Client::new()
+                .post(format!("{}/_matrix/client/v3/logout", s.hs.url))
+                .bearer_auth(&upstream_token)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "direct logout at the homeserver");
+        }
+        _ => {
+            let r = reqwest::Client::new()
+                .delete(format!(
+                    "{}/_matrix/client/v3/devices/ALICEDEV01?user_id=%40alice%3Alocalhost",
+                    s.hs.url
+                ))
+                .bearer_auth(AS_TOKEN)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                r.status().is_success(),
+                "direct device deletion: {}",
+                r.status()
+            );
+        }
+    }
+    let (status, body) = alice.get("/_matrix/client/v3/account/whoami").await;
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (503, Some("M_UNKNOWN")),
+        "{body}"
+    );
+    let me = whoami(&alice).await;
+    assert_eq!(me["device_id"], "ALICEDEV01");
+
     // The AS token never appears in anything the gateway logged.
     assert!(
         !s.gw.logs().contains(AS_TOKEN),

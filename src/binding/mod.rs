@@ -12,6 +12,8 @@
 //! one registration and one login. Results live in memory in front of the [`Store`], so the hot
 //! path never touches SQLite. Failures are 503 (`BindingUnavailable`), never 401.
 
+pub mod registration;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

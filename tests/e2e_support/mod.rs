@@ -194,6 +194,11 @@ impl GatewayProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The gateway's state database (`{state_dir}/state.sqlite3` in the config template).
+    pub fn state_db(&self) -> PathBuf {
+        self._dir.path().join("state.sqlite3")
+    }
+
     /// Path of the log file.
     pub fn log_path(&self) -> &Path {
         &self.log
