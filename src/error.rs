@@ -40,6 +40,10 @@ pub enum RejectReason {
     TooLong,
     /// An active answer without `sub`.
     NoSubject,
+    /// A JWT failed local validation (the detailed reason is logged).
+    InvalidJwt,
+    /// No configured issuer accepts this token (e.g. an opaque token with only JWT issuers).
+    NoVerifier,
 }
 
 /// How a call to the OP failed (503, never 401).
@@ -287,6 +291,8 @@ impl GatewayError {
                 RejectReason::InvalidDevice => "invalid_device",
                 RejectReason::TooLong => "too_long",
                 RejectReason::NoSubject => "no_subject",
+                RejectReason::InvalidJwt => "invalid_jwt",
+                RejectReason::NoVerifier => "no_verifier",
             },
             GatewayError::GuestAccessForbidden => "guest_forbidden",
             GatewayError::BadRequestTarget => "bad_target",

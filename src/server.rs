@@ -8,6 +8,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 
+use crate::auth::jwt::{JwtIssuer, JwtIssuers};
 use crate::auth::op::OpClient;
 use crate::auth::Verifier;
 use crate::binding::Binder;
@@ -49,6 +50,18 @@ impl BackgroundService for MetadataRefresher {
     }
 }
 
+/// Keeps one JWT issuer's key set fresh.
+struct JwksRefresher {
+    issuer: Arc<JwtIssuer>,
+}
+
+#[async_trait]
+impl BackgroundService for JwksRefresher {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.issuer.refresh_loop(shutdown).await;
+    }
+}
+
 /// Builds a ready-to-run server.
 pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
     let config = Arc::new(config);
@@ -56,8 +69,23 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
         host: config.homeserver.host.clone(),
         source,
     })?;
-    let op = Arc::new(OpClient::new(config.issuers[0].clone())?);
-    let verifier = Arc::new(Verifier::new(&config, op.clone(), clock.clone()));
+    let mut ops = Vec::new();
+    for issuer in &config.issuers {
+        ops.push(Arc::new(OpClient::new(issuer.clone())?));
+    }
+    let op = ops[0].clone();
+    let mut jwt = JwtIssuers::default();
+    for o in &ops {
+        if let Some(settings) = &o.issuer().jwt {
+            jwt.insert(Arc::new(JwtIssuer::new(
+                o.clone(),
+                settings.clone(),
+                clock.clone(),
+            )));
+        }
+    }
+    let jwks_refreshers: Vec<Arc<JwtIssuer>> = jwt.iter().cloned().collect();
+    let verifier = Arc::new(Verifier::new(&config, op.clone(), jwt, clock.clone()));
     let store = Arc::new(SqliteStore::open(&config.store.path)?);
     let binder = Arc::new(Binder::new(&config, store)?);
 
@@ -79,5 +107,8 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
     proxy.add_tcp(&config.listen.public.to_string());
     server.add_service(proxy);
     server.add_service(background_service("op-metadata", MetadataRefresher { op }));
+    for issuer in jwks_refreshers {
+        server.add_service(background_service("jwks", JwksRefresher { issuer }));
+    }
     Ok(server)
 }

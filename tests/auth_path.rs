@@ -629,6 +629,7 @@ async fn identity_signature_is_added_with_a_secret() {
         subject: "sub-alice".into(),
         session_id: None,
         expires_at_ms: None,
+        token_id: None,
     };
     let expected = matrix_oidc_gateway::gateway::headers::signature(
         secret.as_bytes(),

@@ -49,6 +49,8 @@ pub struct Identity {
     pub session_id: Option<String>,
     /// When the token stops being valid (Unix ms), when known.
     pub expires_at_ms: Option<u64>,
+    /// The token's `jti`, when known (for targeted purges).
+    pub token_id: Option<String>,
 }
 
 /// What the scope string grants.
@@ -176,6 +178,7 @@ pub fn build_identity(
         subject,
         session_id: claims.sid.clone(),
         expires_at_ms: claims.expires_at_ms,
+        token_id: None,
     })
 }
 

@@ -1,11 +1,13 @@
 //! Token verification: turns a bearer token into a verified [`Identity`] or a [`GatewayError`].
 //!
-//! [`Verifier::verify`] consults the [`cache`] first and otherwise introspects the token at the
-//! primary OP ([`op`]), applying the MSC2967 rules in [`identity`]. Raw tokens are only held for
-//! the duration of the call: the cache is keyed by [`TokenHash`].
+//! [`Verifier::verify`] consults the [`cache`] first; otherwise a JWT of a configured JWT issuer
+//! is validated locally ([`jwt`]) and anything else is introspected at the primary OP ([`op`]).
+//! Both paths end in the MSC2967 rules of [`identity`]. Raw tokens are only held for the
+//! duration of the call: the cache is keyed by [`TokenHash`].
 
 pub mod cache;
 pub mod identity;
+pub mod jwt;
 pub mod op;
 
 use std::sync::Arc;
@@ -13,11 +15,12 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::clock::SharedClock;
-use crate::config::Config;
+use crate::config::{Config, VerifyMode};
 use crate::error::{GatewayError, OpFailure, RejectReason};
 use cache::{CacheOutcome, CachedVerdict, IdentityCache, Verdict};
 use identity::{build_identity, Claims, IdentityError};
 pub use identity::{Access, Identity};
+use jwt::{JwtIssuer, JwtIssuers, JwtOutcome};
 use op::{IntrospectionResponse, OpClient};
 
 /// SHA-256 of a token: the only form in which a token is stored or logged.
@@ -51,9 +54,12 @@ pub struct Verified {
     pub cache: CacheOutcome,
 }
 
-/// Verifies tokens against the primary OP, through the identity cache.
+/// Verifies tokens through the identity cache: JWTs locally at the issuer named by `iss`
+/// (modes `jwt`/`auto`), anything else by introspection at the primary issuer.
 pub struct Verifier {
     op: Arc<OpClient>,
+    primary_introspects: bool,
+    jwt: JwtIssuers,
     cache: IdentityCache,
     clock: SharedClock,
     user_id_claims: Vec<String>,
@@ -64,10 +70,12 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    /// Builds the verifier for `config`'s primary issuer.
-    pub fn new(config: &Config, op: Arc<OpClient>, clock: SharedClock) -> Self {
+    /// Builds the verifier: `op` is the primary issuer's client, `jwt` the JWT issuers.
+    pub fn new(config: &Config, op: Arc<OpClient>, jwt: JwtIssuers, clock: SharedClock) -> Self {
         Self {
+            primary_introspects: op.issuer().mode != VerifyMode::Jwt,
             op,
+            jwt,
             cache: IdentityCache::new(config.cache.capacity),
             clock,
             user_id_claims: config.auth.user_id_claims.clone(),
@@ -81,6 +89,11 @@ impl Verifier {
     /// The primary OP.
     pub fn op(&self) -> &Arc<OpClient> {
         &self.op
+    }
+
+    /// The JWT issuers.
+    pub fn jwt_issuers(&self) -> &JwtIssuers {
+        &self.jwt
     }
 
     /// Number of cached verdicts (approximate).
@@ -120,7 +133,7 @@ impl Verifier {
         }
         let loaded = self
             .cache
-            .get_or_load(key, async { self.introspect(token).await })
+            .get_or_load(key, async { self.load(token).await })
             .await;
         match loaded {
             Ok((entry, fresh)) => Verified {
@@ -143,22 +156,63 @@ impl Verifier {
         }
     }
 
-    async fn introspect(&self, token: &str) -> Result<CachedVerdict, OpFailure> {
-        let answer = self.op.introspect(token).await?;
+    /// Decides a token that is not cached: locally for a JWT of a JWT issuer, otherwise by
+    /// introspection at the primary issuer.
+    async fn load(&self, token: &str) -> Result<CachedVerdict, OpFailure> {
+        if jwt::looks_like_jwt(token) {
+            if let Some(issuer) = jwt::unverified_issuer(token).and_then(|iss| self.jwt.get(&iss)) {
+                return self.load_jwt(issuer, token).await;
+            }
+        }
+        if self.primary_introspects {
+            let answer = self.op.introspect(token).await?;
+            Ok(self.judge(&self.op, answer, self.clock.now_ms()))
+        } else {
+            Ok(self.negative(RejectReason::NoVerifier, self.clock.now_ms()))
+        }
+    }
+
+    async fn load_jwt(&self, issuer: &JwtIssuer, token: &str) -> Result<CachedVerdict, OpFailure> {
         let now = self.clock.now_ms();
-        Ok(self.judge(answer, now))
+        match issuer.validate(token).await {
+            JwtOutcome::Valid(claims, jti) => {
+                let introspect = issuer
+                    .op()
+                    .issuer()
+                    .jwt
+                    .as_ref()
+                    .is_some_and(|j| j.introspect);
+                if introspect {
+                    // Revocation gap: the OP must still call the token active.
+                    let answer = issuer.op().introspect(token).await?;
+                    if !answer.active {
+                        return Ok(self.negative(RejectReason::Inactive, now));
+                    }
+                }
+                Ok(self.verdict_from_claims(*claims, jti, now))
+            }
+            JwtOutcome::Rejected(why) => {
+                tracing::info!(issuer = %issuer.issuer(), reason = why.as_label(), "JWT refused");
+                Ok(self.negative(why.into(), now))
+            }
+            JwtOutcome::Unavailable(f) => Err(f),
+        }
+    }
+
+    fn negative(&self, reason: RejectReason, now: u64) -> CachedVerdict {
+        CachedVerdict {
+            verdict: Verdict::Rejected(reason),
+            fresh_until_ms: now + self.negative_ttl_ms,
+        }
     }
 
     /// Turns an introspection answer into a cacheable verdict (pure; `now` in Unix ms).
-    fn judge(&self, a: IntrospectionResponse, now: u64) -> CachedVerdict {
-        let negative = |reason| CachedVerdict {
-            verdict: Verdict::Rejected(reason),
-            fresh_until_ms: now + self.negative_ttl_ms,
-        };
+    fn judge(&self, op: &OpClient, a: IntrospectionResponse, now: u64) -> CachedVerdict {
+        let negative = |reason| self.negative(reason, now);
         if !a.active {
             return negative(RejectReason::Inactive);
         }
-        let issuer = self.op.issuer();
+        let issuer = op.issuer();
         match a.token_type.as_deref() {
             Some(t) if t.eq_ignore_ascii_case("refresh_token") => {
                 return negative(RejectReason::RefreshToken);
@@ -183,6 +237,11 @@ impl Verifier {
         if expires_at_ms.is_some_and(|e| e <= now) {
             return negative(RejectReason::Expired);
         }
+        let jti = a
+            .other
+            .get("jti")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
         let mut all = a.other;
         for (k, v) in [("sub", &a.sub), ("username", &a.username)] {
             if let Some(v) = v {
@@ -197,8 +256,16 @@ impl Verifier {
             expires_at_ms,
             all,
         };
+        self.verdict_from_claims(claims, jti, now)
+    }
+
+    /// Applies the MSC2967 rules to verified claims (either token kind).
+    fn verdict_from_claims(&self, claims: Claims, jti: Option<String>, now: u64) -> CachedVerdict {
+        let expires_at_ms = claims.expires_at_ms;
+        let negative = |reason| self.negative(reason, now);
         match build_identity(&claims, &self.user_id_claims, &self.server_name) {
-            Ok(identity) => {
+            Ok(mut identity) => {
+                identity.token_id = jti;
                 let until = now + self.max_ttl_ms;
                 CachedVerdict {
                     fresh_until_ms: expires_at_ms.map_or(until, |e| e.min(until)),

@@ -23,6 +23,8 @@ pub struct OpMetadata {
     pub issuer: String,
     /// `introspection_endpoint`.
     pub introspection_endpoint: Option<Url>,
+    /// `jwks_uri`.
+    pub jwks_uri: Option<Url>,
     /// The document as received.
     pub document: Map<String, Value>,
 }
@@ -120,9 +122,14 @@ impl OpClient {
             Some(Value::String(s)) => Some(Url::parse(s).map_err(|_| OpFailure::BadMetadata)?),
             Some(_) => return Err(OpFailure::BadMetadata),
         };
+        let jwks_uri = match document.get("jwks_uri") {
+            Some(Value::String(s)) => Some(Url::parse(s).map_err(|_| OpFailure::BadMetadata)?),
+            _ => None,
+        };
         let meta = Arc::new(OpMetadata {
             issuer,
             introspection_endpoint,
+            jwks_uri,
             document,
         });
         if let Ok(mut slot) = self.metadata.write() {
@@ -154,7 +161,13 @@ impl OpClient {
             .post(endpoint)
             .header("Accept", "application/json")
             .header("X-MAS-Supports-Device-Id", "1");
-        let secret = self.issuer.client_secret.expose();
+        // Validation guarantees a secret wherever introspection is configured.
+        let secret = self
+            .issuer
+            .client_secret
+            .as_ref()
+            .map(|s| s.expose())
+            .ok_or(OpFailure::BadMetadata)?;
         match self.issuer.client_auth {
             ClientAuthMethod::ClientSecretBasic => {
                 let id = self.issuer.client_id.as_deref().unwrap_or_default();
@@ -178,6 +191,11 @@ impl OpClient {
     }
 
     async fn get_json(&self, url: Url) -> Result<Value, OpFailure> {
+        Ok(self.get_json_cached(url).await?.0)
+    }
+
+    /// GETs a JSON document and returns it with its `Cache-Control: max-age`, if any.
+    pub async fn get_json_cached(&self, url: Url) -> Result<(Value, Option<Duration>), OpFailure> {
         let resp = self
             .http
             .get(url)
@@ -185,7 +203,15 @@ impl OpClient {
             .send()
             .await
             .map_err(classify)?;
-        self.read_json(resp).await
+        let max_age = resp
+            .headers()
+            .get_all(reqwest::header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|d| d.trim().strip_prefix("max-age=")?.parse::<u64>().ok())
+            .map(Duration::from_secs);
+        Ok((self.read_json(resp).await?, max_age))
     }
 
     async fn read_json(&self, mut resp: reqwest::Response) -> Result<Value, OpFailure> {

@@ -179,6 +179,65 @@ pub struct IssuerFile {
     /// Refuse active answers without `token_type` (oidc-provider omits it for refresh tokens).
     #[serde(default = "default_true")]
     pub require_token_type: bool,
+    /// `introspection`, `jwt` or `auto` (JWT-shaped tokens verified locally, others introspected).
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// Accepted `aud` values of JWT access tokens (one must be present).
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// JWT signature algorithms accepted.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Accepted JWT `typ` header values (case-insensitive; `application/` prefix optional).
+    #[serde(default = "default_token_types")]
+    pub token_types: Vec<String>,
+    /// Clock skew allowed for `exp`, `nbf` and `iat`.
+    #[serde(default = "default_leeway")]
+    pub leeway: String,
+    /// Shared secret for HS256/HS384/HS512 JWTs (HMAC is refused without it).
+    pub hmac_secret: Option<String>,
+    /// A file holding the HMAC secret; its content is trimmed.
+    pub hmac_secret_file: Option<String>,
+    /// Override of the JWKS URL (default: `jwks_uri` from discovery).
+    pub jwks_uri: Option<String>,
+    /// Shortest interval between scheduled JWKS refreshes (lower bound for `Cache-Control`).
+    #[serde(default = "default_jwks_refresh_min")]
+    pub jwks_refresh_min: String,
+    /// Longest interval between scheduled JWKS refreshes (upper bound, and the default).
+    #[serde(default = "default_jwks_refresh_max")]
+    pub jwks_refresh_max: String,
+    /// At most one unscheduled JWKS fetch (for an unknown `kid`) per this interval.
+    #[serde(default = "default_jwks_refetch_interval")]
+    pub jwks_refetch_interval: String,
+    /// Also introspect JWTs at this issuer (closes the revocation gap for OPs that can).
+    #[serde(default)]
+    pub introspect_jwts: bool,
+}
+
+fn default_mode() -> String {
+    "introspection".into()
+}
+fn default_algorithms() -> Vec<String> {
+    [
+        "RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_token_types() -> Vec<String> {
+    vec!["at+jwt".into()]
+}
+fn default_leeway() -> String {
+    "30s".into()
+}
+fn default_jwks_refresh_min() -> String {
+    "60s".into()
+}
+fn default_jwks_refresh_max() -> String {
+    "1h".into()
+}
+fn default_jwks_refetch_interval() -> String {
+    "30s".into()
 }
 
 fn default_access_token_types() -> Vec<String> {

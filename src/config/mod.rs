@@ -196,21 +196,61 @@ pub enum ClientAuthMethod {
     Bearer,
 }
 
+/// How tokens of an issuer are verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyMode {
+    /// RFC 7662 introspection only.
+    Introspection,
+    /// Local RFC 9068 JWT validation only.
+    Jwt,
+    /// JWT-shaped tokens locally, anything else by introspection.
+    Auto,
+}
+
+/// JWT validation settings of an issuer.
+#[derive(Debug, Clone)]
+pub struct JwtSettings {
+    /// Accepted audiences.
+    pub audiences: Vec<String>,
+    /// Accepted algorithms.
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// Accepted `typ` values, lower case, without `application/`.
+    pub token_types: Vec<String>,
+    /// Clock skew allowance.
+    pub leeway: Duration,
+    /// HMAC secret (HS* algorithms).
+    pub hmac_secret: Option<Secret>,
+    /// JWKS URL override.
+    pub jwks_uri: Option<Url>,
+    /// Scheduled refresh bounds.
+    pub refresh_min: Duration,
+    /// Scheduled refresh bounds (and default).
+    pub refresh_max: Duration,
+    /// Unknown-`kid` refetch rate limit.
+    pub refetch_interval: Duration,
+    /// Introspect JWTs too.
+    pub introspect: bool,
+}
+
 /// `[[issuers]]`
 #[derive(Debug, Clone)]
 pub struct Issuer {
+    /// Verification mode.
+    pub mode: VerifyMode,
+    /// JWT settings (modes `jwt` and `auto`).
+    pub jwt: Option<JwtSettings>,
     /// The issuer identifier.
     pub issuer: String,
     /// Where the discovery document is read.
     pub discovery_url: Url,
     /// Introspection endpoint override.
     pub introspection_endpoint: Option<Url>,
-    /// The gateway's client ID (absent only with `bearer`).
+    /// The gateway's client ID (absent only with `bearer` or without introspection).
     pub client_id: Option<String>,
     /// Client authentication method.
     pub client_auth: ClientAuthMethod,
-    /// Client secret or shared secret.
-    pub client_secret: Secret,
+    /// Client secret or shared secret (required when the issuer introspects).
+    pub client_secret: Option<Secret>,
     /// Timeout of one OP request.
     pub timeout: Duration,
     /// Largest OP answer accepted.
@@ -516,6 +556,88 @@ fn http_url(
     }
 }
 
+fn jwt_settings(
+    p: &mut Problems,
+    warnings: &mut Vec<String>,
+    k: &dyn Fn(&str) -> String,
+    iss: &file::IssuerFile,
+) -> JwtSettings {
+    use jsonwebtoken::Algorithm;
+    if iss.audiences.is_empty() {
+        p.add(
+            &k("audiences"),
+            "required with mode jwt or auto: the `aud` a JWT must carry",
+        );
+    }
+    let hmac_secret = secret::resolve(
+        p,
+        &k("hmac_secret"),
+        iss.hmac_secret.as_deref(),
+        iss.hmac_secret_file.as_deref(),
+        false,
+    );
+    let mut algorithms = Vec::new();
+    for (j, name) in iss.algorithms.iter().enumerate() {
+        let key = k(&format!("algorithms[{j}]"));
+        match name.parse::<Algorithm>() {
+            Ok(alg @ (Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)) => {
+                if hmac_secret.is_none() {
+                    p.add(
+                        &key,
+                        format!("{name} needs `hmac_secret` (HMAC is refused otherwise)"),
+                    );
+                }
+                algorithms.push(alg);
+            }
+            Ok(alg) => algorithms.push(alg),
+            Err(_) => p.add(
+                &key,
+                format!("{name:?} is not a supported JWS algorithm (\"none\" never is)"),
+            ),
+        }
+    }
+    if iss.algorithms.is_empty() {
+        p.add(&k("algorithms"), "must list at least one algorithm");
+    }
+    if iss.token_types.is_empty() {
+        p.add(&k("token_types"), "must list at least one `typ`");
+    }
+    let token_types = iss.token_types.iter().map(|t| normalize_typ(t)).collect();
+    let jwks_uri = iss
+        .jwks_uri
+        .as_deref()
+        .and_then(|u| http_url(p, warnings, &k("jwks_uri"), u));
+    let refresh_min = duration(p, &k("jwks_refresh_min"), &iss.jwks_refresh_min);
+    let refresh_max = duration(p, &k("jwks_refresh_max"), &iss.jwks_refresh_max);
+    if refresh_min > refresh_max {
+        p.add(&k("jwks_refresh_min"), "must not exceed jwks_refresh_max");
+    }
+    if refresh_min < Duration::from_secs(1) {
+        p.add(&k("jwks_refresh_min"), "must be at least 1s");
+    }
+    JwtSettings {
+        audiences: iss.audiences.clone(),
+        algorithms,
+        token_types,
+        leeway: duration(p, &k("leeway"), &iss.leeway),
+        hmac_secret,
+        jwks_uri,
+        refresh_min,
+        refresh_max,
+        refetch_interval: duration(p, &k("jwks_refetch_interval"), &iss.jwks_refetch_interval),
+        introspect: iss.introspect_jwts,
+    }
+}
+
+/// `typ` values compare case-insensitively and without the `application/` prefix (RFC 7515 §4.1.9).
+pub fn normalize_typ(t: &str) -> String {
+    let lower = t.to_ascii_lowercase();
+    lower
+        .strip_prefix("application/")
+        .map(str::to_owned)
+        .unwrap_or(lower)
+}
+
 /// Whether `name` is a valid Matrix server name (host with optional port).
 fn valid_server_name(name: &str) -> bool {
     !name.is_empty()
@@ -681,7 +803,20 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
                 ClientAuthMethod::ClientSecretBasic
             }
         };
-        if client_auth != ClientAuthMethod::Bearer && iss.client_id.is_none() {
+        let mode = match iss.mode.as_str() {
+            "introspection" => VerifyMode::Introspection,
+            "jwt" => VerifyMode::Jwt,
+            "auto" => VerifyMode::Auto,
+            other => {
+                p.add(
+                    &k("mode"),
+                    format!("{other:?} is not one of introspection, jwt, auto"),
+                );
+                VerifyMode::Introspection
+            }
+        };
+        let introspects = mode != VerifyMode::Jwt || iss.introspect_jwts;
+        if introspects && client_auth != ClientAuthMethod::Bearer && iss.client_id.is_none() {
             p.add(
                 &k("client_id"),
                 format!("required with client_auth = {:?}", iss.client_auth),
@@ -692,7 +827,7 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
             &k("client_secret"),
             iss.client_secret.as_deref(),
             iss.client_secret_file.as_deref(),
-            true,
+            introspects,
         );
         let timeout = duration(&mut p, &k("timeout"), &iss.timeout);
         if timeout.is_zero() {
@@ -718,20 +853,31 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
         if iss.max_response_bytes < 1024 {
             p.add(&k("max_response_bytes"), "must be at least 1024");
         }
-        if let (Some(discovery_url), Some(client_secret)) = (discovery_url, secret) {
+        let jwt = (mode != VerifyMode::Introspection)
+            .then(|| jwt_settings(&mut p, &mut warnings, &k, iss));
+        if let Some(discovery_url) = discovery_url {
             issuers.push(Issuer {
+                mode,
+                jwt,
                 issuer,
                 discovery_url,
                 introspection_endpoint,
                 client_id: iss.client_id.clone(),
                 client_auth,
-                client_secret,
+                client_secret: secret,
                 timeout,
                 max_response_bytes: iss.max_response_bytes,
                 metadata_refresh,
                 access_token_types: iss.access_token_types.clone(),
                 require_token_type: iss.require_token_type,
             });
+        }
+    }
+    if issuers.len() > 1 {
+        for (i, a) in issuers.iter().enumerate() {
+            if issuers[..i].iter().any(|b| b.issuer == a.issuer) {
+                p.add(&format!("issuers[{i}].issuer"), "configured twice");
+            }
         }
     }
 
@@ -977,7 +1123,7 @@ mod tests {
             &format!("client_secret_file = {:?}", path.display().to_string()),
         );
         let c = load_str(&text).expect("valid").config;
-        assert_eq!(c.issuers[0].client_secret.expose(), "abc");
+        assert_eq!(c.issuers[0].client_secret.as_ref().unwrap().expose(), "abc");
         assert!(!format!("{:?}", c.issuers[0]).contains("abc"));
     }
 
@@ -1008,7 +1154,10 @@ mod tests {
         let c = load(Some(&path), env).expect("valid").config;
         assert_eq!(c.cache.max_ttl, Duration::from_secs(30));
         assert!(!c.auth.allow_query_token);
-        assert_eq!(c.issuers[0].client_secret.expose(), "from-env");
+        assert_eq!(
+            c.issuers[0].client_secret.as_ref().unwrap().expose(),
+            "from-env"
+        );
         assert_eq!(c.auth.user_id_claims, vec!["preferred_username"]);
     }
 

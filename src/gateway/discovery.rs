@@ -122,6 +122,7 @@ mod tests {
         OpMetadata {
             issuer: "https://op.example/".into(),
             introspection_endpoint: None,
+            jwks_uri: None,
             document: document.as_object().unwrap().clone(),
         }
     }

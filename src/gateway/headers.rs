@@ -195,6 +195,7 @@ mod tests {
             subject: "sub-a".into(),
             session_id: None,
             expires_at_ms: None,
+            token_id: None,
         }
     }
 

@@ -1,0 +1,503 @@
+//! RFC 9068 JWT access tokens, validated locally against the issuer's JWKS, hardened along
+//! RFC 8725 (JWT BCP).
+//!
+//! - The issuer is chosen by the unverified `iss` *before* any key is used; only configured
+//!   issuers in mode `jwt` or `auto` qualify.
+//! - `kid` is only a lookup key into that issuer's published key set; `jku`, `x5u`, `x5c` and
+//!   embedded `jwk` headers are never read.
+//! - The algorithm must be on the issuer's allow-list **and** match the key's type (and the
+//!   key's own `alg`, when it names one); `none` never parses, HMAC needs a configured secret.
+//! - `typ` must be on the accepted list; ID tokens and logout tokens (`nonce`, `at_hash`,
+//!   `events`) never pass; `aud` must hold a configured audience; `exp` is required; `exp`,
+//!   `nbf` and `iat` are checked against the gateway clock with the configured leeway.
+//! - Keys: loaded at start-up and refreshed by a background service honouring `Cache-Control`
+//!   within bounds; an unknown `kid` triggers at most one refetch per `jwks_refetch_interval`;
+//!   a failed fetch keeps the last good set.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::identity::Claims;
+use super::op::OpClient;
+use crate::clock::SharedClock;
+use crate::config::{normalize_typ, JwtSettings};
+use crate::error::{OpFailure, RejectReason};
+
+/// Why a JWT was refused (all are 401 `M_UNKNOWN_TOKEN` to the client; logged and counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtRejection {
+    /// Not three base64url segments, or undecodable JSON.
+    Malformed,
+    /// `iss` names no configured JWT issuer.
+    UnknownIssuer,
+    /// Algorithm not allowed, or not matching the key.
+    Algorithm,
+    /// `typ` missing or not accepted.
+    Type,
+    /// No published key with that `kid` (after the allowed refetch).
+    UnknownKey,
+    /// Bad signature.
+    Signature,
+    /// `aud` holds no configured audience.
+    Audience,
+    /// `exp` passed, missing, or `nbf`/`iat` in the future.
+    Time,
+    /// Carries `nonce`, `at_hash` or `events`: an ID or logout token.
+    NotAccessToken,
+}
+
+impl JwtRejection {
+    /// Label for logs and metrics.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            JwtRejection::Malformed => "malformed",
+            JwtRejection::UnknownIssuer => "unknown_issuer",
+            JwtRejection::Algorithm => "algorithm",
+            JwtRejection::Type => "type",
+            JwtRejection::UnknownKey => "unknown_key",
+            JwtRejection::Signature => "signature",
+            JwtRejection::Audience => "audience",
+            JwtRejection::Time => "time",
+            JwtRejection::NotAccessToken => "not_access_token",
+        }
+    }
+}
+
+/// The outcome of local JWT validation.
+#[derive(Debug)]
+pub enum JwtOutcome {
+    /// Valid: the claims to map, and the `jti`.
+    Valid(Box<Claims>, Option<String>),
+    /// Refused.
+    Rejected(JwtRejection),
+    /// The keys could not be obtained (never loaded): 503.
+    Unavailable(OpFailure),
+}
+
+/// Whether a token is shaped like a JWS compact serialisation (three base64url segments whose
+/// header is a JSON object).
+pub fn looks_like_jwt(token: &str) -> bool {
+    let mut parts = token.split('.');
+    let (Some(h), Some(p), Some(_s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    !h.is_empty() && !p.is_empty() && h.starts_with("eyJ") && p.starts_with("eyJ")
+}
+
+fn b64(segment: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(segment)
+        .ok()
+}
+
+/// The unverified `iss` of a JWT-shaped token (for routing only).
+pub fn unverified_issuer(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let v: Value = serde_json::from_slice(&b64(payload)?).ok()?;
+    v.get("iss")?.as_str().map(str::to_owned)
+}
+
+#[derive(Debug, Deserialize)]
+struct RawHeader {
+    alg: String,
+    #[serde(default)]
+    typ: Option<String>,
+    #[serde(default)]
+    kid: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AccessClaims {
+    sub: Option<String>,
+    exp: Option<f64>,
+    #[serde(default)]
+    nbf: Option<f64>,
+    #[serde(default)]
+    iat: Option<f64>,
+    #[serde(default)]
+    jti: Option<String>,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    scp: Option<Value>,
+    #[serde(default)]
+    sid: Option<String>,
+    #[serde(default)]
+    device_id: Option<String>,
+    #[serde(flatten)]
+    other: Map<String, Value>,
+}
+
+struct Key {
+    kid: Option<String>,
+    alg: Option<KeyAlgorithm>,
+    key: DecodingKey,
+    family: jsonwebtoken::AlgorithmFamily,
+}
+
+struct KeySet {
+    keys: Vec<Key>,
+    loaded: bool,
+}
+
+/// One issuer's JWT validator and key store.
+pub struct JwtIssuer {
+    op: Arc<OpClient>,
+    settings: JwtSettings,
+    clock: SharedClock,
+    keys: RwLock<Arc<KeySet>>,
+    last_unscheduled_fetch: Mutex<Option<Instant>>,
+    fetch_lock: tokio::sync::Mutex<()>,
+    fetches: std::sync::atomic::AtomicU64,
+}
+
+impl JwtIssuer {
+    /// A validator for the issuer behind `op`; keys are fetched by [`JwtIssuer::refresh`].
+    pub fn new(op: Arc<OpClient>, settings: JwtSettings, clock: SharedClock) -> Self {
+        Self {
+            op,
+            settings,
+            clock,
+            keys: RwLock::new(Arc::new(KeySet {
+                keys: Vec::new(),
+                loaded: false,
+            })),
+            last_unscheduled_fetch: Mutex::new(None),
+            fetch_lock: tokio::sync::Mutex::new(()),
+            fetches: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The issuer identifier.
+    pub fn issuer(&self) -> &str {
+        &self.op.issuer().issuer
+    }
+
+    /// The issuer's OP client.
+    pub fn op(&self) -> &Arc<OpClient> {
+        &self.op
+    }
+
+    /// Whether a key set has been loaded.
+    pub fn keys_loaded(&self) -> bool {
+        self.keys.read().map(|k| k.loaded).unwrap_or(false)
+    }
+
+    /// Number of usable keys.
+    pub fn key_count(&self) -> usize {
+        self.keys.read().map(|k| k.keys.len()).unwrap_or(0)
+    }
+
+    /// JWKS fetches made so far.
+    pub fn fetches(&self) -> u64 {
+        self.fetches.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Fetches the JWKS now; keeps the previous set on failure. Returns the `Cache-Control`
+    /// max-age, clamped to the configured bounds.
+    pub async fn refresh(&self) -> Result<Duration, OpFailure> {
+        let _guard = self.fetch_lock.lock().await;
+        self.fetches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let uri = match &self.settings.jwks_uri {
+            Some(u) => u.clone(),
+            None => {
+                let meta = match self.op.metadata() {
+                    Some(m) => m,
+                    None => self.op.refresh_metadata().await?,
+                };
+                meta.jwks_uri.clone().ok_or(OpFailure::BadMetadata)?
+            }
+        };
+        let (doc, max_age) = self.op.get_json_cached(uri).await?;
+        let keys = parse_jwks(&doc).ok_or(OpFailure::InvalidBody)?;
+        tracing::info!(issuer = %self.issuer(), keys = keys.len(), "JWKS loaded");
+        if let Ok(mut slot) = self.keys.write() {
+            *slot = Arc::new(KeySet { keys, loaded: true });
+        }
+        Ok(max_age
+            .unwrap_or(self.settings.refresh_max)
+            .clamp(self.settings.refresh_min, self.settings.refresh_max))
+    }
+
+    /// Runs until `shutdown` fires: scheduled refreshes, failures retried with a capped backoff.
+    pub async fn refresh_loop(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let wait = match self.refresh().await {
+                Ok(next) => {
+                    backoff = Duration::from_millis(500);
+                    next
+                }
+                Err(e) => {
+                    tracing::warn!(issuer = %self.issuer(), reason = ?e, "JWKS refresh failed; keeping the last good keys");
+                    backoff =
+                        (backoff * 2).min(self.settings.refresh_min.max(Duration::from_secs(1)));
+                    backoff
+                }
+            };
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// An unscheduled fetch, at most once per `jwks_refetch_interval`.
+    async fn refetch_for_unknown_kid(&self) -> bool {
+        {
+            let Ok(mut last) = self.last_unscheduled_fetch.lock() else {
+                return false;
+            };
+            if last.is_some_and(|t| t.elapsed() < self.settings.refetch_interval) {
+                return false;
+            }
+            *last = Some(Instant::now());
+        }
+        self.refresh().await.is_ok()
+    }
+
+    fn find_key(&self, kid: Option<&str>, alg: Algorithm) -> Option<(DecodingKey, bool)> {
+        let set = self.keys.read().ok()?.clone();
+        let family = alg.family();
+        let candidates = set.keys.iter().filter(|k| match (kid, &k.kid) {
+            (Some(want), Some(have)) => want == have,
+            (Some(_), None) => false,
+            (None, _) => true,
+        });
+        let mut found_kid = false;
+        for k in candidates {
+            found_kid = true;
+            if k.family == family && k.alg.is_none_or(|a| key_alg_matches(a, alg)) {
+                return Some((k.key.clone(), true));
+            }
+        }
+        found_kid.then(|| (DecodingKey::from_secret(b""), false))
+    }
+
+    /// Validates one JWT of this issuer.
+    pub async fn validate(&self, token: &str) -> JwtOutcome {
+        use JwtRejection as R;
+        let mut parts = token.split('.');
+        let (Some(h), Some(_), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
+            return JwtOutcome::Rejected(R::Malformed);
+        };
+        let Some(header) = b64(h).and_then(|b| serde_json::from_slice::<RawHeader>(&b).ok()) else {
+            return JwtOutcome::Rejected(R::Malformed);
+        };
+        // `none` and anything unknown fail to parse here.
+        let Ok(alg) = header.alg.parse::<Algorithm>() else {
+            return JwtOutcome::Rejected(R::Algorithm);
+        };
+        if !self.settings.algorithms.contains(&alg) {
+            return JwtOutcome::Rejected(R::Algorithm);
+        }
+        let typ_ok = header
+            .typ
+            .as_deref()
+            .is_some_and(|t| self.settings.token_types.contains(&normalize_typ(t)));
+        if !typ_ok {
+            return JwtOutcome::Rejected(R::Type);
+        }
+        let key = if alg.family() == jsonwebtoken::AlgorithmFamily::Hmac {
+            match &self.settings.hmac_secret {
+                Some(secret) => DecodingKey::from_secret(secret.expose().as_bytes()),
+                None => return JwtOutcome::Rejected(R::Algorithm),
+            }
+        } else {
+            if !self.keys_loaded() && self.refresh().await.is_err() {
+                return JwtOutcome::Unavailable(OpFailure::Unreachable);
+            }
+            let mut found = self.find_key(header.kid.as_deref(), alg);
+            if found.is_none() && self.refetch_for_unknown_kid().await {
+                found = self.find_key(header.kid.as_deref(), alg);
+            }
+            match found {
+                Some((key, true)) => key,
+                Some((_, false)) => return JwtOutcome::Rejected(R::Algorithm),
+                None => return JwtOutcome::Rejected(R::UnknownKey),
+            }
+        };
+        let mut validation = Validation::new(alg);
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.set_required_spec_claims(&["iss", "aud"]);
+        validation.set_issuer(&[self.issuer()]);
+        validation.set_audience(&self.settings.audiences);
+        let data = match jsonwebtoken::decode::<AccessClaims>(token, &key, &validation) {
+            Ok(d) => d,
+            Err(e) => {
+                use jsonwebtoken::errors::ErrorKind as K;
+                return JwtOutcome::Rejected(match e.kind() {
+                    K::InvalidSignature => R::Signature,
+                    K::InvalidAudience => R::Audience,
+                    K::InvalidIssuer => R::UnknownIssuer,
+                    K::InvalidAlgorithm | K::InvalidAlgorithmName => R::Algorithm,
+                    K::MissingRequiredClaim(c) if c == "aud" => R::Audience,
+                    _ => R::Malformed,
+                });
+            }
+        };
+        let c = data.claims;
+        if ["nonce", "at_hash", "events", "c_hash", "s_hash"]
+            .iter()
+            .any(|k| c.other.contains_key(*k))
+        {
+            return JwtOutcome::Rejected(R::NotAccessToken);
+        }
+        let now = self.clock.now_ms() as f64 / 1000.0;
+        let leeway = self.settings.leeway.as_secs_f64();
+        let Some(exp) = c.exp else {
+            return JwtOutcome::Rejected(R::Time);
+        };
+        if exp + leeway <= now
+            || c.nbf.is_some_and(|nbf| nbf > now + leeway)
+            || c.iat.is_some_and(|iat| iat > now + leeway)
+        {
+            return JwtOutcome::Rejected(R::Time);
+        }
+        let scope = match (&c.scope, &c.scp) {
+            (Some(s), _) => s.clone(),
+            (None, Some(Value::String(s))) => s.clone(),
+            (None, Some(Value::Array(items))) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => String::new(),
+        };
+        let mut all = c.other;
+        if let Some(sub) = &c.sub {
+            all.insert("sub".into(), Value::String(sub.clone()));
+        }
+        let claims = Claims {
+            sub: c.sub,
+            scope,
+            device_id: c.device_id,
+            sid: c.sid,
+            expires_at_ms: Some((exp * 1000.0) as u64),
+            all,
+        };
+        JwtOutcome::Valid(Box::new(claims), c.jti)
+    }
+}
+
+fn key_alg_matches(key: KeyAlgorithm, alg: Algorithm) -> bool {
+    format!("{key:?}") == format!("{alg:?}")
+}
+
+fn parse_jwks(doc: &Value) -> Option<Vec<Key>> {
+    let items = doc.get("keys")?.as_array()?;
+    let mut keys = Vec::new();
+    for item in items {
+        // Encryption keys and key types jsonwebtoken does not know are skipped, not fatal.
+        if item
+            .get("use")
+            .and_then(Value::as_str)
+            .is_some_and(|u| u != "sig")
+        {
+            continue;
+        }
+        let Ok(jwk) = serde_json::from_value::<Jwk>(item.clone()) else {
+            continue;
+        };
+        let family = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => jsonwebtoken::AlgorithmFamily::Rsa,
+            AlgorithmParameters::EllipticCurve(_) => jsonwebtoken::AlgorithmFamily::Ec,
+            AlgorithmParameters::OctetKeyPair(_) => jsonwebtoken::AlgorithmFamily::Ed,
+            // Symmetric keys are never taken from a published key set.
+            _ => continue,
+        };
+        let Ok(key) = DecodingKey::from_jwk(&jwk) else {
+            continue;
+        };
+        keys.push(Key {
+            kid: jwk.common.key_id.clone(),
+            alg: jwk.common.key_algorithm,
+            key,
+            family,
+        });
+    }
+    Some(keys)
+}
+
+/// Every configured JWT issuer, by `iss`.
+#[derive(Default)]
+pub struct JwtIssuers {
+    by_iss: HashMap<String, Arc<JwtIssuer>>,
+}
+
+impl JwtIssuers {
+    /// Registers an issuer.
+    pub fn insert(&mut self, issuer: Arc<JwtIssuer>) {
+        self.by_iss.insert(issuer.issuer().to_owned(), issuer);
+    }
+
+    /// The issuer whose identifier is exactly `iss`.
+    pub fn get(&self, iss: &str) -> Option<&Arc<JwtIssuer>> {
+        self.by_iss.get(iss)
+    }
+
+    /// Whether any issuer validates JWTs.
+    pub fn is_empty(&self) -> bool {
+        self.by_iss.is_empty()
+    }
+
+    /// All issuers.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<JwtIssuer>> {
+        self.by_iss.values()
+    }
+}
+
+impl From<JwtRejection> for RejectReason {
+    fn from(_: JwtRejection) -> Self {
+        RejectReason::InvalidJwt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwt_shape() {
+        assert!(looks_like_jwt("eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJ4In0.c2ln"));
+        assert!(!looks_like_jwt("opaque-token"));
+        assert!(!looks_like_jwt("a.b.c"));
+        assert!(!looks_like_jwt("eyJ.eyJ.c.d"));
+        assert!(!looks_like_jwt("eyJhbGciOiJSUzI1NiJ9..c2ln"));
+    }
+
+    #[test]
+    fn unverified_issuer_is_read_for_routing() {
+        let p =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"iss":"https://op/"}"#);
+        assert_eq!(
+            unverified_issuer(&format!("eyJhbGciOiJub25lIn0.{p}.")),
+            Some("https://op/".into())
+        );
+        assert_eq!(unverified_issuer("eyJ.!!!.x"), None);
+    }
+
+    #[test]
+    fn jwks_parsing_skips_what_it_cannot_use() {
+        let doc = serde_json::json!({"keys": [
+            {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"},
+            {"kty": "RSA", "use": "enc", "n": "AQAB", "e": "AQAB", "kid": "enc"},
+            {"kty": "weird"},
+            {"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo", "kid": "ed"}
+        ]});
+        let keys = parse_jwks(&doc).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].kid.as_deref(), Some("ed"));
+    }
+}
