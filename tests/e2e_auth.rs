@@ -236,3 +236,106 @@ async fn expired_token_is_refused_although_still_cached() {
         (401, "M_UNKNOWN_TOKEN".into())
     );
 }
+
+#[tokio::test]
+async fn real_op_jwt_access_tokens_through_the_gateway_binary() {
+    let op = Op::start();
+    let hs = echo_upstream().await;
+    // `auto`: JWTs are validated locally against the OP's JWKS, opaque tokens introspected.
+    let gw = GatewayProcess::start(&gateway_config(
+        &op,
+        &hs,
+        "",
+    ).replace(
+        "client_secret = \"gateway-secret\"",
+        "client_secret = \"gateway-secret\"\nmode = \"auto\"\naudiences = [\"urn:matrix:homeserver:jwt\"]",
+    ));
+    let jwt = |user: &str, scope: &str| {
+        op.mint_with(user, scope, "urn:matrix:homeserver:jwt", "e2e-client")
+    };
+
+    let alice = jwt(
+        "alice",
+        "urn:matrix:client:api:* urn:matrix:client:device:ALICEJWT01",
+    );
+    assert_eq!(
+        alice.access_token.split('.').count(),
+        3,
+        "the OP did not issue a JWT"
+    );
+    let echo: Value = get(&gw, SYNC, &alice.access_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        echo["headers"]["x-matrix-user-id"],
+        json!(["@alice:localhost"])
+    );
+    assert_eq!(echo["headers"]["x-matrix-device-id"], json!(["ALICEJWT01"]));
+
+    let guest = jwt(
+        "guest2",
+        "urn:matrix:client:api:guest urn:matrix:client:device:GUESTJWT01",
+    );
+    let echo: Value = get(&gw, SYNC, &guest.access_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["headers"]["x-matrix-guest"], json!(["true"]));
+    let r = reqwest::Client::new()
+        .post(gw.url("/_matrix/client/v3/createRoom"))
+        .bearer_auth(&guest.access_token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(errcode(r).await, (403, "M_GUEST_ACCESS_FORBIDDEN".into()));
+
+    let none = jwt("carol", "offline_access");
+    assert_eq!(
+        errcode(get(&gw, SYNC, &none.access_token).await).await,
+        (401, "M_UNKNOWN_TOKEN".into())
+    );
+    let two = jwt(
+        "dave",
+        "urn:matrix:client:api:* urn:matrix:client:device:JWTDEVAAAA urn:matrix:client:device:JWTDEVBBBB",
+    );
+    assert_eq!(
+        errcode(get(&gw, SYNC, &two.access_token).await).await,
+        (401, "M_UNKNOWN_TOKEN".into())
+    );
+
+    // A tampered JWT: same header and signature, another user in the payload.
+    let mut parts: Vec<String> = alice.access_token.split('.').map(str::to_owned).collect();
+    let mut claims: Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &parts[1])
+            .unwrap(),
+    )
+    .unwrap();
+    claims["username"] = json!("mallory");
+    parts[1] = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        serde_json::to_vec(&claims).unwrap(),
+    );
+    assert_eq!(
+        errcode(get(&gw, SYNC, &parts.join(".")).await).await,
+        (401, "M_UNKNOWN_TOKEN".into())
+    );
+
+    // Opaque tokens still go to introspection in `auto` mode.
+    let opaque = op.mint(
+        "erin",
+        "urn:matrix:client:api:* urn:matrix:client:device:ERINOPAQUE",
+    );
+    let echo: Value = get(&gw, SYNC, &opaque.access_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        echo["headers"]["x-matrix-user-id"],
+        json!(["@erin:localhost"])
+    );
+}
