@@ -52,6 +52,7 @@ wait_port "$HS_PORT" "Dendrite"
 cat >"$work/gateway.toml" <<TOML
 [listen]
 public = "127.0.0.1:$GW_PORT"
+admin = "127.0.0.1:${ADMIN_PORT:-9402}"
 
 [homeserver]
 url = "http://127.0.0.1:$HS_PORT"

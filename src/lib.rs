@@ -1,6 +1,7 @@
 //! matrix-oidc-gateway: a Pingora reverse proxy that turns any Matrix homeserver into an
 //! OIDC-native one (MSC3861). See `README.md` for the request path and `docs/` for the details.
 
+pub mod admin;
 pub mod auth;
 pub mod binding;
 pub mod cli;

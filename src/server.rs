@@ -98,6 +98,7 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
+    let admin = crate::admin::AdminApp::new(config.clone(), verifier.clone());
     let gateway = Gateway::new(config.clone(), verifier, binder, upstream, clock);
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
@@ -106,6 +107,9 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
     );
     proxy.add_tcp(&config.listen.public.to_string());
     server.add_service(proxy);
+    let mut admin_service = pingora::services::listening::Service::new("admin".to_owned(), admin);
+    admin_service.add_tcp(&config.listen.admin.to_string());
+    server.add_service(admin_service);
     server.add_service(background_service("op-metadata", MetadataRefresher { op }));
     for issuer in jwks_refreshers {
         server.add_service(background_service("jwks", JwksRefresher { issuer }));

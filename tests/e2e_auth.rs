@@ -28,6 +28,7 @@ fn gateway_config(op: &Op, hs: &MockServer, extra: &str) -> String {
         r#"
 [listen]
 public = "127.0.0.1:{{port}}"
+admin = "127.0.0.1:{{admin_port}}"
 
 [homeserver]
 url = "{hs}"

@@ -24,6 +24,7 @@ fn start(kind: HsKind, binding: &str) -> Stack {
         r#"
 [listen]
 public = "127.0.0.1:{{port}}"
+admin = "127.0.0.1:{{admin_port}}"
 
 [homeserver]
 url = "{hs}"

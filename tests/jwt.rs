@@ -469,6 +469,17 @@ async fn typ_jwt_for_keycloak_style_tokens_still_refuses_id_tokens() {
 }
 
 #[tokio::test]
+async fn a_missing_typ_is_only_accepted_when_configured() {
+    let op = Op::start(&["rsa1"]).await;
+    let c = op.claims("alice", &full_scope("D1"));
+    let untyped = sign(Algorithm::RS256, "rsa1", Some("rsa-1"), None, &c);
+    let strict = spawn(&jwt_config(&op.fakes, "")).await;
+    assert_matrix_error(get(&strict, &untyped).await, 401, "M_UNKNOWN_TOKEN").await;
+    let okta = spawn(&jwt_config(&op.fakes, "token_types = [\"at+jwt\", \"\"]")).await;
+    assert_eq!(get(&okta, &untyped).await.status(), 200);
+}
+
+#[tokio::test]
 async fn hmac_only_with_a_configured_secret() {
     let op = Op::start(&["rsa1"]).await;
     let secret = "a-long-shared-hmac-secret-for-tests-0123456789";
@@ -534,4 +545,67 @@ async fn jwks_unavailable_is_503_not_401() {
     let claims = json!({"iss": issuer, "aud": AUD, "sub": "s", "username": "a", "scope": full_scope("D"), "exp": now() + 60});
     let (h, _) = assert_matrix_error(get(&gw, &rs256(&claims)).await, 503, "M_UNKNOWN").await;
     assert!(h.contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn readiness_waits_for_the_keys() {
+    let fakes = Fakes::start().await;
+    let issuer = format!("{}/", fakes.op.uri());
+    Mock::given(method("GET"))
+        .and(path("/.well-known/openid-configuration"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "issuer": issuer,
+            "jwks_uri": format!("{}/jwks", fakes.op.uri()),
+        })))
+        .mount(&fakes.op)
+        .await;
+    // The JWKS is not there yet.
+    Mock::given(method("GET"))
+        .and(path("/jwks"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1_000_000)
+        .mount(&fakes.op)
+        .await;
+    let gw = spawn(&jwt_config(&fakes, "jwks_refresh_min = \"1s\"")).await;
+    let not_ready = client().get(gw.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(not_ready.status(), 503);
+    let body: Value = not_ready.json().await.unwrap();
+    assert_eq!(body["checks"]["jwks"], false);
+    assert_eq!(
+        client()
+            .get(gw.admin_url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // The OP publishes keys: readiness follows once the refresher has loaded them.
+    fakes.op.reset().await;
+    Mock::given(method("GET"))
+        .and(path("/.well-known/openid-configuration"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "issuer": format!("{}/", fakes.op.uri()),
+            "jwks_uri": format!("{}/jwks", fakes.op.uri()),
+        })))
+        .mount(&fakes.op)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/jwks"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"keys": [jwk("rsa1")]})))
+        .mount(&fakes.op)
+        .await;
+    let mut ready = false;
+    for _ in 0..100 {
+        let r = client().get(gw.admin_url("/readyz")).send().await.unwrap();
+        if r.status() == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ready,
+        "the gateway never became ready after the keys appeared"
+    );
 }

@@ -301,10 +301,9 @@ impl JwtIssuer {
         if !self.settings.algorithms.contains(&alg) {
             return JwtOutcome::Rejected(R::Algorithm);
         }
-        let typ_ok = header
-            .typ
-            .as_deref()
-            .is_some_and(|t| self.settings.token_types.contains(&normalize_typ(t)));
+        // An empty entry in `token_types` admits tokens without `typ` (Okta).
+        let typ = header.typ.as_deref().map(normalize_typ).unwrap_or_default();
+        let typ_ok = self.settings.token_types.contains(&typ);
         if !typ_ok {
             return JwtOutcome::Rejected(R::Type);
         }

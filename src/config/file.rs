@@ -85,6 +85,13 @@ pub struct ListenFile {
     /// Trust `X-Forwarded-For` from the client (only behind a trusted load balancer).
     #[serde(default)]
     pub trust_forwarded_headers: bool,
+    /// Address of the admin listener (metrics, health, admin API); loopback by default.
+    #[serde(default = "default_admin")]
+    pub admin: String,
+}
+
+fn default_admin() -> String {
+    "127.0.0.1:9090".into()
 }
 
 impl Default for ListenFile {
@@ -93,6 +100,7 @@ impl Default for ListenFile {
             public: default_public(),
             threads: default_threads(),
             trust_forwarded_headers: false,
+            admin: default_admin(),
         }
     }
 }

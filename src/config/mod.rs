@@ -156,6 +156,8 @@ pub struct Listen {
     pub threads: usize,
     /// Append to a client's `X-Forwarded-For` instead of replacing it.
     pub trust_forwarded_headers: bool,
+    /// Admin listener address.
+    pub admin: SocketAddr,
 }
 
 /// `[homeserver]`
@@ -662,6 +664,24 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
         );
         SocketAddr::from(([0, 0, 0, 0], 0))
     });
+    let admin = f.listen.admin.parse::<SocketAddr>().unwrap_or_else(|_| {
+        p.add(
+            "listen.admin",
+            format!(
+                "{:?} is not an address like \"127.0.0.1:9090\"",
+                f.listen.admin
+            ),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    });
+    if !admin.ip().is_loopback() {
+        warnings.push(format!(
+            "listen.admin: {admin} is not a loopback address; the admin API must not be reachable by clients"
+        ));
+    }
+    if admin == public {
+        p.add("listen.admin", "must differ from listen.public");
+    }
     if f.listen.threads == 0 {
         p.add("listen.threads", "must be at least 1");
     }
@@ -1000,6 +1020,7 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
                 public,
                 threads: f.listen.threads,
                 trust_forwarded_headers: f.listen.trust_forwarded_headers,
+                admin,
             },
             homeserver: Homeserver {
                 url: hs_url,

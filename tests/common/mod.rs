@@ -39,6 +39,8 @@ impl ShutdownSignalWatch for Stop {
 pub struct TestGateway {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where the admin listener listens.
+    pub admin: SocketAddr,
     /// Its clock.
     pub clock: OffsetClock,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -48,6 +50,11 @@ impl TestGateway {
     /// `http://127.0.0.1:<port>`
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// A URL on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
     }
 }
 
@@ -96,6 +103,7 @@ impl Fakes {
             r#"
 [listen]
 public = "127.0.0.1:{port}"
+admin = "127.0.0.1:{admin}"
 
 [homeserver]
 url = "{hs}"
@@ -114,6 +122,7 @@ timeout = "2s"
 {extra}
 "#,
             port = free_port(),
+            admin = free_port(),
             hs = self.hs.uri(),
             op = self.op.uri(),
             state = self.state.path().display(),
@@ -187,6 +196,7 @@ impl Respond for Echo {
 pub async fn spawn(toml: &str) -> TestGateway {
     let loaded = config::load_str(toml).expect("test config is valid");
     let addr = loaded.config.listen.public;
+    let admin = loaded.config.listen.admin;
     let clock = OffsetClock::new();
     let srv = server::build(loaded.config, Arc::new(clock.clone())).expect("server builds");
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -199,6 +209,7 @@ pub async fn spawn(toml: &str) -> TestGateway {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return TestGateway {
                 addr,
+                admin,
                 clock,
                 stop: Some(tx),
             };

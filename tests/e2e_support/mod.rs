@@ -152,6 +152,8 @@ impl Drop for Op {
 pub struct GatewayProcess {
     /// Its public address.
     pub base: String,
+    /// Its admin listener.
+    pub admin: String,
     child: Child,
     log: PathBuf,
     _dir: tempfile::TempDir,
@@ -163,8 +165,10 @@ impl GatewayProcess {
         let port = free_port();
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = dir.path().join("gateway.toml");
+        let admin_port = free_port();
         let text = toml_template
             .replace("{port}", &port.to_string())
+            .replace("{admin_port}", &admin_port.to_string())
             .replace("{state_dir}", &dir.path().display().to_string());
         std::fs::write(&cfg, text).expect("write config");
         let log = dir.path().join("gateway.log");
@@ -178,6 +182,7 @@ impl GatewayProcess {
         wait_for_port(port, "the gateway", &mut child);
         GatewayProcess {
             base: format!("http://127.0.0.1:{port}"),
+            admin: format!("http://127.0.0.1:{admin_port}"),
             child,
             log,
             _dir: dir,
