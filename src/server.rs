@@ -8,6 +8,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 
+use crate::auth::jwks::{KeyStore, Schedule};
 use crate::auth::jwt::{JwtIssuer, JwtIssuers};
 use crate::auth::op::OpClient;
 use crate::auth::Verifier;
@@ -52,13 +53,13 @@ impl BackgroundService for MetadataRefresher {
 
 /// Keeps one JWT issuer's key set fresh.
 struct JwksRefresher {
-    issuer: Arc<JwtIssuer>,
+    keys: Arc<KeyStore>,
 }
 
 #[async_trait]
 impl BackgroundService for JwksRefresher {
     async fn start(&self, shutdown: ShutdownWatch) {
-        self.issuer.refresh_loop(shutdown).await;
+        self.keys.refresh_loop(shutdown).await;
     }
 }
 
@@ -74,17 +75,32 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
         ops.push(Arc::new(OpClient::new(issuer.clone())?));
     }
     let op = ops[0].clone();
+    // Every issuer has a key store (logout tokens are signed too); JWT issuers keep theirs
+    // fresh in the background.
     let mut jwt = JwtIssuers::default();
+    let mut key_stores = Vec::new();
+    let mut jwks_refreshers = Vec::new();
     for o in &ops {
-        if let Some(settings) = &o.issuer().jwt {
+        let settings = o.issuer().jwt.clone();
+        let schedule = settings
+            .as_ref()
+            .map_or_else(Schedule::default, |s| Schedule {
+                refresh_min: s.refresh_min,
+                refresh_max: s.refresh_max,
+                refetch_interval: s.refetch_interval,
+            });
+        let jwks_uri = settings.as_ref().and_then(|s| s.jwks_uri.clone());
+        let keys = Arc::new(KeyStore::new(o.clone(), jwks_uri, schedule));
+        key_stores.push(keys.clone());
+        if let Some(settings) = settings {
             jwt.insert(Arc::new(JwtIssuer::new(
-                o.clone(),
-                settings.clone(),
+                keys.clone(),
+                settings,
                 clock.clone(),
             )));
+            jwks_refreshers.push(keys);
         }
     }
-    let jwks_refreshers: Vec<Arc<JwtIssuer>> = jwt.iter().cloned().collect();
     let verifier = Arc::new(Verifier::new(&config, op.clone(), jwt, clock.clone()));
     let store = Arc::new(SqliteStore::open(&config.store.path)?);
     let binder = Arc::new(Binder::new(&config, store)?);
@@ -111,8 +127,8 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
     admin_service.add_tcp(&config.listen.admin.to_string());
     server.add_service(admin_service);
     server.add_service(background_service("op-metadata", MetadataRefresher { op }));
-    for issuer in jwks_refreshers {
-        server.add_service(background_service("jwks", JwksRefresher { issuer }));
+    for keys in jwks_refreshers {
+        server.add_service(background_service("jwks", JwksRefresher { keys }));
     }
     Ok(server)
 }

@@ -10,21 +10,18 @@
 //! - `typ` must be on the accepted list; ID tokens and logout tokens (`nonce`, `at_hash`,
 //!   `events`) never pass; `aud` must hold a configured audience; `exp` is required; `exp`,
 //!   `nbf` and `iat` are checked against the gateway clock with the configured leeway.
-//! - Keys: loaded at start-up and refreshed by a background service honouring `Cache-Control`
-//!   within bounds; an unknown `kid` triggers at most one refetch per `jwks_refetch_interval`;
-//!   a failed fetch keeps the last good set.
+//! - Keys come from the issuer's [`KeyStore`] (`jwks.rs`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use base64::Engine;
-use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, KeyAlgorithm};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::identity::Claims;
+use super::jwks::{KeyLookup, KeyStore};
 use super::op::OpClient;
 use crate::clock::SharedClock;
 use crate::config::{normalize_typ, JwtSettings};
@@ -93,7 +90,7 @@ pub fn looks_like_jwt(token: &str) -> bool {
     !h.is_empty() && !p.is_empty() && h.starts_with("eyJ") && p.starts_with("eyJ")
 }
 
-fn b64(segment: &str) -> Option<Vec<u8>> {
+pub(crate) fn b64(segment: &str) -> Option<Vec<u8>> {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(segment)
         .ok()
@@ -107,12 +104,12 @@ pub fn unverified_issuer(token: &str) -> Option<String> {
 }
 
 #[derive(Debug, Deserialize)]
-struct RawHeader {
-    alg: String,
+pub(crate) struct RawHeader {
+    pub(crate) alg: String,
     #[serde(default)]
-    typ: Option<String>,
+    pub(crate) typ: Option<String>,
     #[serde(default)]
-    kid: Option<String>,
+    pub(crate) kid: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,151 +134,41 @@ struct AccessClaims {
     other: Map<String, Value>,
 }
 
-struct Key {
-    kid: Option<String>,
-    alg: Option<KeyAlgorithm>,
-    key: DecodingKey,
-    family: jsonwebtoken::AlgorithmFamily,
-}
-
-struct KeySet {
-    keys: Vec<Key>,
-    loaded: bool,
-}
-
-/// One issuer's JWT validator and key store.
+/// One issuer's JWT access-token validator.
 pub struct JwtIssuer {
-    op: Arc<OpClient>,
+    keys: Arc<KeyStore>,
     settings: JwtSettings,
     clock: SharedClock,
-    keys: RwLock<Arc<KeySet>>,
-    last_unscheduled_fetch: Mutex<Option<Instant>>,
-    fetch_lock: tokio::sync::Mutex<()>,
-    fetches: std::sync::atomic::AtomicU64,
 }
 
 impl JwtIssuer {
-    /// A validator for the issuer behind `op`; keys are fetched by [`JwtIssuer::refresh`].
-    pub fn new(op: Arc<OpClient>, settings: JwtSettings, clock: SharedClock) -> Self {
+    /// A validator using `keys` (the issuer's key store) and `settings`.
+    pub fn new(keys: Arc<KeyStore>, settings: JwtSettings, clock: SharedClock) -> Self {
         Self {
-            op,
+            keys,
             settings,
             clock,
-            keys: RwLock::new(Arc::new(KeySet {
-                keys: Vec::new(),
-                loaded: false,
-            })),
-            last_unscheduled_fetch: Mutex::new(None),
-            fetch_lock: tokio::sync::Mutex::new(()),
-            fetches: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
     /// The issuer identifier.
     pub fn issuer(&self) -> &str {
-        &self.op.issuer().issuer
+        self.keys.issuer()
     }
 
     /// The issuer's OP client.
     pub fn op(&self) -> &Arc<OpClient> {
-        &self.op
+        self.keys.op()
+    }
+
+    /// The issuer's key store.
+    pub fn keys(&self) -> &Arc<KeyStore> {
+        &self.keys
     }
 
     /// Whether a key set has been loaded.
     pub fn keys_loaded(&self) -> bool {
-        self.keys.read().map(|k| k.loaded).unwrap_or(false)
-    }
-
-    /// Number of usable keys.
-    pub fn key_count(&self) -> usize {
-        self.keys.read().map(|k| k.keys.len()).unwrap_or(0)
-    }
-
-    /// JWKS fetches made so far.
-    pub fn fetches(&self) -> u64 {
-        self.fetches.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Fetches the JWKS now; keeps the previous set on failure. Returns the `Cache-Control`
-    /// max-age, clamped to the configured bounds.
-    pub async fn refresh(&self) -> Result<Duration, OpFailure> {
-        let _guard = self.fetch_lock.lock().await;
-        self.fetches
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let uri = match &self.settings.jwks_uri {
-            Some(u) => u.clone(),
-            None => {
-                let meta = match self.op.metadata() {
-                    Some(m) => m,
-                    None => self.op.refresh_metadata().await?,
-                };
-                meta.jwks_uri.clone().ok_or(OpFailure::BadMetadata)?
-            }
-        };
-        let (doc, max_age) = self.op.get_json_cached(uri).await?;
-        let keys = parse_jwks(&doc).ok_or(OpFailure::InvalidBody)?;
-        tracing::info!(issuer = %self.issuer(), keys = keys.len(), "JWKS loaded");
-        if let Ok(mut slot) = self.keys.write() {
-            *slot = Arc::new(KeySet { keys, loaded: true });
-        }
-        Ok(max_age
-            .unwrap_or(self.settings.refresh_max)
-            .clamp(self.settings.refresh_min, self.settings.refresh_max))
-    }
-
-    /// Runs until `shutdown` fires: scheduled refreshes, failures retried with a capped backoff.
-    pub async fn refresh_loop(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(500);
-        loop {
-            let wait = match self.refresh().await {
-                Ok(next) => {
-                    backoff = Duration::from_millis(500);
-                    next
-                }
-                Err(e) => {
-                    tracing::warn!(issuer = %self.issuer(), reason = ?e, "JWKS refresh failed; keeping the last good keys");
-                    backoff =
-                        (backoff * 2).min(self.settings.refresh_min.max(Duration::from_secs(1)));
-                    backoff
-                }
-            };
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
-        }
-    }
-
-    /// An unscheduled fetch, at most once per `jwks_refetch_interval`.
-    async fn refetch_for_unknown_kid(&self) -> bool {
-        {
-            let Ok(mut last) = self.last_unscheduled_fetch.lock() else {
-                return false;
-            };
-            if last.is_some_and(|t| t.elapsed() < self.settings.refetch_interval) {
-                return false;
-            }
-            *last = Some(Instant::now());
-        }
-        self.refresh().await.is_ok()
-    }
-
-    fn find_key(&self, kid: Option<&str>, alg: Algorithm) -> Option<(DecodingKey, bool)> {
-        let set = self.keys.read().ok()?.clone();
-        let family = alg.family();
-        let candidates = set.keys.iter().filter(|k| match (kid, &k.kid) {
-            (Some(want), Some(have)) => want == have,
-            (Some(_), None) => false,
-            (None, _) => true,
-        });
-        let mut found_kid = false;
-        for k in candidates {
-            found_kid = true;
-            if k.family == family && k.alg.is_none_or(|a| key_alg_matches(a, alg)) {
-                return Some((k.key.clone(), true));
-            }
-        }
-        found_kid.then(|| (DecodingKey::from_secret(b""), false))
+        self.keys.loaded()
     }
 
     /// Validates one JWT of this issuer.
@@ -307,24 +194,19 @@ impl JwtIssuer {
         if !typ_ok {
             return JwtOutcome::Rejected(R::Type);
         }
-        let key = if alg.family() == jsonwebtoken::AlgorithmFamily::Hmac {
-            match &self.settings.hmac_secret {
-                Some(secret) => DecodingKey::from_secret(secret.expose().as_bytes()),
-                None => return JwtOutcome::Rejected(R::Algorithm),
-            }
-        } else {
-            if !self.keys_loaded() && self.refresh().await.is_err() {
-                return JwtOutcome::Unavailable(OpFailure::Unreachable);
-            }
-            let mut found = self.find_key(header.kid.as_deref(), alg);
-            if found.is_none() && self.refetch_for_unknown_kid().await {
-                found = self.find_key(header.kid.as_deref(), alg);
-            }
-            match found {
-                Some((key, true)) => key,
-                Some((_, false)) => return JwtOutcome::Rejected(R::Algorithm),
-                None => return JwtOutcome::Rejected(R::UnknownKey),
-            }
+        let key = match self
+            .keys
+            .key_for(
+                alg,
+                header.kid.as_deref(),
+                self.settings.hmac_secret.as_ref(),
+            )
+            .await
+        {
+            Ok(k) => k,
+            Err(KeyLookup::Unavailable(f)) => return JwtOutcome::Unavailable(f),
+            Err(KeyLookup::WrongAlgorithm) => return JwtOutcome::Rejected(R::Algorithm),
+            Err(KeyLookup::Unknown) => return JwtOutcome::Rejected(R::UnknownKey),
         };
         let mut validation = Validation::new(alg);
         validation.validate_exp = false;
@@ -390,45 +272,6 @@ impl JwtIssuer {
     }
 }
 
-fn key_alg_matches(key: KeyAlgorithm, alg: Algorithm) -> bool {
-    format!("{key:?}") == format!("{alg:?}")
-}
-
-fn parse_jwks(doc: &Value) -> Option<Vec<Key>> {
-    let items = doc.get("keys")?.as_array()?;
-    let mut keys = Vec::new();
-    for item in items {
-        // Encryption keys and key types jsonwebtoken does not know are skipped, not fatal.
-        if item
-            .get("use")
-            .and_then(Value::as_str)
-            .is_some_and(|u| u != "sig")
-        {
-            continue;
-        }
-        let Ok(jwk) = serde_json::from_value::<Jwk>(item.clone()) else {
-            continue;
-        };
-        let family = match &jwk.algorithm {
-            AlgorithmParameters::RSA(_) => jsonwebtoken::AlgorithmFamily::Rsa,
-            AlgorithmParameters::EllipticCurve(_) => jsonwebtoken::AlgorithmFamily::Ec,
-            AlgorithmParameters::OctetKeyPair(_) => jsonwebtoken::AlgorithmFamily::Ed,
-            // Symmetric keys are never taken from a published key set.
-            _ => continue,
-        };
-        let Ok(key) = DecodingKey::from_jwk(&jwk) else {
-            continue;
-        };
-        keys.push(Key {
-            kid: jwk.common.key_id.clone(),
-            alg: jwk.common.key_algorithm,
-            key,
-            family,
-        });
-    }
-    Some(keys)
-}
-
 /// Every configured JWT issuer, by `iss`.
 #[derive(Default)]
 pub struct JwtIssuers {
@@ -485,18 +328,5 @@ mod tests {
             Some("https://op/".into())
         );
         assert_eq!(unverified_issuer("eyJ.!!!.x"), None);
-    }
-
-    #[test]
-    fn jwks_parsing_skips_what_it_cannot_use() {
-        let doc = serde_json::json!({"keys": [
-            {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"},
-            {"kty": "RSA", "use": "enc", "n": "AQAB", "e": "AQAB", "kid": "enc"},
-            {"kty": "weird"},
-            {"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo", "kid": "ed"}
-        ]});
-        let keys = parse_jwks(&doc).unwrap();
-        assert_eq!(keys.len(), 1);
-        assert_eq!(keys[0].kid.as_deref(), Some("ed"));
     }
 }

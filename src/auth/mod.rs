@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod identity;
+pub mod jwks;
 pub mod jwt;
 pub mod op;
 
