@@ -1,5 +1,6 @@
-//! The admin listener (loopback by default): `/healthz` (liveness), `/readyz` (readiness) and,
-//! as the other issues land, `/metrics` and the admin API. Never on the public listener.
+//! The admin listener (loopback by default): `/healthz` (liveness), `/readyz` (readiness) and
+//! the admin API under `/admin/v1/` (bearer token from `admin.token`, compared in constant time;
+//! described by `docs/admin-api.openapi.yaml`). Never on the public listener.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,19 +11,37 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
+use crate::auth::identity::valid_localpart;
 use crate::auth::Verifier;
+use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::error::GatewayError;
+use crate::notify::{Notifier, Purge, Source};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 /// The admin HTTP application.
 pub struct AdminApp {
     config: Arc<Config>,
     verifier: Arc<Verifier>,
+    notifier: Arc<Notifier>,
+    clock: SharedClock,
 }
 
 impl AdminApp {
     /// Creates the app.
-    pub fn new(config: Arc<Config>, verifier: Arc<Verifier>) -> Self {
-        Self { config, verifier }
+    pub fn new(
+        config: Arc<Config>,
+        verifier: Arc<Verifier>,
+        notifier: Arc<Notifier>,
+        clock: SharedClock,
+    ) -> Self {
+        Self {
+            config,
+            verifier,
+            notifier,
+            clock,
+        }
     }
 
     /// Readiness checks: `(name, ok)`.
@@ -56,10 +75,280 @@ fn json_response(status: u16, body: &Value) -> Response<Vec<u8>> {
         .unwrap_or_default()
 }
 
+/// An admin API error, rendered as Matrix JSON.
+#[derive(Debug)]
+struct ApiError {
+    status: u16,
+    errcode: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn into_response(self) -> Response<Vec<u8>> {
+        json_response(
+            self.status,
+            &json!({"errcode": self.errcode, "error": self.message}),
+        )
+    }
+}
+
+type ApiResult = Result<Value, ApiError>;
+
+fn error(status: u16, errcode: &'static str, message: &str) -> ApiError {
+    ApiError {
+        status,
+        errcode,
+        message: message.to_owned(),
+    }
+}
+
+fn gateway_error(e: &GatewayError) -> ApiError {
+    error(e.status(), e.errcode().as_str(), e.client_message())
+}
+
+/// The body of an admin request: small JSON (or nothing).
+async fn read_json(session: &mut ServerSession) -> Result<Value, ApiError> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                body.extend_from_slice(&chunk);
+                if body.len() > 64 * 1024 {
+                    return Err(error(413, "M_TOO_LARGE", "body too large"));
+                }
+            }
+            Ok(None) => break,
+            Err(_) => return Err(error(400, "M_BAD_JSON", "cannot read the body")),
+        }
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        _ => Err(error(400, "M_BAD_JSON", "the body must be a JSON object")),
+    }
+}
+
+fn string_field<'a>(body: &'a Value, name: &str) -> Result<&'a str, ApiError> {
+    body.get(name)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            error(
+                400,
+                "M_MISSING_PARAM",
+                &format!("`{name}` (a non-empty string) is required"),
+            )
+        })
+}
+
+impl AdminApp {
+    fn authorised(&self, session: &ServerSession) -> Result<(), ApiError> {
+        let Some(expected) = &self.config.admin_token else {
+            return Err(error(
+                404,
+                "M_UNRECOGNIZED",
+                "the admin API is disabled: set admin.token",
+            ));
+        };
+        let presented = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| error(401, "M_MISSING_TOKEN", "admin bearer token required"))?;
+        // Hash both sides so the comparison takes the same time whatever the lengths.
+        let a = Sha256::digest(presented.as_bytes());
+        let b = Sha256::digest(expected.expose().as_bytes());
+        if bool::from(a.ct_eq(&b)) {
+            Ok(())
+        } else {
+            Err(error(401, "M_UNKNOWN_TOKEN", "wrong admin token"))
+        }
+    }
+
+    fn user_id(&self, raw: &str) -> Result<String, ApiError> {
+        let decoded: String = form_urlencoded::parse(format!("u={raw}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default();
+        let lp = decoded
+            .strip_prefix('@')
+            .and_then(|r| r.strip_suffix(&format!(":{}", self.config.homeserver.server_name)));
+        match lp {
+            Some(lp) if valid_localpart(lp) => Ok(decoded),
+            _ => Err(error(
+                400,
+                "M_INVALID_PARAM",
+                "not a user ID of this homeserver (@localpart:server_name)",
+            )),
+        }
+    }
+
+    async fn api(
+        &self,
+        session: &mut ServerSession,
+        method: &str,
+        path: &str,
+    ) -> Response<Vec<u8>> {
+        if let Err(e) = self.authorised(session) {
+            return e.into_response();
+        }
+        let segments: Vec<&str> = path.trim_start_matches("/admin/v1/").split('/').collect();
+        let body = match read_json(session).await {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        };
+        let result = match (method, segments.as_slice()) {
+            ("POST", ["sessions", "revoke"]) => self.revoke_session(&body).await,
+            ("POST", ["cache", "purge"]) => self.purge(&body).await,
+            ("GET", ["users", user, "devices"]) => self.devices(user).await,
+            ("POST", ["users", user, "logout"]) => self.logout(user).await,
+            ("POST", ["users", user, "deactivate"]) => self.deactivate(user, &body).await,
+            ("DELETE", ["users", user, "tombstone"]) => self.lift(user).await,
+            ("PUT", ["users", user, "subject"]) => self.repin(user, &body).await,
+            ("POST", ["users", user, "cross_signing_reset"]) => {
+                self.approve_reset(user, &body).await
+            }
+            _ => Err(error(404, "M_UNRECOGNIZED", "unknown admin endpoint")),
+        };
+        match result {
+            Ok(v) => json_response(200, &v),
+            Err(e) => e.into_response(),
+        }
+    }
+
+    async fn revoke_session(&self, body: &Value) -> ApiResult {
+        let user = self.user_id(string_field(body, "user_id")?)?;
+        let device = string_field(body, "device_id")?;
+        let out = self
+            .notifier
+            .revoke_device(&user, device, Source::Admin)
+            .await
+            .map_err(|e| gateway_error(&e))?;
+        Ok(json!({"purged": out.purged, "signed_out": out.devices.len()}))
+    }
+
+    async fn purge(&self, body: &Value) -> ApiResult {
+        let given: Vec<&str> = ["token", "sub", "user_id"]
+            .into_iter()
+            .filter(|k| body.get(*k).is_some())
+            .collect();
+        if given.len() != 1 {
+            return Err(error(
+                400,
+                "M_INVALID_PARAM",
+                "give exactly one of `token`, `sub`, `user_id`",
+            ));
+        }
+        let what = match given[0] {
+            "token" => Purge::Token(string_field(body, "token")?.to_owned()),
+            "sub" => Purge::Subject(string_field(body, "sub")?.to_owned()),
+            _ => Purge::User(self.user_id(string_field(body, "user_id")?)?),
+        };
+        let n = self
+            .notifier
+            .purge(what)
+            .await
+            .map_err(|e| gateway_error(&e))?;
+        Ok(json!({"purged": n}))
+    }
+
+    async fn devices(&self, user: &str) -> ApiResult {
+        let user = self.user_id(user)?;
+        let devices = self
+            .notifier
+            .binder()
+            .store()
+            .devices_of(&user)
+            .await
+            .map_err(|_| error(503, "M_UNKNOWN", "state store unavailable"))?;
+        Ok(json!({"user_id": user, "devices": devices}))
+    }
+
+    async fn logout(&self, user: &str) -> ApiResult {
+        let user = self.user_id(user)?;
+        let out = self
+            .notifier
+            .logout_user(&user, Source::Admin)
+            .await
+            .map_err(|e| gateway_error(&e))?;
+        Ok(json!({"purged": out.purged, "signed_out": out.devices.len()}))
+    }
+
+    async fn deactivate(&self, user: &str, body: &Value) -> ApiResult {
+        let user = self.user_id(user)?;
+        let erase = match body.get("erase") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(error(400, "M_INVALID_PARAM", "`erase` must be a boolean")),
+        };
+        let mechanism = self
+            .notifier
+            .deactivate(&user, erase)
+            .await
+            .map_err(|e| gateway_error(&e))?;
+        Ok(json!({"user_id": user, "deactivated": true, "mechanism": mechanism}))
+    }
+
+    async fn lift(&self, user: &str) -> ApiResult {
+        let user = self.user_id(user)?;
+        let lifted = self
+            .notifier
+            .binder()
+            .lift_tombstone(&user)
+            .await
+            .map_err(|e| gateway_error(&e))?;
+        Ok(json!({"user_id": user, "lifted": lifted}))
+    }
+
+    async fn repin(&self, user: &str, body: &Value) -> ApiResult {
+        let user = self.user_id(user)?;
+        let sub = string_field(body, "sub")?;
+        self.notifier
+            .binder()
+            .repin(&user, sub)
+            .await
+            .map_err(|e| gateway_error(&e))?;
+        Ok(json!({"user_id": user, "sub": sub}))
+    }
+
+    async fn approve_reset(&self, user: &str, body: &Value) -> ApiResult {
+        let user = self.user_id(user)?;
+        let secs = match body.get("valid_for_secs") {
+            None => 600,
+            Some(v) => match v.as_u64() {
+                Some(s) if (1..=3600).contains(&s) => s,
+                _ => {
+                    return Err(error(
+                        400,
+                        "M_INVALID_PARAM",
+                        "`valid_for_secs` must be 1..=3600",
+                    ))
+                }
+            },
+        };
+        let until_ms = self.clock.now_ms() + secs * 1000;
+        self.notifier
+            .binder()
+            .store()
+            .approve_cross_signing_reset(&user, until_ms)
+            .await
+            .map_err(|_| error(503, "M_UNKNOWN", "state store unavailable"))?;
+        Ok(json!({"user_id": user, "valid_until_ms": until_ms}))
+    }
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_owned();
+        let method = session.req_header().method.as_str().to_owned();
+        if path.starts_with("/admin/v1/") {
+            return self.api(session, &method, &path).await;
+        }
         match path.as_str() {
             "/healthz" => json_response(200, &json!({"status": "ok"})),
             "/readyz" => {

@@ -44,6 +44,8 @@ pub enum RejectReason {
     InvalidJwt,
     /// No configured issuer accepts this token (e.g. an opaque token with only JWT issuers).
     NoVerifier,
+    /// Revoked through back-channel logout, the revocation proxy or the admin API.
+    Revoked,
 }
 
 /// How a call to the OP failed (503, never 401).
@@ -142,6 +144,9 @@ pub enum GatewayError {
     /// 401 user-interactive-auth answer pointing at the OP's account page (`m.oauth`).
     #[error("cross-signing reset needs approval at the OP")]
     CrossSigningResetRequired,
+    /// 403 `M_USER_DEACTIVATED`: the user ID is tombstoned.
+    #[error("user deactivated")]
+    UserDeactivated,
 }
 
 /// Matrix error codes the gateway emits
@@ -156,6 +161,8 @@ pub enum Errcode {
     GuestAccessForbidden,
     /// Not allowed.
     Forbidden,
+    /// The account was deactivated.
+    UserDeactivated,
     /// The endpoint or request is not recognised.
     Unrecognized,
     /// Anything else.
@@ -170,6 +177,7 @@ impl Errcode {
             Errcode::UnknownToken => "M_UNKNOWN_TOKEN",
             Errcode::GuestAccessForbidden => "M_GUEST_ACCESS_FORBIDDEN",
             Errcode::Forbidden => "M_FORBIDDEN",
+            Errcode::UserDeactivated => "M_USER_DEACTIVATED",
             Errcode::Unrecognized => "M_UNRECOGNIZED",
             Errcode::Unknown => "M_UNKNOWN",
         }
@@ -197,6 +205,7 @@ impl GatewayError {
             GatewayError::Refused(Refused::Registration | Refused::AppserviceOnly) => 403,
             GatewayError::BindingUnavailable(_) => 503,
             GatewayError::CrossSigningResetRequired => 401,
+            GatewayError::UserDeactivated => 403,
         }
     }
 
@@ -214,6 +223,7 @@ impl GatewayError {
             | GatewayError::Refused(Refused::Registration | Refused::AppserviceOnly)
             | GatewayError::CrossSigningResetRequired => Errcode::Forbidden,
             GatewayError::BindingUnavailable(_) => Errcode::Unknown,
+            GatewayError::UserDeactivated => Errcode::UserDeactivated,
             GatewayError::OpUnavailable(_)
             | GatewayError::UpstreamUnavailable
             | GatewayError::UserMapping(_)
@@ -265,6 +275,7 @@ impl GatewayError {
             GatewayError::CrossSigningResetRequired => {
                 "To reset your cross-signing identity, approve it at your account page first (gateway)"
             }
+            GatewayError::UserDeactivated => "This account has been deactivated (gateway)",
         }
     }
 
@@ -293,6 +304,7 @@ impl GatewayError {
                 RejectReason::NoSubject => "no_subject",
                 RejectReason::InvalidJwt => "invalid_jwt",
                 RejectReason::NoVerifier => "no_verifier",
+                RejectReason::Revoked => "revoked",
             },
             GatewayError::GuestAccessForbidden => "guest_forbidden",
             GatewayError::BadRequestTarget => "bad_target",
@@ -326,6 +338,7 @@ impl GatewayError {
                 BindingFailure::Lost => "binding_lost",
             },
             GatewayError::CrossSigningResetRequired => "cross_signing_reset",
+            GatewayError::UserDeactivated => "user_deactivated",
         }
     }
 }

@@ -11,5 +11,6 @@ pub mod error;
 pub mod gateway;
 pub mod http_client;
 pub mod logging;
+pub mod notify;
 pub mod server;
 pub mod store;

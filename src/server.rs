@@ -11,14 +11,17 @@ use pingora::services::background::{background_service, BackgroundService};
 use crate::auth::jwks::{KeyStore, Schedule};
 use crate::auth::jwt::{JwtIssuer, JwtIssuers};
 use crate::auth::op::OpClient;
+use crate::auth::revocations::Revocations;
 use crate::auth::Verifier;
 use crate::binding::Binder;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::gateway::upstream::Upstream;
 use crate::gateway::Gateway;
+use crate::notify::logout_token::{LogoutIssuer, LogoutValidator};
+use crate::notify::Notifier;
 use crate::store::sqlite::SqliteStore;
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 
 /// Why the server could not be assembled.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,13 @@ impl BackgroundService for JwksRefresher {
     }
 }
 
+fn default_logout_algorithms() -> Vec<jsonwebtoken::Algorithm> {
+    use jsonwebtoken::Algorithm::*;
+    vec![
+        RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA,
+    ]
+}
+
 /// Builds a ready-to-run server.
 pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
     let config = Arc::new(config);
@@ -101,9 +111,55 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
             jwks_refreshers.push(keys);
         }
     }
-    let verifier = Arc::new(Verifier::new(&config, op.clone(), jwt, clock.clone()));
-    let store = Arc::new(SqliteStore::open(&config.store.path)?);
-    let binder = Arc::new(Binder::new(&config, store)?);
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
+    let revocations = Arc::new(Revocations::new(store.clone()));
+    // Persisted revocations are in force before the first request. (On a thread of its own:
+    // `build` may be called from inside a runtime, as the in-process tests do.)
+    let loaded = {
+        let revocations = revocations.clone();
+        let now = clock.now_ms();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .map_err(|e| StoreError(e.to_string()))?
+                .block_on(revocations.load(now))
+        })
+        .join()
+        .map_err(|_| StoreError("revocation loader panicked".into()))??
+    };
+    if loaded > 0 {
+        tracing::info!(revocations = loaded, "revocations restored from the store");
+    }
+    let verifier = Arc::new(Verifier::new(
+        &config,
+        op.clone(),
+        jwt,
+        revocations,
+        clock.clone(),
+    ));
+    let binder = Arc::new(Binder::new(&config, store.clone())?);
+    let logout_issuers = key_stores
+        .iter()
+        .map(|keys| {
+            let issuer = keys.op().issuer();
+            let jwt = issuer.jwt.as_ref();
+            LogoutIssuer {
+                keys: keys.clone(),
+                audiences: issuer.logout_audiences.clone(),
+                algorithms: jwt.map_or_else(default_logout_algorithms, |j| j.algorithms.clone()),
+                hmac_secret: jwt.and_then(|j| j.hmac_secret.clone()),
+                leeway: jwt.map_or(std::time::Duration::from_secs(30), |j| j.leeway),
+            }
+        })
+        .collect();
+    let logout = LogoutValidator::new(logout_issuers, store, clock.clone());
+    let notifier = Arc::new(Notifier::new(
+        verifier.clone(),
+        binder.clone(),
+        logout,
+        clock.clone(),
+        config.notifications.revocation_retention,
+    ));
 
     let conf = ServerConf {
         threads: config.listen.threads,
@@ -114,8 +170,13 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let admin = crate::admin::AdminApp::new(config.clone(), verifier.clone());
-    let gateway = Gateway::new(config.clone(), verifier, binder, upstream, clock);
+    let admin = crate::admin::AdminApp::new(
+        config.clone(),
+        verifier.clone(),
+        notifier.clone(),
+        clock.clone(),
+    );
+    let gateway = Gateway::new(config.clone(), verifier, binder, upstream, clock, notifier);
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         gateway,

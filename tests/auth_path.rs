@@ -630,6 +630,7 @@ async fn identity_signature_is_added_with_a_secret() {
         session_id: None,
         expires_at_ms: None,
         token_id: None,
+        issued_at_ms: 0,
     };
     let expected = matrix_oidc_gateway::gateway::headers::signature(
         secret.as_bytes(),

@@ -152,6 +152,21 @@ impl IdentityCache {
         }
     }
 
+    /// Drops every active entry whose identity `matches` selects; returns those identities.
+    /// Complete when it returns: the next lookup of any of them misses.
+    pub async fn purge_where(&self, matches: impl Fn(&Identity) -> bool) -> Vec<Arc<Identity>> {
+        let mut purged = Vec::new();
+        for (key, entry) in self.inner.iter() {
+            if let Verdict::Active(id) = &entry.verdict {
+                if matches(id) {
+                    self.inner.invalidate(&*key).await;
+                    purged.push(id.clone());
+                }
+            }
+        }
+        purged
+    }
+
     /// Approximate entry count.
     pub fn entry_count(&self) -> u64 {
         self.inner.entry_count()

@@ -51,6 +51,9 @@ pub struct Identity {
     pub expires_at_ms: Option<u64>,
     /// The token's `jti`, when known (for targeted purges).
     pub token_id: Option<String>,
+    /// When the token was issued (Unix ms): `iat`, else when the OP first vouched for it.
+    /// Revocations of a subject, user or device apply to tokens issued before them.
+    pub issued_at_ms: u64,
 }
 
 /// What the scope string grants.
@@ -114,6 +117,8 @@ pub struct Claims {
     pub sid: Option<String>,
     /// Absolute expiry in Unix ms, from `exp` / `expires_in`.
     pub expires_at_ms: Option<u64>,
+    /// Issue time in Unix ms (see [`Identity::issued_at_ms`]).
+    pub issued_at_ms: u64,
     /// Every claim by name, for the configurable user-ID claim order.
     pub all: Map<String, Value>,
 }
@@ -179,6 +184,7 @@ pub fn build_identity(
         session_id: claims.sid.clone(),
         expires_at_ms: claims.expires_at_ms,
         token_id: None,
+        issued_at_ms: claims.issued_at_ms,
     })
 }
 

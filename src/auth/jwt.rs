@@ -266,6 +266,8 @@ impl JwtIssuer {
             device_id: c.device_id,
             sid: c.sid,
             expires_at_ms: Some((exp * 1000.0) as u64),
+            // Without `iat` a JWT counts as issued before any revocation.
+            issued_at_ms: c.iat.map_or(0, |i| (i.max(0.0) * 1000.0) as u64),
             all,
         };
         JwtOutcome::Valid(Box::new(claims), c.jti)

@@ -10,6 +10,7 @@ pub mod identity;
 pub mod jwks;
 pub mod jwt;
 pub mod op;
+pub mod revocations;
 
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ use identity::{build_identity, Claims, IdentityError};
 pub use identity::{Access, Identity};
 use jwt::{JwtIssuer, JwtIssuers, JwtOutcome};
 use op::{IntrospectionResponse, OpClient};
+use revocations::Revocations;
 
 /// SHA-256 of a token: the only form in which a token is stored or logged.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,6 +63,7 @@ pub struct Verifier {
     op: Arc<OpClient>,
     primary_introspects: bool,
     jwt: JwtIssuers,
+    revocations: Arc<Revocations>,
     cache: IdentityCache,
     clock: SharedClock,
     user_id_claims: Vec<String>,
@@ -72,8 +75,15 @@ pub struct Verifier {
 
 impl Verifier {
     /// Builds the verifier: `op` is the primary issuer's client, `jwt` the JWT issuers.
-    pub fn new(config: &Config, op: Arc<OpClient>, jwt: JwtIssuers, clock: SharedClock) -> Self {
+    pub fn new(
+        config: &Config,
+        op: Arc<OpClient>,
+        jwt: JwtIssuers,
+        revocations: Arc<Revocations>,
+        clock: SharedClock,
+    ) -> Self {
         Self {
+            revocations,
             primary_introspects: op.issuer().mode != VerifyMode::Jwt,
             op,
             jwt,
@@ -97,20 +107,58 @@ impl Verifier {
         &self.jwt
     }
 
+    /// The configured user-ID claims.
+    pub fn user_id_claims(&self) -> &[String] {
+        &self.user_id_claims
+    }
+
+    /// The Matrix server name.
+    pub fn server_name(&self) -> &str {
+        &self.server_name
+    }
+
+    /// The revocation list.
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
+    }
+
+    /// Drops every cached identity `matches` selects; returns them (for upstream sign-out).
+    pub async fn purge_where(&self, matches: impl Fn(&Identity) -> bool) -> Vec<Arc<Identity>> {
+        self.cache.purge_where(matches).await
+    }
+
+    /// Drops one token's cached verdict.
+    pub async fn purge_token(&self, key: &TokenHash) {
+        self.cache.invalidate(key).await;
+    }
+
     /// Number of cached verdicts (approximate).
     pub fn cached_entries(&self) -> u64 {
         self.cache.entry_count()
     }
 
-    /// Verifies one token.
+    /// Verifies one token; revoked identities are refused whatever the cache or the JWT say.
     pub async fn verify(&self, token: &str) -> Verified {
+        let key = TokenHash::of(token);
+        let mut verified = self.verify_uncached_revocations(token, key).await;
+        if let Ok(identity) = &verified.result {
+            if self
+                .revocations
+                .is_revoked(identity, &key, self.clock.now_ms())
+            {
+                verified.result = Err(GatewayError::UnknownToken(RejectReason::Revoked));
+            }
+        }
+        verified
+    }
+
+    async fn verify_uncached_revocations(&self, token: &str, key: TokenHash) -> Verified {
         if token.len() > self.max_token_length {
             return Verified {
                 result: Err(GatewayError::UnknownToken(RejectReason::TooLong)),
                 cache: CacheOutcome::Bypass,
             };
         }
-        let key = TokenHash::of(token);
         let now = self.clock.now_ms();
         let mut outcome = CacheOutcome::Miss;
         if let Some(hit) = self.cache.get(&key).await {
@@ -255,6 +303,8 @@ impl Verifier {
             device_id: a.device_id,
             sid: a.sid,
             expires_at_ms,
+            // Without `iat`, the time the OP vouched for it.
+            issued_at_ms: a.iat.map_or(now, |i| i.max(0) as u64 * 1000),
             all,
         };
         self.verdict_from_claims(claims, jti, now)

@@ -47,6 +47,9 @@ pub struct IntrospectionResponse {
     /// Seconds until expiry (MAS).
     #[serde(default)]
     pub expires_in: Option<i64>,
+    /// Issue time, Unix seconds.
+    #[serde(default)]
+    pub iat: Option<i64>,
     /// Subject.
     #[serde(default)]
     pub sub: Option<String>,
@@ -138,6 +141,48 @@ impl OpClient {
         Ok(meta)
     }
 
+    /// The OP's RFC 7009 revocation endpoint, from discovery.
+    pub async fn revocation_endpoint(&self) -> Result<Url, OpFailure> {
+        let meta = match self.metadata() {
+            Some(m) => m,
+            None => self.refresh_metadata().await?,
+        };
+        meta.document
+            .get("revocation_endpoint")
+            .and_then(Value::as_str)
+            .and_then(|s| Url::parse(s).ok())
+            .ok_or(OpFailure::BadMetadata)
+    }
+
+    /// Forwards an RFC 7009 request unchanged; returns the OP's status, content type and body.
+    pub async fn forward_revocation(
+        &self,
+        body: bytes::Bytes,
+        content_type: Option<&str>,
+        authorization: Option<&str>,
+    ) -> Result<(u16, Option<String>, bytes::Bytes), OpFailure> {
+        let endpoint = self.revocation_endpoint().await?;
+        let mut req = self.http.post(endpoint).body(body);
+        if let Some(ct) = content_type {
+            req = req.header("Content-Type", ct);
+        }
+        if let Some(a) = authorization {
+            req = req.header("Authorization", a);
+        }
+        let resp = req.send().await.map_err(classify)?;
+        let status = resp.status().as_u16();
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = resp.bytes().await.map_err(classify)?;
+        if body.len() > self.issuer.max_response_bytes {
+            return Err(OpFailure::TooLarge);
+        }
+        Ok((status, ct, body))
+    }
+
     async fn introspection_endpoint(&self) -> Result<Url, OpFailure> {
         if let Some(u) = &self.issuer.introspection_endpoint {
             return Ok(u.clone());
@@ -153,9 +198,17 @@ impl OpClient {
 
     /// RFC 7662 introspection of an access token.
     pub async fn introspect(&self, token: &str) -> Result<IntrospectionResponse, OpFailure> {
+        self.introspect_as(token, "access_token").await
+    }
+
+    /// RFC 7662 introspection with an explicit `token_type_hint`.
+    pub async fn introspect_as(
+        &self,
+        token: &str,
+        hint: &str,
+    ) -> Result<IntrospectionResponse, OpFailure> {
         let endpoint = self.introspection_endpoint().await?;
-        let mut form: Vec<(&str, &str)> =
-            vec![("token", token), ("token_type_hint", "access_token")];
+        let mut form: Vec<(&str, &str)> = vec![("token", token), ("token_type_hint", hint)];
         let mut req = self
             .http
             .post(endpoint)

@@ -60,6 +60,13 @@ pub struct Bound {
     pub credential: Credential,
 }
 
+/// What the gateway knows of a user ID: who owns it, and whether it is tombstoned.
+#[derive(Debug)]
+struct UserState {
+    owner: Arc<str>,
+    tombstoned: bool,
+}
+
 /// Counters of provisioning calls (tests and metrics).
 #[derive(Debug, Default)]
 pub struct ProvisioningCounters {
@@ -80,7 +87,9 @@ pub struct Binder {
     http: reqwest::Client,
     store: Arc<dyn Store>,
     bound: Cache<(String, String), Arc<Bound>>,
-    pins: Cache<String, Arc<str>>,
+    users: Cache<String, Arc<UserState>>,
+    sessions_seen: Cache<(String, String, String), ()>,
+    admin_token: Option<Secret>,
     registered: Cache<String, ()>,
     /// Provisioning calls made.
     pub counters: ProvisioningCounters,
@@ -97,7 +106,9 @@ impl Binder {
             http: crate::http_client::build(Duration::from_secs(15))?,
             store,
             bound: Cache::builder().max_capacity(200_000).build(),
-            pins: Cache::builder().max_capacity(200_000).build(),
+            users: Cache::builder().max_capacity(200_000).build(),
+            sessions_seen: Cache::builder().max_capacity(200_000).build(),
+            admin_token: config.homeserver.admin_token.clone(),
             registered: Cache::builder().max_capacity(200_000).build(),
             counters: ProvisioningCounters::default(),
         })
@@ -134,6 +145,7 @@ impl Binder {
             (None, BindingMode::AppserviceLogin) => Some(derived_device_id(&identity.subject)),
             (None, _) => None,
         };
+        self.record_session(identity, device.as_deref()).await;
         let key = (identity.user_id.clone(), device.clone().unwrap_or_default());
         self.bound
             .try_get_with(key, self.provision(&identity.user_id, device))
@@ -219,47 +231,246 @@ impl Binder {
     }
 
     async fn check_pin(&self, identity: &Identity) -> Result<(), GatewayError> {
-        if let Some(owner) = self.pins.get(&identity.user_id).await {
-            return if *owner == *identity.subject {
-                Ok(())
-            } else {
-                Err(GatewayError::SubjectMismatch)
-            };
+        let state = match self.users.get(&identity.user_id).await {
+            Some(state) => state,
+            None => {
+                let state = self.load_user_state(identity).await?;
+                self.users
+                    .insert(identity.user_id.clone(), state.clone())
+                    .await;
+                state
+            }
+        };
+        if state.tombstoned {
+            return Err(GatewayError::UserDeactivated);
         }
-        let pin = self
+        if *state.owner != *identity.subject {
+            tracing::warn!(
+                user = %identity.user_id,
+                "a token's subject does not own this user ID (reassigned username at the OP?); refused until an operator re-pins it"
+            );
+            return Err(GatewayError::SubjectMismatch);
+        }
+        Ok(())
+    }
+
+    async fn load_user_state(&self, identity: &Identity) -> Result<Arc<UserState>, GatewayError> {
+        let store_err = |e: crate::store::StoreError| {
+            tracing::error!(error = %e, "state store failed");
+            GatewayError::BindingUnavailable(BindingFailure::Store)
+        };
+        let tombstoned = self
+            .store
+            .is_tombstoned(&identity.user_id)
+            .await
+            .map_err(store_err)?;
+        let owner = match self
             .store
             .pin_subject(&identity.user_id, &identity.subject)
             .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "state store failed");
-                GatewayError::BindingUnavailable(BindingFailure::Store)
-            })?;
-        match pin {
-            Pin::New | Pin::Matches => {
-                self.pins
-                    .insert(
-                        identity.user_id.clone(),
-                        Arc::from(identity.subject.as_str()),
-                    )
-                    .await;
-                Ok(())
-            }
-            Pin::Conflict { owner } => {
-                tracing::warn!(
-                    user = %identity.user_id,
-                    "a token's subject does not own this user ID (reassigned username at the OP?); refused until an operator re-pins it"
-                );
-                self.pins
-                    .insert(identity.user_id.clone(), Arc::from(owner.as_str()))
-                    .await;
-                Err(GatewayError::SubjectMismatch)
-            }
+            .map_err(store_err)?
+        {
+            Pin::New | Pin::Matches => identity.subject.clone(),
+            Pin::Conflict { owner } => owner,
+        };
+        Ok(Arc::new(UserState {
+            owner: Arc::from(owner.as_str()),
+            tombstoned,
+        }))
+    }
+
+    /// Forgets the cached pin and tombstone state of a user (after an operator changes them).
+    pub async fn forget_user_state(&self, user_id: &str) {
+        self.users.invalidate(user_id).await;
+    }
+
+    /// Remembers which OP session a device belongs to (for back-channel logout by `sid`).
+    async fn record_session(&self, identity: &Identity, device: Option<&str>) {
+        let (Some(sid), Some(device)) = (&identity.session_id, device) else {
+            return;
+        };
+        let key = (sid.clone(), identity.user_id.clone(), device.to_owned());
+        if self.sessions_seen.get(&key).await.is_some() {
+            return;
+        }
+        match self
+            .store
+            .record_session(sid, &identity.user_id, device)
+            .await
+        {
+            Ok(()) => self.sessions_seen.insert(key, ()).await,
+            Err(e) => tracing::error!(error = %e, "cannot record the OP session of a device"),
         }
     }
 
-    /// Forgets the cached pin of a user (after an operator re-pins it).
-    pub async fn forget_pin(&self, user_id: &str) {
-        self.pins.invalidate(user_id).await;
+    /// Signs one device out upstream and forgets its binding: `POST /logout` with the device's
+    /// token (`appservice_login`) or the AS `DELETE /devices/{id}` (`appservice_masquerade`).
+    pub async fn sign_out_device(
+        &self,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<(), GatewayError> {
+        match self.mode {
+            BindingMode::AppserviceLogin => {
+                let record = self.store.device(user_id, device_id).await.map_err(|e| {
+                    tracing::error!(error = %e, "state store failed");
+                    GatewayError::BindingUnavailable(BindingFailure::Store)
+                })?;
+                if let Some(token) = record.and_then(|r| r.upstream_token) {
+                    let resp = self
+                        .http
+                        .post(self.endpoint("/_matrix/client/v3/logout"))
+                        .bearer_auth(token)
+                        .json(&json!({}))
+                        .send()
+                        .await
+                        .map_err(|e| unreachable(&e))?;
+                    // 401: the device is already gone.
+                    if !resp.status().is_success() && resp.status() != 401 {
+                        tracing::error!(user = %user_id, status = resp.status().as_u16(), "upstream logout failed");
+                        return Err(GatewayError::BindingUnavailable(
+                            BindingFailure::Unreachable,
+                        ));
+                    }
+                }
+            }
+            BindingMode::AppserviceMasquerade => {
+                let mut url = self.endpoint(&format!(
+                    "/_matrix/client/v3/devices/{}",
+                    utf8_percent_encode_segment(device_id)
+                ));
+                url.query_pairs_mut().append_pair("user_id", user_id);
+                let resp = self
+                    .http
+                    .delete(url)
+                    .bearer_auth(self.as_bearer()?)
+                    .json(&json!({}))
+                    .send()
+                    .await
+                    .map_err(|e| unreachable(&e))?;
+                if !resp.status().is_success() && resp.status() != 404 {
+                    tracing::error!(user = %user_id, status = resp.status().as_u16(), "upstream device deletion failed");
+                    return Err(GatewayError::BindingUnavailable(
+                        BindingFailure::Unreachable,
+                    ));
+                }
+            }
+            BindingMode::Headers => {}
+        }
+        self.drop_binding(user_id, Some(device_id)).await;
+        tracing::info!(user = %user_id, device = %device_id, "device signed out upstream");
+        Ok(())
+    }
+
+    /// Signs every device of a user out upstream (the ones the gateway bound, and on Dendrite
+    /// and Conduit every other one through the AS `POST /logout/all?user_id=`).
+    pub async fn sign_out_user(&self, user_id: &str) -> Result<Vec<String>, GatewayError> {
+        let devices = self.store.devices_of(user_id).await.map_err(|e| {
+            tracing::error!(error = %e, "state store failed");
+            GatewayError::BindingUnavailable(BindingFailure::Store)
+        })?;
+        for d in &devices {
+            self.sign_out_device(user_id, d).await?;
+        }
+        if self.mode != BindingMode::Headers
+            && matches!(
+                self.kind,
+                HomeserverKind::Dendrite | HomeserverKind::Conduit
+            )
+        {
+            let mut url = self.endpoint("/_matrix/client/v3/logout/all");
+            url.query_pairs_mut().append_pair("user_id", user_id);
+            let resp = self
+                .http
+                .post(url)
+                .bearer_auth(self.as_bearer()?)
+                .json(&json!({}))
+                .send()
+                .await
+                .map_err(|e| unreachable(&e))?;
+            if !resp.status().is_success() {
+                tracing::warn!(user = %user_id, status = resp.status().as_u16(), "appservice logout/all failed");
+            }
+        }
+        Ok(devices)
+    }
+
+    /// Tombstones the user (never provisioned again), signs out every device, and deactivates
+    /// the account upstream with the best mechanism the homeserver has (docs/notifications.md).
+    pub async fn deactivate(
+        &self,
+        user_id: &str,
+        erase: bool,
+    ) -> Result<&'static str, GatewayError> {
+        self.store.tombstone(user_id).await.map_err(|e| {
+            tracing::error!(error = %e, "state store failed");
+            GatewayError::BindingUnavailable(BindingFailure::Store)
+        })?;
+        self.users.invalidate(user_id).await;
+        self.sign_out_user(user_id).await?;
+        let mechanism = match (self.kind, &self.admin_token, self.mode) {
+            (_, _, BindingMode::Headers) => "tombstone",
+            (HomeserverKind::Synapse | HomeserverKind::Tuwunel, Some(admin), _) => {
+                let url = self.endpoint(&format!(
+                    "/_synapse/admin/v1/deactivate/{}",
+                    utf8_percent_encode_segment(user_id)
+                ));
+                self.deactivate_call(self.http.post(url).bearer_auth(admin.expose()), erase)
+                    .await?;
+                "synapse_admin_api"
+            }
+            (HomeserverKind::Synapse | HomeserverKind::Tuwunel, None, _) => {
+                let mut url = self.endpoint("/_matrix/client/v3/account/deactivate");
+                url.query_pairs_mut().append_pair("user_id", user_id);
+                self.deactivate_call(self.http.post(url).bearer_auth(self.as_bearer()?), erase)
+                    .await?;
+                "appservice_deactivate"
+            }
+            _ => "logout_all",
+        };
+        tracing::info!(user = %user_id, mechanism, "user deactivated");
+        Ok(mechanism)
+    }
+
+    async fn deactivate_call(
+        &self,
+        req: reqwest::RequestBuilder,
+        erase: bool,
+    ) -> Result<(), GatewayError> {
+        let resp = req
+            .json(&json!({"erase": erase}))
+            .send()
+            .await
+            .map_err(|e| unreachable(&e))?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        let status = resp.status().as_u16();
+        let answer: Value = resp.json().await.unwrap_or(Value::Null);
+        tracing::error!(status, errcode = %answer["errcode"], "upstream deactivation failed");
+        Err(GatewayError::BindingUnavailable(
+            BindingFailure::Unreachable,
+        ))
+    }
+
+    /// Lifts a tombstone; `true` when there was one.
+    pub async fn lift_tombstone(&self, user_id: &str) -> Result<bool, GatewayError> {
+        let lifted = self.store.lift_tombstone(user_id).await.map_err(|e| {
+            tracing::error!(error = %e, "state store failed");
+            GatewayError::BindingUnavailable(BindingFailure::Store)
+        })?;
+        self.users.invalidate(user_id).await;
+        Ok(lifted)
+    }
+
+    /// Moves a user's subject pin (an operator action after a legitimate `sub` change).
+    pub async fn repin(&self, user_id: &str, sub: &str) -> Result<(), GatewayError> {
+        self.store.repin_subject(user_id, sub).await.map_err(|e| {
+            tracing::error!(error = %e, "state store failed");
+            GatewayError::BindingUnavailable(BindingFailure::Store)
+        })?;
+        self.users.invalidate(user_id).await;
+        Ok(())
     }
 
     async fn provision(

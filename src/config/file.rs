@@ -36,6 +36,61 @@ pub struct FileConfig {
     /// What the gateway serves for OAuth discovery (MSC2965).
     #[serde(default)]
     pub discovery: DiscoveryFile,
+    /// Sign-out and deactivation notifications from the OP.
+    #[serde(default)]
+    pub notifications: NotificationsFile,
+    /// The admin API on the admin listener.
+    #[serde(default)]
+    pub admin: AdminFile,
+}
+
+/// `[notifications]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotificationsFile {
+    /// Path of the OIDC Back-Channel Logout endpoint on the public listener.
+    #[serde(default = "default_bcl_path")]
+    pub backchannel_logout_path: String,
+    /// Advertise and serve the gateway's own RFC 7009 revocation endpoint.
+    #[serde(default = "default_true")]
+    pub revocation_proxy: bool,
+    /// Path of that revocation endpoint on the public listener.
+    #[serde(default = "default_revocation_path")]
+    pub revocation_path: String,
+    /// How long a revoked session, subject, device or token is remembered.
+    #[serde(default = "default_retention")]
+    pub revocation_retention: String,
+}
+
+impl Default for NotificationsFile {
+    fn default() -> Self {
+        Self {
+            backchannel_logout_path: default_bcl_path(),
+            revocation_proxy: true,
+            revocation_path: default_revocation_path(),
+            revocation_retention: default_retention(),
+        }
+    }
+}
+
+fn default_bcl_path() -> String {
+    "/_matrix-oidc-gateway/oidc/backchannel-logout".into()
+}
+fn default_revocation_path() -> String {
+    "/_matrix-oidc-gateway/oauth2/revoke".into()
+}
+fn default_retention() -> String {
+    "24h".into()
+}
+
+/// `[admin]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// Bearer token of the admin API (the admin API is off without one).
+    pub token: Option<String>,
+    /// A file holding the admin token; its content is trimmed.
+    pub token_file: Option<String>,
 }
 
 /// `[store]`
@@ -139,6 +194,10 @@ pub struct HomeserverFile {
     /// the public listener.
     #[serde(default)]
     pub expose_admin_api: bool,
+    /// A Synapse admin access token, for deactivation through the Synapse admin API.
+    pub admin_token: Option<String>,
+    /// A file holding that admin token; its content is trimmed.
+    pub admin_token_file: Option<String>,
 }
 
 fn default_kind() -> String {
@@ -220,6 +279,10 @@ pub struct IssuerFile {
     /// Also introspect JWTs at this issuer (closes the revocation gap for OPs that can).
     #[serde(default)]
     pub introspect_jwts: bool,
+    /// `aud` values accepted on back-channel logout tokens besides `client_id`: the client IDs
+    /// of the Matrix clients the OP logs users in with.
+    #[serde(default)]
+    pub logout_audiences: Vec<String>,
 }
 
 fn default_mode() -> String {

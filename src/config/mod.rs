@@ -90,6 +90,23 @@ pub struct Config {
     pub store: StoreSettings,
     /// Discovery answers.
     pub discovery: Discovery,
+    /// Notification endpoints.
+    pub notifications: Notifications,
+    /// Admin API bearer token (admin API off without one).
+    pub admin_token: Option<Secret>,
+}
+
+/// `[notifications]`
+#[derive(Debug, Clone)]
+pub struct Notifications {
+    /// Back-channel logout path.
+    pub backchannel_logout_path: String,
+    /// Serve and advertise the revocation proxy.
+    pub revocation_proxy: bool,
+    /// Revocation proxy path.
+    pub revocation_path: String,
+    /// How long revocations are remembered.
+    pub revocation_retention: Duration,
 }
 
 /// `[store]`
@@ -185,6 +202,8 @@ pub struct Homeserver {
     pub as_token: Option<Secret>,
     /// Admin APIs reachable through the public listener.
     pub expose_admin_api: bool,
+    /// Synapse admin token (deactivation).
+    pub admin_token: Option<Secret>,
 }
 
 /// How the gateway authenticates itself to the introspection endpoint.
@@ -263,6 +282,8 @@ pub struct Issuer {
     pub access_token_types: Vec<String>,
     /// Refuse answers without `token_type`.
     pub require_token_type: bool,
+    /// Accepted `aud` of logout tokens (`client_id` and `logout_audiences`).
+    pub logout_audiences: Vec<String>,
 }
 
 /// Which endpoint list a guest-scoped token may call.
@@ -697,6 +718,8 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
         as_token: None,
         as_token_file: None,
         expose_admin_api: false,
+        admin_token: None,
+        admin_token_file: None,
     });
     let kind = match hs.kind.as_str() {
         "synapse" => HomeserverKind::Synapse,
@@ -890,6 +913,12 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
                 metadata_refresh,
                 access_token_types: iss.access_token_types.clone(),
                 require_token_type: iss.require_token_type,
+                logout_audiences: iss
+                    .client_id
+                    .iter()
+                    .chain(iss.logout_audiences.iter())
+                    .cloned()
+                    .collect(),
             });
         }
     }
@@ -977,6 +1006,51 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
         .registration_endpoint
         .as_deref()
         .and_then(|u| http_url(&mut p, &mut warnings, "discovery.registration_endpoint", u));
+    let hs_admin_token = secret::resolve(
+        &mut p,
+        "homeserver.admin_token",
+        hs.admin_token.as_deref(),
+        hs.admin_token_file.as_deref(),
+        false,
+    );
+    let admin_token = secret::resolve(
+        &mut p,
+        "admin.token",
+        f.admin.token.as_deref(),
+        f.admin.token_file.as_deref(),
+        false,
+    );
+    if admin_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+        p.add("admin.token", "must be at least 16 characters");
+    }
+    let n = &f.notifications;
+    for (key, path) in [
+        (
+            "notifications.backchannel_logout_path",
+            &n.backchannel_logout_path,
+        ),
+        ("notifications.revocation_path", &n.revocation_path),
+    ] {
+        if !path.starts_with('/') || path.contains('?') || path.contains('#') {
+            p.add(
+                key,
+                format!("{path:?} must be an absolute path without query or fragment"),
+            );
+        } else if path.starts_with("/_matrix/") || path.starts_with("/.well-known/") {
+            p.add(key, format!("{path:?} must not shadow a Matrix path"));
+        }
+    }
+    if n.backchannel_logout_path == n.revocation_path {
+        p.add(
+            "notifications.revocation_path",
+            "must differ from backchannel_logout_path",
+        );
+    }
+    let revocation_retention = duration(
+        &mut p,
+        "notifications.revocation_retention",
+        &n.revocation_retention,
+    );
     if f.store.path.trim().is_empty() {
         p.add("store.path", "must not be empty");
     }
@@ -1034,6 +1108,7 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
                 binding,
                 as_token,
                 expose_admin_api: hs.expose_admin_api,
+                admin_token: hs_admin_token,
             },
             issuers,
             auth: AuthPolicy {
@@ -1061,6 +1136,13 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
                 account_management_uri,
                 registration_endpoint,
             },
+            notifications: Notifications {
+                backchannel_logout_path: f.notifications.backchannel_logout_path,
+                revocation_proxy: f.notifications.revocation_proxy,
+                revocation_path: f.notifications.revocation_path,
+                revocation_retention,
+            },
+            admin_token,
         },
         warnings,
     })

@@ -30,8 +30,11 @@ pub async fn authenticate(
     req: &RequestHeader,
     ctx: &mut Ctx,
 ) -> Result<Decision, GatewayError> {
+    let n = &gw.config.notifications;
     let options = classify::Options {
         expose_admin_api: gw.config.homeserver.expose_admin_api,
+        backchannel_logout_path: &n.backchannel_logout_path,
+        revocation_path: n.revocation_proxy.then_some(n.revocation_path.as_str()),
     };
     let route = classify::classify(&req.method, req.raw_path(), options)?;
     ctx.route = Some(route.class);

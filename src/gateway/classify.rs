@@ -39,6 +39,10 @@ pub enum Served {
     AuthIssuer,
     /// `GET /.well-known/matrix/client`.
     WellKnownClient,
+    /// `POST <notifications.backchannel_logout_path>` (OIDC Back-Channel Logout).
+    BackchannelLogout,
+    /// `POST <notifications.revocation_path>` (RFC 7009, forwarded to the OP).
+    Revocation,
 }
 
 /// Proxied endpoints that need extra handling.
@@ -56,9 +60,13 @@ pub enum Special {
 
 /// Settings that change classification.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Options {
+pub struct Options<'a> {
     /// Let homeserver admin APIs through.
     pub expose_admin_api: bool,
+    /// Path of the back-channel logout endpoint (`POST`).
+    pub backchannel_logout_path: &'a str,
+    /// Path of the revocation proxy (`POST`), when enabled.
+    pub revocation_path: Option<&'a str>,
 }
 
 impl RouteClass {
@@ -207,7 +215,7 @@ const GUEST_SYNAPSE_EXTRA: &[(&str, &str)] = &[
 pub fn classify<'a>(
     method: &'a Method,
     raw_target: &'a [u8],
-    options: Options,
+    options: Options<'_>,
 ) -> Result<Route<'a>, GatewayError> {
     let target = std::str::from_utf8(raw_target).map_err(|_| GatewayError::BadRequestTarget)?;
     if !target.starts_with('/') || target.contains('#') {
@@ -226,6 +234,10 @@ pub fn classify<'a>(
         RouteClass::Refused(Refused::AdminApi)
     } else if method == "OPTIONS" {
         RouteClass::Preflight
+    } else if method == "POST" && path == options.backchannel_logout_path {
+        RouteClass::Served(Served::BackchannelLogout)
+    } else if method == "POST" && Some(path) == options.revocation_path {
+        RouteClass::Served(Served::Revocation)
     } else if let Some(refused) = endpoint.and_then(|e| refused(method, e)) {
         RouteClass::Refused(refused)
     } else if path.starts_with("/_matrix/static/client/login") {
@@ -638,6 +650,7 @@ mod tests {
         );
         let admin = Options {
             expose_admin_api: true,
+            ..Options::default()
         };
         let r = classify(&Method::GET, b"/_synapse/admin/v1/users/@a:b", admin).unwrap();
         assert_eq!(r.class, RouteClass::Authenticated);
@@ -693,6 +706,34 @@ mod tests {
                 "/_matrix/client/unstable/keys/device_signing/upload"
             ),
             Special::CrossSigningUpload
+        );
+    }
+
+    #[test]
+    fn notification_endpoints() {
+        let o = Options {
+            backchannel_logout_path: "/_gw/bcl",
+            revocation_path: Some("/_gw/revoke"),
+            ..Options::default()
+        };
+        let c = |m: Method, p: &str| classify(&m, p.as_bytes(), o).unwrap().class;
+        assert_eq!(
+            c(Method::POST, "/_gw/bcl"),
+            RouteClass::Served(Served::BackchannelLogout)
+        );
+        assert_eq!(
+            c(Method::POST, "/_gw/revoke?x=1"),
+            RouteClass::Served(Served::Revocation)
+        );
+        assert_eq!(c(Method::GET, "/_gw/bcl"), RouteClass::Authenticated);
+        assert_eq!(c(Method::OPTIONS, "/_gw/revoke"), RouteClass::Preflight);
+        let off = Options {
+            revocation_path: None,
+            ..o
+        };
+        assert_eq!(
+            classify(&Method::POST, b"/_gw/revoke", off).unwrap().class,
+            RouteClass::Authenticated
         );
     }
 

@@ -34,8 +34,12 @@ pub fn account_uri(meta: &OpMetadata, discovery: &Discovery) -> Option<String> {
 /// `GET /_matrix/client/v1/auth_metadata`: the OP's RFC 8414 metadata, with what the
 /// configuration fills in where the OP lacks it. `issuer` is never rewritten (clients check
 /// the ID token's `iss` against it). `revocation_endpoint` may be replaced by the gateway's own.
-pub fn auth_metadata(meta: &OpMetadata, discovery: &Discovery) -> Value {
+pub fn auth_metadata(meta: &OpMetadata, discovery: &Discovery, revocation: Option<&str>) -> Value {
     let mut doc: Map<String, Value> = meta.document.clone();
+    if let Some(r) = revocation {
+        // Clients revoke through the gateway so it can sign the device out at once.
+        doc.insert("revocation_endpoint".into(), Value::String(r.to_owned()));
+    }
     if !doc.contains_key("registration_endpoint") {
         if let Some(u) = &discovery.registration_endpoint {
             doc.insert("registration_endpoint".into(), Value::String(u.to_string()));
@@ -140,12 +144,14 @@ mod tests {
         let m = auth_metadata(
             &meta(json!({"registration_endpoint": "https://op.example/reg"})),
             &discovery(),
+            None,
         );
         assert_eq!(m["issuer"], "https://op.example/");
         assert_eq!(m["registration_endpoint"], "https://op.example/reg");
         assert_eq!(m["account_management_uri"], "https://op.example/account");
         assert_eq!(m["response_modes_supported"], json!(["query", "fragment"]));
-        let m = auth_metadata(&meta(json!({})), &discovery());
+        let m = auth_metadata(&meta(json!({})), &discovery(), Some("https://gw/revoke"));
+        assert_eq!(m["revocation_endpoint"], "https://gw/revoke");
         assert_eq!(m["registration_endpoint"], "https://op.example/register");
     }
 

@@ -196,6 +196,7 @@ mod tests {
             session_id: None,
             expires_at_ms: None,
             token_id: None,
+            issued_at_ms: 0,
         }
     }
 

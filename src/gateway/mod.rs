@@ -19,6 +19,7 @@ pub mod classify;
 pub mod ctx;
 pub mod discovery;
 pub mod headers;
+pub mod notifications;
 pub mod observe;
 pub mod respond;
 pub mod rewrite;
@@ -40,6 +41,7 @@ use crate::binding::Binder;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::notify::Notifier;
 use authenticate::Decision;
 use classify::{RouteClass, Served};
 use ctx::Ctx;
@@ -53,6 +55,7 @@ pub struct Gateway {
     pub(crate) binder: Arc<Binder>,
     pub(crate) upstream: Upstream,
     pub(crate) clock: SharedClock,
+    pub(crate) notifier: Arc<Notifier>,
 }
 
 impl Gateway {
@@ -63,6 +66,7 @@ impl Gateway {
         binder: Arc<Binder>,
         upstream: Upstream,
         clock: SharedClock,
+        notifier: Arc<Notifier>,
     ) -> Self {
         Self {
             config,
@@ -70,6 +74,7 @@ impl Gateway {
             binder,
             upstream,
             clock,
+            notifier,
         }
     }
 
@@ -96,6 +101,17 @@ impl Gateway {
     }
 
     async fn serve(&self, session: &mut Session, ctx: &mut Ctx, what: Served) -> Result<bool> {
+        match what {
+            Served::BackchannelLogout => {
+                notifications::backchannel_logout(session, &self.notifier).await?;
+                return Ok(true);
+            }
+            Served::Revocation => {
+                notifications::revocation(session, &self.notifier).await?;
+                return Ok(true);
+            }
+            _ => {}
+        }
         let op = self.verifier.op();
         let meta = match op.metadata() {
             Some(m) => m,
@@ -110,9 +126,20 @@ impl Gateway {
         };
         let discovery = &self.config.discovery;
         let body = match what {
-            Served::AuthMetadata => discovery::auth_metadata(&meta, discovery),
+            Served::AuthMetadata => {
+                let n = &self.config.notifications;
+                let revocation = n.revocation_proxy.then(|| {
+                    format!(
+                        "{}{}",
+                        discovery.public_base_url.as_str().trim_end_matches('/'),
+                        n.revocation_path
+                    )
+                });
+                discovery::auth_metadata(&meta, discovery, revocation.as_deref())
+            }
             Served::AuthIssuer => discovery::auth_issuer(&meta),
             Served::WellKnownClient => discovery::well_known(&meta, discovery),
+            Served::BackchannelLogout | Served::Revocation => return Ok(true),
         };
         let cache = ("Cache-Control", "public, max-age=600".to_owned());
         respond::json_response(session, 200, &body, &[cache]).await?;

@@ -116,6 +116,30 @@ async fn drain_small_body(session: &mut Session) {
     session.set_keepalive(None);
 }
 
+/// Relays a body the gateway did not write (the OP's revocation answer), with CORS headers.
+pub async fn raw_response(
+    session: &mut Session,
+    status: u16,
+    content_type: Option<&str>,
+    body: Bytes,
+) -> Result<()> {
+    drain_small_body(session).await;
+    let mut h = ResponseHeader::build(status, Some(6))?;
+    h.insert_header("Content-Type", content_type.unwrap_or("application/json"))?;
+    h.insert_header("Content-Length", body.len().to_string())?;
+    h.insert_header("Cache-Control", "no-store")?;
+    for (k, v) in CORS_HEADERS {
+        h.insert_header(k, v)?;
+    }
+    session
+        .write_response_header(Box::new(h), body.is_empty())
+        .await?;
+    if !body.is_empty() {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
 /// Writes a JSON response with the CORS headers and any `extra` headers.
 pub async fn json_response(
     session: &mut Session,

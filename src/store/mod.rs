@@ -87,4 +87,29 @@ pub trait Store: Send + Sync + 'static {
         user_id: &str,
         now_ms: u64,
     ) -> Result<bool, StoreError>;
+    /// The user ID pinned to `sub`, if any.
+    async fn user_of_subject(&self, sub: &str) -> Result<Option<String>, StoreError>;
+    /// Marks a user deactivated: never provisioned again until the tombstone is lifted.
+    async fn tombstone(&self, user_id: &str) -> Result<(), StoreError>;
+    /// Lifts a tombstone; `true` when there was one.
+    async fn lift_tombstone(&self, user_id: &str) -> Result<bool, StoreError>;
+    /// Whether the user is tombstoned.
+    async fn is_tombstoned(&self, user_id: &str) -> Result<bool, StoreError>;
+    /// Remembers that OP session `sid` is bound to (user, device).
+    async fn record_session(
+        &self,
+        sid: &str,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<(), StoreError>;
+    /// The (user, device) pairs bound to OP session `sid`.
+    async fn session_devices(&self, sid: &str) -> Result<Vec<(String, String)>, StoreError>;
+    /// Records a revocation (`key` from `auth::revocations::Selector::key`).
+    async fn put_revocation(&self, key: &str, at_ms: u64, until_ms: u64) -> Result<(), StoreError>;
+    /// Revocations still in force at `now_ms`: `(key, at_ms, until_ms)`.
+    async fn revocations(&self, now_ms: u64) -> Result<Vec<(String, u64, u64)>, StoreError>;
+    /// Remembers a logout token's `jti` until `until_ms`; `false` when it was already seen
+    /// (a replay).
+    async fn remember_jti(&self, jti: &str, until_ms: u64, now_ms: u64)
+        -> Result<bool, StoreError>;
 }

@@ -22,6 +22,25 @@ CREATE TABLE IF NOT EXISTS devices (
     created_at INTEGER NOT NULL DEFAULT (strftime('%s','now')),
     PRIMARY KEY (user_id, device_id)
 );
+CREATE TABLE IF NOT EXISTS tombstones (
+    user_id TEXT PRIMARY KEY,
+    at INTEGER NOT NULL DEFAULT (strftime('%s','now'))
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    sid TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    PRIMARY KEY (sid, user_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS revocations (
+    key TEXT PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    until_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS logout_jtis (
+    jti TEXT PRIMARY KEY,
+    until_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cross_signing_resets (
     user_id TEXT PRIMARY KEY,
     until_ms INTEGER NOT NULL
@@ -238,6 +257,134 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn user_of_subject(&self, sub: &str) -> Result<Option<String>, StoreError> {
+        let s = sub.to_owned();
+        self.run(move |c| {
+            c.query_row(
+                "SELECT user_id FROM users WHERE subject = ?1 LIMIT 1",
+                params![s],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn tombstone(&self, user_id: &str) -> Result<(), StoreError> {
+        let u = user_id.to_owned();
+        self.run(move |c| {
+            c.execute(
+                "INSERT OR IGNORE INTO tombstones (user_id) VALUES (?1)",
+                params![u],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn lift_tombstone(&self, user_id: &str) -> Result<bool, StoreError> {
+        let u = user_id.to_owned();
+        self.run(move |c| {
+            c.execute("DELETE FROM tombstones WHERE user_id = ?1", params![u])
+                .map(|n| n > 0)
+        })
+        .await
+    }
+
+    async fn is_tombstoned(&self, user_id: &str) -> Result<bool, StoreError> {
+        let u = user_id.to_owned();
+        self.run(move |c| {
+            c.query_row(
+                "SELECT 1 FROM tombstones WHERE user_id = ?1",
+                params![u],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|o| o.is_some())
+        })
+        .await
+    }
+
+    async fn record_session(
+        &self,
+        sid: &str,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<(), StoreError> {
+        let (s, u, d) = (sid.to_owned(), user_id.to_owned(), device_id.to_owned());
+        self.run(move |c| {
+            c.execute(
+                "INSERT OR IGNORE INTO sessions (sid, user_id, device_id) VALUES (?1, ?2, ?3)",
+                params![s, u, d],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn session_devices(&self, sid: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let s = sid.to_owned();
+        self.run(move |c| {
+            let mut stmt = c.prepare("SELECT user_id, device_id FROM sessions WHERE sid = ?1")?;
+            let rows = stmt.query_map(params![s], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn put_revocation(&self, key: &str, at_ms: u64, until_ms: u64) -> Result<(), StoreError> {
+        let k = key.to_owned();
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO revocations (key, at_ms, until_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (key) DO UPDATE SET at_ms = excluded.at_ms, until_ms = excluded.until_ms",
+                params![k, at_ms as i64, until_ms as i64],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn revocations(&self, now_ms: u64) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        self.run(move |c| {
+            c.execute(
+                "DELETE FROM revocations WHERE until_ms <= ?1",
+                params![now_ms as i64],
+            )?;
+            let mut stmt = c.prepare("SELECT key, at_ms, until_ms FROM revocations")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn remember_jti(
+        &self,
+        jti: &str,
+        until_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let j = jti.to_owned();
+        self.run(move |c| {
+            c.execute(
+                "DELETE FROM logout_jtis WHERE until_ms <= ?1",
+                params![now_ms as i64],
+            )?;
+            c.execute(
+                "INSERT OR IGNORE INTO logout_jtis (jti, until_ms) VALUES (?1, ?2)",
+                params![j, until_ms as i64],
+            )
+            .map(|n| n == 1)
+        })
+        .await
+    }
+
     async fn repin_subject(&self, user_id: &str, sub: &str) -> Result<(), StoreError> {
         let (u, s) = (user_id.to_owned(), sub.to_owned());
         self.run(move |c| {
@@ -249,6 +396,48 @@ impl Store for SqliteStore {
             .map(|_| ())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod notification_state_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tombstones_sessions_revocations_and_jtis() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        assert!(!s.is_tombstoned("@a:x").await.unwrap());
+        s.tombstone("@a:x").await.unwrap();
+        assert!(s.is_tombstoned("@a:x").await.unwrap());
+        assert!(s.lift_tombstone("@a:x").await.unwrap());
+        assert!(!s.lift_tombstone("@a:x").await.unwrap());
+        s.record_session("sid-1", "@a:x", "D1").await.unwrap();
+        s.record_session("sid-1", "@a:x", "D1").await.unwrap();
+        assert_eq!(
+            s.session_devices("sid-1").await.unwrap(),
+            vec![("@a:x".to_owned(), "D1".to_owned())]
+        );
+        s.pin_subject("@a:x", "sub-a").await.unwrap();
+        assert_eq!(
+            s.user_of_subject("sub-a").await.unwrap().as_deref(),
+            Some("@a:x")
+        );
+        s.put_revocation("sid:sid-1", 10, 100).await.unwrap();
+        assert_eq!(
+            s.revocations(50).await.unwrap(),
+            vec![("sid:sid-1".to_owned(), 10, 100)]
+        );
+        assert!(s.revocations(100).await.unwrap().is_empty());
+        assert!(s.remember_jti("j1", 100, 10).await.unwrap());
+        assert!(
+            !s.remember_jti("j1", 100, 20).await.unwrap(),
+            "a replay must be detected"
+        );
+        assert!(
+            s.remember_jti("j1", 300, 150).await.unwrap(),
+            "an expired jti is forgotten"
+        );
     }
 }
 

@@ -1,0 +1,92 @@
+//! request_filter for the two notification endpoints on the public listener: OIDC Back-Channel
+//! Logout (the OP calls it) and the RFC 7009 revocation proxy (clients call it). Both read a
+//! small form body; the answers are OAuth-style, not Matrix JSON (the callers speak OAuth).
+
+use bytes::{Bytes, BytesMut};
+use pingora::proxy::Session;
+use pingora::Result;
+use serde_json::json;
+
+use super::respond;
+use crate::notify::Notifier;
+
+/// Largest form body accepted on these endpoints.
+const MAX_BODY: usize = 64 * 1024;
+
+async fn read_body(session: &mut Session) -> Result<Option<Bytes>> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body.freeze()))
+}
+
+fn oauth_error(description: &str) -> serde_json::Value {
+    json!({"error": "invalid_request", "error_description": description})
+}
+
+/// `POST <backchannel_logout_path>`: 200 once every cached identity of the session is purged
+/// (and its devices signed out upstream); 400 `invalid_request` for any invalid logout token.
+pub async fn backchannel_logout(session: &mut Session, notifier: &Notifier) -> Result<u16> {
+    let Some(body) = read_body(session).await? else {
+        session.set_keepalive(None);
+        respond::json_response(session, 400, &oauth_error("body too large"), &[]).await?;
+        return Ok(400);
+    };
+    let token = form_urlencoded::parse(&body)
+        .find(|(k, _)| k == "logout_token")
+        .map(|(_, v)| v.into_owned());
+    let Some(token) = token else {
+        respond::json_response(session, 400, &oauth_error("logout_token missing"), &[]).await?;
+        return Ok(400);
+    };
+    match notifier.backchannel_logout(&token).await {
+        Ok(_) => {
+            respond::json_response(session, 200, &json!({}), &[]).await?;
+            Ok(200)
+        }
+        Err(why) => {
+            respond::json_response(session, 400, &oauth_error(why.as_label()), &[]).await?;
+            Ok(400)
+        }
+    }
+}
+
+/// `POST <revocation_path>`: forwarded unchanged to the OP; its answer is relayed.
+pub async fn revocation(session: &mut Session, notifier: &Notifier) -> Result<u16> {
+    let content_type = header(session, "content-type");
+    let authorization = header(session, "authorization");
+    let Some(body) = read_body(session).await? else {
+        session.set_keepalive(None);
+        respond::json_response(session, 400, &oauth_error("body too large"), &[]).await?;
+        return Ok(400);
+    };
+    match notifier
+        .revoke_at_op(body, content_type.as_deref(), authorization.as_deref())
+        .await
+    {
+        Ok((status, ct, body)) => {
+            respond::raw_response(session, status, ct.as_deref(), body).await?;
+            Ok(status)
+        }
+        Err(e) => {
+            let extra = [("Retry-After", "5".to_owned())];
+            let body =
+                json!({"error": "temporarily_unavailable", "error_description": e.reason_label()});
+            respond::json_response(session, 503, &body, &extra).await?;
+            Ok(503)
+        }
+    }
+}
+
+fn header(session: &Session, name: &str) -> Option<String> {
+    session
+        .req_header()
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}

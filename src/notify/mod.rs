@@ -1,0 +1,367 @@
+//! Sign-out and deactivation: what happens when the OP (back-channel logout), a client (token
+//! revocation through the gateway) or an operator (admin API) ends a session.
+//!
+//! Every path records a revocation (so neither a cached identity nor a still-valid JWT passes
+//! again), purges the matching cached identities **before** it answers, and signs the bound
+//! devices out upstream through [`Binder`].
+
+pub mod logout_token;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::auth::identity::{build_identity, parse_scope};
+use crate::auth::jwt::{looks_like_jwt, unverified_issuer, JwtOutcome};
+use crate::auth::revocations::Selector;
+use crate::auth::{Identity, TokenHash, Verifier};
+use crate::binding::Binder;
+use crate::clock::SharedClock;
+use crate::error::{BindingFailure, GatewayError, OpFailure};
+use logout_token::{LogoutRejection, LogoutValidator};
+
+/// Where a sign-out came from (a bounded label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// OIDC Back-Channel Logout.
+    BackchannelLogout,
+    /// RFC 7009 revocation through the gateway.
+    Revocation,
+    /// The admin API.
+    Admin,
+}
+
+impl Source {
+    /// Label for logs and metrics.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Source::BackchannelLogout => "backchannel_logout",
+            Source::Revocation => "revocation",
+            Source::Admin => "admin",
+        }
+    }
+}
+
+/// What a sign-out did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SignOut {
+    /// Cached identities purged.
+    pub purged: usize,
+    /// `(user, device)` pairs signed out upstream.
+    pub devices: Vec<(String, String)>,
+}
+
+/// The sign-out service.
+pub struct Notifier {
+    verifier: Arc<Verifier>,
+    binder: Arc<Binder>,
+    logout: LogoutValidator,
+    clock: SharedClock,
+    retention: Duration,
+}
+
+impl Notifier {
+    /// Assembles the service.
+    pub fn new(
+        verifier: Arc<Verifier>,
+        binder: Arc<Binder>,
+        logout: LogoutValidator,
+        clock: SharedClock,
+        retention: Duration,
+    ) -> Self {
+        Self {
+            verifier,
+            binder,
+            logout,
+            clock,
+            retention,
+        }
+    }
+
+    /// The binder (admin API).
+    pub fn binder(&self) -> &Arc<Binder> {
+        &self.binder
+    }
+
+    async fn revoke(&self, selector: Selector) -> Result<(), GatewayError> {
+        let now = self.clock.now_ms();
+        let until = now + self.retention.as_millis() as u64;
+        self.verifier
+            .revocations()
+            .revoke(selector, now, until)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot persist a revocation");
+                GatewayError::BindingUnavailable(BindingFailure::Store)
+            })
+    }
+
+    async fn sign_out(
+        &self,
+        source: Source,
+        pairs: BTreeSet<(String, String)>,
+        purged: usize,
+    ) -> SignOut {
+        let mut devices = Vec::new();
+        for (user, device) in pairs {
+            match self.binder.sign_out_device(&user, &device).await {
+                Ok(()) => devices.push((user, device)),
+                Err(e) => tracing::error!(
+                    user = %user,
+                    device = %device,
+                    source = source.as_label(),
+                    reason = e.reason_label(),
+                    "upstream sign-out failed; the gateway refuses the session's tokens regardless"
+                ),
+            }
+        }
+        tracing::info!(
+            source = source.as_label(),
+            purged,
+            devices = devices.len(),
+            "signed out"
+        );
+        SignOut { purged, devices }
+    }
+
+    fn pairs(identities: &[Arc<Identity>]) -> BTreeSet<(String, String)> {
+        identities
+            .iter()
+            .filter_map(|i| i.device_id.as_ref().map(|d| (i.user_id.clone(), d.clone())))
+            .collect()
+    }
+
+    /// Validates a back-channel logout token and ends the session it names.
+    pub async fn backchannel_logout(&self, logout_token: &str) -> Result<SignOut, LogoutRejection> {
+        let event = self.logout.validate(logout_token).await.inspect_err(|r| {
+            tracing::warn!(reason = r.as_label(), "back-channel logout token refused");
+        })?;
+        self.end_session(
+            event.sid.as_deref(),
+            event.sub.as_deref(),
+            Source::BackchannelLogout,
+        )
+        .await
+        .map_err(|_| LogoutRejection::Keys)
+    }
+
+    /// Ends an OP session: by `sid` when given, else every session of `sub`.
+    pub async fn end_session(
+        &self,
+        sid: Option<&str>,
+        sub: Option<&str>,
+        source: Source,
+    ) -> Result<SignOut, GatewayError> {
+        let store = self.binder.store();
+        let (purged, mut pairs) = if let Some(sid) = sid {
+            self.revoke(Selector::Session(sid.to_owned())).await?;
+            let purged = self
+                .verifier
+                .purge_where(|i| i.session_id.as_deref() == Some(sid))
+                .await;
+            let mut pairs = Self::pairs(&purged);
+            pairs.extend(store.session_devices(sid).await.unwrap_or_default());
+            (purged.len(), pairs)
+        } else if let Some(sub) = sub {
+            self.revoke(Selector::Subject(sub.to_owned())).await?;
+            let purged = self.verifier.purge_where(|i| i.subject == sub).await;
+            let mut pairs = Self::pairs(&purged);
+            if let Ok(Some(user)) = store.user_of_subject(sub).await {
+                for d in store.devices_of(&user).await.unwrap_or_default() {
+                    pairs.insert((user.clone(), d));
+                }
+            }
+            (purged.len(), pairs)
+        } else {
+            return Ok(SignOut::default());
+        };
+        pairs.retain(|(_, d)| !d.is_empty());
+        Ok(self.sign_out(source, pairs, purged).await)
+    }
+
+    /// Revokes one session (user + device): refuses its tokens, signs the device out.
+    pub async fn revoke_device(
+        &self,
+        user: &str,
+        device: &str,
+        source: Source,
+    ) -> Result<SignOut, GatewayError> {
+        self.revoke(Selector::Device(user.to_owned(), device.to_owned()))
+            .await?;
+        let purged = self
+            .verifier
+            .purge_where(|i| i.user_id == user && i.device_id.as_deref() == Some(device))
+            .await;
+        let pairs = BTreeSet::from([(user.to_owned(), device.to_owned())]);
+        Ok(self.sign_out(source, pairs, purged.len()).await)
+    }
+
+    /// Signs out every session of a user.
+    pub async fn logout_user(&self, user: &str, source: Source) -> Result<SignOut, GatewayError> {
+        self.revoke(Selector::User(user.to_owned())).await?;
+        let purged = self.verifier.purge_where(|i| i.user_id == user).await;
+        let devices = self.binder.sign_out_user(user).await?;
+        tracing::info!(source = source.as_label(), user = %user, "all sessions signed out");
+        Ok(SignOut {
+            purged: purged.len(),
+            devices: devices.into_iter().map(|d| (user.to_owned(), d)).collect(),
+        })
+    }
+
+    /// Deactivates a user: revocation, purge, upstream sign-out and deactivation, tombstone.
+    pub async fn deactivate(&self, user: &str, erase: bool) -> Result<&'static str, GatewayError> {
+        self.revoke(Selector::User(user.to_owned())).await?;
+        self.verifier.purge_where(|i| i.user_id == user).await;
+        self.binder.deactivate(user, erase).await
+    }
+
+    /// Purges cached identities without signing anything out upstream.
+    pub async fn purge(&self, what: Purge) -> Result<usize, GatewayError> {
+        Ok(match what {
+            Purge::Token(token) => {
+                let hash = TokenHash::of(&token);
+                self.revoke(Selector::Token(hash)).await?;
+                self.verifier.purge_token(&hash).await;
+                1
+            }
+            Purge::Subject(sub) => {
+                self.revoke(Selector::Subject(sub.clone())).await?;
+                self.verifier.purge_where(|i| i.subject == sub).await.len()
+            }
+            Purge::User(user) => {
+                self.revoke(Selector::User(user.clone())).await?;
+                self.verifier.purge_where(|i| i.user_id == user).await.len()
+            }
+        })
+    }
+
+    /// The RFC 7009 revocation proxy: learns what the token belongs to, forwards the request
+    /// unchanged to the OP, and once the OP answered 200 refuses the token and (for a refresh
+    /// token) signs its device out upstream. Returns the OP's answer to relay.
+    pub async fn revoke_at_op(
+        &self,
+        body: Bytes,
+        content_type: Option<&str>,
+        authorization: Option<&str>,
+    ) -> Result<(u16, Option<String>, Bytes), GatewayError> {
+        let mut token = None;
+        let mut hint = None;
+        for (k, v) in form_urlencoded::parse(&body) {
+            match k.as_ref() {
+                "token" => token = Some(v.into_owned()),
+                "token_type_hint" => hint = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        let learned = match &token {
+            Some(t) => self.inspect(t, hint.as_deref()).await,
+            None => None,
+        };
+        let answer = self
+            .verifier
+            .op()
+            .forward_revocation(body, content_type, authorization)
+            .await
+            .map_err(GatewayError::OpUnavailable)?;
+        if answer.0 == 200 {
+            if let Some(t) = &token {
+                let hash = TokenHash::of(t);
+                self.revoke(Selector::Token(hash)).await?;
+                self.verifier.purge_token(&hash).await;
+            }
+            if let Some(l) = learned.filter(|l| l.refresh) {
+                if let Some(device) = &l.device {
+                    self.revoke_device(&l.user, device, Source::Revocation)
+                        .await?;
+                }
+            }
+        }
+        Ok(answer)
+    }
+
+    /// Who a token belongs to, as far as the OP (or a verified JWT) says.
+    async fn inspect(&self, token: &str, hint: Option<&str>) -> Option<Learned> {
+        if looks_like_jwt(token) {
+            let iss = unverified_issuer(token)?;
+            let issuer = self.verifier.jwt_issuers().get(&iss)?;
+            if let JwtOutcome::Valid(claims, _) = issuer.validate(token).await {
+                let id = self.map_identity(&claims)?;
+                return Some(Learned {
+                    user: id.user_id,
+                    device: id.device_id,
+                    refresh: false,
+                });
+            }
+            return None;
+        }
+        let op = self.verifier.op();
+        let order: &[&str] = match hint {
+            Some("refresh_token") => &["refresh_token", "access_token"],
+            _ => &["access_token", "refresh_token"],
+        };
+        for h in order {
+            let answer = match op.introspect_as(token, h).await {
+                Ok(a) => a,
+                Err(OpFailure::Status | OpFailure::InvalidBody) => continue,
+                Err(_) => return None,
+            };
+            if !answer.active {
+                continue;
+            }
+            let access_types = &op.issuer().access_token_types;
+            let refresh = match answer.token_type.as_deref() {
+                Some(t) if t.eq_ignore_ascii_case("refresh_token") => true,
+                Some(t) => !access_types.iter().any(|a| a.eq_ignore_ascii_case(t)),
+                None => true,
+            };
+            let sub = answer.sub.clone()?;
+            let store = self.binder.store();
+            let user = match store.user_of_subject(&sub).await.ok().flatten() {
+                Some(u) => u,
+                None => return None,
+            };
+            let device = answer.device_id.clone().or_else(|| {
+                parse_scope(answer.scope.as_deref().unwrap_or(""))
+                    .devices
+                    .into_iter()
+                    .next()
+            });
+            return Some(Learned {
+                user,
+                device,
+                refresh,
+            });
+        }
+        None
+    }
+
+    fn map_identity(&self, claims: &crate::auth::identity::Claims) -> Option<Identity> {
+        build_identity(
+            claims,
+            self.verifier.user_id_claims(),
+            self.verifier.server_name(),
+        )
+        .ok()
+    }
+}
+
+/// What a token belongs to.
+#[derive(Debug)]
+struct Learned {
+    user: String,
+    device: Option<String>,
+    refresh: bool,
+}
+
+/// A purge request of the admin API.
+#[derive(Debug, Clone)]
+pub enum Purge {
+    /// One token (raw; hashed at once, never stored).
+    Token(String),
+    /// Every identity of an OIDC subject.
+    Subject(String),
+    /// Every identity of a Matrix user.
+    User(String),
+}
