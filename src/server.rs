@@ -159,6 +159,7 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
         logout,
         clock.clone(),
         config.notifications.revocation_retention,
+        config.notifications.access_token_revocation_signs_out,
     ));
 
     let conf = ServerConf {

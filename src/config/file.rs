@@ -60,6 +60,14 @@ pub struct NotificationsFile {
     /// How long a revoked session, subject, device or token is remembered.
     #[serde(default = "default_retention")]
     pub revocation_retention: String,
+    /// Which revocations sign the device out upstream: `any` (the Matrix spec: revoking either
+    /// token ends the session) or `refresh_token`.
+    #[serde(default = "default_revocation_signs_out")]
+    pub revocation_signs_out: String,
+}
+
+fn default_revocation_signs_out() -> String {
+    "any".into()
 }
 
 impl Default for NotificationsFile {
@@ -69,6 +77,7 @@ impl Default for NotificationsFile {
             revocation_proxy: true,
             revocation_path: default_revocation_path(),
             revocation_retention: default_retention(),
+            revocation_signs_out: default_revocation_signs_out(),
         }
     }
 }

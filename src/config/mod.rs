@@ -107,6 +107,8 @@ pub struct Notifications {
     pub revocation_path: String,
     /// How long revocations are remembered.
     pub revocation_retention: Duration,
+    /// Whether revoking an access token (not only a refresh token) signs the device out.
+    pub access_token_revocation_signs_out: bool,
 }
 
 /// `[store]`
@@ -1046,6 +1048,17 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
             "must differ from backchannel_logout_path",
         );
     }
+    let access_token_revocation_signs_out = match n.revocation_signs_out.as_str() {
+        "any" => true,
+        "refresh_token" => false,
+        other => {
+            p.add(
+                "notifications.revocation_signs_out",
+                format!("{other:?} is not one of any, refresh_token"),
+            );
+            true
+        }
+    };
     let revocation_retention = duration(
         &mut p,
         "notifications.revocation_retention",
@@ -1141,6 +1154,7 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
                 revocation_proxy: f.notifications.revocation_proxy,
                 revocation_path: f.notifications.revocation_path,
                 revocation_retention,
+                access_token_revocation_signs_out,
             },
             admin_token,
         },

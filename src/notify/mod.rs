@@ -60,6 +60,7 @@ pub struct Notifier {
     logout: LogoutValidator,
     clock: SharedClock,
     retention: Duration,
+    access_revocation_signs_out: bool,
 }
 
 impl Notifier {
@@ -70,6 +71,7 @@ impl Notifier {
         logout: LogoutValidator,
         clock: SharedClock,
         retention: Duration,
+        access_revocation_signs_out: bool,
     ) -> Self {
         Self {
             verifier,
@@ -77,6 +79,7 @@ impl Notifier {
             logout,
             clock,
             retention,
+            access_revocation_signs_out,
         }
     }
 
@@ -210,9 +213,9 @@ impl Notifier {
         })
     }
 
-    /// Deactivates a user: revocation, purge, upstream sign-out and deactivation, tombstone.
+    /// Deactivates a user: tombstone (every token of the user now gets 403
+    /// `M_USER_DEACTIVATED`), purge, upstream sign-out and deactivation.
     pub async fn deactivate(&self, user: &str, erase: bool) -> Result<&'static str, GatewayError> {
-        self.revoke(Selector::User(user.to_owned())).await?;
         self.verifier.purge_where(|i| i.user_id == user).await;
         self.binder.deactivate(user, erase).await
     }
@@ -271,7 +274,9 @@ impl Notifier {
                 self.revoke(Selector::Token(hash)).await?;
                 self.verifier.purge_token(&hash).await;
             }
-            if let Some(l) = learned.filter(|l| l.refresh) {
+            // The Matrix spec has the OP revoke both tokens of a session whichever it is given;
+            // `revocation_signs_out = "refresh_token"` keeps the device on access-token revocation.
+            if let Some(l) = learned.filter(|l| l.refresh || self.access_revocation_signs_out) {
                 if let Some(device) = &l.device {
                     self.revoke_device(&l.user, device, Source::Revocation)
                         .await?;

@@ -49,6 +49,7 @@ pub struct Op {
     /// The issuer URL (no trailing slash).
     pub issuer: String,
     child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// Tokens minted by the OP.
@@ -65,6 +66,11 @@ pub struct Minted {
 impl Op {
     /// Starts the OP on a free port.
     pub fn start() -> Op {
+        Self::start_with(&[])
+    }
+
+    /// Starts the OP with extra arguments (e.g. `--bcl-uri URL`).
+    pub fn start_with(extra: &[&str]) -> Op {
         let dir = op_dir();
         assert!(
             dir.join("node_modules/oidc-provider").is_dir(),
@@ -75,6 +81,7 @@ impl Op {
         let mut child = Command::new("node")
             .arg("op.mjs")
             .args(["--port", &port.to_string()])
+            .args(extra)
             .current_dir(&dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -85,16 +92,20 @@ impl Op {
         let mut line = String::new();
         reader.read_line(&mut line).expect("OP output");
         assert!(line.starts_with("READY "), "the OP did not start: {line:?}");
-        // Keep draining: a closed pipe would kill the OP on its next write.
+        // Keep draining (a closed pipe would kill the OP on its next write), and keep the lines.
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink_lines = lines.clone();
         std::thread::spawn(move || {
-            let mut sink = String::new();
-            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                sink.clear();
+            let mut l = String::new();
+            while reader.read_line(&mut l).map(|n| n > 0).unwrap_or(false) {
+                sink_lines.lock().unwrap().push(l.trim_end().to_owned());
+                l.clear();
             }
         });
         Op {
             issuer: line.trim_start_matches("READY ").trim().to_owned(),
             child,
+            lines,
         }
     }
 
@@ -118,6 +129,52 @@ impl Op {
             refresh_token: v["refresh_token"].as_str().map(str::to_owned),
             scope: v["scope"].as_str().unwrap_or_default().to_owned(),
         }
+    }
+
+    /// What the OP printed after `READY` (e.g. `REVOCATION {...}` lines).
+    pub fn output(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Mints an opaque token and saves the browser session to `jar` (for [`Op::logout`]).
+    pub fn mint_in_session(&self, user: &str, scope: &str, jar: &Path) -> Minted {
+        let out = Command::new("node")
+            .arg("mint.mjs")
+            .args(["--issuer", &self.issuer, "--user", user, "--scope", scope])
+            .arg("--jar")
+            .arg(jar)
+            .current_dir(op_dir())
+            .output()
+            .expect("node");
+        assert!(
+            out.status.success(),
+            "minting failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("mint output");
+        Minted {
+            access_token: v["access_token"].as_str().expect("access_token").to_owned(),
+            refresh_token: v["refresh_token"].as_str().map(str::to_owned),
+            scope: v["scope"].as_str().unwrap_or_default().to_owned(),
+        }
+    }
+
+    /// RP-initiated logout in the browser session saved in `jar`; returns once the OP answered
+    /// (it posts the back-channel logout tokens before it does).
+    pub fn logout(&self, jar: &Path) {
+        let out = Command::new("node")
+            .arg("logout.mjs")
+            .args(["--issuer", &self.issuer])
+            .arg("--jar")
+            .arg(jar)
+            .current_dir(op_dir())
+            .output()
+            .expect("node");
+        assert!(
+            out.status.success(),
+            "logout failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Mints an opaque token for the default client.
@@ -162,7 +219,11 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Writes `toml` (with `{port}` replaced) and starts the binary.
     pub fn start(toml_template: &str) -> GatewayProcess {
-        let port = free_port();
+        Self::start_on(free_port(), toml_template)
+    }
+
+    /// Like [`GatewayProcess::start`] on a chosen public port.
+    pub fn start_on(port: u16, toml_template: &str) -> GatewayProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = dir.path().join("gateway.toml");
         let admin_port = free_port();

@@ -3,9 +3,11 @@
 //
 //   node mint.mjs --issuer http://127.0.0.1:9400 --user alice \
 //       --scope "urn:matrix:client:api:* urn:matrix:client:device:ALICEDEV01" \
-//       [--resource urn:matrix:homeserver] [--client e2e-client] [--count 1]
+//       [--resource urn:matrix:homeserver] [--client e2e-client] [--count 1] [--jar FILE]
 //
-// Prints one JSON object per token on stdout: {access_token, refresh_token, expires_in, scope}.
+// Prints one JSON object per token on stdout: {access_token, refresh_token, id_token,
+// expires_in, scope}. With --jar, the browser session (cookies) is saved for logout.mjs.
+import { writeFileSync } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
 
 const args = Object.fromEntries(
@@ -63,6 +65,7 @@ async function mintOne() {
       const tok = await fetch(`${issuer}/token`, { method: 'POST', body });
       const json = await tok.json();
       if (!tok.ok) throw new Error(`token endpoint: ${JSON.stringify(json)}`);
+      if (args.jar) writeFileSync(args.jar, JSON.stringify({ cookies: [...jar.cookies], id_token: json.id_token }));
       return json;
     }
     if (next.pathname.startsWith('/interaction/')) {
@@ -81,6 +84,7 @@ async function mintOne() {
 for (let i = 0; i < count; i += 1) {
   const t = await mintOne();
   process.stdout.write(`${JSON.stringify({
-    access_token: t.access_token, refresh_token: t.refresh_token, expires_in: t.expires_in, scope: t.scope,
+    access_token: t.access_token, refresh_token: t.refresh_token, id_token: t.id_token,
+    expires_in: t.expires_in, scope: t.scope,
   })}\n`);
 }

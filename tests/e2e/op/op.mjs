@@ -1,7 +1,7 @@
 // The real OpenID Provider for the end-to-end tests and the quickstart: oidc-provider (npm,
 // OpenID-certified) configured the way a Matrix deployment needs it.
 //
-//   node op.mjs --port 9400 [--gateway-secret gateway-secret]
+//   node op.mjs --port 9400 [--gateway-secret gateway-secret] [--bcl-uri URL]
 //
 // - `gateway` is the confidential client the gateway introspects with (client_secret_basic);
 //   only it may call the introspection endpoint.
@@ -11,7 +11,12 @@
 //   indicators: resource `urn:matrix:homeserver` (opaque tokens) or
 //   `urn:matrix:homeserver:jwt` (RFC 9068 JWTs) grants the Matrix API scopes plus whatever
 //   device scopes the request named.
-// - Prints one line `READY <issuer>` on stdout when it listens.
+// - With --bcl-uri, the e2e clients are registered for OIDC Back-Channel Logout at that URL
+//   (sessions required), and RP-initiated logout notifies it.
+// - Prints one line `READY <issuer>` on stdout when it listens, then one line
+//   `REVOCATION <json of the parameters>` for every request to the revocation endpoint.
+// - Test set-up only: the SSRF guard is lifted (a `fetch` that drops the dispatcher) so the OP
+//   can reach the gateway on loopback.
 import { generateKeyPairSync } from 'node:crypto';
 import Provider from 'oidc-provider';
 
@@ -23,6 +28,7 @@ const host = args.host || '127.0.0.1';
 const issuer = `http://${host}:${port}`;
 const gatewaySecret = args['gateway-secret'] || 'gateway-secret';
 const redirect = 'http://127.0.0.1/callback';
+const bclUri = args['bcl-uri'];
 
 const API_SCOPES = [
   'urn:matrix:client:api:*',
@@ -62,6 +68,7 @@ const provider = new Provider(issuer, {
       grant_types: ['authorization_code', 'refresh_token'],
       response_types: ['code'],
       redirect_uris: [redirect],
+      ...(bclUri ? { backchannel_logout_uri: bclUri, backchannel_logout_session_required: true } : {}),
     })),
   ],
   jwks: { keys: [signingKey] },
@@ -80,8 +87,15 @@ const provider = new Provider(issuer, {
     Grant: 3600,
   },
   issueRefreshToken: (ctx, client, code) => client.grantTypeAllowed('refresh_token'),
+  fetch: (url, options) => {
+    // Test set-up only: allow loopback targets (the gateway runs on 127.0.0.1).
+    const { dispatcher, ...rest } = options;
+    return globalThis.fetch(url, rest);
+  },
   features: {
     devInteractions: { enabled: true },
+    backchannelLogout: { enabled: true },
+    rpInitiatedLogout: { enabled: true },
     introspection: {
       enabled: true,
       allowedPolicy: (ctx, client) => client.clientId === 'gateway',
@@ -107,6 +121,17 @@ const provider = new Provider(issuer, {
   },
 });
 provider.proxy = false;
+
+provider.on('backchannel.error', (ctx, err, client) => {
+  process.stderr.write(`BACKCHANNEL_ERROR ${client.clientId}: ${err.message}\n`);
+});
+
+provider.use(async (ctx, next) => {
+  await next();
+  if (ctx.path === '/token/revocation' && ctx.method === 'POST') {
+    process.stdout.write(`REVOCATION ${JSON.stringify({ status: ctx.status, params: ctx.oidc?.body ?? null })}\n`);
+  }
+});
 
 provider.listen(port, host, () => {
   process.stdout.write(`READY ${issuer}\n`);

@@ -1,0 +1,665 @@
+//! Sign-out and deactivation in-process: back-channel logout (every §2.6 step refused on its
+//! own, and the purge complete before the 200), the admin API, and the revocation proxy, with
+//! the real gateway against wiremock fakes of the OP and the homeserver.
+
+mod common;
+
+use common::*;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use wiremock::matchers::{body_string, header, method, path, query_param};
+use wiremock::{Mock, ResponseTemplate};
+
+const SYNC: &str = "/_matrix/client/v3/sync";
+const BCL: &str = "/_matrix-oidc-gateway/oidc/backchannel-logout";
+const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/tests/fixtures/keys/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// An OP with discovery + JWKS, alice (sid-1) and bob (sid-2) introspectable.
+async fn setup(extra_cfg: &str, hs_extra: &str) -> (Fakes, TestGateway, String) {
+    let f = Fakes::start().await;
+    let issuer = format!("{}/", f.op.uri());
+    Mock::given(method("GET"))
+        .and(path("/.well-known/openid-configuration"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "issuer": issuer,
+            "jwks_uri": format!("{}/jwks", f.op.uri()),
+            "introspection_endpoint": format!("{}/introspect", f.op.uri()),
+            "revocation_endpoint": format!("{}/revoke", f.op.uri()),
+            "authorization_endpoint": format!("{}/auth", f.op.uri()),
+            "token_endpoint": format!("{}/token", f.op.uri()),
+        })))
+        .mount(&f.op)
+        .await;
+    let jwk: Value = serde_json::from_str(&fixture("rsa1.jwk.json")).unwrap();
+    Mock::given(method("GET"))
+        .and(path("/jwks"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"keys": [jwk]})))
+        .mount(&f.op)
+        .await;
+    let mut alice = active("alice", &full_scope("ALICEDEV01"));
+    alice["sid"] = json!("sid-1");
+    let mut bob = active("bob", &full_scope("BOBDEV0001"));
+    bob["sid"] = json!("sid-2");
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .and(wiremock::matchers::body_string_contains(
+            "token=alice-token&",
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(alice))
+        .mount(&f.op)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .and(wiremock::matchers::body_string_contains("token=bob-token&"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(bob))
+        .mount(&f.op)
+        .await;
+    let cfg = f.config_hs(
+        hs_extra,
+        &format!(
+            "logout_audiences = [\"matrix-client\"]\n{extra_cfg}\n\n[admin]\ntoken = \"{ADMIN_TOKEN}\""
+        ),
+    );
+    let gw = spawn(&cfg).await;
+    (f, gw, issuer)
+}
+
+fn logout_claims(issuer: &str) -> Value {
+    json!({
+        "iss": issuer,
+        "aud": "matrix-client",
+        "iat": now(),
+        "exp": now() + 120,
+        "jti": format!("jti-{}", rand_suffix()),
+        "sub": "sub-alice",
+        "sid": "sid-1",
+        "events": {"http://schemas.openid.net/event/backchannel-logout": {}},
+    })
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn sign_with(key: &str, typ: Option<&str>, claims: &Value) -> String {
+    let mut h = Header::new(Algorithm::RS256);
+    h.kid = Some("rsa-1".into());
+    h.typ = typ.map(str::to_owned);
+    encode(
+        &h,
+        claims,
+        &EncodingKey::from_rsa_pem(fixture(&format!("{key}.pem")).as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+fn logout_token(claims: &Value) -> String {
+    sign_with("rsa1", Some("logout+jwt"), claims)
+}
+
+async fn post_logout(gw: &TestGateway, token: &str) -> (u16, Value) {
+    let r = client()
+        .post(gw.url(BCL))
+        .form(&[("logout_token", token)])
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn status(gw: &TestGateway, token: &str) -> u16 {
+    client()
+        .get(gw.url(SYNC))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn backchannel_logout_attack_suite_and_effect() {
+    let (_f, gw, issuer) = setup("", "").await;
+    assert_eq!(status(&gw, "alice-token").await, 200);
+    assert_eq!(status(&gw, "bob-token").await, 200);
+    let base = logout_claims(&issuer);
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut v = base.clone();
+        v["jti"] = json!(format!("jti-{}", rand_suffix()));
+        f(&mut v);
+        v
+    };
+    let b64 = |v: &Value| {
+        base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            serde_json::to_vec(v).unwrap(),
+        )
+    };
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "bad signature (a key the OP never published)",
+            sign_with("attacker", Some("logout+jwt"), &with(&|_| {})),
+        ),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                b64(&json!({"alg": "none", "typ": "logout+jwt"})),
+                b64(&with(&|_| {}))
+            ),
+        ),
+        (
+            "wrong iss",
+            logout_token(&with(&|v| v["iss"] = json!("https://evil.example/"))),
+        ),
+        (
+            "wrong aud",
+            logout_token(&with(&|v| v["aud"] = json!("someone-else"))),
+        ),
+        (
+            "expired",
+            logout_token(&with(&|v| {
+                v["iat"] = json!(now() - 600);
+                v["exp"] = json!(now() - 300);
+            })),
+        ),
+        (
+            "iat in the future",
+            logout_token(&with(&|v| v["iat"] = json!(now() + 600))),
+        ),
+        (
+            "missing sub and sid",
+            logout_token(&with(&|v| {
+                let o = v.as_object_mut().unwrap();
+                o.remove("sub");
+                o.remove("sid");
+            })),
+        ),
+        (
+            "missing events",
+            logout_token(&with(&|v| {
+                v.as_object_mut().unwrap().remove("events");
+            })),
+        ),
+        (
+            "wrong event",
+            logout_token(&with(&|v| {
+                v["events"] = json!({"http://example/other": {}})
+            })),
+        ),
+        (
+            "with nonce",
+            logout_token(&with(&|v| v["nonce"] = json!("n"))),
+        ),
+        (
+            "no jti",
+            logout_token(&with(&|v| {
+                v.as_object_mut().unwrap().remove("jti");
+            })),
+        ),
+        (
+            "an access token",
+            sign_with(
+                "rsa1",
+                Some("at+jwt"),
+                &with(&|v| {
+                    v.as_object_mut().unwrap().remove("events");
+                    v["scope"] = json!("openid");
+                }),
+            ),
+        ),
+        (
+            "an ID token",
+            sign_with(
+                "rsa1",
+                Some("JWT"),
+                &with(&|v| {
+                    v.as_object_mut().unwrap().remove("events");
+                    v["nonce"] = json!("n");
+                }),
+            ),
+        ),
+        ("garbage", "not-a-jwt".to_owned()),
+    ];
+    for (name, token) in &cases {
+        let (code, body) = post_logout(&gw, token).await;
+        assert_eq!(code, 400, "{name}: {body}");
+        assert_eq!(body["error"], "invalid_request", "{name}");
+        assert_eq!(status(&gw, "alice-token").await, 200, "{name} purged alice");
+    }
+    // Missing form field.
+    let r = client()
+        .post(gw.url(BCL))
+        .form(&[("x", "y")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // A valid logout token: once the 200 is back, alice's very next request is refused,
+    // although her identity was cached for two minutes; bob is untouched.
+    let valid = logout_token(&base);
+    let (code, body) = post_logout(&gw, &valid).await;
+    assert_eq!(code, 200, "{body}");
+    let r = client()
+        .get(gw.url(SYNC))
+        .bearer_auth("alice-token")
+        .send()
+        .await
+        .unwrap();
+    assert_matrix_error(r, 401, "M_UNKNOWN_TOKEN").await;
+    assert_eq!(status(&gw, "bob-token").await, 200);
+
+    // The same token again: a replay.
+    let (code, body) = post_logout(&gw, &valid).await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+}
+
+#[tokio::test]
+async fn sub_only_logout_signs_out_every_session_of_the_subject() {
+    let (_f, gw, issuer) = setup("", "").await;
+    assert_eq!(status(&gw, "alice-token").await, 200);
+    let mut claims = logout_claims(&issuer);
+    claims.as_object_mut().unwrap().remove("sid");
+    let (code, _) = post_logout(&gw, &logout_token(&claims)).await;
+    assert_eq!(code, 200);
+    assert_eq!(status(&gw, "alice-token").await, 401);
+    assert_eq!(status(&gw, "bob-token").await, 200);
+}
+
+#[tokio::test]
+async fn logout_signs_the_bound_device_out_upstream() {
+    let hs = format!("kind = \"dendrite\"\nas_token = \"as-token\"");
+    let f_cfg = "";
+    let (f, gw, issuer) = setup(f_cfg, &hs).await;
+    Mock::given(method("POST"))
+        .and(path("/_matrix/client/v3/register"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .with_priority(1)
+        .mount(&f.hs)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/_matrix/client/v3/login"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(
+                json!({"access_token": "alice-upstream", "device_id": "ALICEDEV01"}),
+            ),
+        )
+        .with_priority(1)
+        .mount(&f.hs)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/_matrix/client/v3/logout"))
+        .and(header("authorization", "Bearer alice-upstream"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .with_priority(1)
+        .expect(1)
+        .mount(&f.hs)
+        .await;
+    assert_eq!(status(&gw, "alice-token").await, 200);
+    let (code, _) = post_logout(&gw, &logout_token(&logout_claims(&issuer))).await;
+    assert_eq!(code, 200);
+    // `.expect(1)`: the upstream logout happened before the 200.
+    let devices: Value = admin(
+        &gw,
+        reqwest::Method::GET,
+        "/admin/v1/users/@alice:example.org/devices",
+        None,
+    )
+    .await
+    .1;
+    assert_eq!(devices["devices"], json!([]), "the binding was not dropped");
+}
+
+async fn admin(gw: &TestGateway, m: reqwest::Method, p: &str, body: Option<Value>) -> (u16, Value) {
+    let mut r = client()
+        .request(m, gw.admin_url(p))
+        .bearer_auth(ADMIN_TOKEN);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await.unwrap();
+    let s = resp.status().as_u16();
+    (s, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn admin_api_requires_its_token() {
+    let (_f, gw, _) = setup("", "").await;
+    let p = gw.admin_url("/admin/v1/users/@alice:example.org/devices");
+    let r = client().get(&p).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client()
+        .get(&p)
+        .bearer_auth("wrong-token-xxxxxxxxxxxx")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["errcode"],
+        "M_UNKNOWN_TOKEN"
+    );
+    let r = client()
+        .get(&p)
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The admin API is never on the public listener.
+    let r = client()
+        .get(gw.url("/admin/v1/users/@alice:example.org/devices"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(
+        r.status(),
+        200,
+        "the public listener treats it as a Matrix route, not the admin API"
+    );
+}
+
+#[tokio::test]
+async fn admin_api_without_a_token_configured_is_off() {
+    let f = Fakes::start().await;
+    let gw = spawn(&f.config("")).await;
+    let r = client()
+        .get(gw.admin_url("/admin/v1/users/@a:example.org/devices"))
+        .bearer_auth("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn admin_revoke_logout_purge_and_validation() {
+    let (_f, gw, _) = setup("", "").await;
+    assert_eq!(status(&gw, "alice-token").await, 200);
+    let (s, b) = admin(
+        &gw,
+        reqwest::Method::POST,
+        "/admin/v1/sessions/revoke",
+        Some(json!({"user_id": "@alice:example.org", "device_id": "ALICEDEV01"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["purged"], 1);
+    assert_eq!(status(&gw, "alice-token").await, 401);
+    assert_eq!(status(&gw, "bob-token").await, 200);
+    let (s, _) = admin(
+        &gw,
+        reqwest::Method::POST,
+        "/admin/v1/cache/purge",
+        Some(json!({"token": "bob-token"})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(status(&gw, "bob-token").await, 401);
+    for (body, why) in [
+        (json!({}), "nothing to purge"),
+        (json!({"token": "a", "sub": "b"}), "two selectors"),
+        (json!({"user_id": "@x:elsewhere.org"}), "foreign user"),
+        (json!({"user_id": 5}), "wrong type"),
+    ] {
+        let (s, b) = admin(
+            &gw,
+            reqwest::Method::POST,
+            "/admin/v1/cache/purge",
+            Some(body),
+        )
+        .await;
+        assert_eq!(s, 400, "{why}: {b}");
+    }
+    let (s, _) = admin(&gw, reqwest::Method::POST, "/admin/v1/nope", None).await;
+    assert_eq!(s, 404);
+    let r = client()
+        .post(gw.admin_url("/admin/v1/cache/purge"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body("[1,2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn deactivation_tombstones_the_user() {
+    let (f, gw, _) = setup("", "").await;
+    assert_eq!(status(&gw, "alice-token").await, 200);
+    let (s, b) = admin(
+        &gw,
+        reqwest::Method::POST,
+        "/admin/v1/users/@alice:example.org/deactivate",
+        Some(json!({"erase": false})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["deactivated"], true);
+    // The old token, and a fresh one from the OP, are both refused as deactivated.
+    let r = client()
+        .get(gw.url(SYNC))
+        .bearer_auth("alice-token")
+        .send()
+        .await
+        .unwrap();
+    assert_matrix_error(r, 403, "M_USER_DEACTIVATED").await;
+    let mut fresh = active("alice", &full_scope("ALICEDEV02"));
+    fresh["sid"] = json!("sid-9");
+    f.introspection("alice-fresh", fresh, 1).await;
+    let r = client()
+        .get(gw.url(SYNC))
+        .bearer_auth("alice-fresh")
+        .send()
+        .await
+        .unwrap();
+    assert_matrix_error(r, 403, "M_USER_DEACTIVATED").await;
+    // Lifting the tombstone lets a new sign-in through.
+    let (s, b) = admin(
+        &gw,
+        reqwest::Method::DELETE,
+        "/admin/v1/users/@alice:example.org/tombstone",
+        None,
+    )
+    .await;
+    assert_eq!((s, b["lifted"].as_bool()), (200, Some(true)));
+    let mut newer = active("alice", &full_scope("ALICEDEV03"));
+    newer["iat"] = json!(now() + 5);
+    f.introspection("alice-newer", newer, 1).await;
+    assert_eq!(status(&gw, "alice-newer").await, 200);
+}
+
+#[tokio::test]
+async fn repin_moves_a_user_id_to_another_subject() {
+    let (f, gw, _) = setup("", "").await;
+    assert_eq!(status(&gw, "alice-token").await, 200);
+    let mut other = active("alice", &full_scope("NEWDEV0001"));
+    other["sub"] = json!("new-sub");
+    f.introspection("alice-new-sub", other, 1).await;
+    let r = client()
+        .get(gw.url(SYNC))
+        .bearer_auth("alice-new-sub")
+        .send()
+        .await
+        .unwrap();
+    assert_matrix_error(r, 403, "M_FORBIDDEN").await;
+    let (s, _) = admin(
+        &gw,
+        reqwest::Method::PUT,
+        "/admin/v1/users/@alice:example.org/subject",
+        Some(json!({"sub": "new-sub"})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(status(&gw, "alice-new-sub").await, 200);
+}
+
+#[tokio::test]
+async fn cross_signing_reset_approval_is_single_use() {
+    let hs = "kind = \"synapse\"\nas_token = \"as-token\"";
+    let (f, gw, _) = setup("", hs).await;
+    for (m, p, body) in [
+        ("POST", "/_matrix/client/v3/register", json!({})),
+        ("PUT", "/_matrix/client/v3/devices/ALICEDEV01", json!({})),
+        (
+            "POST",
+            "/_matrix/client/v3/keys/query",
+            json!({"master_keys": {"@alice:example.org": {}}}),
+        ),
+    ] {
+        Mock::given(method(m))
+            .and(path(p))
+            .respond_with(ResponseTemplate::new(200).set_body_json(body))
+            .with_priority(1)
+            .mount(&f.hs)
+            .await;
+    }
+    let upload = || async {
+        client()
+            .post(gw.url("/_matrix/client/v3/keys/device_signing/upload"))
+            .bearer_auth("alice-token")
+            .json(&json!({"master_key": {}}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(upload().await, 401);
+    let (s, b) = admin(
+        &gw,
+        reqwest::Method::POST,
+        "/admin/v1/users/@alice:example.org/cross_signing_reset",
+        Some(json!({"valid_for_secs": 120})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(upload().await, 200);
+    assert_eq!(upload().await, 401, "an approval is used once");
+}
+
+#[tokio::test]
+async fn revocation_proxy_forwards_unchanged_and_refuses_the_token() {
+    let (f, gw, _) = setup("", "").await;
+    assert_eq!(status(&gw, "alice-token").await, 200);
+    Mock::given(method("POST"))
+        .and(path("/revoke"))
+        .and(body_string(
+            "token=alice-token&token_type_hint=access_token&client_id=matrix-client",
+        ))
+        .and(header("content-type", "application/x-www-form-urlencoded"))
+        .respond_with(ResponseTemplate::new(200))
+        .expect(1)
+        .mount(&f.op)
+        .await;
+    // The gateway advertises itself as the revocation endpoint.
+    let meta: Value = client()
+        .get(gw.url("/_matrix/client/v1/auth_metadata"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let advertised = meta["revocation_endpoint"].as_str().unwrap().to_owned();
+    assert!(
+        advertised.ends_with("/_matrix-oidc-gateway/oauth2/revoke"),
+        "{advertised}"
+    );
+    let r = client()
+        .post(gw.url("/_matrix-oidc-gateway/oauth2/revoke"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("token=alice-token&token_type_hint=access_token&client_id=matrix-client")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(status(&gw, "alice-token").await, 401);
+    assert_eq!(status(&gw, "bob-token").await, 200);
+}
+
+#[tokio::test]
+async fn revoking_a_refresh_token_signs_the_device_out_upstream() {
+    let hs = "kind = \"synapse\"\nas_token = \"as-token\"";
+    let (f, gw, _) = setup("", hs).await;
+    Mock::given(method("POST"))
+        .and(path("/_matrix/client/v3/register"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .with_priority(1)
+        .mount(&f.hs)
+        .await;
+    Mock::given(method("PUT"))
+        .and(path("/_matrix/client/v3/devices/ALICEDEV01"))
+        .respond_with(ResponseTemplate::new(201).set_body_json(json!({})))
+        .with_priority(1)
+        .mount(&f.hs)
+        .await;
+    Mock::given(method("DELETE"))
+        .and(path("/_matrix/client/v3/devices/ALICEDEV01"))
+        .and(query_param("user_id", "@alice:example.org"))
+        .and(header("authorization", "Bearer as-token"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .with_priority(1)
+        .expect(1)
+        .mount(&f.hs)
+        .await;
+    assert_eq!(status(&gw, "alice-token").await, 200);
+    // The refresh token introspects as active, without an access-token type.
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .and(wiremock::matchers::body_string_contains(
+            "token=alice-refresh&",
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "active": true, "sub": "sub-alice", "scope": full_scope("ALICEDEV01"), "sid": "sid-1"
+        })))
+        .mount(&f.op)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/revoke"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&f.op)
+        .await;
+    let r = client()
+        .post(gw.url("/_matrix-oidc-gateway/oauth2/revoke"))
+        .form(&[
+            ("token", "alice-refresh"),
+            ("token_type_hint", "refresh_token"),
+            ("client_id", "matrix-client"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // `.expect(1)` on the DELETE proves the device was signed out before the answer.
+    assert_eq!(
+        status(&gw, "alice-token").await,
+        401,
+        "the device's tokens are revoked too"
+    );
+}
