@@ -292,9 +292,9 @@ async fn sub_only_logout_signs_out_every_session_of_the_subject() {
 
 #[tokio::test]
 async fn logout_signs_the_bound_device_out_upstream() {
-    let hs = format!("kind = \"dendrite\"\nas_token = \"as-token\"");
+    let hs = "kind = \"dendrite\"\nas_token = \"as-token\"";
     let f_cfg = "";
-    let (f, gw, issuer) = setup(f_cfg, &hs).await;
+    let (f, gw, issuer) = setup(f_cfg, hs).await;
     Mock::given(method("POST"))
         .and(path("/_matrix/client/v3/register"))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
