@@ -9,6 +9,7 @@ scripts/setup.sh
 # Real homeservers for the end-to-end suites, cached outside the clone ($PEER_CACHE).
 scripts/peers/install-synapse.sh
 scripts/peers/install-dendrite.sh
+scripts/peers/install-tools.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
