@@ -609,3 +609,67 @@ async fn readiness_waits_for_the_keys() {
         "the gateway never became ready after the keys appeared"
     );
 }
+
+#[tokio::test]
+async fn a_failed_jwks_refresh_keeps_the_last_good_keys() {
+    let op = Op::start(&["rsa1"]).await;
+    let gw = spawn(&jwt_config(
+        &op.fakes,
+        "jwks_refresh_min = \"1s\"\njwks_refresh_max = \"1s\"",
+    ))
+    .await;
+    let c = op.claims("alice", &full_scope("D1"));
+    assert_eq!(get(&gw, &rs256(&c)).await.status(), 200);
+    // The JWKS endpoint breaks; scheduled refreshes fail.
+    op.fakes.op.reset().await;
+    Mock::given(method("GET"))
+        .and(path("/jwks"))
+        .respond_with(ResponseTemplate::new(500))
+        .mount(&op.fakes.op)
+        .await;
+    for _ in 0..100 {
+        if op.jwks_fetches().await >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(op.jwks_fetches().await >= 1, "no refresh was attempted");
+    let mut fresh = c.clone();
+    fresh["jti"] = json!("after-a-failed-refresh");
+    assert_eq!(get(&gw, &rs256(&fresh)).await.status(), 200);
+}
+
+#[tokio::test]
+async fn jwts_are_routed_to_their_issuer_by_iss_before_any_key_is_used() {
+    let a = Op::start(&["rsa1"]).await;
+    let b = Op::start(&["ec256"]).await;
+    let cfg = format!(
+        "{}\n[[issuers]]\nissuer = \"{}\"\nmode = \"jwt\"\naudiences = [\"{AUD}\"]\n",
+        jwt_config(&a.fakes, ""),
+        b.issuer
+    );
+    let gw = spawn(&cfg).await;
+    let from_a = rs256(&a.claims("alice", &full_scope("D1")));
+    let from_b = sign(
+        Algorithm::ES256,
+        "ec256",
+        Some("ec-1"),
+        Some("at+jwt"),
+        &b.claims("bob", &full_scope("D2")),
+    );
+    assert_eq!(get(&gw, &from_a).await.status(), 200);
+    let echo: Value = get(&gw, &from_b).await.json().await.unwrap();
+    assert_eq!(
+        echo["headers"]["x-matrix-user-id"],
+        json!(["@bob:example.org"])
+    );
+    // Claiming issuer A with issuer B's key: A's keys are the only ones consulted.
+    let forged = sign(
+        Algorithm::ES256,
+        "ec256",
+        Some("ec-1"),
+        Some("at+jwt"),
+        &a.claims("mallory", &full_scope("D3")),
+    );
+    assert_matrix_error(get(&gw, &forged).await, 401, "M_UNKNOWN_TOKEN").await;
+}
