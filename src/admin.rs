@@ -17,6 +17,7 @@ use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::notify::{Notifier, Purge, Source};
+use crate::store::redis::Redis;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -26,6 +27,7 @@ pub struct AdminApp {
     verifier: Arc<Verifier>,
     notifier: Arc<Notifier>,
     clock: SharedClock,
+    redis: Option<Redis>,
 }
 
 impl AdminApp {
@@ -41,7 +43,14 @@ impl AdminApp {
             verifier,
             notifier,
             clock,
+            redis: None,
         }
+    }
+
+    /// Adds the shared-state check to readiness.
+    pub fn with_redis(mut self, redis: Option<Redis>) -> Self {
+        self.redis = redis;
+        self
     }
 
     /// Readiness checks: `(name, ok)`.
@@ -60,6 +69,9 @@ impl AdminApp {
         .await
         .is_ok_and(|r| r.is_ok());
         checks.push(("homeserver", reachable));
+        if let Some(r) = &self.redis {
+            checks.push(("redis", r.ping().await));
+        }
         checks
     }
 }

@@ -20,7 +20,7 @@ pub enum MissingTokenReason {
 }
 
 /// Why a token was refused (401 `M_UNKNOWN_TOKEN`, `soft_logout: false`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum RejectReason {
     /// The OP says `active: false` (unknown, revoked, expired at the OP).
     Inactive,
@@ -66,7 +66,7 @@ pub enum OpFailure {
 }
 
 /// Why a verified token could not be mapped to a Matrix user (500: an OP misconfiguration).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MappingFailure {
     /// None of `auth.user_id_claims` is present as a string.
     MissingClaim,

@@ -1,6 +1,8 @@
 //! matrix-oidc-gateway: a Pingora reverse proxy that turns any Matrix homeserver into an
 //! OIDC-native one (MSC3861). See `README.md` for the request path and `docs/` for the details.
 
+#![recursion_limit = "256"]
+
 pub mod admin;
 pub mod auth;
 pub mod binding;

@@ -20,6 +20,7 @@ use crate::gateway::upstream::Upstream;
 use crate::gateway::Gateway;
 use crate::notify::logout_token::{LogoutIssuer, LogoutValidator};
 use crate::notify::Notifier;
+use crate::store::redis::{Event, Redis, RedisStore};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 
@@ -51,6 +52,66 @@ struct MetadataRefresher {
 impl BackgroundService for MetadataRefresher {
     async fn start(&self, shutdown: ShutdownWatch) {
         self.op.refresh_loop(shutdown).await;
+    }
+}
+
+/// Receives the other replicas' revocations and binding changes; after missing some (Redis
+/// down) it resynchronises: reloads revocations and drops what was cached before the outage.
+struct Fanout {
+    redis: Redis,
+    notifier: Arc<Notifier>,
+    clock: SharedClock,
+}
+
+#[async_trait]
+impl BackgroundService for Fanout {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use futures_util::StreamExt;
+        let mut outage_since: Option<u64> = None;
+        let mut backoff = std::time::Duration::from_millis(100);
+        loop {
+            let pubsub = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                self.redis.pubsub_client().get_async_pubsub(),
+            )
+            .await;
+            if let Ok(Ok(mut pubsub)) = pubsub {
+                if pubsub.subscribe(self.redis.channel()).await.is_ok() {
+                    backoff = std::time::Duration::from_millis(100);
+                    if let Some(since) = outage_since.take() {
+                        let verifier = self.notifier.verifier();
+                        let _ = verifier.revocations().load(self.clock.now_ms()).await;
+                        let dropped = verifier.purge_decided_before(since).await;
+                        self.notifier.binder().forget_cached();
+                        tracing::info!(dropped, "shared state back: resynchronised");
+                    }
+                    let mut messages = pubsub.on_message();
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.changed() => return,
+                            msg = messages.next() => match msg {
+                                Some(m) => {
+                                    let payload: String = m.get_payload().unwrap_or_default();
+                                    if let Ok(event) = serde_json::from_str::<Event>(&payload) {
+                                        self.notifier.apply_remote(&event).await;
+                                    }
+                                }
+                                None => break,
+                            },
+                        }
+                    }
+                }
+            }
+            if outage_since.is_none() {
+                tracing::warn!("revocation fan-out lost; reconnecting");
+                outage_since = Some(self.clock.now_ms());
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+        }
     }
 }
 
@@ -111,33 +172,55 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
             jwks_refreshers.push(keys);
         }
     }
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
+    let redis = match &config.store.redis {
+        Some(settings) => Some(Redis::new(settings)?),
+        None => None,
+    };
+    let store: Arc<dyn Store> = match &redis {
+        Some(r) => Arc::new(RedisStore::new(r.clone())),
+        None => Arc::new(SqliteStore::open(&config.store.path)?),
+    };
     let revocations = Arc::new(Revocations::new(store.clone()));
-    // Persisted revocations are in force before the first request. (On a thread of its own:
-    // `build` may be called from inside a runtime, as the in-process tests do.)
+    // Persisted revocations are in force before the first request. (On a thread and runtime of
+    // its own, with its own connection: `build` may run inside a runtime, as the in-process
+    // tests do, and connections must not outlive the runtime that made them.)
     let loaded = {
         let revocations = revocations.clone();
         let now = clock.now_ms();
+        let loader: Arc<dyn Store> = match &config.store.redis {
+            Some(settings) => Arc::new(RedisStore::new(Redis::new(settings)?)),
+            None => store.clone(),
+        };
         std::thread::spawn(move || {
             tokio::runtime::Builder::new_current_thread()
+                .enable_all()
                 .build()
                 .map_err(|e| StoreError(e.to_string()))?
-                .block_on(revocations.load(now))
+                .block_on(revocations.load_from(loader.as_ref(), now))
         })
         .join()
-        .map_err(|_| StoreError("revocation loader panicked".into()))??
+        .map_err(|_| StoreError("revocation loader panicked".into()))?
+    };
+    let loaded = match loaded {
+        Ok(n) => n,
+        Err(e) if redis.is_some() => {
+            // A replica must start while Redis is down; events resynchronise it later.
+            tracing::warn!(error = %e, "revocations not loaded: shared state unavailable");
+            0
+        }
+        Err(e) => return Err(e.into()),
     };
     if loaded > 0 {
         tracing::info!(revocations = loaded, "revocations restored from the store");
     }
-    let verifier = Arc::new(Verifier::new(
-        &config,
-        op.clone(),
-        jwt,
-        revocations,
-        clock.clone(),
-    ));
-    let binder = Arc::new(Binder::new(&config, store.clone())?);
+    let mut verifier = Verifier::new(&config, op.clone(), jwt, revocations, clock.clone());
+    let mut binder = Binder::new(&config, store.clone())?;
+    if let Some(r) = &redis {
+        verifier = verifier.with_shared(r.clone());
+        binder = binder.with_shared(r.clone());
+    }
+    let verifier = Arc::new(verifier);
+    let binder = Arc::new(binder);
     let logout_issuers = key_stores
         .iter()
         .map(|keys| {
@@ -171,12 +254,15 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
+    let fanout_notifier = notifier.clone();
+    let fanout_clock = clock.clone();
     let admin = crate::admin::AdminApp::new(
         config.clone(),
         verifier.clone(),
         notifier.clone(),
         clock.clone(),
-    );
+    )
+    .with_redis(redis.clone());
     let gateway = Gateway::new(config.clone(), verifier, binder, upstream, clock, notifier);
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
@@ -189,6 +275,16 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
     admin_service.add_tcp(&config.listen.admin.to_string());
     server.add_service(admin_service);
     server.add_service(background_service("op-metadata", MetadataRefresher { op }));
+    if let Some(r) = redis {
+        server.add_service(background_service(
+            "fanout",
+            Fanout {
+                redis: r,
+                notifier: fanout_notifier,
+                clock: fanout_clock,
+            },
+        ));
+    }
     for keys in jwks_refreshers {
         server.add_service(background_service("jwks", JwksRefresher { keys }));
     }

@@ -17,7 +17,7 @@ use super::{Identity, TokenHash};
 use crate::error::{GatewayError, MappingFailure, OpFailure, RejectReason};
 
 /// A cached decision about one token.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Verdict {
     /// The token is good.
     Active(Arc<Identity>),
@@ -39,12 +39,15 @@ impl Verdict {
 }
 
 /// A verdict with its reuse window.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CachedVerdict {
     /// The decision.
     pub verdict: Verdict,
     /// Reuse it until this Unix ms time.
     pub fresh_until_ms: u64,
+    /// When the verdict was reached (Unix ms).
+    #[serde(default)]
+    pub decided_at_ms: u64,
 }
 
 impl CachedVerdict {
@@ -150,6 +153,24 @@ impl IdentityCache {
             }
             Err(e) => Err(*e),
         }
+    }
+
+    /// Drops every entry decided before `before_ms` (after a shared-state outage: those may
+    /// have missed revocations).
+    pub async fn purge_decided_before(&self, before_ms: u64) -> usize {
+        let mut n = 0;
+        for (key, entry) in self.inner.iter() {
+            if entry.decided_at_ms < before_ms {
+                self.inner.invalidate(&*key).await;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Inserts a verdict decided elsewhere (another replica, through the shared cache).
+    pub async fn insert(&self, key: TokenHash, verdict: CachedVerdict) {
+        self.inner.insert(key, verdict).await;
     }
 
     /// Drops every active entry whose identity `matches` selects; returns those identities.

@@ -24,7 +24,7 @@ pub const DEVICE_PREFIX: &str = "urn:matrix:client:device:";
 pub const DEVICE_PREFIX_UNSTABLE: &str = "urn:matrix:org.matrix.msc2967.client:device:";
 
 /// What a token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Access {
     /// `urn:matrix:client:api:*`: the whole client-server API.
     Full,
@@ -33,7 +33,7 @@ pub enum Access {
 }
 
 /// A verified caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Identity {
     /// `@localpart:server_name`.
     pub user_id: String,

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::clock::SharedClock;
 use crate::config::{Config, VerifyMode};
 use crate::error::{GatewayError, OpFailure, RejectReason};
+use crate::store::redis::Redis;
 use cache::{CacheOutcome, CachedVerdict, IdentityCache, Verdict};
 use identity::{build_identity, Claims, IdentityError};
 pub use identity::{Access, Identity};
@@ -64,6 +65,7 @@ pub struct Verifier {
     primary_introspects: bool,
     jwt: JwtIssuers,
     revocations: Arc<Revocations>,
+    shared: Option<Redis>,
     cache: IdentityCache,
     clock: SharedClock,
     user_id_claims: Vec<String>,
@@ -84,6 +86,7 @@ impl Verifier {
     ) -> Self {
         Self {
             revocations,
+            shared: None,
             primary_introspects: op.issuer().mode != VerifyMode::Jwt,
             op,
             jwt,
@@ -95,6 +98,18 @@ impl Verifier {
             negative_ttl_ms: config.cache.negative_ttl.as_millis() as u64,
             max_ttl_ms: config.cache.max_ttl.as_millis() as u64,
         }
+    }
+
+    /// Shares verdicts with other replicas through Redis (second-level cache, distributed
+    /// single-flight).
+    pub fn with_shared(mut self, redis: Redis) -> Self {
+        self.shared = Some(redis);
+        self
+    }
+
+    /// Drops cached verdicts decided before `before_ms` (after a shared-state outage).
+    pub async fn purge_decided_before(&self, before_ms: u64) -> usize {
+        self.cache.purge_decided_before(before_ms).await
     }
 
     /// The primary OP.
@@ -182,7 +197,7 @@ impl Verifier {
         }
         let loaded = self
             .cache
-            .get_or_load(key, async { self.load(token).await })
+            .get_or_load(key, async { self.load_shared(key, token).await })
             .await;
         match loaded {
             Ok((entry, fresh)) => Verified {
@@ -202,6 +217,79 @@ impl Verifier {
                     cache: outcome,
                 }
             }
+        }
+    }
+
+    /// Decides a token this replica has not cached: from the shared cache when another replica
+    /// already did, else under a shared lock so that one replica asks the OP. Redis trouble
+    /// never fails a request: it falls back to deciding here.
+    async fn load_shared(&self, key: TokenHash, token: &str) -> Result<CachedVerdict, OpFailure> {
+        let Some(redis) = &self.shared else {
+            return self.load(token).await;
+        };
+        let id = hex::encode(key.0);
+        let read = |bytes: Vec<u8>| {
+            serde_json::from_slice::<CachedVerdict>(&bytes)
+                .ok()
+                .filter(|v| self.clock.now_ms() < v.fresh_until_ms)
+        };
+        match redis.cache_get(&id).await {
+            Ok(Some(bytes)) => {
+                if let Some(v) = read(bytes) {
+                    return Ok(v);
+                }
+            }
+            Ok(None) => {}
+            Err(_) => return self.load(token).await,
+        }
+        let wait = self.op.issuer().timeout + std::time::Duration::from_secs(1);
+        let lock = format!("decide:{id}");
+        match redis.lock(&lock, wait * 2).await {
+            Ok(Some(fence)) => {
+                let decided = self.load(token).await;
+                if let Ok(v) = &decided {
+                    let ttl = v.fresh_until_ms.saturating_sub(self.clock.now_ms());
+                    if ttl > 0 {
+                        if let Ok(bytes) = serde_json::to_vec(v) {
+                            let _ = redis
+                                .cache_set(&id, &bytes, std::time::Duration::from_millis(ttl))
+                                .await;
+                        }
+                    }
+                }
+                let _ = redis.unlock(&lock, &fence).await;
+                decided
+            }
+            Ok(None) => {
+                // Another replica is asking the OP: wait for its verdict.
+                let deadline = std::time::Instant::now() + wait;
+                while std::time::Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_millis(15)).await;
+                    match redis.cache_get(&id).await {
+                        Ok(Some(bytes)) => {
+                            if let Some(v) = read(bytes) {
+                                return Ok(v);
+                            }
+                        }
+                        Ok(None) => {
+                            if !redis.locked(&lock).await.unwrap_or(false) {
+                                break;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+                self.load(token).await
+            }
+            Err(_) => self.load(token).await,
+        }
+    }
+
+    /// Drops a token from the shared cache too.
+    pub async fn purge_token_everywhere(&self, key: &TokenHash) {
+        self.cache.invalidate(key).await;
+        if let Some(redis) = &self.shared {
+            let _ = redis.cache_del(&hex::encode(key.0)).await;
         }
     }
 
@@ -252,6 +340,7 @@ impl Verifier {
         CachedVerdict {
             verdict: Verdict::Rejected(reason),
             fresh_until_ms: now + self.negative_ttl_ms,
+            decided_at_ms: now,
         }
     }
 
@@ -321,6 +410,7 @@ impl Verifier {
                 CachedVerdict {
                     fresh_until_ms: expires_at_ms.map_or(until, |e| e.min(until)),
                     verdict: Verdict::Active(Arc::new(identity)),
+                    decided_at_ms: now,
                 }
             }
             Err(IdentityError::Reject(r)) => negative(r),
@@ -333,6 +423,7 @@ impl Verifier {
                 CachedVerdict {
                     verdict: Verdict::Misconfigured(m),
                     fresh_until_ms: now + self.negative_ttl_ms,
+                    decided_at_ms: now,
                 }
             }
         }

@@ -86,7 +86,13 @@ impl Revocations {
 
     /// Loads the persisted revocations still in force.
     pub async fn load(&self, now_ms: u64) -> Result<usize, StoreError> {
-        let rows = self.store.revocations(now_ms).await?;
+        let store = self.store.clone();
+        self.load_from(store.as_ref(), now_ms).await
+    }
+
+    /// Loads the revocations in force from `store` (a second handle on the same data).
+    pub async fn load_from(&self, store: &dyn Store, now_ms: u64) -> Result<usize, StoreError> {
+        let rows = store.revocations(now_ms).await?;
         let mut n = 0;
         if let Ok(mut map) = self.entries.write() {
             for (key, at_ms, until_ms) in rows {
@@ -124,6 +130,14 @@ impl Revocations {
         Ok(())
     }
 
+    /// Applies a revocation made elsewhere (already persisted by its maker).
+    pub fn remember(&self, selector: Selector, at_ms: u64, until_ms: u64) {
+        if let Ok(mut map) = self.entries.write() {
+            map.insert(selector, Entry { at_ms, until_ms });
+            self.any.store(true, Ordering::Release);
+        }
+    }
+
     /// Whether `identity` (presented as the token hashing to `token`) is revoked at `now_ms`.
     pub fn is_revoked(&self, identity: &Identity, token: &TokenHash, now_ms: u64) -> bool {
         if !self.any.load(Ordering::Acquire) {
@@ -155,6 +169,21 @@ impl Revocations {
     /// Whether none are held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Whether a revocation of `selector` made at `at_ms` covers `identity` (token selectors match
+/// by hash, which an identity does not carry: they never match here).
+pub fn matches(selector: &Selector, at_ms: u64, identity: &Identity) -> bool {
+    let before = identity.issued_at_ms < at_ms;
+    match selector {
+        Selector::Session(s) => identity.session_id.as_deref() == Some(s.as_str()),
+        Selector::Subject(s) => before && identity.subject == *s,
+        Selector::User(u) => before && identity.user_id == *u,
+        Selector::Device(u, d) => {
+            before && identity.user_id == *u && identity.device_id.as_deref() == Some(d.as_str())
+        }
+        Selector::Token(_) => false,
     }
 }
 

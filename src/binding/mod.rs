@@ -26,6 +26,7 @@ use url::Url;
 use crate::auth::Identity;
 use crate::config::{BindingMode, Config, HomeserverKind, Secret};
 use crate::error::{BindingFailure, GatewayError};
+use crate::store::redis::{Event, Redis};
 use crate::store::{DeviceRecord, Pin, Store};
 
 /// How upstream requests of one bound identity authenticate.
@@ -88,6 +89,7 @@ pub struct Binder {
     store: Arc<dyn Store>,
     bound: Cache<(String, String), Arc<Bound>>,
     users: Cache<String, Arc<UserState>>,
+    shared: Option<Redis>,
     sessions_seen: Cache<(String, String, String), ()>,
     admin_token: Option<Secret>,
     registered: Cache<String, ()>,
@@ -107,11 +109,18 @@ impl Binder {
             store,
             bound: Cache::builder().max_capacity(200_000).build(),
             users: Cache::builder().max_capacity(200_000).build(),
+            shared: None,
             sessions_seen: Cache::builder().max_capacity(200_000).build(),
             admin_token: config.homeserver.admin_token.clone(),
             registered: Cache::builder().max_capacity(200_000).build(),
             counters: ProvisioningCounters::default(),
         })
+    }
+
+    /// Coordinates provisioning with other replicas through Redis.
+    pub fn with_shared(mut self, redis: Redis) -> Self {
+        self.shared = Some(redis);
+        self
     }
 
     /// The binding mode.
@@ -164,6 +173,11 @@ impl Binder {
                 tracing::error!(error = %e, "cannot forget a lost binding");
             }
         }
+        self.publish(Event::Binding {
+            user: user_id.to_owned(),
+            device,
+        })
+        .await;
     }
 
     /// A request to the homeserver made with `bound`'s credentials; `None` in `headers` mode.
@@ -407,6 +421,10 @@ impl Binder {
             GatewayError::BindingUnavailable(BindingFailure::Store)
         })?;
         self.users.invalidate(user_id).await;
+        self.publish(Event::User {
+            user: user_id.to_owned(),
+        })
+        .await;
         self.sign_out_user(user_id).await?;
         let mechanism = match (self.kind, &self.admin_token, self.mode) {
             (_, _, BindingMode::Headers) => "tombstone",
@@ -460,6 +478,10 @@ impl Binder {
             GatewayError::BindingUnavailable(BindingFailure::Store)
         })?;
         self.users.invalidate(user_id).await;
+        self.publish(Event::User {
+            user: user_id.to_owned(),
+        })
+        .await;
         Ok(lifted)
     }
 
@@ -470,10 +492,76 @@ impl Binder {
             GatewayError::BindingUnavailable(BindingFailure::Store)
         })?;
         self.users.invalidate(user_id).await;
+        self.publish(Event::User {
+            user: user_id.to_owned(),
+        })
+        .await;
         Ok(())
     }
 
+    /// Provisions under a cross-replica lock when the state is shared, so that one
+    /// (user, device) gets exactly one registration and one login whichever replica sees it
+    /// first; the holder's work is visible to the others through the store.
     async fn provision(
+        &self,
+        user_id: &str,
+        device: Option<String>,
+    ) -> Result<Arc<Bound>, GatewayError> {
+        let Some(redis) = &self.shared else {
+            return self.provision_here(user_id, device).await;
+        };
+        let name = format!(
+            "provision:{user_id}{}{}",
+            '\u{1f}',
+            device.as_deref().unwrap_or("")
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match redis.lock(&name, Duration::from_secs(30)).await {
+                Ok(Some(fence)) => {
+                    let result = self.provision_here(user_id, device).await;
+                    let _ = redis.unlock(&name, &fence).await;
+                    return result;
+                }
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                Ok(None) => return Err(GatewayError::BindingUnavailable(BindingFailure::Store)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "shared state unavailable: cannot provision now");
+                    return Err(GatewayError::BindingUnavailable(BindingFailure::Store));
+                }
+            }
+        }
+    }
+
+    /// Tells the other replicas (no-op without shared state).
+    pub async fn publish(&self, event: Event) {
+        if let Some(redis) = &self.shared {
+            if let Err(e) = redis.publish(&event).await {
+                tracing::warn!(error = %e, "cannot publish to the other replicas");
+            }
+        }
+    }
+
+    /// Applies another replica's news: forget cached state it changed.
+    pub async fn apply_remote(&self, event: &Event) {
+        match event {
+            Event::User { user } => self.users.invalidate(user).await,
+            Event::Binding { user, device } => {
+                self.bound.invalidate(&(user.clone(), device.clone())).await
+            }
+            Event::Revoke { .. } => {}
+        }
+    }
+
+    /// Forgets every cached user state and binding (after missing events).
+    pub fn forget_cached(&self) {
+        self.users.invalidate_all();
+        self.bound.invalidate_all();
+    }
+
+    async fn provision_here(
         &self,
         user_id: &str,
         device: Option<String>,

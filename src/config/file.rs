@@ -42,6 +42,9 @@ pub struct FileConfig {
     /// The admin API on the admin listener.
     #[serde(default)]
     pub admin: AdminFile,
+    /// Redis, when `store.backend = "redis"`.
+    #[serde(default)]
+    pub redis: RedisFile,
 }
 
 /// `[notifications]`
@@ -106,6 +109,9 @@ pub struct AdminFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreFile {
+    /// `sqlite` (embedded, one replica) or `redis` (shared by several replicas).
+    #[serde(default = "default_store_backend")]
+    pub backend: String,
     /// Path of the embedded SQLite database (created with mode 0600).
     #[serde(default = "default_store_path")]
     pub path: String,
@@ -114,9 +120,66 @@ pub struct StoreFile {
 impl Default for StoreFile {
     fn default() -> Self {
         Self {
+            backend: default_store_backend(),
             path: default_store_path(),
         }
     }
+}
+
+fn default_store_backend() -> String {
+    "sqlite".into()
+}
+
+/// `[redis]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisFile {
+    /// `standalone`, `sentinel` or `cluster`.
+    #[serde(default = "default_redis_mode")]
+    pub mode: String,
+    /// Server URLs: the server (standalone), the sentinels (sentinel) or seed nodes (cluster).
+    /// `redis://` or `rediss://` (TLS); `redis://user:password@host:port/db` for ACL auth.
+    #[serde(default = "default_redis_urls")]
+    pub urls: Vec<String>,
+    /// The monitored master's name (sentinel mode).
+    pub sentinel_service: Option<String>,
+    /// Password (overrides one in the URLs).
+    pub password: Option<String>,
+    /// A file holding the password; its content is trimmed.
+    pub password_file: Option<String>,
+    /// Prefix of every key and of the fan-out channel.
+    #[serde(default = "default_redis_prefix")]
+    pub key_prefix: String,
+    /// Timeout of one Redis command (an unavailable Redis must not stall requests).
+    #[serde(default = "default_redis_timeout")]
+    pub timeout: String,
+}
+
+impl Default for RedisFile {
+    fn default() -> Self {
+        Self {
+            mode: default_redis_mode(),
+            urls: default_redis_urls(),
+            sentinel_service: None,
+            password: None,
+            password_file: None,
+            key_prefix: default_redis_prefix(),
+            timeout: default_redis_timeout(),
+        }
+    }
+}
+
+fn default_redis_mode() -> String {
+    "standalone".into()
+}
+fn default_redis_urls() -> Vec<String> {
+    vec!["redis://127.0.0.1:6379".into()]
+}
+fn default_redis_prefix() -> String {
+    "matrix-oidc-gateway:".into()
+}
+fn default_redis_timeout() -> String {
+    "500ms".into()
 }
 
 fn default_store_path() -> String {

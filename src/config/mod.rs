@@ -116,6 +116,36 @@ pub struct Notifications {
 pub struct StoreSettings {
     /// SQLite database path.
     pub path: std::path::PathBuf,
+    /// Redis settings when the store is shared.
+    pub redis: Option<RedisSettings>,
+}
+
+/// How to reach Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisMode {
+    /// One server.
+    Standalone,
+    /// Redis Sentinel in front of a master.
+    Sentinel,
+    /// Redis Cluster.
+    Cluster,
+}
+
+/// `[redis]`
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// Mode.
+    pub mode: RedisMode,
+    /// URLs.
+    pub urls: Vec<String>,
+    /// Sentinel master name.
+    pub sentinel_service: Option<String>,
+    /// Password.
+    pub password: Option<Secret>,
+    /// Key prefix.
+    pub key_prefix: String,
+    /// Command timeout.
+    pub timeout: Duration,
 }
 
 /// `[discovery]`
@@ -1064,6 +1094,68 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
         "notifications.revocation_retention",
         &n.revocation_retention,
     );
+    let redis = match f.store.backend.as_str() {
+        "sqlite" => None,
+        "redis" => {
+            let r = &f.redis;
+            let mode = match r.mode.as_str() {
+                "standalone" => RedisMode::Standalone,
+                "sentinel" => RedisMode::Sentinel,
+                "cluster" => RedisMode::Cluster,
+                other => {
+                    p.add(
+                        "redis.mode",
+                        format!("{other:?} is not one of standalone, sentinel, cluster"),
+                    );
+                    RedisMode::Standalone
+                }
+            };
+            if r.urls.is_empty() {
+                p.add("redis.urls", "must list at least one URL");
+            }
+            for (i, u) in r.urls.iter().enumerate() {
+                if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                    p.add(
+                        &format!("redis.urls[{i}]"),
+                        format!("{u:?} must start with redis:// or rediss://"),
+                    );
+                }
+            }
+            if mode == RedisMode::Sentinel && r.sentinel_service.is_none() {
+                p.add(
+                    "redis.sentinel_service",
+                    "required with mode = \"sentinel\"",
+                );
+            }
+            if r.key_prefix.is_empty() {
+                p.add(
+                    "redis.key_prefix",
+                    "must not be empty (several gateways may share a Redis)",
+                );
+            }
+            Some(RedisSettings {
+                mode,
+                urls: r.urls.clone(),
+                sentinel_service: r.sentinel_service.clone(),
+                password: secret::resolve(
+                    &mut p,
+                    "redis.password",
+                    r.password.as_deref(),
+                    r.password_file.as_deref(),
+                    false,
+                ),
+                key_prefix: r.key_prefix.clone(),
+                timeout: duration(&mut p, "redis.timeout", &r.timeout),
+            })
+        }
+        other => {
+            p.add(
+                "store.backend",
+                format!("{other:?} is not one of sqlite, redis"),
+            );
+            None
+        }
+    };
     if f.store.path.trim().is_empty() {
         p.add("store.path", "must not be empty");
     }
@@ -1143,6 +1235,7 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
             },
             store: StoreSettings {
                 path: f.store.path.into(),
+                redis,
             },
             discovery: Discovery {
                 public_base_url,

@@ -20,6 +20,7 @@ use crate::auth::{Identity, TokenHash, Verifier};
 use crate::binding::Binder;
 use crate::clock::SharedClock;
 use crate::error::{BindingFailure, GatewayError, OpFailure};
+use crate::store::redis::Event;
 use logout_token::{LogoutRejection, LogoutValidator};
 
 /// Where a sign-out came from (a bounded label).
@@ -83,6 +84,34 @@ impl Notifier {
         }
     }
 
+    /// Applies a revocation another replica made: refuse and purge the matching local entries.
+    pub async fn apply_remote(&self, event: &Event) {
+        match event {
+            Event::Revoke { key, at, until } => {
+                let Some(selector) = Selector::from_key(key) else {
+                    return;
+                };
+                self.verifier
+                    .revocations()
+                    .remember(selector.clone(), *at, *until);
+                match &selector {
+                    Selector::Token(hash) => self.verifier.purge_token(hash).await,
+                    _ => {
+                        self.verifier
+                            .purge_where(|i| crate::auth::revocations::matches(&selector, *at, i))
+                            .await;
+                    }
+                }
+            }
+            other => self.binder.apply_remote(other).await,
+        }
+    }
+
+    /// The verifier (the fan-out subscriber resynchronises it).
+    pub fn verifier(&self) -> &Arc<Verifier> {
+        &self.verifier
+    }
+
     /// The binder (admin API).
     pub fn binder(&self) -> &Arc<Binder> {
         &self.binder
@@ -91,6 +120,7 @@ impl Notifier {
     async fn revoke(&self, selector: Selector) -> Result<(), GatewayError> {
         let now = self.clock.now_ms();
         let until = now + self.retention.as_millis() as u64;
+        let key = selector.key();
         self.verifier
             .revocations()
             .revoke(selector, now, until)
@@ -98,7 +128,15 @@ impl Notifier {
             .map_err(|e| {
                 tracing::error!(error = %e, "cannot persist a revocation");
                 GatewayError::BindingUnavailable(BindingFailure::Store)
+            })?;
+        self.binder
+            .publish(Event::Revoke {
+                key,
+                at: now,
+                until,
             })
+            .await;
+        Ok(())
     }
 
     async fn sign_out(
@@ -226,7 +264,7 @@ impl Notifier {
             Purge::Token(token) => {
                 let hash = TokenHash::of(&token);
                 self.revoke(Selector::Token(hash)).await?;
-                self.verifier.purge_token(&hash).await;
+                self.verifier.purge_token_everywhere(&hash).await;
                 1
             }
             Purge::Subject(sub) => {
@@ -272,7 +310,7 @@ impl Notifier {
             if let Some(t) = &token {
                 let hash = TokenHash::of(t);
                 self.revoke(Selector::Token(hash)).await?;
-                self.verifier.purge_token(&hash).await;
+                self.verifier.purge_token_everywhere(&hash).await;
             }
             // The Matrix spec has the OP revoke both tokens of a session whichever it is given;
             // `revocation_signs_out = "refresh_token"` keeps the device on access-token revocation.

@@ -5,6 +5,7 @@
 //! The request path never calls a store directly: `binding::Binder` keeps hot entries in memory
 //! and only reads the store on a miss.
 
+pub mod redis;
 pub mod sqlite;
 
 use async_trait::async_trait;

@@ -128,6 +128,9 @@ provider.on('backchannel.error', (ctx, err, client) => {
 
 provider.use(async (ctx, next) => {
   await next();
+  if (ctx.path === '/token/introspection' && ctx.method === 'POST') {
+    process.stdout.write('INTROSPECTION\n');
+  }
   if (ctx.path === '/token/revocation' && ctx.method === 'POST') {
     process.stdout.write(`REVOCATION ${JSON.stringify({ status: ctx.status, params: ctx.oidc?.body ?? null })}\n`);
   }

@@ -1,0 +1,558 @@
+//! The shared backend for several replicas: a Redis implementation of [`Store`], plus what only
+//! shared state can give ([`Shared`]): a second-level identity cache, distributed single-flight
+//! and provisioning locks (with expiry and fencing), and the revocation fan-out channel.
+//!
+//! Every command has a short timeout (`redis.timeout`): an unavailable Redis answers errors
+//! quickly instead of stalling requests, and the callers fall back as docs/scaling.md says.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Cmd, FromRedisValue, IntoConnectionInfo, RedisResult};
+use serde::{Deserialize, Serialize};
+
+use super::{DeviceRecord, Pin, Store, StoreError};
+use crate::config::{RedisMode, RedisSettings};
+
+/// A connection of any mode.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+/// The Redis client side shared by the store, the cache, the locks and the fan-out.
+#[derive(Clone)]
+pub struct Redis {
+    conn: Arc<tokio::sync::OnceCell<Conn>>,
+    settings: RedisSettings,
+    prefix: String,
+    timeout: Duration,
+    pubsub_client: Client,
+    up: Arc<AtomicBool>,
+}
+
+fn store_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError(format!("redis: {e}"))
+}
+
+impl Redis {
+    /// Prepares a client for `settings`. Nothing connects yet: the first command connects,
+    /// on the runtime that issues it (connections then live as long as that runtime).
+    pub fn new(settings: &RedisSettings) -> Result<Redis, StoreError> {
+        let first = Self::infos(settings)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| store_err("no URL"))?;
+        Ok(Redis {
+            conn: Arc::new(tokio::sync::OnceCell::new()),
+            settings: settings.clone(),
+            prefix: settings.key_prefix.clone(),
+            timeout: settings.timeout,
+            pubsub_client: Client::open(first).map_err(store_err)?,
+            up: Arc::new(AtomicBool::new(true)),
+        })
+    }
+
+    fn infos(settings: &RedisSettings) -> Result<Vec<redis::ConnectionInfo>, StoreError> {
+        let mut infos = Vec::new();
+        for u in &settings.urls {
+            let mut info = u.as_str().into_connection_info().map_err(store_err)?;
+            if let Some(p) = &settings.password {
+                let redis_settings = info.redis_settings().clone().set_password(p.expose());
+                info = info.set_redis_settings(redis_settings);
+            }
+            infos.push(info);
+        }
+        Ok(infos)
+    }
+
+    async fn open(&self) -> Result<Conn, StoreError> {
+        let settings = &self.settings;
+        let infos = Self::infos(settings)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        match settings.mode {
+            RedisMode::Standalone => {
+                let client = Client::open(infos[0].clone()).map_err(store_err)?;
+                let manager = ConnectionManager::new_lazy_with_config(client, manager_config)
+                    .map_err(store_err)?;
+                Ok(Conn::Single(manager))
+            }
+            RedisMode::Sentinel => {
+                let service = settings.sentinel_service.clone().unwrap_or_default();
+                let mut sentinel = redis::sentinel::SentinelClient::build(
+                    infos,
+                    service,
+                    None,
+                    redis::sentinel::SentinelServerType::Master,
+                )
+                .map_err(store_err)?;
+                let client = sentinel.async_get_client().await.map_err(store_err)?;
+                let manager = ConnectionManager::new_lazy_with_config(client, manager_config)
+                    .map_err(store_err)?;
+                Ok(Conn::Single(manager))
+            }
+            RedisMode::Cluster => {
+                let cluster = redis::cluster::ClusterClientBuilder::new(infos)
+                    .connection_timeout(settings.timeout)
+                    .response_timeout(settings.timeout)
+                    .build()
+                    .map_err(store_err)?;
+                // PUBLISH is broadcast cluster-wide: subscribing on one node is enough.
+                Ok(Conn::Cluster(
+                    cluster.get_async_connection().await.map_err(store_err)?,
+                ))
+            }
+        }
+    }
+
+    async fn conn(&self) -> RedisResult<Conn> {
+        self.conn
+            .get_or_try_init(|| self.open())
+            .await
+            .cloned()
+            .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "connect", e.0)))
+    }
+
+    /// Whether the last command reached Redis.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.prefix.clone();
+        k.push_str(&parts.join(":"));
+        k
+    }
+
+    /// The fan-out channel.
+    pub fn channel(&self) -> String {
+        self.key(&["events"])
+    }
+
+    /// A client for subscriptions.
+    pub fn pubsub_client(&self) -> &Client {
+        &self.pubsub_client
+    }
+
+    /// A round trip to Redis (readiness).
+    pub async fn ping(&self) -> bool {
+        self.query::<String>(&redis::cmd("PING")).await.is_ok()
+    }
+
+    async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> RedisResult<T> {
+        let conn = match self.conn().await {
+            Ok(c) => c,
+            Err(e) => {
+                self.up.store(false, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        let result = match &conn {
+            Conn::Single(m) => {
+                let mut m = m.clone();
+                tokio::time::timeout(self.timeout, cmd.query_async(&mut m)).await
+            }
+            Conn::Cluster(c) => {
+                let mut c = c.clone();
+                tokio::time::timeout(self.timeout, cmd.query_async(&mut c)).await
+            }
+        };
+        let result = result.unwrap_or_else(|_| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "redis command timed out",
+            )))
+        });
+        self.up.store(result.is_ok(), Ordering::Relaxed);
+        result
+    }
+
+    async fn q<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        self.query(cmd).await.map_err(store_err)
+    }
+
+    // === second-level cache, locks, fan-out ===
+
+    /// A value from the shared cache.
+    pub async fn cache_get(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.q(redis::cmd("GET").arg(self.key(&["id", id]))).await
+    }
+
+    /// Stores a value in the shared cache for `ttl`.
+    pub async fn cache_set(&self, id: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
+        let ms = ttl.as_millis().max(1) as u64;
+        self.q::<()>(
+            redis::cmd("SET")
+                .arg(self.key(&["id", id]))
+                .arg(value)
+                .arg("PX")
+                .arg(ms),
+        )
+        .await
+    }
+
+    /// Drops a value from the shared cache.
+    pub async fn cache_del(&self, id: &str) -> Result<(), StoreError> {
+        self.q::<()>(redis::cmd("DEL").arg(self.key(&["id", id])))
+            .await
+    }
+
+    /// Takes a lock for `ttl` (expiry bounds a crashed holder); returns its fencing token.
+    pub async fn lock(&self, name: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
+        let fence = self
+            .q::<u64>(redis::cmd("INCR").arg(self.key(&["fence"])))
+            .await?;
+        let token = fence.to_string();
+        let ok: Option<String> = self
+            .q(redis::cmd("SET")
+                .arg(self.key(&["lock", name]))
+                .arg(&token)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl.as_millis() as u64))
+            .await?;
+        Ok(ok.map(|_| token))
+    }
+
+    /// Releases a lock only if `token` still holds it (compare-and-delete).
+    pub async fn unlock(&self, name: &str, token: &str) -> Result<(), StoreError> {
+        let script = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
+        );
+        let mut invocation = script.key(self.key(&["lock", name]));
+        invocation.arg(token);
+        let conn = self.conn().await.map_err(store_err)?;
+        let result = match &conn {
+            Conn::Single(m) => {
+                let mut m = m.clone();
+                tokio::time::timeout(self.timeout, invocation.invoke_async::<i64>(&mut m)).await
+            }
+            Conn::Cluster(c) => {
+                let mut c = c.clone();
+                tokio::time::timeout(self.timeout, invocation.invoke_async::<i64>(&mut c)).await
+            }
+        };
+        match result {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(store_err(e)),
+            Err(_) => Err(store_err("unlock timed out")),
+        }
+    }
+
+    /// Whether a lock is held by anyone.
+    pub async fn locked(&self, name: &str) -> Result<bool, StoreError> {
+        self.q::<bool>(redis::cmd("EXISTS").arg(self.key(&["lock", name])))
+            .await
+    }
+
+    /// Publishes a fan-out event.
+    pub async fn publish(&self, event: &Event) -> Result<(), StoreError> {
+        let payload = serde_json::to_string(event).map_err(store_err)?;
+        self.q::<()>(redis::cmd("PUBLISH").arg(self.channel()).arg(payload))
+            .await
+    }
+}
+
+/// What replicas tell each other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    /// A revocation (`auth::revocations::Selector::key`).
+    Revoke {
+        /// The selector.
+        key: String,
+        /// When.
+        at: u64,
+        /// Until when.
+        until: u64,
+    },
+    /// A user's pin or tombstone changed.
+    User {
+        /// The user.
+        user: String,
+    },
+    /// A binding was dropped.
+    Binding {
+        /// The user.
+        user: String,
+        /// The device.
+        device: String,
+    },
+}
+
+/// Counters of the shared state (metrics).
+#[derive(Debug, Default)]
+pub struct SharedCounters {
+    /// Shared-cache hits.
+    pub cache_hits: AtomicU64,
+    /// Events received.
+    pub events: AtomicU64,
+}
+
+// === Store ===
+
+/// [`Store`] on Redis.
+pub struct RedisStore {
+    redis: Redis,
+}
+
+impl RedisStore {
+    /// Wraps a connection.
+    pub fn new(redis: Redis) -> Self {
+        Self { redis }
+    }
+}
+
+const SEP: &str = "\u{1f}";
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn device(
+        &self,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        let r = &self.redis;
+        let v: Option<String> = r
+            .q(redis::cmd("HGET")
+                .arg(r.key(&["dev", user_id]))
+                .arg(device_id))
+            .await?;
+        Ok(v.map(|s| DeviceRecord {
+            upstream_token: (!s.is_empty()).then_some(s),
+        }))
+    }
+
+    async fn put_device(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        record: &DeviceRecord,
+    ) -> Result<(), StoreError> {
+        let r = &self.redis;
+        let v = record.upstream_token.clone().unwrap_or_default();
+        r.q::<()>(
+            redis::cmd("HSET")
+                .arg(r.key(&["dev", user_id]))
+                .arg(device_id)
+                .arg(v),
+        )
+        .await
+    }
+
+    async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<(), StoreError> {
+        let r = &self.redis;
+        r.q::<()>(
+            redis::cmd("HDEL")
+                .arg(r.key(&["dev", user_id]))
+                .arg(device_id),
+        )
+        .await
+    }
+
+    async fn devices_of(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
+        let r = &self.redis;
+        let mut v: Vec<String> = r
+            .q(redis::cmd("HKEYS").arg(r.key(&["dev", user_id])))
+            .await?;
+        v.sort();
+        Ok(v)
+    }
+
+    async fn user_registered(&self, user_id: &str) -> Result<bool, StoreError> {
+        let r = &self.redis;
+        r.q(redis::cmd("SISMEMBER")
+            .arg(r.key(&["registered"]))
+            .arg(user_id))
+            .await
+    }
+
+    async fn mark_user_registered(&self, user_id: &str) -> Result<(), StoreError> {
+        let r = &self.redis;
+        r.q::<()>(redis::cmd("SADD").arg(r.key(&["registered"])).arg(user_id))
+            .await
+    }
+
+    async fn pin_subject(&self, user_id: &str, sub: &str) -> Result<Pin, StoreError> {
+        let r = &self.redis;
+        let new: bool = r
+            .q(redis::cmd("HSETNX")
+                .arg(r.key(&["pin"]))
+                .arg(user_id)
+                .arg(sub))
+            .await?;
+        if new {
+            r.q::<()>(
+                redis::cmd("HSET")
+                    .arg(r.key(&["sub"]))
+                    .arg(sub)
+                    .arg(user_id),
+            )
+            .await?;
+            return Ok(Pin::New);
+        }
+        let owner: Option<String> = r
+            .q(redis::cmd("HGET").arg(r.key(&["pin"])).arg(user_id))
+            .await?;
+        Ok(match owner {
+            Some(o) if o == sub => Pin::Matches,
+            Some(o) => Pin::Conflict { owner: o },
+            None => Pin::New,
+        })
+    }
+
+    async fn repin_subject(&self, user_id: &str, sub: &str) -> Result<(), StoreError> {
+        let r = &self.redis;
+        r.q::<()>(
+            redis::cmd("HSET")
+                .arg(r.key(&["pin"]))
+                .arg(user_id)
+                .arg(sub),
+        )
+        .await?;
+        r.q::<()>(
+            redis::cmd("HSET")
+                .arg(r.key(&["sub"]))
+                .arg(sub)
+                .arg(user_id),
+        )
+        .await
+    }
+
+    async fn approve_cross_signing_reset(
+        &self,
+        user_id: &str,
+        until_ms: u64,
+    ) -> Result<(), StoreError> {
+        let r = &self.redis;
+        r.q::<()>(
+            redis::cmd("SET")
+                .arg(r.key(&["xsr", user_id]))
+                .arg(until_ms),
+        )
+        .await
+    }
+
+    async fn take_cross_signing_reset(
+        &self,
+        user_id: &str,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let r = &self.redis;
+        let until: Option<u64> = r
+            .q(redis::cmd("GETDEL").arg(r.key(&["xsr", user_id])))
+            .await?;
+        Ok(until.is_some_and(|u| u > now_ms))
+    }
+
+    async fn user_of_subject(&self, sub: &str) -> Result<Option<String>, StoreError> {
+        let r = &self.redis;
+        r.q(redis::cmd("HGET").arg(r.key(&["sub"])).arg(sub)).await
+    }
+
+    async fn tombstone(&self, user_id: &str) -> Result<(), StoreError> {
+        let r = &self.redis;
+        r.q::<()>(redis::cmd("SADD").arg(r.key(&["tomb"])).arg(user_id))
+            .await
+    }
+
+    async fn lift_tombstone(&self, user_id: &str) -> Result<bool, StoreError> {
+        let r = &self.redis;
+        let n: u64 = r
+            .q(redis::cmd("SREM").arg(r.key(&["tomb"])).arg(user_id))
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn is_tombstoned(&self, user_id: &str) -> Result<bool, StoreError> {
+        let r = &self.redis;
+        r.q(redis::cmd("SISMEMBER").arg(r.key(&["tomb"])).arg(user_id))
+            .await
+    }
+
+    async fn record_session(
+        &self,
+        sid: &str,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<(), StoreError> {
+        let r = &self.redis;
+        r.q::<()>(
+            redis::cmd("SADD")
+                .arg(r.key(&["sid", sid]))
+                .arg(format!("{user_id}{SEP}{device_id}")),
+        )
+        .await
+    }
+
+    async fn session_devices(&self, sid: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let r = &self.redis;
+        let members: Vec<String> = r
+            .q(redis::cmd("SMEMBERS").arg(r.key(&["sid", sid])))
+            .await?;
+        Ok(members
+            .into_iter()
+            .filter_map(|m| m.split_once(SEP).map(|(u, d)| (u.to_owned(), d.to_owned())))
+            .collect())
+    }
+
+    async fn put_revocation(&self, key: &str, at_ms: u64, until_ms: u64) -> Result<(), StoreError> {
+        let r = &self.redis;
+        r.q::<()>(
+            redis::cmd("HSET")
+                .arg(r.key(&["rev"]))
+                .arg(key)
+                .arg(format!("{at_ms}:{until_ms}")),
+        )
+        .await
+    }
+
+    async fn revocations(&self, now_ms: u64) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        let r = &self.redis;
+        let all: Vec<(String, String)> = r.q(redis::cmd("HGETALL").arg(r.key(&["rev"]))).await?;
+        let mut out = Vec::new();
+        for (k, v) in all {
+            let Some((at, until)) = v.split_once(':') else {
+                continue;
+            };
+            let (Ok(at), Ok(until)) = (at.parse::<u64>(), until.parse::<u64>()) else {
+                continue;
+            };
+            if until > now_ms {
+                out.push((k, at, until));
+            } else {
+                let _ = r
+                    .q::<()>(redis::cmd("HDEL").arg(r.key(&["rev"])).arg(&k))
+                    .await;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn remember_jti(
+        &self,
+        jti: &str,
+        until_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let r = &self.redis;
+        let ttl = until_ms.saturating_sub(now_ms).max(1);
+        let set: Option<String> = r
+            .q(redis::cmd("SET")
+                .arg(r.key(&["jti", jti]))
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl))
+            .await?;
+        Ok(set.is_some())
+    }
+}
