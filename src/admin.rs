@@ -16,6 +16,7 @@ use crate::auth::Verifier;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::metrics;
 use crate::notify::{Notifier, Purge, Source};
 use crate::store::redis::Redis;
 use sha2::{Digest, Sha256};
@@ -362,6 +363,20 @@ impl ServeHttp for AdminApp {
             return self.api(session, &method, &path).await;
         }
         match path.as_str() {
+            "/metrics" => {
+                metrics::CACHE_ENTRIES.set(self.verifier.cached_entries() as i64);
+                metrics::BINDINGS.set(self.notifier.binder().bindings_held() as i64);
+                if let Some(r) = &self.redis {
+                    metrics::REDIS_UP.set(i64::from(r.ping().await));
+                }
+                let body = metrics::render();
+                Response::builder()
+                    .status(200)
+                    .header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                    .header("Content-Length", body.len())
+                    .body(body)
+                    .unwrap_or_default()
+            }
             "/healthz" => json_response(200, &json!({"status": "ok"})),
             "/readyz" => {
                 let checks = self.readiness().await;

@@ -13,6 +13,7 @@ pub mod error;
 pub mod gateway;
 pub mod http_client;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod server;
 pub mod store;

@@ -136,6 +136,7 @@ fn default_logout_algorithms() -> Vec<jsonwebtoken::Algorithm> {
 
 /// Builds a ready-to-run server.
 pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
+    crate::metrics::init();
     let config = Arc::new(config);
     let upstream = Upstream::resolve(&config.homeserver).map_err(|source| BuildError::Resolve {
         host: config.homeserver.host.clone(),

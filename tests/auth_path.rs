@@ -756,3 +756,32 @@ async fn absolute_form_targets_are_refused() {
     assert!(out.contains("M_UNRECOGNIZED"), "{out}");
     assert!(f.hs.received_requests().await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn request_ids_are_kept_or_generated_and_travel_both_ways() {
+    let f = Fakes::start().await;
+    f.introspection("t", active("alice", &full_scope("D1")), 1)
+        .await;
+    let gw = spawn(&f.config("")).await;
+    let r = client()
+        .get(gw.url(SYNC))
+        .bearer_auth("t")
+        .header("X-Request-Id", "trace-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "trace-123");
+    let echo: Value = r.json().await.unwrap();
+    assert_eq!(echo["headers"]["x-request-id"], json!(["trace-123"]));
+    // none, or a malformed one: a fresh ID, also on gateway-written answers
+    for given in [None, Some("bad id with spaces")] {
+        let mut req = client().get(gw.url(SYNC));
+        if let Some(g) = given {
+            req = req.header("X-Request-Id", g);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        assert_eq!(id.len(), 24, "{id}");
+    }
+}

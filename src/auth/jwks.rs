@@ -14,6 +14,7 @@ use url::Url;
 use super::op::OpClient;
 use crate::config::Secret;
 use crate::error::OpFailure;
+use crate::metrics;
 
 struct Key {
     kid: Option<String>,
@@ -114,6 +115,28 @@ impl KeyStore {
 
     /// Fetches the JWKS now; keeps the previous set on failure. Returns when to refresh next.
     pub async fn refresh(&self) -> Result<Duration, OpFailure> {
+        let result = self.refresh_unmeasured().await;
+        let issuer = self.issuer().to_owned();
+        let label = if result.is_ok() { "success" } else { "failure" };
+        metrics::JWKS_REFRESHES
+            .with_label_values(&[&issuer, label])
+            .inc();
+        metrics::JWKS_KEYS
+            .with_label_values(&[&issuer])
+            .set(self.key_count() as i64);
+        if result.is_ok() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            metrics::JWKS_LAST_SUCCESS
+                .with_label_values(&[&issuer])
+                .set(now);
+        }
+        result
+    }
+
+    async fn refresh_unmeasured(&self) -> Result<Duration, OpFailure> {
         let _guard = self.fetch_lock.lock().await;
         self.fetches
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

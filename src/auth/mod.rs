@@ -311,7 +311,16 @@ impl Verifier {
 
     async fn load_jwt(&self, issuer: &JwtIssuer, token: &str) -> Result<CachedVerdict, OpFailure> {
         let now = self.clock.now_ms();
-        match issuer.validate(token).await {
+        let outcome = issuer.validate(token).await;
+        let label = match &outcome {
+            JwtOutcome::Valid(..) => "valid",
+            JwtOutcome::Rejected(why) => why.as_label(),
+            JwtOutcome::Unavailable(_) => "keys_unavailable",
+        };
+        crate::metrics::JWT_VERIFICATIONS
+            .with_label_values(&[label])
+            .inc();
+        match outcome {
             JwtOutcome::Valid(claims, jti) => {
                 let introspect = issuer
                     .op()

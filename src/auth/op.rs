@@ -14,6 +14,7 @@ use url::Url;
 
 use crate::config::{ClientAuthMethod, Issuer};
 use crate::error::OpFailure;
+use crate::metrics;
 
 /// The parts of the OP's discovery document the gateway uses; the whole document is kept for
 /// the discovery endpoints the gateway serves.
@@ -201,8 +202,27 @@ impl OpClient {
         self.introspect_as(token, "access_token").await
     }
 
-    /// RFC 7662 introspection with an explicit `token_type_hint`.
+    /// RFC 7662 introspection with an explicit `token_type_hint` (measured: count, latency,
+    /// OP availability).
     pub async fn introspect_as(
+        &self,
+        token: &str,
+        hint: &str,
+    ) -> Result<IntrospectionResponse, OpFailure> {
+        let started = std::time::Instant::now();
+        let result = self.introspect_unmeasured(token, hint).await;
+        metrics::INTROSPECTION_DURATION.observe(started.elapsed().as_secs_f64());
+        let label = match &result {
+            Ok(a) if a.active => "active",
+            Ok(_) => "inactive",
+            Err(f) => crate::error::GatewayError::OpUnavailable(*f).reason_label(),
+        };
+        metrics::INTROSPECTIONS.with_label_values(&[label]).inc();
+        metrics::OP_UP.set(i64::from(result.is_ok()));
+        result
+    }
+
+    async fn introspect_unmeasured(
         &self,
         token: &str,
         hint: &str,

@@ -324,6 +324,18 @@ impl Binder {
         user_id: &str,
         device_id: &str,
     ) -> Result<(), GatewayError> {
+        let r = self.sign_out_device_unmeasured(user_id, device_id).await;
+        if self.mode != BindingMode::Headers {
+            measure("logout", &r);
+        }
+        r
+    }
+
+    async fn sign_out_device_unmeasured(
+        &self,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<(), GatewayError> {
         match self.mode {
             BindingMode::AppserviceLogin => {
                 let record = self.store.device(user_id, device_id).await.map_err(|e| {
@@ -451,6 +463,16 @@ impl Binder {
     }
 
     async fn deactivate_call(
+        &self,
+        req: reqwest::RequestBuilder,
+        erase: bool,
+    ) -> Result<(), GatewayError> {
+        let r = self.deactivate_call_unmeasured(req, erase).await;
+        measure("deactivate", &r);
+        r
+    }
+
+    async fn deactivate_call_unmeasured(
         &self,
         req: reqwest::RequestBuilder,
         erase: bool,
@@ -662,6 +684,12 @@ impl Binder {
     }
 
     async fn register(&self, user_id: &str) -> Result<(), GatewayError> {
+        let r = self.register_unmeasured(user_id).await;
+        measure("register", &r);
+        r
+    }
+
+    async fn register_unmeasured(&self, user_id: &str) -> Result<(), GatewayError> {
         self.counters.registrations.fetch_add(1, Ordering::Relaxed);
         let mut body = json!({
             "type": "m.login.application_service",
@@ -696,6 +724,16 @@ impl Binder {
     }
 
     async fn login(&self, user_id: &str, device_id: &str) -> Result<String, GatewayError> {
+        let r = self.login_unmeasured(user_id, device_id).await;
+        measure("login", &r);
+        r
+    }
+
+    async fn login_unmeasured(
+        &self,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<String, GatewayError> {
         self.counters.logins.fetch_add(1, Ordering::Relaxed);
         let body = json!({
             "type": "m.login.application_service",
@@ -723,6 +761,16 @@ impl Binder {
     }
 
     async fn create_device(&self, user_id: &str, device_id: &str) -> Result<(), GatewayError> {
+        let r = self.create_device_unmeasured(user_id, device_id).await;
+        measure("device", &r);
+        r
+    }
+
+    async fn create_device_unmeasured(
+        &self,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<(), GatewayError> {
         self.counters
             .device_creations
             .fetch_add(1, Ordering::Relaxed);
@@ -748,6 +796,20 @@ impl Binder {
         Err(GatewayError::BindingUnavailable(
             BindingFailure::DeviceCreation,
         ))
+    }
+}
+
+fn measure<T>(kind: &str, r: &Result<T, GatewayError>) {
+    let result = if r.is_ok() { "ok" } else { "error" };
+    crate::metrics::PROVISIONING
+        .with_label_values(&[kind, result])
+        .inc();
+}
+
+impl Binder {
+    /// Number of bindings cached in memory (metrics).
+    pub fn bindings_held(&self) -> u64 {
+        self.bound.entry_count()
     }
 }
 

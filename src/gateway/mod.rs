@@ -156,6 +156,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        observe::ensure_request_id(session.req_header_mut());
         match authenticate::authenticate(self, session.req_header(), ctx).await {
             Ok(Decision::Proxy) => Ok(false),
             Ok(Decision::Preflight) => {
@@ -206,6 +207,23 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         rewrite::response_header(self, resp, ctx).await
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(id) = session
+            .req_header()
+            .headers
+            .get(observe::REQUEST_ID)
+            .cloned()
+        {
+            resp.insert_header(observe::REQUEST_ID, id)?;
+        }
+        Ok(())
     }
 
     fn response_body_filter(

@@ -3,6 +3,31 @@
 use pingora::proxy::Session;
 
 use super::ctx::Ctx;
+use crate::auth::cache::CacheOutcome;
+use crate::metrics;
+
+/// The request ID header: taken from the client when well-formed, generated otherwise, sent
+/// upstream and returned in the response.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Makes sure the request carries a usable request ID.
+pub fn ensure_request_id(req: &mut pingora::http::RequestHeader) {
+    let ok = req
+        .headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            (1..=128).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        });
+    if !ok {
+        use rand::RngCore;
+        let mut bytes = [0u8; 12];
+        rand::rng().fill_bytes(&mut bytes);
+        let _ = req.insert_header(REQUEST_ID, hex::encode(bytes));
+    }
+}
 
 /// Emits the access-log line.
 pub fn access_log(session: &Session, error: Option<&pingora::Error>, ctx: &Ctx) {
@@ -16,14 +41,40 @@ pub fn access_log(session: &Session, error: Option<&pingora::Error>, ctx: &Ctx) 
         (None, Some(_)) => "proxy_error",
         (None, None) => "ok",
     };
-    let upstream_ms = ctx
-        .upstream_started
-        .map(|t| t.elapsed().as_secs_f64() * 1000.0);
+    let upstream_secs = ctx.upstream_started.map(|t| t.elapsed().as_secs_f64());
+    let upstream_ms = upstream_secs.map(|s| s * 1000.0);
+    let route = ctx.route.map_or("unclassified", |r| r.as_label());
+    let metric_outcome = match &ctx.rejection {
+        Some(e) => e.errcode().as_str(),
+        None => match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "aborted",
+        },
+    };
+    metrics::REQUESTS
+        .with_label_values(&[route, metric_outcome])
+        .inc();
+    metrics::REQUEST_DURATION
+        .with_label_values(&[route])
+        .observe(ctx.started.elapsed().as_secs_f64());
+    if let Some(s) = upstream_secs {
+        metrics::UPSTREAM_DURATION.observe(s);
+    }
+    if ctx.cache != CacheOutcome::None {
+        metrics::CACHE_LOOKUPS
+            .with_label_values(&[ctx.cache.as_label()])
+            .inc();
+    }
     tracing::info!(
         target: "access",
         method = %req.method,
         path = %req.uri.path(),
-        route = ctx.route.map_or("unclassified", |r| r.as_label()),
+        route,
+        request_id = req.headers.get("x-request-id").and_then(|v| v.to_str().ok()),
         status,
         outcome,
         cache = ctx.cache.as_label(),

@@ -131,6 +131,9 @@ pub async fn raw_response(
     for (k, v) in CORS_HEADERS {
         h.insert_header(k, v)?;
     }
+    if let Some(id) = session.req_header().headers.get("x-request-id").cloned() {
+        h.insert_header("X-Request-Id", id)?;
+    }
     session
         .write_response_header(Box::new(h), body.is_empty())
         .await?;
@@ -160,6 +163,9 @@ pub async fn json_response(
     }
     for (k, v) in CORS_HEADERS {
         h.insert_header(k, v)?;
+    }
+    if let Some(id) = session.req_header().headers.get("x-request-id").cloned() {
+        h.insert_header("X-Request-Id", id)?;
     }
     for (k, v) in extra {
         h.insert_header(k.to_string(), v.as_str())?;

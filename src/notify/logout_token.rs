@@ -53,6 +53,24 @@ pub enum LogoutRejection {
 }
 
 impl LogoutRejection {
+    /// A bounded metric label.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            LogoutRejection::Malformed => "malformed",
+            LogoutRejection::Issuer => "issuer",
+            LogoutRejection::Algorithm => "algorithm",
+            LogoutRejection::Type => "type",
+            LogoutRejection::Signature => "signature",
+            LogoutRejection::Audience => "audience",
+            LogoutRejection::Time => "time",
+            LogoutRejection::Subject => "subject",
+            LogoutRejection::Events => "events",
+            LogoutRejection::Nonce => "nonce",
+            LogoutRejection::Replay => "replay",
+            LogoutRejection::Keys => "keys",
+        }
+    }
+
     /// Label for logs, metrics and `error_description`.
     pub fn as_label(self) -> &'static str {
         match self {

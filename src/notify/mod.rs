@@ -164,6 +164,12 @@ impl Notifier {
             devices = devices.len(),
             "signed out"
         );
+        crate::metrics::SIGNOUTS
+            .with_label_values(&[source.as_label()])
+            .inc();
+        crate::metrics::PURGED
+            .with_label_values(&[source.as_label()])
+            .inc_by(purged as u64);
         SignOut { purged, devices }
     }
 
@@ -178,6 +184,9 @@ impl Notifier {
     pub async fn backchannel_logout(&self, logout_token: &str) -> Result<SignOut, LogoutRejection> {
         let event = self.logout.validate(logout_token).await.inspect_err(|r| {
             tracing::warn!(reason = r.as_label(), "back-channel logout token refused");
+            crate::metrics::LOGOUT_REFUSED
+                .with_label_values(&[r.metric_label()])
+                .inc();
         })?;
         self.end_session(
             event.sid.as_deref(),
