@@ -21,4 +21,8 @@ pub struct Cli {
     /// configured AS token and server name, and exit.
     #[arg(long)]
     pub appservice_registration: bool,
+
+    /// Probe the admin listener's `/healthz` (container health checks) and exit 0 when healthy.
+    #[arg(long)]
+    pub healthcheck: bool,
 }

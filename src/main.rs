@@ -20,6 +20,12 @@ fn main() -> ExitCode {
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
+    if cli.healthcheck {
+        return match healthy(loaded.config.listen.admin) {
+            true => ExitCode::SUCCESS,
+            false => ExitCode::from(1),
+        };
+    }
     if cli.appservice_registration {
         return match binding::registration::registration_yaml(&loaded.config) {
             Some(yaml) => {
@@ -42,4 +48,27 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `GET /healthz` on the admin listener, with short timeouts.
+fn healthy(admin: std::net::SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(2);
+    let target = if admin.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], admin.port()))
+    } else {
+        admin
+    };
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&target, timeout) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    if stream
+        .write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
 }

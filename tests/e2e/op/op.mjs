@@ -1,7 +1,7 @@
 // The real OpenID Provider for the end-to-end tests and the quickstart: oidc-provider (npm,
 // OpenID-certified) configured the way a Matrix deployment needs it.
 //
-//   node op.mjs --port 9400 [--gateway-secret gateway-secret] [--bcl-uri URL]
+//   node op.mjs --port 9400 [--host 127.0.0.1] [--issuer URL] [--gateway-secret S] [--bcl-uri URL]
 //
 // - `gateway` is the confidential client the gateway introspects with (client_secret_basic);
 //   only it may call the introspection endpoint.
@@ -25,7 +25,7 @@ const args = Object.fromEntries(
 );
 const port = Number(args.port || 9400);
 const host = args.host || '127.0.0.1';
-const issuer = `http://${host}:${port}`;
+const issuer = args.issuer || `http://${host}:${port}`;
 const gatewaySecret = args['gateway-secret'] || 'gateway-secret';
 const redirect = 'http://127.0.0.1/callback';
 const bclUri = args['bcl-uri'];
