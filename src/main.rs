@@ -4,6 +4,9 @@ use std::sync::Arc;
 use clap::Parser;
 use matrix_oidc_gateway::{binding, cli::Cli, clock::SystemClock, config, logging, server};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let loaded = match config::load(cli.config.as_deref(), std::env::vars()) {

@@ -90,7 +90,7 @@ pub struct Binder {
     bound: Cache<(String, String), Arc<Bound>>,
     users: Cache<String, Arc<UserState>>,
     shared: Option<Redis>,
-    sessions_seen: Cache<(String, String, String), ()>,
+    sessions_seen: Cache<u64, ()>,
     admin_token: Option<Secret>,
     registered: Cache<String, ()>,
     /// Provisioning calls made.
@@ -136,6 +136,11 @@ impl Binder {
     /// The state store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// Checks the subject pin and the tombstone only (the `headers` binding needs nothing more).
+    pub async fn check_user(&self, identity: &Identity) -> Result<(), GatewayError> {
+        self.check_pin(identity).await
     }
 
     /// Checks the subject pin and returns the upstream binding, provisioning it on first use.
@@ -303,7 +308,12 @@ impl Binder {
         let (Some(sid), Some(device)) = (&identity.session_id, device) else {
             return;
         };
-        let key = (sid.clone(), identity.user_id.clone(), device.to_owned());
+        let key = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (sid, &identity.user_id, device).hash(&mut h);
+            h.finish()
+        };
         if self.sessions_seen.get(&key).await.is_some() {
             return;
         }

@@ -11,6 +11,7 @@ use super::ctx::Ctx;
 use super::token::{self, Presented};
 use super::Gateway;
 use crate::auth::{Access, TokenHash};
+use crate::config::BindingMode;
 use crate::error::{GatewayError, MissingTokenReason};
 
 /// The decision of the request_filter phase.
@@ -63,6 +64,11 @@ pub async fn authenticate(
         && !classify::guest_allowed(&route, gw.config.auth.guest_endpoints)
     {
         return Err(GatewayError::GuestAccessForbidden);
+    }
+    if gw.binder.mode() == BindingMode::Headers {
+        // Identity headers only: the pin and tombstone checks are all there is to do.
+        gw.binder.check_user(&identity).await?;
+        return Ok(Decision::Proxy);
     }
     let bound = gw.binder.bind(&identity).await?;
     ctx.bound = Some(bound.clone());

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""A minimal OP for the benchmark: discovery and RFC 7662 introspection. Every token is active
+for user `bench` on device `BENCHDEV01`, except tokens starting with `bad`, which are inactive.
+`GET /count` returns how many introspections it answered. The gateway caches verdicts, so this
+stub's speed does not matter.
+
+    python3 bench/op_stub.py PORT
+"""
+import json
+import sys
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+COUNT = 0
+LOCK = threading.Lock()
+PORT = int(sys.argv[1]) if len(sys.argv) > 1 else 9500
+ISSUER = f"http://127.0.0.1:{PORT}/"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _json(self, code, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/count":
+            self._json(200, {"introspections": COUNT})
+        elif self.path == "/.well-known/openid-configuration":
+            self._json(200, {"issuer": ISSUER, "introspection_endpoint": ISSUER + "introspect"})
+        else:
+            self._json(404, {})
+
+    def do_POST(self):
+        global COUNT
+        length = int(self.headers.get("Content-Length") or 0)
+        form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+        token = form.get("token", [""])[0]
+        with LOCK:
+            COUNT += 1
+        time.sleep(0.005)  # an OP round trip
+        if token.startswith("bad"):
+            self._json(200, {"active": False})
+            return
+        now = int(time.time())
+        self._json(200, {
+            "active": True, "sub": "bench-sub", "username": "bench", "token_type": "Bearer",
+            "scope": "urn:matrix:client:api:* urn:matrix:client:device:BENCHDEV01",
+            "exp": now + 3600, "iat": now,
+        })
+
+    def log_message(self, fmt, *args):
+        pass
+
+
+ThreadingHTTPServer(("127.0.0.1", PORT), Handler).serve_forever()

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# The side-by-side benchmark: the gateway against nginx references measured in the same run.
+#
+#   bench/run.sh            # full run (3 x 10 s per scenario, 1,000,000 cached identities)
+#   bench/run.sh --smoke    # seconds, no thresholds (CI)
+#
+# Scenarios (wrk -t1 -c64, loopback, one worker each, medians):
+#   direct      wrk -> nginx upstream (the physical limit)
+#   nginx       wrk -> nginx proxy_pass (keepalive) -> upstream, no auth
+#   gateway     wrk -> gateway (valid, cached token) -> upstream
+#   nginx-401   nginx answering 401 JSON itself
+#   gateway-401 gateway refusing a negative-cached token
+# Plus: RSS of N cached identities, introspections for 1,000 concurrent first requests of one
+# token, first-seen RS256 JWT validations per second on one core, and a sustained run with
+# 10,000 distinct tokens through a 5,000-entry cache.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+smoke=false
+[ "${1:-}" = "--smoke" ] && smoke=true
+if $smoke; then DUR=2s; RUNS=1; CACHE_N=100000; JWT_N=2000; else DUR=10s; RUNS=3; CACHE_N=1000000; JWT_N=20000; fi
+
+need=()
+for pkg in wrk nginx; do command -v "$pkg" >/dev/null || need+=("$pkg"); done
+if [ "${#need[@]}" -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || { echo "bench: install ${need[*]}" >&2; exit 1; }
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+echo "== building (release)"
+cargo build --release --quiet --bin matrix-oidc-gateway --examples
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
+  echo "bench: nothing on port $1" >&2; exit 1
+}
+UP=$(free_port); PROXY=$(free_port); N401=$(free_port); OP=$(free_port); GW=$(free_port); ADMIN=$(free_port)
+
+cat >"$work/nginx.conf" <<NGINX
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream up { server 127.0.0.1:$UP; keepalive 128; }
+  server {
+    listen 127.0.0.1:$UP;
+    location / { default_type application/json; return 200 '{"versions":["v1.11"],"ok":true}'; }
+  }
+  server {
+    listen 127.0.0.1:$PROXY;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Matrix-User-Id "@bench:example.org";
+    }
+  }
+  server {
+    listen 127.0.0.1:$N401;
+    location / { default_type application/json; return 401 '{"errcode":"M_UNKNOWN_TOKEN","error":"Invalid access token","soft_logout":false}'; }
+  }
+}
+NGINX
+nginx -c "$work/nginx.conf" -p "$work"
+python3 bench/op_stub.py "$OP" >/dev/null 2>&1 &
+pids+=($!)
+wait_port "$UP"; wait_port "$OP"
+
+cat >"$work/gateway.toml" <<TOML
+[listen]
+public = "127.0.0.1:$GW"
+admin = "127.0.0.1:$ADMIN"
+threads = 1
+[homeserver]
+url = "http://127.0.0.1:$UP"
+server_name = "example.org"
+[store]
+path = "$work/state.sqlite3"
+[[issuers]]
+issuer = "http://127.0.0.1:$OP/"
+introspection_endpoint = "http://127.0.0.1:$OP/introspect"
+client_id = "bench"
+client_secret = "bench"
+[cache]
+capacity = 5000
+[log]
+level = "warn"
+TOML
+./target/release/matrix-oidc-gateway --config "$work/gateway.toml" >"$work/gateway.log" 2>&1 &
+pids+=($!)
+wait_port "$GW"
+curl -s -o /dev/null -H "Authorization: Bearer good-token" "http://127.0.0.1:$GW/_matrix/client/v3/sync"
+curl -s -o /dev/null -H "Authorization: Bearer bad-token" "http://127.0.0.1:$GW/_matrix/client/v3/sync"
+
+# wrk_run NAME URL [extra wrk args...] -> appends "NAME rps p50_ms p99_ms" (median of RUNS)
+results="$work/results"
+: >"$results"
+to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v} else if (v ~ /s$/) {sub(/s$/,"",v); print v*1000} else print v}'; }
+wrk_run() {
+  local name=$1 url=$2; shift 2
+  wrk -t1 -c64 -d1s "$@" "$url" >/dev/null 2>&1 || true
+  local rows=()
+  for _ in $(seq 1 "$RUNS"); do
+    local out
+    out=$(wrk -t1 -c64 -d"$DUR" --latency "$@" "$url")
+    local rps p50 p99
+    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    p50=$(awk '$1=="50%" {print $2}' <<<"$out" | to_ms)
+    p99=$(awk '$1=="99%" {print $2}' <<<"$out" | to_ms)
+    rows+=("$rps $p50 $p99")
+  done
+  printf '%s\n' "${rows[@]}" | sort -n -k1 | awk -v n="$name" '{a[NR]=$0} END {print n, a[int((NR+1)/2)]}' >>"$results"
+}
+U="/_matrix/client/v3/sync"
+echo "== load (wrk -t1 -c64 -d$DUR, $RUNS run(s) each)"
+wrk_run direct "http://127.0.0.1:$UP$U"
+wrk_run nginx "http://127.0.0.1:$PROXY$U"
+wrk_run gateway "http://127.0.0.1:$GW$U" -H "Authorization: Bearer good-token"
+wrk_run nginx-401 "http://127.0.0.1:$N401$U"
+wrk_run gateway-401 "http://127.0.0.1:$GW$U" -H "Authorization: Bearer bad-token"
+
+# 1,000 concurrent first requests of one new token.
+before=$(curl -s "http://127.0.0.1:$OP/count" | python3 -c 'import sys,json; print(json.load(sys.stdin)["introspections"])')
+first=$(./target/release/examples/bench_first_requests "http://127.0.0.1:$GW" 1000 "first-seen-token-$$")
+after=$(curl -s "http://127.0.0.1:$OP/count" | python3 -c 'import sys,json; print(json.load(sys.stdin)["introspections"])')
+intros=$((after - before))
+
+# Sustained: 10,000 distinct tokens through a 5,000-entry cache.
+seq 1 10000 | sed 's/^/cycle-token-/' >"$work/tokens.txt"
+before=$(curl -s "http://127.0.0.1:$OP/count" | python3 -c 'import sys,json; print(json.load(sys.stdin)["introspections"])')
+sustained=$(TOKENS_FILE="$work/tokens.txt" wrk -t1 -c64 -d"$DUR" -s bench/tokens.lua "http://127.0.0.1:$GW$U" | awk '/Requests\/sec/ {print $2}')
+after=$(curl -s "http://127.0.0.1:$OP/count" | python3 -c 'import sys,json; print(json.load(sys.stdin)["introspections"])')
+sustained_intros=$((after - before))
+
+memory=$(./target/release/examples/bench_cache_memory "$CACHE_N")
+jwt=$(./target/release/examples/bench_jwt "$JWT_N")
+
+echo
+echo "matrix-oidc-gateway benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -m)$($smoke && echo ', SMOKE (not for conclusions)')"
+echo
+awk -v d="$(awk '$1=="direct"{print $2}' "$results")" -v n="$(awk '$1=="nginx"{print $2}' "$results")" \
+    -v n401="$(awk '$1=="nginx-401"{print $2}' "$results")" '
+  BEGIN { printf "| scenario | req/s | p50 ms | p99 ms | vs nginx | vs direct |\n|---|---:|---:|---:|---:|---:|\n" }
+  { ref = ($1 ~ /401/) ? n401 : n
+    printf "| %s | %.0f | %.2f | %.2f | %.2f | %.2f |\n", $1, $2, $3, $4, $2/ref, $2/d }' "$results"
+echo
+echo "- 1,000 concurrent first requests of one token: $first, introspections: $intros"
+echo "- sustained, 10,000 tokens through a 5,000-entry cache: $sustained req/s, introspections: $sustained_intros"
+echo "- $memory"
+echo "- $jwt"
