@@ -145,6 +145,17 @@ sustained=$(TOKENS_FILE="$work/tokens.txt" wrk -t1 -c64 -d"$DUR" -s bench/tokens
 after=$(curl -s "http://127.0.0.1:$OP/count" | python3 -c 'import sys,json; print(json.load(sys.stdin)["introspections"])')
 sustained_intros=$((after - before))
 
+# The load-test kit, end to end: real tokens from the development OP, cycled through the gateway.
+kit="skipped (no Node.js)"
+if command -v node >/dev/null && [ -d tests/e2e/op/node_modules/oidc-provider ]; then
+  DEVOP=$(free_port)
+  (cd tests/e2e/op && exec node op.mjs --port "$DEVOP") >/dev/null 2>&1 &
+  pids+=($!)
+  wait_port "$DEVOP"
+  kit_out=$(bench/loadtest.sh --gateway "http://127.0.0.1:$GW" --issuer "http://127.0.0.1:$DEVOP"     --count "$($smoke && echo 3 || echo 20)" --duration "$DUR" --path "$U" 2>&1)
+  kit="$(awk '/Requests\/sec/ {print $2}' <<<"$kit_out") req/s over real OP tokens ($(grep -o 'minted [0-9]* tokens' <<<"$kit_out"))"
+fi
+
 memory=$(./target/release/examples/bench_cache_memory "$CACHE_N")
 jwt=$(./target/release/examples/bench_jwt "$JWT_N")
 
@@ -161,3 +172,4 @@ echo "- 1,000 concurrent first requests of one token: $first, introspections: $i
 echo "- sustained, 10,000 tokens through a 5,000-entry cache: $sustained req/s, introspections: $sustained_intros"
 echo "- $memory"
 echo "- $jwt"
+echo "- load-test kit: $kit"
