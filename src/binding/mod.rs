@@ -274,20 +274,16 @@ impl Binder {
     }
 
     async fn load_user_state(&self, identity: &Identity) -> Result<Arc<UserState>, GatewayError> {
-        let store_err = |e: crate::store::StoreError| {
-            tracing::error!(error = %e, "state store failed");
-            GatewayError::BindingUnavailable(BindingFailure::Store)
-        };
         let tombstoned = self
             .store
             .is_tombstoned(&identity.user_id)
             .await
-            .map_err(store_err)?;
+            .map_err(store_failed)?;
         let owner = match self
             .store
             .pin_subject(&identity.user_id, &identity.subject)
             .await
-            .map_err(store_err)?
+            .map_err(store_failed)?
         {
             Pin::New | Pin::Matches => identity.subject.clone(),
             Pin::Conflict { owner } => owner,
@@ -348,10 +344,11 @@ impl Binder {
     ) -> Result<(), GatewayError> {
         match self.mode {
             BindingMode::AppserviceLogin => {
-                let record = self.store.device(user_id, device_id).await.map_err(|e| {
-                    tracing::error!(error = %e, "state store failed");
-                    GatewayError::BindingUnavailable(BindingFailure::Store)
-                })?;
+                let record = self
+                    .store
+                    .device(user_id, device_id)
+                    .await
+                    .map_err(store_failed)?;
                 if let Some(token) = record.and_then(|r| r.upstream_token) {
                     let resp = self
                         .http
@@ -401,10 +398,7 @@ impl Binder {
     /// Signs every device of a user out upstream (the ones the gateway bound, and on Dendrite
     /// and Conduit every other one through the AS `POST /logout/all?user_id=`).
     pub async fn sign_out_user(&self, user_id: &str) -> Result<Vec<String>, GatewayError> {
-        let devices = self.store.devices_of(user_id).await.map_err(|e| {
-            tracing::error!(error = %e, "state store failed");
-            GatewayError::BindingUnavailable(BindingFailure::Store)
-        })?;
+        let devices = self.store.devices_of(user_id).await.map_err(store_failed)?;
         for d in &devices {
             self.sign_out_device(user_id, d).await?;
         }
@@ -438,10 +432,7 @@ impl Binder {
         user_id: &str,
         erase: bool,
     ) -> Result<&'static str, GatewayError> {
-        self.store.tombstone(user_id).await.map_err(|e| {
-            tracing::error!(error = %e, "state store failed");
-            GatewayError::BindingUnavailable(BindingFailure::Store)
-        })?;
+        self.store.tombstone(user_id).await.map_err(store_failed)?;
         self.users.invalidate(user_id).await;
         self.publish(Event::User {
             user: user_id.to_owned(),
@@ -505,10 +496,11 @@ impl Binder {
 
     /// Lifts a tombstone; `true` when there was one.
     pub async fn lift_tombstone(&self, user_id: &str) -> Result<bool, GatewayError> {
-        let lifted = self.store.lift_tombstone(user_id).await.map_err(|e| {
-            tracing::error!(error = %e, "state store failed");
-            GatewayError::BindingUnavailable(BindingFailure::Store)
-        })?;
+        let lifted = self
+            .store
+            .lift_tombstone(user_id)
+            .await
+            .map_err(store_failed)?;
         self.users.invalidate(user_id).await;
         self.publish(Event::User {
             user: user_id.to_owned(),
@@ -519,10 +511,10 @@ impl Binder {
 
     /// Moves a user's subject pin (an operator action after a legitimate `sub` change).
     pub async fn repin(&self, user_id: &str, sub: &str) -> Result<(), GatewayError> {
-        self.store.repin_subject(user_id, sub).await.map_err(|e| {
-            tracing::error!(error = %e, "state store failed");
-            GatewayError::BindingUnavailable(BindingFailure::Store)
-        })?;
+        self.store
+            .repin_subject(user_id, sub)
+            .await
+            .map_err(store_failed)?;
         self.users.invalidate(user_id).await;
         self.publish(Event::User {
             user: user_id.to_owned(),
@@ -598,12 +590,8 @@ impl Binder {
         user_id: &str,
         device: Option<String>,
     ) -> Result<Arc<Bound>, GatewayError> {
-        let store_err = |e: crate::store::StoreError| {
-            tracing::error!(error = %e, "state store failed");
-            GatewayError::BindingUnavailable(BindingFailure::Store)
-        };
         if let Some(d) = &device {
-            if let Some(rec) = self.store.device(user_id, d).await.map_err(store_err)? {
+            if let Some(rec) = self.store.device(user_id, d).await.map_err(store_failed)? {
                 match (self.mode, rec.upstream_token) {
                     (BindingMode::AppserviceLogin, Some(token)) => {
                         return Ok(self.bound(user_id, device, Credential::DeviceToken(token)));
@@ -625,7 +613,7 @@ impl Binder {
                 self.store
                     .put_device(user_id, &d, &rec)
                     .await
-                    .map_err(store_err)?;
+                    .map_err(store_failed)?;
                 tracing::info!(user = %user_id, device = %d, "device logged in upstream");
                 Ok(self.bound(user_id, Some(d), Credential::DeviceToken(token)))
             }
@@ -637,7 +625,7 @@ impl Binder {
                 self.store
                     .put_device(user_id, &d, &rec)
                     .await
-                    .map_err(store_err)?;
+                    .map_err(store_failed)?;
                 tracing::info!(user = %user_id, device = %d, "device created upstream");
                 Ok(self.bound(user_id, Some(d), Credential::Masquerade))
             }
@@ -675,19 +663,17 @@ impl Binder {
         if self.registered.get(user_id).await.is_some() {
             return Ok(());
         }
-        let known = self.store.user_registered(user_id).await.map_err(|e| {
-            tracing::error!(error = %e, "state store failed");
-            GatewayError::BindingUnavailable(BindingFailure::Store)
-        })?;
+        let known = self
+            .store
+            .user_registered(user_id)
+            .await
+            .map_err(store_failed)?;
         if !known {
             self.register(user_id).await?;
             self.store
                 .mark_user_registered(user_id)
                 .await
-                .map_err(|e| {
-                    tracing::error!(error = %e, "state store failed");
-                    GatewayError::BindingUnavailable(BindingFailure::Store)
-                })?;
+                .map_err(store_failed)?;
         }
         self.registered.insert(user_id.to_owned(), ()).await;
         Ok(())
@@ -807,6 +793,12 @@ impl Binder {
             BindingFailure::DeviceCreation,
         ))
     }
+}
+
+/// A state-store failure, logged, as the 503 the request path answers.
+fn store_failed(e: crate::store::StoreError) -> GatewayError {
+    tracing::error!(error = %e, "state store failed");
+    GatewayError::BindingUnavailable(BindingFailure::Store)
 }
 
 fn measure<T>(kind: &str, r: &Result<T, GatewayError>) {
