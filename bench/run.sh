@@ -27,8 +27,13 @@ if [ "${#need[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# BENCH_SCENARIOS="nginx gateway" limits the load scenarios; BENCH_EXTRAS=0 skips the rest;
+# BENCH_CARGO_FLAGS (e.g. --no-default-features) builds a variant for comparisons.
+SCENARIOS=${BENCH_SCENARIOS:-direct nginx gateway nginx-401 gateway-401}
+EXTRAS=${BENCH_EXTRAS:-1}
 echo "== building (release)"
-cargo build --release --quiet --bin matrix-oidc-gateway --examples
+# shellcheck disable=SC2086
+cargo build --release --quiet --bin matrix-oidc-gateway --examples ${BENCH_CARGO_FLAGS:-}
 
 work=$(mktemp -d)
 pids=()
@@ -126,11 +131,18 @@ wrk_run() {
 }
 U="/_matrix/client/v3/sync"
 echo "== load (wrk -t1 -c64 -d$DUR, $RUNS run(s) each)"
-wrk_run direct "http://127.0.0.1:$UP$U"
-wrk_run nginx "http://127.0.0.1:$PROXY$U"
-wrk_run gateway "http://127.0.0.1:$GW$U" -H "Authorization: Bearer good-token"
-wrk_run nginx-401 "http://127.0.0.1:$N401$U"
-wrk_run gateway-401 "http://127.0.0.1:$GW$U" -H "Authorization: Bearer bad-token"
+has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
+has direct && wrk_run direct "http://127.0.0.1:$UP$U"
+has nginx && wrk_run nginx "http://127.0.0.1:$PROXY$U"
+has gateway && wrk_run gateway "http://127.0.0.1:$GW$U" -H "Authorization: Bearer good-token"
+has nginx-401 && wrk_run nginx-401 "http://127.0.0.1:$N401$U"
+has gateway-401 && wrk_run gateway-401 "http://127.0.0.1:$GW$U" -H "Authorization: Bearer bad-token"
+if [ "$EXTRAS" = 0 ]; then
+  echo
+  awk -v n="$(awk '$1=="nginx"{print $2}' "$results")" -v n401="$(awk '$1=="nginx-401"{print $2}' "$results")" '
+    { ref = ($1 ~ /401/) ? n401 : n; printf "%s %.0f req/s p50 %.2f ms p99 %.2f ms ratio %.2f\n", $1, $2, $3, $4, (ref > 0 ? $2/ref : 0) }' "$results"
+  exit 0
+fi
 
 # 1,000 concurrent first requests of one new token.
 before=$(curl -s "http://127.0.0.1:$OP/count" | python3 -c 'import sys,json; print(json.load(sys.stdin)["introspections"])')

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use clap::Parser;
 use matrix_oidc_gateway::{binding, cli::Cli, clock::SystemClock, config, logging, server};
 
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
