@@ -331,10 +331,10 @@ impl Binder {
         device_id: &str,
     ) -> Result<(), GatewayError> {
         let r = self.sign_out_device_unmeasured(user_id, device_id).await;
-        if self.mode != BindingMode::Headers {
-            measure("logout", &r);
+        if self.mode == BindingMode::Headers {
+            return r;
         }
-        r
+        measured("logout", r)
     }
 
     async fn sign_out_device_unmeasured(
@@ -468,9 +468,10 @@ impl Binder {
         req: reqwest::RequestBuilder,
         erase: bool,
     ) -> Result<(), GatewayError> {
-        let r = self.deactivate_call_unmeasured(req, erase).await;
-        measure("deactivate", &r);
-        r
+        measured(
+            "deactivate",
+            self.deactivate_call_unmeasured(req, erase).await,
+        )
     }
 
     async fn deactivate_call_unmeasured(
@@ -680,9 +681,7 @@ impl Binder {
     }
 
     async fn register(&self, user_id: &str) -> Result<(), GatewayError> {
-        let r = self.register_unmeasured(user_id).await;
-        measure("register", &r);
-        r
+        measured("register", self.register_unmeasured(user_id).await)
     }
 
     async fn register_unmeasured(&self, user_id: &str) -> Result<(), GatewayError> {
@@ -720,9 +719,7 @@ impl Binder {
     }
 
     async fn login(&self, user_id: &str, device_id: &str) -> Result<String, GatewayError> {
-        let r = self.login_unmeasured(user_id, device_id).await;
-        measure("login", &r);
-        r
+        measured("login", self.login_unmeasured(user_id, device_id).await)
     }
 
     async fn login_unmeasured(
@@ -757,9 +754,10 @@ impl Binder {
     }
 
     async fn create_device(&self, user_id: &str, device_id: &str) -> Result<(), GatewayError> {
-        let r = self.create_device_unmeasured(user_id, device_id).await;
-        measure("device", &r);
-        r
+        measured(
+            "device",
+            self.create_device_unmeasured(user_id, device_id).await,
+        )
     }
 
     async fn create_device_unmeasured(
@@ -801,11 +799,13 @@ fn store_failed(e: crate::store::StoreError) -> GatewayError {
     GatewayError::BindingUnavailable(BindingFailure::Store)
 }
 
-fn measure<T>(kind: &str, r: &Result<T, GatewayError>) {
+/// Counts one provisioning call by kind and outcome, and hands its result back.
+fn measured<T>(kind: &str, r: Result<T, GatewayError>) -> Result<T, GatewayError> {
     let result = if r.is_ok() { "ok" } else { "error" };
     crate::metrics::PROVISIONING
         .with_label_values(&[kind, result])
         .inc();
+    r
 }
 
 impl Binder {
