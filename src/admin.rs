@@ -258,7 +258,7 @@ impl AdminApp {
         }
         let what = match given[0] {
             "token" => Purge::Token(string_field(body, "token")?.to_owned()),
-            "sub" => Purge::Subject(string_field(body, "sub")?.to_owned()),
+            "sub" => Purge::Subject(self.issuer(body)?, string_field(body, "sub")?.to_owned()),
             _ => Purge::User(self.user_id(string_field(body, "user_id")?)?),
         };
         let n = self
@@ -320,12 +320,29 @@ impl AdminApp {
     async fn repin(&self, user: &str, body: &Value) -> ApiResult {
         let user = self.user_id(user)?;
         let sub = string_field(body, "sub")?;
+        let issuer = self.issuer(body)?;
         self.notifier
             .binder()
-            .repin(&user, sub)
+            .repin(&user, &issuer, sub)
             .await
             .map_err(|e| gateway_error(&e))?;
-        Ok(json!({"user_id": user, "sub": sub}))
+        Ok(json!({"user_id": user, "sub": sub, "issuer": issuer}))
+    }
+
+    /// The optional `issuer` of a body naming a subject: one of the configured issuers,
+    /// the primary one when absent (subjects are only unique per issuer).
+    fn issuer(&self, body: &Value) -> Result<String, ApiError> {
+        match body.get("issuer") {
+            None => Ok(self.notifier.binder().primary_issuer().to_owned()),
+            Some(Value::String(i)) if self.config.issuers.iter().any(|c| c.issuer == *i) => {
+                Ok(i.clone())
+            }
+            Some(_) => Err(error(
+                400,
+                "M_INVALID_PARAM",
+                "`issuer` must be one of the configured issuers",
+            )),
+        }
     }
 
     async fn approve_reset(&self, user: &str, body: &Value) -> ApiResult {

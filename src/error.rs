@@ -147,6 +147,15 @@ pub enum GatewayError {
     /// 403 `M_USER_DEACTIVATED`: the user ID is tombstoned.
     #[error("user deactivated")]
     UserDeactivated,
+    /// 415 `M_UNRECOGNIZED`: an authenticated request with a body the homeserver would parse
+    /// as form arguments (`application/x-www-form-urlencoded`, `multipart/form-data`), which
+    /// could carry appservice parameters past the query.
+    #[error("form-encoded body on an authenticated request")]
+    FormBody,
+    /// 403 `M_FORBIDDEN`: a member list of a room the caller has not joined (the check the
+    /// homeserver skips for appservice requests, made by the gateway in masquerade mode).
+    #[error("not joined to the room")]
+    NotJoined,
 }
 
 /// Matrix error codes the gateway emits
@@ -206,6 +215,8 @@ impl GatewayError {
             GatewayError::BindingUnavailable(_) => 503,
             GatewayError::CrossSigningResetRequired => 401,
             GatewayError::UserDeactivated => 403,
+            GatewayError::FormBody => 415,
+            GatewayError::NotJoined => 403,
         }
     }
 
@@ -216,10 +227,12 @@ impl GatewayError {
             GatewayError::UnknownToken(_) => Errcode::UnknownToken,
             GatewayError::GuestAccessForbidden => Errcode::GuestAccessForbidden,
             GatewayError::BadRequestTarget
+            | GatewayError::FormBody
             | GatewayError::Refused(Refused::OwnedByOp | Refused::AdminApi) => {
                 Errcode::Unrecognized
             }
             GatewayError::SubjectMismatch
+            | GatewayError::NotJoined
             | GatewayError::Refused(Refused::Registration | Refused::AppserviceOnly)
             | GatewayError::CrossSigningResetRequired => Errcode::Forbidden,
             GatewayError::BindingUnavailable(_) => Errcode::Unknown,
@@ -276,6 +289,12 @@ impl GatewayError {
                 "To reset your cross-signing identity, approve it at your account page first (gateway)"
             }
             GatewayError::UserDeactivated => "This account has been deactivated (gateway)",
+            GatewayError::FormBody => {
+                "Form-encoded request bodies are not accepted; send JSON or the file's own type (gateway)"
+            }
+            GatewayError::NotJoined => {
+                "Getting joined members while not being a current member of the room is forbidden (gateway)"
+            }
         }
     }
 
@@ -339,6 +358,8 @@ impl GatewayError {
             },
             GatewayError::CrossSigningResetRequired => "cross_signing_reset",
             GatewayError::UserDeactivated => "user_deactivated",
+            GatewayError::FormBody => "form_body",
+            GatewayError::NotJoined => "not_joined",
         }
     }
 }

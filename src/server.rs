@@ -21,6 +21,7 @@ use crate::gateway::Gateway;
 use crate::notify::logout_token::{LogoutIssuer, LogoutValidator};
 use crate::notify::Notifier;
 use crate::store::redis::{Event, Redis, RedisStore};
+use crate::store::seal::{check_key_and_reseal, KeyCheckError};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 
@@ -41,6 +42,9 @@ pub enum BuildError {
     /// The state store could not be opened.
     #[error("store.path: {0}")]
     Store(#[from] StoreError),
+    /// The configured key does not open the store's sealed secrets.
+    #[error("store.encryption_key: {0}")]
+    StoreKey(String),
 }
 
 /// Keeps the primary OP's discovery document fresh.
@@ -181,30 +185,39 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
         Some(r) => Arc::new(RedisStore::new(r.clone())),
         None => Arc::new(SqliteStore::open(&config.store.path)?),
     };
-    let revocations = Arc::new(Revocations::new(store.clone()));
+    let revocations = Arc::new(Revocations::new(store.clone(), &config.issuers[0].issuer));
     // Persisted revocations are in force before the first request. (On a thread and runtime of
     // its own, with its own connection: `build` may run inside a runtime, as the in-process
     // tests do, and connections must not outlive the runtime that made them.)
-    let loaded = {
+    let (loaded, key_check) = {
         let revocations = revocations.clone();
+        let sealer = config.store.sealer.clone();
         let now = clock.now_ms();
         let loader: Arc<dyn Store> = match &config.store.redis {
             Some(settings) => Arc::new(RedisStore::new(Redis::new(settings)?)),
             None => store.clone(),
         };
         std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(|e| StoreError(e.to_string()))?
-                .block_on(revocations.load_from(loader.as_ref(), now))
+                .map_err(|e| StoreError(e.to_string()))?;
+            Ok::<_, StoreError>(rt.block_on(async {
+                let loaded = revocations.load_from(loader.as_ref(), now).await;
+                let key_check = match &sealer {
+                    Some(s) => Some(check_key_and_reseal(loader.as_ref(), s).await),
+                    None => None,
+                };
+                (loaded, key_check)
+            }))
         })
         .join()
-        .map_err(|_| StoreError("revocation loader panicked".into()))?
+        .map_err(|_| StoreError("revocation loader panicked".into()))??
     };
+    let shared = redis.is_some();
     let loaded = match loaded {
         Ok(n) => n,
-        Err(e) if redis.is_some() => {
+        Err(e) if shared => {
             // A replica must start while Redis is down; events resynchronise it later.
             tracing::warn!(error = %e, "revocations not loaded: shared state unavailable");
             0
@@ -213,6 +226,18 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
     };
     if loaded > 0 {
         tracing::info!(revocations = loaded, "revocations restored from the store");
+    }
+    match key_check {
+        None => {}
+        Some(Ok(r)) => {
+            if r.resealed > 0 {
+                tracing::info!(tokens = r.resealed, "device tokens sealed under the current store key");
+            }
+        }
+        Some(Err(KeyCheckError::Store(e))) if shared => {
+            tracing::warn!(error = %e, "store key not checked: shared state unavailable");
+        }
+        Some(Err(e)) => return Err(BuildError::StoreKey(e.to_string())),
     }
     let mut verifier = Verifier::new(&config, op.clone(), jwt, revocations, clock.clone());
     let mut binder = Binder::new(&config, store.clone())?;

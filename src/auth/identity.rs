@@ -43,6 +43,10 @@ pub struct Identity {
     pub scope: String,
     /// Full or guest access.
     pub access: Access,
+    /// The issuer that vouched for the token (as configured). Subjects and sessions are only
+    /// unique per issuer: see [`Identity::subject_key`].
+    #[serde(default)]
+    pub issuer: String,
     /// The OIDC subject.
     pub subject: String,
     /// The OP session (`sid`), when known.
@@ -54,6 +58,34 @@ pub struct Identity {
     /// When the token was issued (Unix ms): `iat`, else when the OP first vouched for it.
     /// Revocations of a subject, user or device apply to tokens issued before them.
     pub issued_at_ms: u64,
+}
+
+/// Separates the issuer from the value in an issuer-scoped key (a control character no issuer
+/// URL contains).
+pub const ISSUER_SEP: char = '\u{1f}';
+
+/// `issuer␟value`: how subjects and OP sessions are keyed in pins, revocations and the
+/// session index, so that two issuers' equal `sub` or `sid` never meet.
+pub fn issuer_scoped(issuer: &str, value: &str) -> String {
+    let mut k = String::with_capacity(issuer.len() + value.len() + 1);
+    k.push_str(issuer);
+    k.push(ISSUER_SEP);
+    k.push_str(value);
+    k
+}
+
+impl Identity {
+    /// The issuer-scoped subject: the identity's owner key for user-ID pins.
+    pub fn subject_key(&self) -> String {
+        issuer_scoped(&self.issuer, &self.subject)
+    }
+
+    /// The issuer-scoped OP session, when known.
+    pub fn session_key(&self) -> Option<String> {
+        self.session_id
+            .as_deref()
+            .map(|sid| issuer_scoped(&self.issuer, sid))
+    }
 }
 
 /// What the scope string grants.
@@ -107,6 +139,8 @@ pub fn valid_localpart(lp: &str) -> bool {
 /// The claims of a verified token that identity mapping reads.
 #[derive(Debug, Clone, Default)]
 pub struct Claims {
+    /// The configured issuer that verified these claims.
+    pub issuer: String,
     /// `sub`.
     pub sub: Option<String>,
     /// `scope` (space-separated).
@@ -180,6 +214,7 @@ pub fn build_identity(
         device_id,
         scope: claims.scope.clone(),
         access,
+        issuer: claims.issuer.clone(),
         subject,
         session_id: claims.sid.clone(),
         expires_at_ms: claims.expires_at_ms,

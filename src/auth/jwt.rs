@@ -261,6 +261,7 @@ impl JwtIssuer {
             all.insert("sub".into(), Value::String(sub.clone()));
         }
         let claims = Claims {
+            issuer: self.issuer().to_owned(),
             sub: c.sub,
             scope,
             device_id: c.device_id,

@@ -396,6 +396,7 @@ impl Verifier {
             }
         }
         let claims = Claims {
+            issuer: issuer.issuer.clone(),
             sub: a.sub,
             scope: a.scope.unwrap_or_default(),
             device_id: a.device_id,

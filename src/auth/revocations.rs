@@ -11,15 +11,16 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
+use super::identity::{issuer_scoped, ISSUER_SEP};
 use super::{Identity, TokenHash};
 use crate::store::{Store, StoreError};
 
 /// What a revocation applies to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Selector {
-    /// An OP session (`sid`).
+    /// An OP session: `issuer␟sid` ([`super::identity::issuer_scoped`]).
     Session(String),
-    /// An OIDC subject (`sub`).
+    /// An OIDC subject: `issuer␟sub`.
     Subject(String),
     /// A Matrix user.
     User(String),
@@ -72,15 +73,36 @@ pub struct Revocations {
     entries: RwLock<HashMap<Selector, Entry>>,
     any: AtomicBool,
     store: Arc<dyn Store>,
+    /// The issuer that session and subject revocations persisted before they were
+    /// issuer-scoped belong to (the primary issuer, the only one then).
+    legacy_issuer: String,
 }
 
 impl Revocations {
-    /// An empty list backed by `store`.
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    /// An empty list backed by `store`; unscoped session and subject entries persisted by
+    /// earlier versions are read as `legacy_issuer`'s.
+    pub fn new(store: Arc<dyn Store>, legacy_issuer: &str) -> Self {
         Self {
             entries: RwLock::new(HashMap::new()),
             any: AtomicBool::new(false),
             store,
+            legacy_issuer: legacy_issuer.to_owned(),
+        }
+    }
+
+    /// Reads an older, unscoped session or subject selector as the legacy issuer's.
+    fn scope_legacy(&self, selector: Selector) -> Selector {
+        let scoped = |v: String| {
+            if v.contains(ISSUER_SEP) {
+                v
+            } else {
+                issuer_scoped(&self.legacy_issuer, &v)
+            }
+        };
+        match selector {
+            Selector::Session(v) => Selector::Session(scoped(v)),
+            Selector::Subject(v) => Selector::Subject(scoped(v)),
+            other => other,
         }
     }
 
@@ -97,7 +119,7 @@ impl Revocations {
         if let Ok(mut map) = self.entries.write() {
             for (key, at_ms, until_ms) in rows {
                 if let Some(sel) = Selector::from_key(&key) {
-                    map.insert(sel, Entry { at_ms, until_ms });
+                    map.insert(self.scope_legacy(sel), Entry { at_ms, until_ms });
                     n += 1;
                 }
             }
@@ -150,10 +172,9 @@ impl Revocations {
         let before = |sel: &Selector| live(sel).is_some_and(|e| identity.issued_at_ms < e.at_ms);
         live(&Selector::Token(*token)).is_some()
             || identity
-                .session_id
-                .as_ref()
-                .is_some_and(|s| live(&Selector::Session(s.clone())).is_some())
-            || before(&Selector::Subject(identity.subject.clone()))
+                .session_key()
+                .is_some_and(|s| live(&Selector::Session(s)).is_some())
+            || before(&Selector::Subject(identity.subject_key()))
             || before(&Selector::User(identity.user_id.clone()))
             || identity
                 .device_id
@@ -177,8 +198,8 @@ impl Revocations {
 pub fn matches(selector: &Selector, at_ms: u64, identity: &Identity) -> bool {
     let before = identity.issued_at_ms < at_ms;
     match selector {
-        Selector::Session(s) => identity.session_id.as_deref() == Some(s.as_str()),
-        Selector::Subject(s) => before && identity.subject == *s,
+        Selector::Session(s) => identity.session_key().as_deref() == Some(s.as_str()),
+        Selector::Subject(s) => before && identity.subject_key() == *s,
         Selector::User(u) => before && identity.user_id == *u,
         Selector::Device(u, d) => {
             before && identity.user_id == *u && identity.device_id.as_deref() == Some(d.as_str())
@@ -199,6 +220,7 @@ mod tests {
             device_id: Some("D1".into()),
             scope: String::new(),
             access: Access::Full,
+            issuer: "https://op-a".into(),
             subject: "sub-a".into(),
             session_id: Some("sid-1".into()),
             expires_at_ms: None,
@@ -211,7 +233,7 @@ mod tests {
     async fn selectors_match_as_documented_and_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
-        let r = Revocations::new(store.clone());
+        let r = Revocations::new(store.clone(), "https://op-a");
         let t = TokenHash::of("tok");
         assert!(!r.is_revoked(&id(0), &t, 1_000));
         r.revoke(Selector::Device("@a:x".into(), "D1".into()), 1_000, 10_000)
@@ -226,16 +248,41 @@ mod tests {
             "issued after: a new sign-in"
         );
         assert!(!r.is_revoked(&id(500), &t, 10_000), "retention over");
-        r.revoke(Selector::Session("sid-1".into()), 3_000, 10_000)
+        // Another issuer's equal `sid` and `sub` are other people.
+        r.revoke(
+            Selector::Session(issuer_scoped("https://op-b", "sid-1")),
+            3_000,
+            10_000,
+        )
+        .await
+        .unwrap();
+        r.revoke(
+            Selector::Subject(issuer_scoped("https://op-b", "sub-a")),
+            3_000,
+            10_000,
+        )
+        .await
+        .unwrap();
+        assert!(!r.is_revoked(&id(1_500), &t, 4_000), "issuer B's revocations");
+        r.revoke(Selector::Session(issuer_scoped("https://op-a", "sid-1")), 3_000, 10_000)
             .await
             .unwrap();
         assert!(
             r.is_revoked(&id(5_000), &t, 4_000),
             "a session revocation has no 'after'"
         );
-        let again = Revocations::new(store);
-        assert_eq!(again.load(4_000).await.unwrap(), 2);
+        let again = Revocations::new(store.clone(), "https://op-a");
+        assert_eq!(again.load(4_000).await.unwrap(), 4);
         assert!(again.is_revoked(&id(5_000), &t, 4_000));
+        // An unscoped entry persisted before issuer scoping is the primary issuer's.
+        store.put_revocation("sub:sub-a", 6_000, 10_000).await.unwrap();
+        let legacy = Revocations::new(store, "https://op-a");
+        legacy.load(7_000).await.unwrap();
+        let mut other = id(5_500);
+        other.session_id = None;
+        assert!(legacy.is_revoked(&other, &t, 7_000));
+        other.issuer = "https://op-b".into();
+        assert!(!legacy.is_revoked(&other, &t, 7_000));
         for sel in [
             Selector::Session("s".into()),
             Selector::Subject("x".into()),

@@ -23,10 +23,12 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use url::Url;
 
+use crate::auth::identity::{issuer_scoped, ISSUER_SEP};
 use crate::auth::Identity;
 use crate::config::{BindingMode, Config, HomeserverKind, Secret};
 use crate::error::{BindingFailure, GatewayError};
 use crate::store::redis::{Event, Redis};
+use crate::store::seal::{device_context, Sealer};
 use crate::store::{DeviceRecord, Pin, Store};
 
 /// How upstream requests of one bound identity authenticate.
@@ -93,6 +95,8 @@ pub struct Binder {
     sessions_seen: Cache<u64, ()>,
     admin_token: Option<Secret>,
     registered: Cache<String, ()>,
+    sealer: Option<Arc<Sealer>>,
+    primary_issuer: String,
     /// Provisioning calls made.
     pub counters: ProvisioningCounters,
 }
@@ -113,6 +117,12 @@ impl Binder {
             sessions_seen: Cache::builder().max_capacity(200_000).build(),
             admin_token: config.homeserver.admin_token.clone(),
             registered: Cache::builder().max_capacity(200_000).build(),
+            sealer: config.store.sealer.clone(),
+            primary_issuer: config
+                .issuers
+                .first()
+                .map(|i| i.issuer.clone())
+                .unwrap_or_default(),
             counters: ProvisioningCounters::default(),
         })
     }
@@ -226,6 +236,33 @@ impl Binder {
         }
     }
 
+    /// Whether the bound user has joined `room` (its raw path segment), asked with the bound
+    /// credentials through the room-state API, which checks membership for appservice requests
+    /// too. Anything but a clear answer is a 503: the guard fails closed.
+    pub async fn is_joined(&self, bound: &Bound, room: &str) -> Result<bool, GatewayError> {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{room}/state/m.room.member/{}",
+            utf8_percent_encode_segment(&bound.user_id)
+        );
+        let Some(req) = self.as_bound(reqwest::Method::GET, &path, bound) else {
+            return Ok(true);
+        };
+        let resp = req.send().await.map_err(|e| unreachable(&e))?;
+        match resp.status().as_u16() {
+            200 => {
+                let member: Value = resp.json().await.map_err(|_| {
+                    GatewayError::BindingUnavailable(BindingFailure::Unreachable)
+                })?;
+                Ok(member["membership"] == "join")
+            }
+            403 | 404 => Ok(false),
+            status => {
+                tracing::error!(status, "membership check failed");
+                Err(GatewayError::BindingUnavailable(BindingFailure::Unreachable))
+            }
+        }
+    }
+
     /// Whether the user already has a cross-signing master key upstream.
     pub async fn has_master_key(&self, bound: &Bound) -> Result<bool, GatewayError> {
         let Some(req) = self.as_bound(
@@ -263,7 +300,7 @@ impl Binder {
         if state.tombstoned {
             return Err(GatewayError::UserDeactivated);
         }
-        if *state.owner != *identity.subject {
+        if *state.owner != identity.subject_key() {
             tracing::warn!(
                 user = %identity.user_id,
                 "a token's subject does not own this user ID (reassigned username at the OP?); refused until an operator re-pins it"
@@ -279,19 +316,74 @@ impl Binder {
             .is_tombstoned(&identity.user_id)
             .await
             .map_err(store_failed)?;
+        let key = identity.subject_key();
         let owner = match self
             .store
-            .pin_subject(&identity.user_id, &identity.subject)
+            .pin_subject(&identity.user_id, &key)
             .await
             .map_err(store_failed)?
         {
-            Pin::New | Pin::Matches => identity.subject.clone(),
+            Pin::New | Pin::Matches => key,
+            // A pin written before pins were issuer-scoped holds the bare `sub` of the primary
+            // issuer (the only one then): the same owner, so the pin is upgraded in place.
+            Pin::Conflict { owner }
+                if !owner.contains(ISSUER_SEP)
+                    && owner == identity.subject
+                    && identity.issuer == self.primary_issuer =>
+            {
+                self.store
+                    .repin_subject(&identity.user_id, &key)
+                    .await
+                    .map_err(store_failed)?;
+                key
+            }
+            Pin::Conflict { owner } if !owner.contains(ISSUER_SEP) => {
+                issuer_scoped(&self.primary_issuer, &owner)
+            }
             Pin::Conflict { owner } => owner,
         };
         Ok(Arc::new(UserState {
             owner: Arc::from(owner.as_str()),
             tombstoned,
         }))
+    }
+
+    /// The primary issuer (legacy, unscoped store entries are its).
+    pub fn primary_issuer(&self) -> &str {
+        &self.primary_issuer
+    }
+
+    /// The user ID `issuer`'s `sub` owns, if any (reading pins written before issuer scoping
+    /// as the primary issuer's).
+    pub async fn user_of_subject(
+        &self,
+        issuer: &str,
+        sub: &str,
+    ) -> Result<Option<String>, crate::store::StoreError> {
+        if let Some(u) = self.store.user_of_subject(&issuer_scoped(issuer, sub)).await? {
+            return Ok(Some(u));
+        }
+        if issuer == self.primary_issuer {
+            return self.store.user_of_subject(sub).await;
+        }
+        Ok(None)
+    }
+
+    /// The (user, device) pairs bound to `issuer`'s OP session `sid` (and, for the primary
+    /// issuer, those recorded before sessions were issuer-scoped).
+    pub async fn session_devices(
+        &self,
+        issuer: &str,
+        sid: &str,
+    ) -> Result<Vec<(String, String)>, crate::store::StoreError> {
+        let mut pairs = self
+            .store
+            .session_devices(&issuer_scoped(issuer, sid))
+            .await?;
+        if issuer == self.primary_issuer {
+            pairs.extend(self.store.session_devices(sid).await?);
+        }
+        Ok(pairs)
     }
 
     /// Forgets the cached pin and tombstone state of a user (after an operator changes them).
@@ -301,13 +393,13 @@ impl Binder {
 
     /// Remembers which OP session a device belongs to (for back-channel logout by `sid`).
     async fn record_session(&self, identity: &Identity, device: Option<&str>) {
-        let (Some(sid), Some(device)) = (&identity.session_id, device) else {
+        let (Some(sid), Some(device)) = (identity.session_key(), device) else {
             return;
         };
         let key = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            (sid, &identity.user_id, device).hash(&mut h);
+            (&sid, &identity.user_id, device).hash(&mut h);
             h.finish()
         };
         if self.sessions_seen.get(&key).await.is_some() {
@@ -315,7 +407,7 @@ impl Binder {
         }
         match self
             .store
-            .record_session(sid, &identity.user_id, device)
+            .record_session(&sid, &identity.user_id, device)
             .await
         {
             Ok(()) => self.sessions_seen.insert(key, ()).await,
@@ -349,7 +441,17 @@ impl Binder {
                     .device(user_id, device_id)
                     .await
                     .map_err(store_failed)?;
-                if let Some(token) = record.and_then(|r| r.upstream_token) {
+                let stored = record.and_then(|r| r.upstream_token);
+                let token = match stored {
+                    Some(s) => match self.open_token(user_id, device_id, &s).await {
+                        Some(t) => Some(t),
+                        // Sealed under a key no longer configured: a fresh login gives a token
+                        // whose logout deletes the device (and every token it had).
+                        None => Some(self.login(user_id, device_id).await?),
+                    },
+                    None => None,
+                };
+                if let Some(token) = token {
                     let resp = self
                         .http
                         .post(self.endpoint("/_matrix/client/v3/logout"))
@@ -510,10 +612,11 @@ impl Binder {
         Ok(lifted)
     }
 
-    /// Moves a user's subject pin (an operator action after a legitimate `sub` change).
-    pub async fn repin(&self, user_id: &str, sub: &str) -> Result<(), GatewayError> {
+    /// Moves a user's subject pin to `issuer`'s `sub` (an operator action after a legitimate
+    /// `sub` change).
+    pub async fn repin(&self, user_id: &str, issuer: &str, sub: &str) -> Result<(), GatewayError> {
         self.store
-            .repin_subject(user_id, sub)
+            .repin_subject(user_id, &issuer_scoped(issuer, sub))
             .await
             .map_err(store_failed)?;
         self.users.invalidate(user_id).await;
@@ -594,8 +697,11 @@ impl Binder {
         if let Some(d) = &device {
             if let Some(rec) = self.store.device(user_id, d).await.map_err(store_failed)? {
                 match (self.mode, rec.upstream_token) {
-                    (BindingMode::AppserviceLogin, Some(token)) => {
-                        return Ok(self.bound(user_id, device, Credential::DeviceToken(token)));
+                    (BindingMode::AppserviceLogin, Some(stored)) => {
+                        // A token that no configured key opens is replaced by a new login.
+                        if let Some(token) = self.open_token(user_id, d, &stored).await {
+                            return Ok(self.bound(user_id, device, Credential::DeviceToken(token)));
+                        }
                     }
                     (BindingMode::AppserviceMasquerade, _) => {
                         return Ok(self.bound(user_id, device, Credential::Masquerade));
@@ -609,7 +715,7 @@ impl Binder {
             (BindingMode::AppserviceLogin, Some(d)) => {
                 let token = self.login(user_id, &d).await?;
                 let rec = DeviceRecord {
-                    upstream_token: Some(token.clone()),
+                    upstream_token: Some(self.seal_token(user_id, &d, &token)?),
                 };
                 self.store
                     .put_device(user_id, &d, &rec)
@@ -631,6 +737,46 @@ impl Binder {
                 Ok(self.bound(user_id, Some(d), Credential::Masquerade))
             }
             (_, device) => Ok(self.bound(user_id, device, Credential::Masquerade)),
+        }
+    }
+
+    /// The stored form of a device token: sealed under `store.encryption_key`.
+    fn seal_token(&self, user_id: &str, device_id: &str, token: &str) -> Result<String, GatewayError> {
+        match &self.sealer {
+            Some(s) => s
+                .seal(token, &device_context(user_id, device_id))
+                .map_err(|e| store_failed(crate::store::StoreError(e.to_string()))),
+            // Configuration requires a key with appservice_login, the only mode storing tokens.
+            None => Err(GatewayError::Internal),
+        }
+    }
+
+    /// Opens a stored device token; one sealed under an older key is sealed again. `None` when
+    /// no configured key opens it (logged): the caller logs the device in again.
+    async fn open_token(&self, user_id: &str, device_id: &str, stored: &str) -> Option<String> {
+        let Some(sealer) = &self.sealer else {
+            tracing::error!(user = %user_id, "a stored device token cannot be opened: no store.encryption_key");
+            return None;
+        };
+        let context = device_context(user_id, device_id);
+        match sealer.open(stored, &context) {
+            Ok(opened) => {
+                if opened.stale {
+                    if let Ok(sealed) = sealer.seal(&opened.plaintext, &context) {
+                        let rec = DeviceRecord {
+                            upstream_token: Some(sealed),
+                        };
+                        if let Err(e) = self.store.put_device(user_id, device_id, &rec).await {
+                            tracing::warn!(error = %e, "cannot seal a device token again; kept as it was");
+                        }
+                    }
+                }
+                Some(opened.plaintext)
+            }
+            Err(e) => {
+                tracing::error!(user = %user_id, device = %device_id, error = %e, "a stored device token does not open; the device logs in again");
+                None
+            }
         }
     }
 

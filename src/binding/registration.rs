@@ -46,6 +46,8 @@ mod tests {
             server_name = "matrix.example.org"
             kind = "dendrite"
             as_token = "the-as-token"
+            [store]
+            encryption_key = "0000000000000000000000000000000000000000000000000000000000000000"
             [[issuers]]
             issuer = "https://op/"
             client_id = "c"

@@ -115,6 +115,14 @@ pub struct StoreFile {
     /// Path of the embedded SQLite database (created with mode 0600).
     #[serde(default = "default_store_path")]
     pub path: String,
+    /// Key sealing upstream device tokens at rest (32 bytes, hex or base64).
+    pub encryption_key: Option<String>,
+    /// File holding `encryption_key`.
+    pub encryption_key_file: Option<String>,
+    /// The key being rotated away from: still opens tokens, never seals.
+    pub previous_encryption_key: Option<String>,
+    /// File holding `previous_encryption_key`.
+    pub previous_encryption_key_file: Option<String>,
 }
 
 impl Default for StoreFile {
@@ -122,6 +130,10 @@ impl Default for StoreFile {
         Self {
             backend: default_store_backend(),
             path: default_store_path(),
+            encryption_key: None,
+            encryption_key_file: None,
+            previous_encryption_key: None,
+            previous_encryption_key_file: None,
         }
     }
 }

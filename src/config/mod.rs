@@ -118,6 +118,9 @@ pub struct StoreSettings {
     pub path: std::path::PathBuf,
     /// Redis settings when the store is shared.
     pub redis: Option<RedisSettings>,
+    /// Seals upstream device tokens at rest (`store.encryption_key`); required with
+    /// `appservice_login`, the only binding that stores tokens.
+    pub sealer: Option<std::sync::Arc<crate::store::seal::Sealer>>,
 }
 
 /// How to reach Redis.
@@ -702,6 +705,62 @@ fn valid_server_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
 }
 
+/// `store.encryption_key[_file]` and `store.previous_encryption_key[_file]` as a sealer.
+fn store_sealer(
+    p: &mut Problems,
+    store: &file::StoreFile,
+    required: bool,
+) -> Option<std::sync::Arc<crate::store::seal::Sealer>> {
+    const HOW: &str = "must be 32 bytes written as 64 hex digits or base64 \
+                       (generate one with `openssl rand -hex 32`)";
+    let mut key = |name: &str, value: Option<&str>, file: Option<&str>| {
+        let s = secret::resolve(p, name, value, file, false)?;
+        let parsed = crate::store::seal::parse_key(s.expose());
+        if parsed.is_none() {
+            p.add(name, HOW);
+        }
+        parsed
+    };
+    let current = key(
+        "store.encryption_key",
+        store.encryption_key.as_deref(),
+        store.encryption_key_file.as_deref(),
+    );
+    let previous = key(
+        "store.previous_encryption_key",
+        store.previous_encryption_key.as_deref(),
+        store.previous_encryption_key_file.as_deref(),
+    );
+    if required && store.encryption_key.is_none() && store.encryption_key_file.is_none() {
+        p.add(
+            "store.encryption_key",
+            "required with binding = appservice_login (upstream device tokens are encrypted at \
+             rest): set `store.encryption_key` or `store.encryption_key_file`; generate one with \
+             `openssl rand -hex 32`",
+        );
+    }
+    if previous.is_some() && current.is_none() {
+        p.add(
+            "store.previous_encryption_key",
+            "only meaningful next to store.encryption_key (key rotation)",
+        );
+    }
+    if current.is_some() && current == previous {
+        p.add(
+            "store.previous_encryption_key",
+            "is the same key as store.encryption_key",
+        );
+    }
+    let current = current?;
+    match crate::store::seal::Sealer::new(&current, previous.as_ref()) {
+        Ok(s) => Some(std::sync::Arc::new(s)),
+        Err(e) => {
+            p.add("store.encryption_key", e.to_string());
+            None
+        }
+    }
+}
+
 fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
     let mut p = Problems::default();
     let mut warnings = Vec::new();
@@ -769,8 +828,12 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
     };
     let binding = match hs.binding.as_deref() {
         None => match kind {
-            HomeserverKind::Dendrite | HomeserverKind::Conduit => BindingMode::AppserviceLogin,
-            HomeserverKind::Synapse | HomeserverKind::Tuwunel => BindingMode::AppserviceMasquerade,
+            // Per-device credentials for every stock homeserver: the homeserver then enforces
+            // identity itself (docs/homeservers.md says why masquerade is opt-in only).
+            HomeserverKind::Dendrite
+            | HomeserverKind::Conduit
+            | HomeserverKind::Synapse
+            | HomeserverKind::Tuwunel => BindingMode::AppserviceLogin,
             HomeserverKind::Generic => BindingMode::Headers,
         },
         Some("appservice_login") => BindingMode::AppserviceLogin,
@@ -784,6 +847,14 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
             BindingMode::Headers
         }
     };
+    if binding == BindingMode::AppserviceMasquerade {
+        warnings.push(
+            "homeserver.binding: appservice_masquerade sends the appservice token on every user's \
+             behalf, lending them its powers (no rate limits or account-lock checks, room member \
+             lists without membership on Synapse; docs/homeservers.md); prefer appservice_login"
+                .to_owned(),
+        );
+    }
     if binding == BindingMode::AppserviceMasquerade
         && matches!(kind, HomeserverKind::Dendrite | HomeserverKind::Conduit)
     {
@@ -1159,6 +1230,7 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
     if f.store.path.trim().is_empty() {
         p.add("store.path", "must not be empty");
     }
+    let sealer = store_sealer(&mut p, &f.store, binding == BindingMode::AppserviceLogin);
 
     // [log]
     let format = match f.log.format.as_str() {
@@ -1236,6 +1308,7 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
             store: StoreSettings {
                 path: f.store.path.into(),
                 redis,
+                sealer,
             },
             discovery: Discovery {
                 public_base_url,
@@ -1392,20 +1465,81 @@ mod tests {
         assert!(l.warnings.iter().any(|w| w.starts_with("homeserver.url")));
     }
 
+    const KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+    fn with_homeserver(extra: &str, store: &str) -> String {
+        let text = MINIMAL.replace(
+            "server_name = \"example.org\"",
+            &format!("server_name = \"example.org\"\n{extra}"),
+        );
+        format!("{text}\n[store]\n{store}\n")
+    }
+
     #[test]
-    fn binding_defaults_follow_the_homeserver_kind() {
+    fn every_stock_homeserver_defaults_to_per_device_credentials() {
         let with = |kind: &str| {
-            let text = MINIMAL.replace(
-                "server_name = \"example.org\"",
-                &format!("server_name = \"example.org\"\nkind = \"{kind}\"\nas_token = \"t\""),
+            let text = with_homeserver(
+                &format!("kind = \"{kind}\"\nas_token = \"t\""),
+                &format!("encryption_key = \"{KEY}\""),
             );
             load_str(&text).expect("valid").config.homeserver.binding
         };
         assert_eq!(with("dendrite"), BindingMode::AppserviceLogin);
         assert_eq!(with("conduit"), BindingMode::AppserviceLogin);
-        assert_eq!(with("synapse"), BindingMode::AppserviceMasquerade);
-        assert_eq!(with("tuwunel"), BindingMode::AppserviceMasquerade);
+        assert_eq!(with("synapse"), BindingMode::AppserviceLogin);
+        assert_eq!(with("tuwunel"), BindingMode::AppserviceLogin);
         assert_eq!(with("generic"), BindingMode::Headers);
+    }
+
+    #[test]
+    fn masquerade_is_opt_in_and_warned_about() {
+        let text = with_homeserver(
+            "kind = \"synapse\"\nbinding = \"appservice_masquerade\"\nas_token = \"t\"",
+            "",
+        );
+        let l = load_str(&text).expect("valid: masquerade stores no tokens, so needs no key");
+        assert_eq!(l.config.homeserver.binding, BindingMode::AppserviceMasquerade);
+        assert!(
+            l.warnings
+                .iter()
+                .any(|w| w.starts_with("homeserver.binding") && w.contains("appservice token")),
+            "{:?}",
+            l.warnings
+        );
+        let quiet = with_homeserver(
+            "kind = \"synapse\"\nas_token = \"t\"",
+            &format!("encryption_key = \"{KEY}\""),
+        );
+        assert!(load_str(&quiet)
+            .expect("valid")
+            .warnings
+            .iter()
+            .all(|w| !w.starts_with("homeserver.binding")));
+    }
+
+    #[test]
+    fn per_device_credentials_need_a_valid_store_key() {
+        let keys_of = |store: &str| -> Vec<String> {
+            let text = with_homeserver("kind = \"synapse\"\nas_token = \"t\"", store);
+            match load_str(&text) {
+                Ok(_) => Vec::new(),
+                Err(e) => e.0.into_iter().map(|p| format!("{}: {}", p.key, p.message)).collect(),
+            }
+        };
+        let missing = keys_of("");
+        assert!(
+            missing.len() == 1 && missing[0].starts_with("store.encryption_key: required"),
+            "{missing:?}"
+        );
+        let short = keys_of("encryption_key = \"abcd\"");
+        assert!(short[0].starts_with("store.encryption_key: must be 32 bytes"), "{short:?}");
+        let same = keys_of(&format!("encryption_key = \"{KEY}\"\nprevious_encryption_key = \"{KEY}\""));
+        assert!(same[0].starts_with("store.previous_encryption_key"), "{same:?}");
+        let both = keys_of(&format!("encryption_key = \"{KEY}\"\nencryption_key_file = \"/x\""));
+        assert!(both[0].starts_with("store.encryption_key: set either"), "{both:?}");
+        assert!(keys_of(&format!("encryption_key = \"{KEY}\"")).is_empty());
+        let b64 = "Dx4tPEtaaXiHlqW0w9Lh8A8eLTxLWml4h5altMPS4fA=";
+        assert!(keys_of(&format!("encryption_key = \"{b64}\"")).is_empty());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use super::ctx::Ctx;
 use super::token::{self, Presented};
 use super::Gateway;
 use crate::auth::{Access, TokenHash};
+use crate::binding::Credential;
 use crate::config::BindingMode;
 use crate::error::{GatewayError, MissingTokenReason};
 
@@ -23,6 +24,21 @@ pub enum Decision {
     Preflight,
     /// Answer with a discovery document.
     Serve(Served),
+}
+
+/// Whether any `Content-Type` of the request names a media type that an upstream framework
+/// parses into request arguments: `application/x-www-form-urlencoded` or `multipart/form-data`,
+/// in any case, with any parameters or surrounding list (matched anywhere in the value).
+pub fn has_form_body(req: &RequestHeader) -> bool {
+    req.headers
+        .get_all(http::header::CONTENT_TYPE)
+        .iter()
+        .any(|v| {
+            let v = v.as_bytes().to_ascii_lowercase();
+            [&b"x-www-form-urlencoded"[..], b"multipart/form-data"]
+                .iter()
+                .any(|needle| v.windows(needle.len()).any(|w| w == *needle))
+        })
 }
 
 /// Runs classification, token extraction, verification, scope checks and binding.
@@ -49,7 +65,7 @@ pub async fn authenticate(
     }
     let extracted = token::extract(req, gw.config.auth.allow_query_token)
         .map_err(GatewayError::MissingToken)?;
-    ctx.rewritten_target = extracted.rewritten_target;
+    ctx.query = extracted.query;
     let token = match extracted.presented {
         Presented::Token(t) => t,
         Presented::None if route.class == RouteClass::Public => return Ok(Decision::Proxy),
@@ -60,6 +76,11 @@ pub async fn authenticate(
     ctx.cache = verified.cache;
     let identity = verified.result?;
     ctx.identity = Some(identity.clone());
+    if has_form_body(req) {
+        // A credential is about to be attached: a body the homeserver would merge into its
+        // arguments must not ride along (Twisted merges form bodies over the query).
+        return Err(GatewayError::FormBody);
+    }
     if identity.access == Access::Guest
         && !classify::guest_allowed(&route, gw.config.auth.guest_endpoints)
     {
@@ -72,6 +93,14 @@ pub async fn authenticate(
     }
     let bound = gw.binder.bind(&identity).await?;
     ctx.bound = Some(bound.clone());
+    if route.special == Special::JoinedMembers && bound.credential == Credential::Masquerade {
+        let room = classify::client_endpoint(route.path)
+            .and_then(classify::joined_members_room)
+            .unwrap_or_default();
+        if !gw.binder.is_joined(&bound, room).await? {
+            return Err(GatewayError::NotJoined);
+        }
+    }
     if route.special == Special::CrossSigningUpload && gw.binder.has_master_key(&bound).await? {
         let approved = gw
             .binder

@@ -56,6 +56,9 @@ pub enum Special {
     Capabilities,
     /// `POST keys/device_signing/upload`: replacing a master key needs approval at the OP.
     CrossSigningUpload,
+    /// `GET rooms/{room}/joined_members`: Synapse skips its membership check for appservice
+    /// requests, so with `appservice_masquerade` the gateway checks membership first.
+    JoinedMembers,
 }
 
 /// Settings that change classification.
@@ -259,6 +262,9 @@ pub fn classify<'a>(
         special = match endpoint {
             Some("capabilities") if method == "GET" => Special::Capabilities,
             Some("keys/device_signing/upload") if method == "POST" => Special::CrossSigningUpload,
+            Some(e) if method == "GET" && joined_members_room(e).is_some() => {
+                Special::JoinedMembers
+            }
             _ => Special::None,
         };
         RouteClass::Authenticated
@@ -299,7 +305,16 @@ pub fn guest_allowed(route: &Route<'_>, list: GuestEndpoints) -> bool {
 }
 
 /// The endpoint part of a client-server path: `/_matrix/client/<version>/<endpoint>`.
-fn client_endpoint(path: &str) -> Option<&str> {
+/// The room segment (raw, as forwarded) of a `rooms/{room}/joined_members` endpoint.
+pub fn joined_members_room(endpoint: &str) -> Option<&str> {
+    let room = endpoint
+        .strip_prefix("rooms/")?
+        .strip_suffix("/joined_members")?;
+    (!room.is_empty() && !room.contains('/')).then_some(room)
+}
+
+/// The endpoint of a client-server path, relative to `/_matrix/client/<version>/`.
+pub fn client_endpoint(path: &str) -> Option<&str> {
     let rest = path.strip_prefix("/_matrix/client/")?;
     if let Some(e) = rest.strip_prefix("api/v1/") {
         return Some(e);

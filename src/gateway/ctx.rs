@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::classify::{RouteClass, Special};
+use super::target::Query;
 use crate::auth::cache::CacheOutcome;
 use crate::auth::{Identity, TokenHash};
 use crate::binding::Bound;
@@ -40,8 +41,9 @@ pub struct Ctx {
     pub cache: CacheOutcome,
     /// Hash of the presented token (for logs).
     pub token: Option<TokenHash>,
-    /// The forwarded target when the query changed.
-    pub rewritten_target: Option<String>,
+    /// The client's query, parsed once (see `target`); `None` when the target has none or
+    /// the route is not a client route.
+    pub query: Option<Query>,
     /// When the upstream request started.
     pub upstream_started: Option<Instant>,
     /// Response body handling.
@@ -60,7 +62,7 @@ impl Ctx {
             rejection: None,
             cache: CacheOutcome::None,
             token: None,
-            rewritten_target: None,
+            query: None,
             upstream_started: None,
             body: BodyEdit::None,
         }

@@ -49,9 +49,21 @@ pub fn signature(
     )
 }
 
-/// Removes every header a client could spoof.
+/// The form frameworks compare header names in: ASCII lower case, `_` read as `-` (CGI/WSGI
+/// and nginx's `underscores_in_headers` merge `X_Matrix_User_Id` into `X-Matrix-User-Id`).
+fn folded(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'_' => '-',
+            b => b.to_ascii_lowercase() as char,
+        })
+        .collect()
+}
+
+/// Removes every header a client could spoof: each configured name in every spelling an
+/// upstream framework could merge with it (any case, `_` for `-`), every repeat.
 pub fn strip(req: &mut RequestHeader, names: &IdentityHeaders, client_route: bool) {
-    for name in [
+    let spoofable: Vec<String> = [
         &names.user_id,
         &names.device_id,
         &names.scope,
@@ -61,8 +73,16 @@ pub fn strip(req: &mut RequestHeader, names: &IdentityHeaders, client_route: boo
     ]
     .into_iter()
     .chain(names.also_strip.iter())
-    {
-        while req.remove_header(name).is_some() {}
+    .map(|n| folded(n.as_str()))
+    .collect();
+    let doomed: Vec<http::HeaderName> = req
+        .headers
+        .keys()
+        .filter(|k| spoofable.contains(&folded(k.as_str())))
+        .cloned()
+        .collect();
+    for name in doomed {
+        while req.remove_header(&name).is_some() {}
     }
     if client_route {
         while req.remove_header(&http::header::AUTHORIZATION).is_some() {}
@@ -102,39 +122,18 @@ pub fn inject(
     Ok(())
 }
 
-/// Applies the upstream binding: the device's own token, or the AS token with `user_id` and
-/// `device_id` appended to the (already cleaned) target.
-pub fn bind(
-    req: &mut RequestHeader,
-    target: &mut Option<String>,
-    bound: &Bound,
-    as_token: Option<&Secret>,
-) -> Result<()> {
-    match &bound.credential {
-        Credential::DeviceToken(t) => {
-            req.insert_header(http::header::AUTHORIZATION, format!("Bearer {t}"))?;
-        }
-        Credential::Masquerade => {
-            if let Some(as_token) = as_token {
-                req.insert_header(
-                    http::header::AUTHORIZATION,
-                    format!("Bearer {}", as_token.expose()),
-                )?;
-            }
-            let mut t = target
-                .take()
-                .unwrap_or_else(|| String::from_utf8_lossy(req.raw_path()).into_owned());
-            t.push(if t.contains('?') { '&' } else { '?' });
-            t.push_str("user_id=");
-            t.extend(form_urlencoded::byte_serialize(bound.user_id.as_bytes()));
-            if let Some(d) = &bound.device_id {
-                t.push_str("&device_id=");
-                t.extend(form_urlencoded::byte_serialize(d.as_bytes()));
-            }
-            *target = Some(t);
-        }
-        Credential::None => {}
-    }
+/// Applies the upstream binding's credential: the device's own token, or the AS token (the
+/// `user_id` / `device_id` assertion goes into the target, built by [`super::target`]).
+pub fn bind(req: &mut RequestHeader, bound: &Bound, as_token: Option<&Secret>) -> Result<()> {
+    let token = match &bound.credential {
+        Credential::DeviceToken(t) => t.as_str(),
+        Credential::Masquerade => match as_token {
+            Some(t) => t.expose(),
+            None => return Ok(()),
+        },
+        Credential::None => return Ok(()),
+    };
+    req.insert_header(http::header::AUTHORIZATION, format!("Bearer {token}"))?;
     Ok(())
 }
 
@@ -192,6 +191,7 @@ mod tests {
             device_id: Some("DEV".into()),
             scope: "urn:matrix:client:api:*".into(),
             access: Access::Full,
+            issuer: "https://op".into(),
             subject: "sub-a".into(),
             session_id: None,
             expires_at_ms: None,
@@ -233,23 +233,32 @@ mod tests {
     }
 
     #[test]
-    fn masquerade_appends_user_and_device() {
+    fn underscore_spellings_are_stripped_too() {
+        let mut r = RequestHeader::build("GET", b"/_matrix/client/v3/sync", None).unwrap();
+        r.append_header("X_Matrix_User_Id", "@mallory:x").unwrap();
+        r.append_header("x-matrix_user-id", "@mallory:x").unwrap();
+        r.append_header("X_MATRIX_GUEST", "false").unwrap();
+        r.append_header("x_remote_user", "m").unwrap();
+        r.append_header("x-matrix-user-idx", "kept").unwrap();
+        strip(&mut r, &names(), true);
+        let left: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-matrix-user-idx"]);
+    }
+
+    #[test]
+    fn masquerade_sends_the_as_token_and_device_tokens_their_own() {
         let mut r = RequestHeader::build("GET", b"/_matrix/client/v3/sync?since=1", None).unwrap();
-        let bound = Bound {
+        let mut bound = Bound {
             user_id: "@alice:example.org".into(),
             device_id: Some("D/1".into()),
             credential: Credential::Masquerade,
         };
-        let mut target = None;
-        bind(&mut r, &mut target, &bound, Some(&Secret::new("as-token"))).unwrap();
-        assert_eq!(
-            target.as_deref(),
-            Some("/_matrix/client/v3/sync?since=1&user_id=%40alice%3Aexample.org&device_id=D%2F1")
-        );
+        bind(&mut r, &bound, Some(&Secret::new("as-token"))).unwrap();
         assert_eq!(r.headers["authorization"], "Bearer as-token");
-        let mut target = Some("/x".to_owned());
-        bind(&mut r, &mut target, &bound, None).unwrap();
-        assert!(target.unwrap().starts_with("/x?user_id="));
+        assert_eq!(r.raw_path(), b"/_matrix/client/v3/sync?since=1");
+        bound.credential = Credential::DeviceToken("dev-token".into());
+        bind(&mut r, &bound, Some(&Secret::new("as-token"))).unwrap();
+        assert_eq!(r.headers["authorization"], "Bearer dev-token");
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod notifications;
 pub mod observe;
 pub mod respond;
 pub mod rewrite;
+pub mod target;
 pub mod token;
 pub mod upstream;
 
@@ -37,7 +38,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::auth::Verifier;
-use crate::binding::Binder;
+use crate::binding::{Binder, Credential};
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::error::GatewayError;
@@ -182,12 +183,18 @@ impl ProxyHttp for Gateway {
         let names = &self.config.identity_headers;
         let client_route = ctx.route != Some(RouteClass::Federation);
         headers::strip(req, names, client_route);
-        let mut target = ctx.rewritten_target.take();
-        if let Some(bound) = &ctx.bound {
-            headers::bind(req, &mut target, bound, self.binder.as_token())?;
-        }
-        if let Some(t) = target {
+        let assert = ctx.bound.as_deref().and_then(|b| match b.credential {
+            Credential::Masquerade => Some(target::Assert {
+                user_id: &b.user_id,
+                device_id: b.device_id.as_deref(),
+            }),
+            _ => None,
+        });
+        if let Some(t) = target::upstream(req.raw_path(), ctx.query.as_ref(), assert) {
             req.set_raw_path(t.as_bytes())?;
+        }
+        if let Some(bound) = &ctx.bound {
+            headers::bind(req, bound, self.binder.as_token())?;
         }
         if let Some(identity) = &ctx.identity {
             headers::inject(req, names, identity, self.clock.now_secs())?;

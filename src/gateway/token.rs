@@ -1,19 +1,15 @@
 //! Token extraction (request_filter, step 2): the bearer token from `Authorization` or the
-//! deprecated `access_token` query parameter, and the forwarded target without that parameter.
+//! deprecated `access_token` query parameter.
 //!
 //! Rules (`shared/decisions.md`): a malformed or repeated `Authorization` header, a repeated
-//! parameter, or both forms at once are 401 `M_MISSING_TOKEN`. The parameter is removed from the
-//! forwarded target whether or not it is accepted, so a token never travels upstream in a URL.
-//! The appservice parameters a client could use to act as someone else or forge timestamps
-//! ([`APPSERVICE_PARAMS`]) are removed too.
+//! parameter, or both forms at once are 401 `M_MISSING_TOKEN`. The query itself is parsed by
+//! [`super::target`], which also keeps the parameter (and every appservice parameter) out of
+//! the forwarded target whether or not the query token is accepted.
 
 use pingora::http::RequestHeader;
 
+use super::target::{self, Query};
 use crate::error::MissingTokenReason;
-
-/// Query parameters only an application service may send; never forwarded from a client.
-pub const APPSERVICE_PARAMS: [&str; 4] =
-    ["user_id", "device_id", "org.matrix.msc3202.device_id", "ts"];
 
 /// The token a request presented, if any.
 #[derive(Debug, PartialEq, Eq)]
@@ -29,8 +25,8 @@ pub enum Presented {
 pub struct Extracted {
     /// What was presented.
     pub presented: Presented,
-    /// The target to forward when the query had to change (`access_token` removed).
-    pub rewritten_target: Option<String>,
+    /// The parsed query (for [`target::upstream`]); `None` when the target has none.
+    pub query: Option<Query>,
 }
 
 /// Extracts the bearer token.
@@ -41,21 +37,8 @@ pub fn extract(req: &RequestHeader, allow_query: bool) -> Result<Extracted, Miss
         (Some(v), None) => Some(parse_bearer(v.as_bytes()).ok_or(MissingTokenReason::Malformed)?),
         (Some(_), Some(_)) => return Err(MissingTokenReason::Malformed),
     };
-    let (query_token, rewritten_target) = match req.uri.query() {
-        // Homeservers decode parameter names, so `access%5Ftoken` counts too.
-        Some(q)
-            if q.contains("access_token")
-                || q.contains("user_id")
-                || q.contains("device_id")
-                || q.contains("ts")
-                || q.contains('%')
-                || q.contains('+') =>
-        {
-            rewrite_query(req.uri.path(), q)?
-        }
-        _ => (None, None),
-    };
-    let query_token = if allow_query { query_token } else { None };
+    let parsed = target::parse(req.raw_path())?;
+    let query_token = if allow_query { parsed.query_token } else { None };
     let presented = match (header, query_token) {
         (Some(_), Some(_)) => return Err(MissingTokenReason::Ambiguous),
         (Some(t), None) => Presented::Token(t.to_owned()),
@@ -64,7 +47,7 @@ pub fn extract(req: &RequestHeader, allow_query: bool) -> Result<Extracted, Miss
     };
     Ok(Extracted {
         presented,
-        rewritten_target,
+        query: parsed.query,
     })
 }
 
@@ -80,49 +63,12 @@ fn parse_bearer(value: &[u8]) -> Option<&str> {
 }
 
 /// RFC 6750 `b64token`: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
-fn valid_b64token(t: &str) -> bool {
+pub(crate) fn valid_b64token(t: &str) -> bool {
     let body = t.trim_end_matches('=');
     !body.is_empty()
         && body
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
-}
-
-/// Removes every `access_token` pair (returning its value) and every appservice parameter from
-/// the query, keeping the other pairs byte for byte.
-fn rewrite_query(
-    path: &str,
-    query: &str,
-) -> Result<(Option<String>, Option<String>), MissingTokenReason> {
-    let mut token = None;
-    let mut kept: Vec<&str> = Vec::new();
-    let mut removed = false;
-    for pair in query.split('&') {
-        let mut decoded = form_urlencoded::parse(pair.as_bytes());
-        match decoded.next() {
-            Some((k, v)) if k == "access_token" => {
-                if token.is_some() {
-                    return Err(MissingTokenReason::Ambiguous);
-                }
-                if v.is_empty() || !valid_b64token(&v) {
-                    return Err(MissingTokenReason::Malformed);
-                }
-                token = Some(v.into_owned());
-                removed = true;
-            }
-            Some((k, _)) if APPSERVICE_PARAMS.contains(&k.as_ref()) => removed = true,
-            _ => kept.push(pair),
-        }
-    }
-    if !removed {
-        return Ok((None, None));
-    }
-    let target = if kept.is_empty() {
-        path.to_owned()
-    } else {
-        format!("{path}?{}", kept.join("&"))
-    };
-    Ok((token, Some(target)))
 }
 
 #[cfg(test)]
@@ -135,6 +81,10 @@ mod tests {
             r.append_header("Authorization", *a).unwrap();
         }
         r
+    }
+
+    fn forwarded(target: &str, e: &Extracted) -> Option<String> {
+        target::upstream(target.as_bytes(), e.query.as_ref(), None)
     }
 
     #[test]
@@ -170,18 +120,19 @@ mod tests {
 
     #[test]
     fn query_token_is_taken_and_removed() {
-        let e = extract(&req("/s?since=1&access_token=tok&x=%20", &[]), true).unwrap();
+        let t = "/s?since=1&access_token=tok&x=%20";
+        let e = extract(&req(t, &[]), true).unwrap();
         assert_eq!(e.presented, Presented::Token("tok".into()));
-        assert_eq!(e.rewritten_target.as_deref(), Some("/s?since=1&x=%20"));
+        assert_eq!(forwarded(t, &e).as_deref(), Some("/s?since=1&x=+"));
         let e = extract(&req("/s?access_token=tok", &[]), true).unwrap();
-        assert_eq!(e.rewritten_target.as_deref(), Some("/s"));
+        assert_eq!(forwarded("/s?access_token=tok", &e).as_deref(), Some("/s"));
     }
 
     #[test]
     fn query_token_disabled_is_still_removed() {
         let e = extract(&req("/s?access_token=tok", &[]), false).unwrap();
         assert_eq!(e.presented, Presented::None);
-        assert_eq!(e.rewritten_target.as_deref(), Some("/s"));
+        assert_eq!(forwarded("/s?access_token=tok", &e).as_deref(), Some("/s"));
     }
 
     #[test]
@@ -200,29 +151,21 @@ mod tests {
     fn encoded_parameter_name_counts() {
         let e = extract(&req("/s?access%5Ftoken=tok", &[]), true).unwrap();
         assert_eq!(e.presented, Presented::Token("tok".into()));
-        assert_eq!(e.rewritten_target.as_deref(), Some("/s"));
+        assert_eq!(forwarded("/s?access%5Ftoken=tok", &e).as_deref(), Some("/s"));
     }
 
     #[test]
     fn appservice_parameters_are_removed() {
-        let e = extract(
-            &req("/s?user_id=%40bob%3Ax&since=1&device_id=D&org.matrix.msc3202.device_id=E&ts=1&user%5Fid=x", &[]),
-            true,
-        )
-        .unwrap();
+        let t = "/s?user_id=%40bob%3Ax&since=1&device_id=D&org.matrix.msc3202.device_id=E&ts=1&user%5Fid=x";
+        let e = extract(&req(t, &[]), true).unwrap();
         assert_eq!(e.presented, Presented::None);
-        assert_eq!(e.rewritten_target.as_deref(), Some("/s?since=1"));
+        assert_eq!(forwarded(t, &e).as_deref(), Some("/s?since=1"));
     }
 
     #[test]
     fn unrelated_query_untouched() {
         let e = extract(&req("/s?my_access_token_x=1", &[]), true).unwrap();
-        assert_eq!(
-            e,
-            Extracted {
-                presented: Presented::None,
-                rewritten_target: None
-            }
-        );
+        assert_eq!(e.presented, Presented::None);
+        assert_eq!(forwarded("/s?my_access_token_x=1", &e), None);
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::auth::identity::{build_identity, parse_scope};
+use crate::auth::identity::{build_identity, issuer_scoped, parse_scope};
 use crate::auth::jwt::{looks_like_jwt, unverified_issuer, JwtOutcome};
 use crate::auth::revocations::Selector;
 use crate::auth::{Identity, TokenHash, Verifier};
@@ -189,6 +189,7 @@ impl Notifier {
                 .inc();
         })?;
         self.end_session(
+            &event.issuer,
             event.sid.as_deref(),
             event.sub.as_deref(),
             Source::BackchannelLogout,
@@ -197,28 +198,37 @@ impl Notifier {
         .map_err(|_| LogoutRejection::Keys)
     }
 
-    /// Ends an OP session: by `sid` when given, else every session of `sub`.
+    /// Ends an OP session of `issuer`: by `sid` when given, else every session of `sub`.
+    /// Sessions and subjects are only unique per issuer: another issuer's are never touched.
     pub async fn end_session(
         &self,
+        issuer: &str,
         sid: Option<&str>,
         sub: Option<&str>,
         source: Source,
     ) -> Result<SignOut, GatewayError> {
-        let store = self.binder.store();
         let (purged, mut pairs) = if let Some(sid) = sid {
-            self.revoke(Selector::Session(sid.to_owned())).await?;
+            let key = issuer_scoped(issuer, sid);
+            self.revoke(Selector::Session(key.clone())).await?;
             let purged = self
                 .verifier
-                .purge_where(|i| i.session_id.as_deref() == Some(sid))
+                .purge_where(|i| i.session_key().as_deref() == Some(key.as_str()))
                 .await;
             let mut pairs = Self::pairs(&purged);
-            pairs.extend(store.session_devices(sid).await.unwrap_or_default());
+            pairs.extend(
+                self.binder
+                    .session_devices(issuer, sid)
+                    .await
+                    .unwrap_or_default(),
+            );
             (purged.len(), pairs)
         } else if let Some(sub) = sub {
-            self.revoke(Selector::Subject(sub.to_owned())).await?;
-            let purged = self.verifier.purge_where(|i| i.subject == sub).await;
+            let key = issuer_scoped(issuer, sub);
+            self.revoke(Selector::Subject(key.clone())).await?;
+            let purged = self.verifier.purge_where(|i| i.subject_key() == key).await;
             let mut pairs = Self::pairs(&purged);
-            if let Ok(Some(user)) = store.user_of_subject(sub).await {
+            if let Ok(Some(user)) = self.binder.user_of_subject(issuer, sub).await {
+                let store = self.binder.store();
                 for d in store.devices_of(&user).await.unwrap_or_default() {
                     pairs.insert((user.clone(), d));
                 }
@@ -276,9 +286,13 @@ impl Notifier {
                 self.verifier.purge_token_everywhere(&hash).await;
                 1
             }
-            Purge::Subject(sub) => {
-                self.revoke(Selector::Subject(sub.clone())).await?;
-                self.verifier.purge_where(|i| i.subject == sub).await.len()
+            Purge::Subject(issuer, sub) => {
+                let key = issuer_scoped(&issuer, &sub);
+                self.revoke(Selector::Subject(key.clone())).await?;
+                self.verifier
+                    .purge_where(|i| i.subject_key() == key)
+                    .await
+                    .len()
             }
             Purge::User(user) => {
                 self.revoke(Selector::User(user.clone())).await?;
@@ -340,6 +354,12 @@ impl Notifier {
             let issuer = self.verifier.jwt_issuers().get(&iss)?;
             if let JwtOutcome::Valid(claims, _) = issuer.validate(token).await {
                 let id = self.map_identity(&claims)?;
+                // Only the subject that owns the user ID may sign its devices out: another
+                // issuer's equal `sub` (or a token naming someone else's device) may not.
+                let owner = self.binder.user_of_subject(&id.issuer, &id.subject).await;
+                if owner.ok().flatten().as_deref() != Some(id.user_id.as_str()) {
+                    return None;
+                }
                 return Some(Learned {
                     user: id.user_id,
                     device: id.device_id,
@@ -369,8 +389,13 @@ impl Notifier {
                 None => true,
             };
             let sub = answer.sub.clone()?;
-            let store = self.binder.store();
-            let user = match store.user_of_subject(&sub).await.ok().flatten() {
+            let user = match self
+                .binder
+                .user_of_subject(&op.issuer().issuer, &sub)
+                .await
+                .ok()
+                .flatten()
+            {
                 Some(u) => u,
                 None => return None,
             };
@@ -412,8 +437,8 @@ struct Learned {
 pub enum Purge {
     /// One token (raw; hashed at once, never stored).
     Token(String),
-    /// Every identity of an OIDC subject.
-    Subject(String),
+    /// Every identity of an OIDC subject of an issuer: `(issuer, sub)`.
+    Subject(String, String),
     /// Every identity of a Matrix user.
     User(String),
 }

@@ -6,6 +6,7 @@
 //! and only reads the store on a miss.
 
 pub mod redis;
+pub mod seal;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -64,6 +65,12 @@ pub trait Store: Send + Sync + 'static {
         device_id: &str,
         record: &DeviceRecord,
     ) -> Result<(), StoreError>;
+    /// Every provisioned device (start-up re-sealing of device tokens after a key rotation).
+    async fn device_records(&self) -> Result<Vec<(String, String, DeviceRecord)>, StoreError>;
+    /// A gateway metadata value (e.g. the encryption key check).
+    async fn meta(&self, name: &str) -> Result<Option<String>, StoreError>;
+    /// Sets a gateway metadata value.
+    async fn put_meta(&self, name: &str, value: &str) -> Result<(), StoreError>;
     /// Forgets a device.
     async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<(), StoreError>;
     /// Device IDs provisioned for a user.

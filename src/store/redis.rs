@@ -315,6 +315,56 @@ const SEP: &str = "\u{1f}";
 
 #[async_trait]
 impl Store for RedisStore {
+    async fn device_records(&self) -> Result<Vec<(String, String, DeviceRecord)>, StoreError> {
+        let r = &self.redis;
+        let prefix = r.key(&["dev", ""]);
+        let mut cursor: u64 = 0;
+        let mut keys: Vec<String> = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = r
+                .q(redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("{prefix}*"))
+                    .arg("COUNT")
+                    .arg(500))
+                .await?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let mut out = Vec::new();
+        for key in keys {
+            let Some(user) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            let all: Vec<(String, String)> = r.q(redis::cmd("HGETALL").arg(&key)).await?;
+            for (device, token) in all {
+                out.push((
+                    user.to_owned(),
+                    device,
+                    DeviceRecord {
+                        upstream_token: (!token.is_empty()).then_some(token),
+                    },
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn meta(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let r = &self.redis;
+        r.q(redis::cmd("HGET").arg(r.key(&["meta"])).arg(name)).await
+    }
+
+    async fn put_meta(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        let r = &self.redis;
+        r.q::<()>(redis::cmd("HSET").arg(r.key(&["meta"])).arg(name).arg(value))
+            .await
+    }
+
     async fn device(
         &self,
         user_id: &str,

@@ -22,6 +22,10 @@ CREATE TABLE IF NOT EXISTS devices (
     created_at INTEGER NOT NULL DEFAULT (strftime('%s','now')),
     PRIMARY KEY (user_id, device_id)
 );
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tombstones (
     user_id TEXT PRIMARY KEY,
     at INTEGER NOT NULL DEFAULT (strftime('%s','now'))
@@ -104,6 +108,47 @@ fn restrict_permissions(_path: &Path) -> Result<(), StoreError> {
 
 #[async_trait]
 impl Store for SqliteStore {
+    async fn device_records(&self) -> Result<Vec<(String, String, DeviceRecord)>, StoreError> {
+        self.run(|c| {
+            let mut stmt = c.prepare("SELECT user_id, device_id, upstream_token FROM devices")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    DeviceRecord {
+                        upstream_token: r.get(2)?,
+                    },
+                ))
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn meta(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let name = name.to_owned();
+        self.run(move |c| {
+            c.query_row("SELECT value FROM meta WHERE name = ?1", params![name], |r| {
+                r.get(0)
+            })
+            .optional()
+        })
+        .await
+    }
+
+    async fn put_meta(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        let (name, value) = (name.to_owned(), value.to_owned());
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO meta (name, value) VALUES (?1, ?2) \
+                 ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                params![name, value],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
     async fn device(
         &self,
         user_id: &str,

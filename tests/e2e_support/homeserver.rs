@@ -209,6 +209,26 @@ rc_presence:
         }
     }
 
+    /// Who uploaded `media_id`, as the homeserver recorded it (read from its sqlite database).
+    pub fn media_owner(&self, media_id: &str) -> Option<String> {
+        let (db, sql) = match self.kind {
+            HsKind::Synapse => (
+                "homeserver.db",
+                "SELECT user_id FROM local_media_repository WHERE media_id = ?1",
+            ),
+            HsKind::Dendrite => (
+                "dendrite_mediaapi.db",
+                "SELECT user_id FROM mediaapi_media_repository WHERE media_id = ?1",
+            ),
+        };
+        let conn = rusqlite::Connection::open_with_flags(
+            self._dir.path().join(db),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("the homeserver's database");
+        conn.query_row(sql, [media_id], |r| r.get(0)).ok()
+    }
+
     /// The homeserver's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -13,6 +13,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// The gateway binary under test: this build's, or `E2E_GATEWAY_BIN` (to replay a suite against
+/// another build, e.g. the one before a security fix, and watch the attack tests fail there).
+pub fn gateway_bin() -> PathBuf {
+    std::env::var_os("E2E_GATEWAY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_matrix-oidc-gateway")))
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -233,7 +241,7 @@ impl GatewayProcess {
             .replace("{state_dir}", &dir.path().display().to_string());
         std::fs::write(&cfg, text).expect("write config");
         let log = dir.path().join("gateway.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_matrix-oidc-gateway"))
+        let mut child = Command::new(gateway_bin())
             .arg("--config")
             .arg(&cfg)
             .stdout(Stdio::null())
@@ -290,7 +298,7 @@ impl GatewayProcess {
             .append(true)
             .open(&self.log)
             .expect("log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_matrix-oidc-gateway"))
+        let mut child = Command::new(gateway_bin())
             .arg("--config")
             .arg(&cfg)
             .stdout(Stdio::null())

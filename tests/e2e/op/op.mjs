@@ -2,6 +2,7 @@
 // OpenID-certified) configured the way a Matrix deployment needs it.
 //
 //   node op.mjs --port 9400 [--host 127.0.0.1] [--issuer URL] [--gateway-secret S] [--bcl-uri URL]
+//               [--bcl-sub-only 1]
 //
 // - `gateway` is the confidential client the gateway introspects with (client_secret_basic);
 //   only it may call the introspection endpoint.
@@ -12,7 +13,9 @@
 //   `urn:matrix:homeserver:jwt` (RFC 9068 JWTs) grants the Matrix API scopes plus whatever
 //   device scopes the request named.
 // - With --bcl-uri, the e2e clients are registered for OIDC Back-Channel Logout at that URL
-//   (sessions required), and RP-initiated logout notifies it.
+//   (sessions required), and RP-initiated logout notifies it. With --bcl-sub-only the clients
+//   do not require sessions, so logout tokens name the subject alone (no `sid`), as some OPs
+//   send them.
 // - Prints one line `READY <issuer>` on stdout when it listens, then one line
 //   `REVOCATION <json of the parameters>` for every request to the revocation endpoint.
 // - Test set-up only: the SSRF guard is lifted (a `fetch` that drops the dispatcher) so the OP
@@ -29,6 +32,7 @@ const issuer = args.issuer || `http://${host}:${port}`;
 const gatewaySecret = args['gateway-secret'] || 'gateway-secret';
 const redirect = 'http://127.0.0.1/callback';
 const bclUri = args['bcl-uri'];
+const bclSessionRequired = !args['bcl-sub-only'];
 
 const API_SCOPES = [
   'urn:matrix:client:api:*',
@@ -68,7 +72,7 @@ const provider = new Provider(issuer, {
       grant_types: ['authorization_code', 'refresh_token'],
       response_types: ['code'],
       redirect_uris: [redirect],
-      ...(bclUri ? { backchannel_logout_uri: bclUri, backchannel_logout_session_required: true } : {}),
+      ...(bclUri ? { backchannel_logout_uri: bclUri, backchannel_logout_session_required: bclSessionRequired } : {}),
     })),
   ],
   jwks: { keys: [signingKey] },
