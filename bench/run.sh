@@ -94,6 +94,7 @@ url = "http://127.0.0.1:$UP"
 server_name = "example.org"
 [store]
 path = "$work/state.sqlite3"
+encryption_key = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
 [[issuers]]
 issuer = "http://127.0.0.1:$OP/"
 introspection_endpoint = "http://127.0.0.1:$OP/introspect"

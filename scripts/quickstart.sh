@@ -38,6 +38,9 @@ wait_port() {
 }
 
 as_token=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+# The key that seals the upstream device tokens at rest (store.encryption_key_file).
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/store.key"
+chmod 600 "$work/store.key"
 echo "== starting the OpenID Provider (oidc-provider) on :$OP_PORT"
 (cd tests/e2e/op && exec node op.mjs --port "$OP_PORT") >"$work/op.log" 2>&1 &
 pids+=($!)
@@ -63,6 +66,7 @@ as_token = "$as_token"
 
 [store]
 path = "$PWD/$work/state.sqlite3"
+encryption_key_file = "$PWD/$work/store.key"
 
 [discovery]
 public_base_url = "http://127.0.0.1:$GW_PORT"

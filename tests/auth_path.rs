@@ -573,7 +573,11 @@ async fn spoofed_identity_headers_never_reach_the_homeserver() {
             .header("X-Matrix-Scope", "urn:matrix:client:api:*")
             .header("X-Matrix-Guest", "false")
             .header("X-OIDC-Subject", "mallory")
-            .header("X-Matrix-Identity-Signature", "t=1,v1=00");
+            .header("X-Matrix-Identity-Signature", "t=1,v1=00")
+            // Spellings that CGI/WSGI and nginx's underscores_in_headers merge with the above.
+            .header("X_Matrix_User_Id", "@mallory3:example.org")
+            .header("x-matrix_device-id", "EVIL")
+            .header("X_OIDC_SUBJECT", "mallory");
         if let Some(t) = token {
             r = r.bearer_auth(t);
         }
@@ -592,6 +596,8 @@ async fn spoofed_identity_headers_never_reach_the_homeserver() {
             .unwrap_or_default()
             .contains("mallory"));
         assert!(h.get("x-matrix-identity-signature").is_none(), "{p}");
+        let underscored: Vec<&String> = h.keys().filter(|k| k.contains('_')).collect();
+        assert!(underscored.is_empty(), "{p}: {underscored:?} reached the homeserver");
         if token.is_none() {
             assert!(h.get("x-matrix-user-id").is_none(), "{p}");
             assert!(h.get("x-matrix-scope").is_none(), "{p}");
@@ -626,6 +632,7 @@ async fn identity_signature_is_added_with_a_secret() {
         device_id: Some("D1".into()),
         scope: full_scope("D1"),
         access: matrix_oidc_gateway::auth::Access::Full,
+        issuer: String::new(),
         subject: "sub-alice".into(),
         session_id: None,
         expires_at_ms: None,

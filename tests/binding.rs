@@ -150,9 +150,10 @@ async fn appservice_masquerade_creates_the_device_and_asserts_identity() {
             echo["headers"]["authorization"],
             json!([format!("Bearer {AS}")])
         );
+        // The gateway's own assertion comes first and is the only one.
         assert_eq!(
             echo["query"],
-            "since=s1&user_id=%40alice%3Aexample.org&device_id=ALICEDEV01"
+            "user_id=%40alice%3Aexample.org&device_id=ALICEDEV01&since=s1"
         );
     }
 }
@@ -507,4 +508,89 @@ async fn discovery_documents() {
             "org.matrix.msc2965.authentication": {"issuer": issuer, "account": "https://op.example/account"}
         })
     );
+}
+
+/// `cfg` on fresh listener ports (a restarted gateway next to the stopped one).
+fn on_fresh_ports(cfg: &str) -> String {
+    cfg.lines()
+        .map(|l| {
+            if l.starts_with("public = ") {
+                format!("public = \"127.0.0.1:{}\"", free_port())
+            } else if l.starts_with("admin = ") {
+                format!("admin = \"127.0.0.1:{}\"", free_port())
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Every byte the gateway keeps on disk (database, WAL and shared-memory files).
+fn state_bytes(dir: &std::path::Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.path().is_file() {
+            all.extend(std::fs::read(e.path()).unwrap_or_default());
+        }
+    }
+    all
+}
+
+#[tokio::test]
+async fn device_tokens_are_sealed_at_rest_and_rotate_without_a_new_login() {
+    const KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+    const NEW: &str = "a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebfc0";
+    let f = Fakes::start().await;
+    f.introspection("t", active("alice", &full_scope("D1")), 3)
+        .await;
+    mount_register(&f.hs, 1).await;
+    // One login for the whole test: neither a restart nor a key rotation logs the device in again.
+    mount_login(&f.hs, "D1", "the-upstream-device-token", 1).await;
+    let cfg = f.config_hs(&hs_cfg("dendrite", "appservice_login"), "");
+    assert!(cfg.contains(KEY), "the harness seals with KEY");
+    let auth_of = |echo: Value| echo["headers"]["authorization"].clone();
+    {
+        let gw = spawn(&cfg).await;
+        let echo: Value = get(&gw, SYNC, "t").await.json().await.unwrap();
+        assert_eq!(auth_of(echo), json!(["Bearer the-upstream-device-token"]));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let on_disk = state_bytes(f.state.path());
+    assert!(!on_disk.is_empty());
+    assert!(
+        !on_disk
+            .windows(b"the-upstream-device-token".len())
+            .any(|w| w == b"the-upstream-device-token"),
+        "the upstream device token is stored in the clear"
+    );
+
+    // A copied store under another key: the gateway refuses to start and says why.
+    let wrong = on_fresh_ports(&cfg.replace(KEY, NEW));
+    let loaded = matrix_oidc_gateway::config::load_str(&wrong).unwrap();
+    let clock = matrix_oidc_gateway::clock::OffsetClock::new();
+    let err = match matrix_oidc_gateway::server::build(loaded.config, std::sync::Arc::new(clock)) {
+        Ok(_) => panic!("a gateway with the wrong store key started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.starts_with("store.encryption_key:") && err.contains("sealed with key"),
+        "{err}"
+    );
+
+    // Rotation: the new key seals, the old one still opens; the device keeps its token.
+    let rotating = on_fresh_ports(&cfg.replace(
+        &format!("encryption_key = \"{KEY}\""),
+        &format!("encryption_key = \"{NEW}\"\nprevious_encryption_key = \"{KEY}\""),
+    ));
+    {
+        let gw = spawn(&rotating).await;
+        let echo: Value = get(&gw, SYNC, "t").await.json().await.unwrap();
+        assert_eq!(auth_of(echo), json!(["Bearer the-upstream-device-token"]));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The old key retired: everything was sealed again at the rotating start-up.
+    let gw = spawn(&wrong).await;
+    let echo: Value = get(&gw, SYNC, "t").await.json().await.unwrap();
+    assert_eq!(auth_of(echo), json!(["Bearer the-upstream-device-token"]));
 }

@@ -81,7 +81,14 @@ fn every_deployed_gateway_config_passes_check_config() {
     // Compose: its AS token file is the example next to it.
     let compose = std::fs::read_to_string(root().join("deploy/compose/gateway.toml")).unwrap();
     let as_token = root().join("deploy/compose/as_token.example");
-    check_config(&compose, &[("HOMESERVER__AS_TOKEN_FILE", &as_token)]);
+    let store_key = root().join("deploy/compose/store_key.example");
+    check_config(
+        &compose,
+        &[
+            ("HOMESERVER__AS_TOKEN_FILE", &as_token),
+            ("STORE__ENCRYPTION_KEY_FILE", &store_key),
+        ],
+    );
     // Kubernetes: the TOML inside the ConfigMap, secrets pointed at a scratch file.
     let cm = std::fs::read_to_string(root().join("deploy/kubernetes/configmap.yaml")).unwrap();
     let toml: String = cm
@@ -99,6 +106,7 @@ fn every_deployed_gateway_config_passes_check_config() {
             ("REDIS__PASSWORD_FILE", &secret),
             ("ISSUERS__0__CLIENT_SECRET_FILE", &secret),
             ("ADMIN__TOKEN_FILE", &secret),
+            ("STORE__ENCRYPTION_KEY_FILE", &store_key),
         ],
     );
 }

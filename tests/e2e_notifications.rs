@@ -41,6 +41,7 @@ as_token = "{AS_TOKEN}"
 
 [store]
 path = "{{state_dir}}/state.sqlite3"
+encryption_key = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
 [discovery]
 public_base_url = "http://127.0.0.1:{port}"

@@ -62,7 +62,7 @@ async fn prometheus_scrapes_and_every_dashboard_query_evaluates() {
     let gw = GatewayProcess::start(&format!(
         "[listen]\npublic = \"127.0.0.1:{{port}}\"\nadmin = \"127.0.0.1:{{admin_port}}\"\n\
          [homeserver]\nurl = \"{}\"\nserver_name = \"localhost\"\n\
-         [store]\npath = \"{{state_dir}}/state.sqlite3\"\n\
+         [store]\npath = \"{{state_dir}}/state.sqlite3\"\nencryption_key = \"0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0\"\n\
          [[issuers]]\nissuer = \"{}\"\nclient_id = \"gateway\"\nclient_secret = \"gateway-secret\"\n",
         hs.uri(),
         op.issuer

@@ -28,6 +28,7 @@ as_token = "{AS_TOKEN}"
 
 [store]
 backend = "redis"
+encryption_key = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
 [redis]
 urls = ["{redis}"]

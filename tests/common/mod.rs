@@ -112,6 +112,7 @@ server_name = "example.org"
 
 [store]
 path = "{state}/state.sqlite3"
+encryption_key = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
 [[issuers]]
 issuer = "{op}/"
