@@ -26,12 +26,14 @@ fn main() {
     let before = rss_kib();
     let cache = IdentityCache::new(n + 1);
     rt.block_on(async {
+        let issuer: Arc<str> = Arc::from("https://auth.example.org/");
         for i in 0..n {
             let identity = Identity {
                 user_id: format!("@user{i}:example.org"),
                 device_id: Some(format!("DEV{i:07}")),
                 scope: format!("urn:matrix:client:api:* urn:matrix:client:device:DEV{i:07}"),
                 access: Access::Full,
+                issuer: issuer.clone(),
                 subject: format!("7b2c9e1a-{i:012}"),
                 session_id: Some(format!("sid-{i:016}")),
                 expires_at_ms: Some(u64::MAX / 2),

@@ -231,7 +231,10 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
         None => {}
         Some(Ok(r)) => {
             if r.resealed > 0 {
-                tracing::info!(tokens = r.resealed, "device tokens sealed under the current store key");
+                tracing::info!(
+                    tokens = r.resealed,
+                    "device tokens sealed under the current store key"
+                );
             }
         }
         Some(Err(KeyCheckError::Store(e))) if shared => {

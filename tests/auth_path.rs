@@ -597,7 +597,10 @@ async fn spoofed_identity_headers_never_reach_the_homeserver() {
             .contains("mallory"));
         assert!(h.get("x-matrix-identity-signature").is_none(), "{p}");
         let underscored: Vec<&String> = h.keys().filter(|k| k.contains('_')).collect();
-        assert!(underscored.is_empty(), "{p}: {underscored:?} reached the homeserver");
+        assert!(
+            underscored.is_empty(),
+            "{p}: {underscored:?} reached the homeserver"
+        );
         if token.is_none() {
             assert!(h.get("x-matrix-user-id").is_none(), "{p}");
             assert!(h.get("x-matrix-scope").is_none(), "{p}");
@@ -632,7 +635,7 @@ async fn identity_signature_is_added_with_a_secret() {
         device_id: Some("D1".into()),
         scope: full_scope("D1"),
         access: matrix_oidc_gateway::auth::Access::Full,
-        issuer: String::new(),
+        issuer: "https://op.example.org/".into(),
         subject: "sub-alice".into(),
         session_id: None,
         expires_at_ms: None,

@@ -11,6 +11,8 @@ use e2e_support::homeserver::{Homeserver, HsKind, AS_TOKEN};
 use e2e_support::{GatewayProcess, Op};
 use serde_json::{json, Value};
 
+const STORE_KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
 struct Stack {
     op: Op,
     hs: Homeserver,
@@ -35,7 +37,7 @@ as_token = "{AS_TOKEN}"
 
 [store]
 path = "{{state_dir}}/state.sqlite3"
-encryption_key = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
+encryption_key = "{STORE_KEY}"
 
 [discovery]
 public_base_url = "https://matrix.localhost"
@@ -404,14 +406,7 @@ async fn scenario(kind: HsKind, binding: &str) {
     // 401 that would log alice out), and the one after works on a freshly provisioned device.
     match binding {
         "appservice_login" => {
-            let upstream_token: String = rusqlite::Connection::open(s.gw.state_db())
-                .unwrap()
-                .query_row(
-                    "SELECT upstream_token FROM devices WHERE user_id = '@alice:localhost' AND device_id = 'ALICEDEV01'",
-                    [],
-                    |r| r.get(0),
-                )
-                .expect("alice's binding in the gateway's store");
+            let upstream_token = stored_device_token(&s, "@alice:localhost", "ALICEDEV01").await;
             let r = reqwest::Client::new()
                 .post(format!("{}/_matrix/client/v3/logout", s.hs.url))
                 .bearer_auth(&upstream_token)
@@ -454,6 +449,40 @@ async fn scenario(kind: HsKind, binding: &str) {
         "the AS token leaked into the gateway log"
     );
     assert!(!s.gw.logs().contains(&alice_tok.access_token));
+}
+
+/// The upstream token the gateway keeps for (user, device): sealed in its store (checked here:
+/// the stored form is no homeserver credential), opened with the configured key.
+async fn stored_device_token(s: &Stack, user: &str, device: &str) -> String {
+    use matrix_oidc_gateway::store::seal::{device_context, parse_key, Sealer};
+    let sealed: String = rusqlite::Connection::open(s.gw.state_db())
+        .unwrap()
+        .query_row(
+            "SELECT upstream_token FROM devices WHERE user_id = ?1 AND device_id = ?2",
+            [user, device],
+            |r| r.get(0),
+        )
+        .expect("the binding in the gateway's store");
+    assert!(
+        sealed.starts_with("mog1:"),
+        "device token stored in the clear"
+    );
+    let r = reqwest::Client::new()
+        .get(format!("{}/_matrix/client/v3/account/whoami", s.hs.url))
+        .bearer_auth(&sealed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        401,
+        "the sealed form works as a homeserver token"
+    );
+    let sealer = Sealer::new(&parse_key(STORE_KEY).unwrap(), None).unwrap();
+    sealer
+        .open(&sealed, &device_context(user, device))
+        .expect("opens with store.encryption_key")
+        .plaintext
 }
 
 /// (registrations, appservice logins, device creations) the homeserver processed so far.
@@ -566,4 +595,114 @@ async fn synapse_appservice_login() {
 #[tokio::test]
 async fn dendrite_appservice_login() {
     scenario(HsKind::Dendrite, "appservice_login").await;
+}
+
+/// An existing masquerade deployment: an explicit `appservice_masquerade` configuration keeps
+/// working across an upgrade with the same store; dropping the `binding` line (the new
+/// per-device default) moves every device to its own upstream token under the same device ID,
+/// keeping its keys, with no new device.
+#[tokio::test]
+async fn masquerade_store_moves_to_appservice_login() {
+    let mut s = start(HsKind::Synapse, "appservice_masquerade");
+    let tok = s.op.mint(
+        "alice",
+        "urn:matrix:client:api:* urn:matrix:client:device:ALICEDEV01",
+    );
+    let alice = Client::new(&s, &tok.access_token);
+    assert_eq!(whoami(&alice).await["device_id"], "ALICEDEV01");
+    let device_keys = json!({
+        "user_id": "@alice:localhost",
+        "device_id": "ALICEDEV01",
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {"curve25519:ALICEDEV01": "3C5BFWi2Y8MaVvjM8M22DBmh24PmgR0nPvJOIArzgyI",
+                 "ed25519:ALICEDEV01": "lEuiRJBit0IG6nUf5pUzWTUEsRVVe/HJkoKuEww9ULI"},
+        "signatures": {"@alice:localhost": {"ed25519:ALICEDEV01": "dSO80A01XiigH3uBiDVx/EjzaoycHcjq9lfQX0uWsqxl2giMIiSPR8a4d291W1ihKJL/a+myXS367WT6NAIcBA"}}
+    });
+    let (status, up) = alice
+        .post(
+            "/_matrix/client/v3/keys/upload",
+            json!({"device_keys": device_keys}),
+        )
+        .await;
+    assert_eq!(status, 200, "{up}");
+    assert_eq!(
+        s.hs.requests("POST", "/_matrix/client/v3/login"),
+        0,
+        "masquerade logs nothing in"
+    );
+
+    // Upgrade with the configuration unchanged: still masquerade, nothing logged in.
+    s.gw.restart();
+    // (a new client each time: the old one's pooled connections died with the process)
+    let alice = Client::new(&s, &tok.access_token);
+    assert_eq!(whoami(&alice).await["device_id"], "ALICEDEV01");
+    assert_eq!(s.hs.requests("POST", "/_matrix/client/v3/login"), 0);
+
+    // The operator removes the binding line: the default, per-device credentials.
+    s.gw.edit_config(|cfg| {
+        cfg.lines()
+            .filter(|l| !l.starts_with("binding = "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    s.gw.restart();
+    let alice = Client::new(&s, &tok.access_token);
+    let me = whoami(&alice).await;
+    assert_eq!(
+        (me["user_id"].as_str(), me["device_id"].as_str()),
+        (Some("@alice:localhost"), Some("ALICEDEV01"))
+    );
+    assert_eq!(
+        s.hs.requests("POST", "/_matrix/client/v3/login"),
+        1,
+        "one appservice login for the existing device"
+    );
+    let devices = devices_of(&s, "@alice:localhost").await;
+    assert_eq!(devices, vec!["ALICEDEV01".to_owned()], "no new device");
+    let (status, q) = alice
+        .post(
+            "/_matrix/client/v3/keys/query",
+            json!({"device_keys": {"@alice:localhost": []}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        q["device_keys"]["@alice:localhost"]["ALICEDEV01"]["keys"].is_object(),
+        "the device's keys survived: {q}"
+    );
+    // Requests now carry the device's own token, sealed in the store.
+    let token = stored_device_token(&s, "@alice:localhost", "ALICEDEV01").await;
+    let r = reqwest::Client::new()
+        .get(format!("{}/_matrix/client/v3/account/whoami", s.hs.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let direct: Value = r.json().await.unwrap();
+    assert_eq!(direct["device_id"], "ALICEDEV01", "{direct}");
+}
+
+/// The device IDs the homeserver lists for `user` (asked with the AS token, directly).
+async fn devices_of(s: &Stack, user: &str) -> Vec<String> {
+    let v: Value = reqwest::Client::new()
+        .get(format!(
+            "{}/_matrix/client/v3/devices?user_id={}",
+            s.hs.url,
+            enc(user)
+        ))
+        .bearer_auth(AS_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = v["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["device_id"].as_str().map(str::to_owned))
+        .collect();
+    ids.sort();
+    ids
 }

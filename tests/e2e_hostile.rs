@@ -129,7 +129,13 @@ impl Client {
     }
 
     /// Sends `target` as written (reqwest keeps `;`, `%XX` and empty segments of a query).
-    async fn send(&self, method: Method, target: &str, ctype: Option<&str>, body: Option<String>) -> Answer {
+    async fn send(
+        &self,
+        method: Method,
+        target: &str,
+        ctype: Option<&str>,
+        body: Option<String>,
+    ) -> Answer {
         let mut req = self
             .http
             .request(method, format!("{}{target}", self.base))
@@ -150,8 +156,13 @@ impl Client {
     }
 
     async fn json(&self, method: Method, target: &str, body: Value) -> Answer {
-        self.send(method, target, Some("application/json"), Some(body.to_string()))
-            .await
+        self.send(
+            method,
+            target,
+            Some("application/json"),
+            Some(body.to_string()),
+        )
+        .await
     }
 }
 
@@ -177,7 +188,11 @@ impl Findings {
 /// Devices of `user` as the homeserver lists them (asked with the AS token, directly).
 async fn devices_at_homeserver(hs: &Homeserver, user: &str) -> Vec<String> {
     let v: Value = reqwest::Client::new()
-        .get(format!("{}/_matrix/client/v3/devices?user_id={}", hs.url, enc(user)))
+        .get(format!(
+            "{}/_matrix/client/v3/devices?user_id={}",
+            hs.url,
+            enc(user)
+        ))
         .bearer_auth(AS_TOKEN)
         .send()
         .await
@@ -213,24 +228,40 @@ async fn hostile_suite(kind: HsKind, binding: &str) {
     let guest = Client::new(
         &s,
         &s.op
-            .mint("visitor", "urn:matrix:client:api:guest urn:matrix:client:device:GUESTDEV01")
+            .mint(
+                "visitor",
+                "urn:matrix:client:api:guest urn:matrix:client:device:GUESTDEV01",
+            )
             .access_token,
     );
     let me = format!("{ATTACKER}|{ATTACKER_DEV}");
-    assert_eq!(who(&alice.get("/_matrix/client/v3/account/whoami").await), format!("{VICTIM}|{VICTIM_DEV}"));
-    assert_eq!(who(&mallory.get("/_matrix/client/v3/account/whoami").await), me);
+    assert_eq!(
+        who(&alice.get("/_matrix/client/v3/account/whoami").await),
+        format!("{VICTIM}|{VICTIM_DEV}")
+    );
+    assert_eq!(
+        who(&mallory.get("/_matrix/client/v3/account/whoami").await),
+        me
+    );
     assert_eq!(guest.get("/_matrix/client/v3/sync?timeout=0").await.0, 200);
 
     // The victim's private room, with a message in it; nobody else is a member.
     let (status, room) = alice
-        .json(Method::POST, "/_matrix/client/v3/createRoom", json!({"preset": "private_chat", "name": "alice only"}))
+        .json(
+            Method::POST,
+            "/_matrix/client/v3/createRoom",
+            json!({"preset": "private_chat", "name": "alice only"}),
+        )
         .await;
     assert_eq!(status, 200, "createRoom: {room}");
     let room_id = room["room_id"].as_str().expect("room_id").to_owned();
     let (status, _) = alice
         .json(
             Method::PUT,
-            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/t1", enc(&room_id)),
+            &format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.message/t1",
+                enc(&room_id)
+            ),
             json!({"msgtype": "m.text", "body": "secret"}),
         )
         .await;
@@ -251,8 +282,14 @@ async fn hostile_suite(kind: HsKind, binding: &str) {
         "x=1&;user_id=@alice:localhost",
     ];
     for q in smuggled {
-        let a = mallory.get(&format!("/_matrix/client/v3/account/whoami?{q}")).await;
-        f.check(&format!("whoami?{q}"), a.0 == 200 && who(&a) == me, format!("{} {}", a.0, a.1));
+        let a = mallory
+            .get(&format!("/_matrix/client/v3/account/whoami?{q}"))
+            .await;
+        f.check(
+            &format!("whoami?{q}"),
+            a.0 == 200 && who(&a) == me,
+            format!("{} {}", a.0, a.1),
+        );
     }
 
     // 2. A guest smuggling the victim's user ID into /sync must not see the victim's room.
@@ -263,31 +300,55 @@ async fn hostile_suite(kind: HsKind, binding: &str) {
     ] {
         let a = guest.get(&format!("/_matrix/client/v3/sync?{q}")).await;
         let leaked = a.1["rooms"]["join"].get(&room_id).is_some();
-        f.check(&format!("guest sync?{q}"), !leaked, format!("{} saw the victim's room", a.0));
+        f.check(
+            &format!("guest sync?{q}"),
+            !leaked,
+            format!("{} saw the victim's room", a.0),
+        );
     }
 
     // 3. Form and multipart bodies (Twisted merges form arguments over the query; Synapse
     //    parses the body as JSON whatever its type): no filter or pusher appears for alice.
     let smuggle = "&user_id=@alice:localhost&device_id=ALICEDEV01&";
-    let filter_body = json!({"room": {"timeline": {"limit": 1}}, "account_data": {"not_types": [smuggle]}}).to_string();
+    let filter_body =
+        json!({"room": {"timeline": {"limit": 1}}, "account_data": {"not_types": [smuggle]}})
+            .to_string();
     let filter_path = format!("/_matrix/client/v3/user/{}/filter", enc(VICTIM));
     let multipart = "multipart/form-data; boundary=XyZ";
     let multipart_body = format!(
         "--XyZ\r\nContent-Disposition: form-data; name=\"user_id\"\r\n\r\n{VICTIM}\r\n--XyZ\r\nContent-Disposition: form-data; name=\"device_id\"\r\n\r\n{VICTIM_DEV}\r\n--XyZ--\r\n"
     );
     let cases: [(&str, &str, String); 4] = [
-        ("form filter", "application/x-www-form-urlencoded", filter_body.clone()),
-        ("FORM filter", "Application/X-WWW-Form-Urlencoded; charset=utf-8", filter_body.clone()),
+        (
+            "form filter",
+            "application/x-www-form-urlencoded",
+            filter_body.clone(),
+        ),
+        (
+            "FORM filter",
+            "Application/X-WWW-Form-Urlencoded; charset=utf-8",
+            filter_body.clone(),
+        ),
         ("multipart filter", multipart, multipart_body.clone()),
-        ("json filter (control)", "application/json", filter_body.clone()),
+        (
+            "json filter (control)",
+            "application/json",
+            filter_body.clone(),
+        ),
     ];
     for (case, ctype, body) in cases {
-        let a = mallory.send(Method::POST, &filter_path, Some(ctype), Some(body)).await;
+        let a = mallory
+            .send(Method::POST, &filter_path, Some(ctype), Some(body))
+            .await;
         let created_for_alice = match a.1["filter_id"].as_str() {
             Some(id) => alice.get(&format!("{filter_path}/{}", enc(id))).await.0 == 200,
             None => false,
         };
-        f.check(case, !created_for_alice, format!("{} {}: alice now has this filter", a.0, a.1));
+        f.check(
+            case,
+            !created_for_alice,
+            format!("{} {}: alice now has this filter", a.0, a.1),
+        );
     }
     let pusher = json!({
         "pushkey": "mallory-pushkey", "kind": "http", "app_id": "evil.app", "app_display_name": "e",
@@ -295,41 +356,88 @@ async fn hostile_suite(kind: HsKind, binding: &str) {
         "data": {"url": "https://push.example.org/_matrix/push/v1/notify", "x": smuggle},
     })
     .to_string();
-    for (case, ctype) in [("form pushers/set", "application/x-www-form-urlencoded"), ("multipart pushers/set", multipart)] {
-        let body = if ctype == multipart { multipart_body.clone() } else { pusher.clone() };
+    for (case, ctype) in [
+        ("form pushers/set", "application/x-www-form-urlencoded"),
+        ("multipart pushers/set", multipart),
+    ] {
+        let body = if ctype == multipart {
+            multipart_body.clone()
+        } else {
+            pusher.clone()
+        };
         let count = || async {
             let (_, pushers) = alice.get("/_matrix/client/v3/pushers").await;
             pushers["pushers"].as_array().map_or(0, Vec::len)
         };
         let before = count().await;
-        let a = mallory.send(Method::POST, "/_matrix/client/v3/pushers/set", Some(ctype), Some(body)).await;
+        let a = mallory
+            .send(
+                Method::POST,
+                "/_matrix/client/v3/pushers/set",
+                Some(ctype),
+                Some(body),
+            )
+            .await;
         let after = count().await;
-        f.check(case, after == before, format!("{} {}: alice has {after} pusher(s), had {before}", a.0, a.1));
+        f.check(
+            case,
+            after == before,
+            format!("{} {}: alice has {after} pusher(s), had {before}", a.0, a.1),
+        );
     }
 
     // 4. Appservice-only parameters: `ts` (timestamp massaging), `user_id` on media.
     let (_, mroom) = mallory
-        .json(Method::POST, "/_matrix/client/v3/createRoom", json!({"preset": "private_chat"}))
+        .json(
+            Method::POST,
+            "/_matrix/client/v3/createRoom",
+            json!({"preset": "private_chat"}),
+        )
         .await;
-    let mroom = mroom["room_id"].as_str().expect("mallory's room").to_owned();
-    for (i, q) in ["ts=1000", "x=1;ts=1000", "TS=1000", "%74s=1000"].iter().enumerate() {
+    let mroom = mroom["room_id"]
+        .as_str()
+        .expect("mallory's room")
+        .to_owned();
+    for (i, q) in ["ts=1000", "x=1;ts=1000", "TS=1000", "%74s=1000"]
+        .iter()
+        .enumerate()
+    {
         let (_, sent) = mallory
             .json(
                 Method::PUT,
-                &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/ts{i}?{q}", enc(&mroom)),
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/send/m.room.message/ts{i}?{q}",
+                    enc(&mroom)
+                ),
                 json!({"msgtype": "m.text", "body": "when?"}),
             )
             .await;
         let ev = sent["event_id"].as_str().unwrap_or_default();
         let (_, event) = mallory
-            .get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&mroom), enc(ev)))
+            .get(&format!(
+                "/_matrix/client/v3/rooms/{}/event/{}",
+                enc(&mroom),
+                enc(ev)
+            ))
             .await;
         let ts = event["origin_server_ts"].as_u64().unwrap_or(0);
-        f.check(&format!("send?{q}"), ts > 1_000_000, format!("origin_server_ts = {ts}"));
+        f.check(
+            &format!("send?{q}"),
+            ts > 1_000_000,
+            format!("origin_server_ts = {ts}"),
+        );
     }
-    for q in ["user_id=%40alice%3Alocalhost", "x=1;user_id=@alice:localhost"] {
+    for q in [
+        "user_id=%40alice%3Alocalhost",
+        "x=1;user_id=@alice:localhost",
+    ] {
         let (status, up) = mallory
-            .send(Method::POST, &format!("/_matrix/media/v3/upload?filename=a.txt&{q}"), Some("text/plain"), Some("hello".into()))
+            .send(
+                Method::POST,
+                &format!("/_matrix/media/v3/upload?filename=a.txt&{q}"),
+                Some("text/plain"),
+                Some("hello".into()),
+            )
             .await;
         let owner = match up["content_uri"].as_str() {
             Some(uri) => s.hs.media_owner(uri.rsplit('/').next().unwrap_or_default()),
@@ -344,22 +452,44 @@ async fn hostile_suite(kind: HsKind, binding: &str) {
 
     // 5. Membership-gated reads of a room mallory is not in.
     let a = mallory
-        .get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room_id)))
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{}/joined_members",
+            enc(&room_id)
+        ))
         .await;
     let leaked = a.1["joined"].get(VICTIM).is_some();
-    f.check("joined_members of alice's room", !leaked, format!("{} {}", a.0, a.1));
+    f.check(
+        "joined_members of alice's room",
+        !leaked,
+        format!("{} {}", a.0, a.1),
+    );
     let a = mallory
-        .get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=10", enc(&room_id)))
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=10",
+            enc(&room_id)
+        ))
         .await;
-    f.check("messages of alice's room", !a.1.to_string().contains("secret"), format!("{} {}", a.0, a.1));
+    f.check(
+        "messages of alice's room",
+        !a.1.to_string().contains("secret"),
+        format!("{} {}", a.0, a.1),
+    );
 
     // 6. Appservice-only and OP-owned endpoints in other spellings: mallory's own session and
     //    devices survive them, and no appservice power is lent.
     let before = devices_at_homeserver(&s.hs, ATTACKER).await;
     let (_, ping) = mallory
-        .json(Method::POST, "/_matrix/client/v1/appservice/matrix-oidc-gateway/ping", json!({}))
+        .json(
+            Method::POST,
+            "/_matrix/client/v1/appservice/matrix-oidc-gateway/ping",
+            json!({}),
+        )
         .await;
-    f.check("appservice ping", ping.get("duration_ms").is_none(), format!("{ping}"));
+    f.check(
+        "appservice ping",
+        ping.get("duration_ms").is_none(),
+        format!("{ping}"),
+    );
     for target in [
         "/_matrix/client/v3/logout",
         "/_matrix/client/r0/logout",
@@ -376,7 +506,9 @@ async fn hostile_suite(kind: HsKind, binding: &str) {
         "/_matrix/client/unstable/delete_devices",
     ] {
         let body = json!({"devices": [ATTACKER_DEV], "erase": false}).to_string();
-        let a = mallory.send(Method::POST, target, Some("application/json"), Some(body)).await;
+        let a = mallory
+            .send(Method::POST, target, Some("application/json"), Some(body))
+            .await;
         let (_, me_now) = mallory.get("/_matrix/client/v3/account/whoami").await;
         f.check(
             &format!("POST {target}"),
@@ -389,19 +521,41 @@ async fn hostile_suite(kind: HsKind, binding: &str) {
         "/_matrix/client/r0/devices/MALLORYDEV",
         "/_matrix/client/unstable/devices/MALLORYDEV",
     ] {
-        let a = mallory.send(Method::DELETE, target, Some("application/json"), Some("{}".into())).await;
-        f.check(&format!("DELETE {target}"), a.0 >= 400, format!("{} {}", a.0, a.1));
+        let a = mallory
+            .send(
+                Method::DELETE,
+                target,
+                Some("application/json"),
+                Some("{}".into()),
+            )
+            .await;
+        f.check(
+            &format!("DELETE {target}"),
+            a.0 >= 400,
+            format!("{} {}", a.0, a.1),
+        );
     }
     let after = devices_at_homeserver(&s.hs, ATTACKER).await;
-    f.check("mallory's devices unchanged", before == after, format!("{before:?} -> {after:?}"));
+    f.check(
+        "mallory's devices unchanged",
+        before == after,
+        format!("{before:?} -> {after:?}"),
+    );
     f.check(
         "alice's device unchanged",
-        devices_at_homeserver(&s.hs, VICTIM).await.contains(&VICTIM_DEV.to_owned()),
+        devices_at_homeserver(&s.hs, VICTIM)
+            .await
+            .contains(&VICTIM_DEV.to_owned()),
         "alice's device is gone",
     );
 
     // 7. Two issuers colliding on `sub`: issuer B's "alice" is not issuer A's alice.
-    let b_alice = s.op_b.mint_with("alice", &full("BALICEDEV1"), "urn:matrix:homeserver:jwt", "e2e-client");
+    let b_alice = s.op_b.mint_with(
+        "alice",
+        &full("BALICEDEV1"),
+        "urn:matrix:homeserver:jwt",
+        "e2e-client",
+    );
     let b = Client::new(&s, &b_alice.access_token);
     let a = b.get("/_matrix/client/v3/account/whoami").await;
     f.check(
@@ -417,7 +571,10 @@ async fn hostile_suite(kind: HsKind, binding: &str) {
     let a = alice.get("/_matrix/client/v3/account/whoami").await;
     f.check(
         "issuer B's logout of its alice",
-        a.0 == 200 && devices_at_homeserver(&s.hs, VICTIM).await.contains(&VICTIM_DEV.to_owned()),
+        a.0 == 200
+            && devices_at_homeserver(&s.hs, VICTIM)
+                .await
+                .contains(&VICTIM_DEV.to_owned()),
         format!("{} {}: issuer A's alice was signed out", a.0, a.1),
     );
 

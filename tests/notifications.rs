@@ -521,7 +521,7 @@ async fn repin_moves_a_user_id_to_another_subject() {
 
 #[tokio::test]
 async fn cross_signing_reset_approval_is_single_use() {
-    let hs = "kind = \"synapse\"\nas_token = \"as-token\"";
+    let hs = "kind = \"synapse\"\nbinding = \"appservice_masquerade\"\nas_token = \"as-token\"";
     let (f, gw, _) = setup("", hs).await;
     for (m, p, body) in [
         ("POST", "/_matrix/client/v3/register", json!({})),
@@ -605,7 +605,7 @@ async fn revocation_proxy_forwards_unchanged_and_refuses_the_token() {
 
 #[tokio::test]
 async fn revoking_a_refresh_token_signs_the_device_out_upstream() {
-    let hs = "kind = \"synapse\"\nas_token = \"as-token\"";
+    let hs = "kind = \"synapse\"\nbinding = \"appservice_masquerade\"\nas_token = \"as-token\"";
     let (f, gw, _) = setup("", hs).await;
     Mock::given(method("POST"))
         .and(path("/_matrix/client/v3/register"))

@@ -46,7 +46,7 @@ pub struct Identity {
     /// The issuer that vouched for the token (as configured). Subjects and sessions are only
     /// unique per issuer: see [`Identity::subject_key`].
     #[serde(default)]
-    pub issuer: String,
+    pub issuer: std::sync::Arc<str>,
     /// The OIDC subject.
     pub subject: String,
     /// The OP session (`sid`), when known.
@@ -140,7 +140,7 @@ pub fn valid_localpart(lp: &str) -> bool {
 #[derive(Debug, Clone, Default)]
 pub struct Claims {
     /// The configured issuer that verified these claims.
-    pub issuer: String,
+    pub issuer: std::sync::Arc<str>,
     /// `sub`.
     pub sub: Option<String>,
     /// `scope` (space-separated).

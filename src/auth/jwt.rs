@@ -139,15 +139,19 @@ pub struct JwtIssuer {
     keys: Arc<KeyStore>,
     settings: JwtSettings,
     clock: SharedClock,
+    /// The issuer identifier, shared by every identity it vouches for.
+    name: Arc<str>,
 }
 
 impl JwtIssuer {
     /// A validator using `keys` (the issuer's key store) and `settings`.
     pub fn new(keys: Arc<KeyStore>, settings: JwtSettings, clock: SharedClock) -> Self {
+        let name = Arc::from(keys.issuer());
         Self {
             keys,
             settings,
             clock,
+            name,
         }
     }
 
@@ -261,7 +265,7 @@ impl JwtIssuer {
             all.insert("sub".into(), Value::String(sub.clone()));
         }
         let claims = Claims {
-            issuer: self.issuer().to_owned(),
+            issuer: self.name.clone(),
             sub: c.sub,
             scope,
             device_id: c.device_id,

@@ -62,6 +62,8 @@ pub struct Verified {
 /// (modes `jwt`/`auto`), anything else by introspection at the primary issuer.
 pub struct Verifier {
     op: Arc<OpClient>,
+    /// The primary issuer's identifier, shared by every identity it vouches for.
+    primary: Arc<str>,
     primary_introspects: bool,
     jwt: JwtIssuers,
     revocations: Arc<Revocations>,
@@ -88,6 +90,7 @@ impl Verifier {
             revocations,
             shared: None,
             primary_introspects: op.issuer().mode != VerifyMode::Jwt,
+            primary: Arc::from(op.issuer().issuer.as_str()),
             op,
             jwt,
             cache: IdentityCache::new(config.cache.capacity),
@@ -396,7 +399,7 @@ impl Verifier {
             }
         }
         let claims = Claims {
-            issuer: issuer.issuer.clone(),
+            issuer: self.primary.clone(),
             sub: a.sub,
             scope: a.scope.unwrap_or_default(),
             device_id: a.device_id,

@@ -263,10 +263,17 @@ mod tests {
         )
         .await
         .unwrap();
-        assert!(!r.is_revoked(&id(1_500), &t, 4_000), "issuer B's revocations");
-        r.revoke(Selector::Session(issuer_scoped("https://op-a", "sid-1")), 3_000, 10_000)
-            .await
-            .unwrap();
+        assert!(
+            !r.is_revoked(&id(1_500), &t, 4_000),
+            "issuer B's revocations"
+        );
+        r.revoke(
+            Selector::Session(issuer_scoped("https://op-a", "sid-1")),
+            3_000,
+            10_000,
+        )
+        .await
+        .unwrap();
         assert!(
             r.is_revoked(&id(5_000), &t, 4_000),
             "a session revocation has no 'after'"
@@ -275,7 +282,10 @@ mod tests {
         assert_eq!(again.load(4_000).await.unwrap(), 4);
         assert!(again.is_revoked(&id(5_000), &t, 4_000));
         // An unscoped entry persisted before issuer scoping is the primary issuer's.
-        store.put_revocation("sub:sub-a", 6_000, 10_000).await.unwrap();
+        store
+            .put_revocation("sub:sub-a", 6_000, 10_000)
+            .await
+            .unwrap();
         let legacy = Revocations::new(store, "https://op-a");
         legacy.load(7_000).await.unwrap();
         let mut other = id(5_500);

@@ -250,15 +250,18 @@ impl Binder {
         let resp = req.send().await.map_err(|e| unreachable(&e))?;
         match resp.status().as_u16() {
             200 => {
-                let member: Value = resp.json().await.map_err(|_| {
-                    GatewayError::BindingUnavailable(BindingFailure::Unreachable)
-                })?;
+                let member: Value = resp
+                    .json()
+                    .await
+                    .map_err(|_| GatewayError::BindingUnavailable(BindingFailure::Unreachable))?;
                 Ok(member["membership"] == "join")
             }
             403 | 404 => Ok(false),
             status => {
                 tracing::error!(status, "membership check failed");
-                Err(GatewayError::BindingUnavailable(BindingFailure::Unreachable))
+                Err(GatewayError::BindingUnavailable(
+                    BindingFailure::Unreachable,
+                ))
             }
         }
     }
@@ -329,7 +332,7 @@ impl Binder {
             Pin::Conflict { owner }
                 if !owner.contains(ISSUER_SEP)
                     && owner == identity.subject
-                    && identity.issuer == self.primary_issuer =>
+                    && *identity.issuer == *self.primary_issuer =>
             {
                 self.store
                     .repin_subject(&identity.user_id, &key)
@@ -360,7 +363,11 @@ impl Binder {
         issuer: &str,
         sub: &str,
     ) -> Result<Option<String>, crate::store::StoreError> {
-        if let Some(u) = self.store.user_of_subject(&issuer_scoped(issuer, sub)).await? {
+        if let Some(u) = self
+            .store
+            .user_of_subject(&issuer_scoped(issuer, sub))
+            .await?
+        {
             return Ok(Some(u));
         }
         if issuer == self.primary_issuer {
@@ -741,7 +748,12 @@ impl Binder {
     }
 
     /// The stored form of a device token: sealed under `store.encryption_key`.
-    fn seal_token(&self, user_id: &str, device_id: &str, token: &str) -> Result<String, GatewayError> {
+    fn seal_token(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        token: &str,
+    ) -> Result<String, GatewayError> {
         match &self.sealer {
             Some(s) => s
                 .seal(token, &device_context(user_id, device_id))

@@ -1498,7 +1498,10 @@ mod tests {
             "",
         );
         let l = load_str(&text).expect("valid: masquerade stores no tokens, so needs no key");
-        assert_eq!(l.config.homeserver.binding, BindingMode::AppserviceMasquerade);
+        assert_eq!(
+            l.config.homeserver.binding,
+            BindingMode::AppserviceMasquerade
+        );
         assert!(
             l.warnings
                 .iter()
@@ -1523,7 +1526,11 @@ mod tests {
             let text = with_homeserver("kind = \"synapse\"\nas_token = \"t\"", store);
             match load_str(&text) {
                 Ok(_) => Vec::new(),
-                Err(e) => e.0.into_iter().map(|p| format!("{}: {}", p.key, p.message)).collect(),
+                Err(e) => {
+                    e.0.into_iter()
+                        .map(|p| format!("{}: {}", p.key, p.message))
+                        .collect()
+                }
             }
         };
         let missing = keys_of("");
@@ -1532,11 +1539,24 @@ mod tests {
             "{missing:?}"
         );
         let short = keys_of("encryption_key = \"abcd\"");
-        assert!(short[0].starts_with("store.encryption_key: must be 32 bytes"), "{short:?}");
-        let same = keys_of(&format!("encryption_key = \"{KEY}\"\nprevious_encryption_key = \"{KEY}\""));
-        assert!(same[0].starts_with("store.previous_encryption_key"), "{same:?}");
-        let both = keys_of(&format!("encryption_key = \"{KEY}\"\nencryption_key_file = \"/x\""));
-        assert!(both[0].starts_with("store.encryption_key: set either"), "{both:?}");
+        assert!(
+            short[0].starts_with("store.encryption_key: must be 32 bytes"),
+            "{short:?}"
+        );
+        let same = keys_of(&format!(
+            "encryption_key = \"{KEY}\"\nprevious_encryption_key = \"{KEY}\""
+        ));
+        assert!(
+            same[0].starts_with("store.previous_encryption_key"),
+            "{same:?}"
+        );
+        let both = keys_of(&format!(
+            "encryption_key = \"{KEY}\"\nencryption_key_file = \"/x\""
+        ));
+        assert!(
+            both[0].starts_with("store.encryption_key: set either"),
+            "{both:?}"
+        );
         assert!(keys_of(&format!("encryption_key = \"{KEY}\"")).is_empty());
         let b64 = "Dx4tPEtaaXiHlqW0w9Lh8A8eLTxLWml4h5altMPS4fA=";
         assert!(keys_of(&format!("encryption_key = \"{b64}\"")).is_empty());

@@ -148,7 +148,11 @@ pub struct Assert<'a> {
 /// The target to forward, or `None` when the client's raw target can go as it is.
 ///
 /// `path` is the raw target up to the first `?`, exactly as classified.
-pub fn upstream(raw_target: &[u8], query: Option<&Query>, assert: Option<Assert<'_>>) -> Option<String> {
+pub fn upstream(
+    raw_target: &[u8],
+    query: Option<&Query>,
+    assert: Option<Assert<'_>>,
+) -> Option<String> {
     let changed = query.is_some_and(|q| q.changed);
     if !changed && assert.is_none() {
         return None;
@@ -184,7 +188,8 @@ mod tests {
 
     fn forwarded(target: &str, assert: Option<Assert<'_>>) -> String {
         let parsed = parse(target.as_bytes()).unwrap();
-        upstream(target.as_bytes(), parsed.query.as_ref(), assert).unwrap_or_else(|| target.to_owned())
+        upstream(target.as_bytes(), parsed.query.as_ref(), assert)
+            .unwrap_or_else(|| target.to_owned())
     }
 
     const ALICE: Assert<'static> = Assert {
@@ -194,9 +199,17 @@ mod tests {
 
     #[test]
     fn canonical_queries_and_bare_paths_are_forwarded_untouched() {
-        for t in ["/s", "/s?since=s1_2-3.4&timeout=30000", "/s?filter=%7B%22a%22%3A1%7D"] {
+        for t in [
+            "/s",
+            "/s?since=s1_2-3.4&timeout=30000",
+            "/s?filter=%7B%22a%22%3A1%7D",
+        ] {
             let parsed = parse(t.as_bytes()).unwrap();
-            assert_eq!(upstream(t.as_bytes(), parsed.query.as_ref(), None), None, "{t}");
+            assert_eq!(
+                upstream(t.as_bytes(), parsed.query.as_ref(), None),
+                None,
+                "{t}"
+            );
         }
     }
 
@@ -273,15 +286,24 @@ mod tests {
             Some("/s?since=1&x=2")
         );
         assert_eq!(
-            parse(b"/s?access%5Ftoken=tok").unwrap().query_token.as_deref(),
+            parse(b"/s?access%5Ftoken=tok")
+                .unwrap()
+                .query_token
+                .as_deref(),
             Some("tok")
         );
         assert_eq!(
             parse(b"/s?access_token=a;access_token=a"),
             Err(MissingTokenReason::Ambiguous)
         );
-        assert_eq!(parse(b"/s?access_token=a%20b"), Err(MissingTokenReason::Malformed));
-        assert_eq!(parse(b"/s?access_token="), Err(MissingTokenReason::Malformed));
+        assert_eq!(
+            parse(b"/s?access_token=a%20b"),
+            Err(MissingTokenReason::Malformed)
+        );
+        assert_eq!(
+            parse(b"/s?access_token="),
+            Err(MissingTokenReason::Malformed)
+        );
     }
 
     #[test]
@@ -294,7 +316,10 @@ mod tests {
             user_id: "@a:s",
             device_id: None,
         };
-        assert_eq!(forwarded("/p?x=1", Some(no_device)), "/p?user_id=%40a%3As&x=1");
+        assert_eq!(
+            forwarded("/p?x=1", Some(no_device)),
+            "/p?user_id=%40a%3As&x=1"
+        );
         assert_eq!(
             forwarded("/p?", Some(ALICE)),
             "/p?user_id=%40alice%3Aexample.org&device_id=ADEV"

@@ -38,7 +38,11 @@ pub fn extract(req: &RequestHeader, allow_query: bool) -> Result<Extracted, Miss
         (Some(_), Some(_)) => return Err(MissingTokenReason::Malformed),
     };
     let parsed = target::parse(req.raw_path())?;
-    let query_token = if allow_query { parsed.query_token } else { None };
+    let query_token = if allow_query {
+        parsed.query_token
+    } else {
+        None
+    };
     let presented = match (header, query_token) {
         (Some(_), Some(_)) => return Err(MissingTokenReason::Ambiguous),
         (Some(t), None) => Presented::Token(t.to_owned()),
@@ -151,7 +155,10 @@ mod tests {
     fn encoded_parameter_name_counts() {
         let e = extract(&req("/s?access%5Ftoken=tok", &[]), true).unwrap();
         assert_eq!(e.presented, Presented::Token("tok".into()));
-        assert_eq!(forwarded("/s?access%5Ftoken=tok", &e).as_deref(), Some("/s"));
+        assert_eq!(
+            forwarded("/s?access%5Ftoken=tok", &e).as_deref(),
+            Some("/s")
+        );
     }
 
     #[test]

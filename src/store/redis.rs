@@ -356,13 +356,19 @@ impl Store for RedisStore {
 
     async fn meta(&self, name: &str) -> Result<Option<String>, StoreError> {
         let r = &self.redis;
-        r.q(redis::cmd("HGET").arg(r.key(&["meta"])).arg(name)).await
+        r.q(redis::cmd("HGET").arg(r.key(&["meta"])).arg(name))
+            .await
     }
 
     async fn put_meta(&self, name: &str, value: &str) -> Result<(), StoreError> {
         let r = &self.redis;
-        r.q::<()>(redis::cmd("HSET").arg(r.key(&["meta"])).arg(name).arg(value))
-            .await
+        r.q::<()>(
+            redis::cmd("HSET")
+                .arg(r.key(&["meta"]))
+                .arg(name)
+                .arg(value),
+        )
+        .await
     }
 
     async fn device(

@@ -294,7 +294,11 @@ mod tests {
         let sealed = s.seal("syt_secret_token", &ctx).unwrap();
         assert!(sealed.starts_with(&format!("mog1:{}:", s.key_id())));
         assert!(!sealed.contains("syt_secret_token"));
-        assert_ne!(sealed, s.seal("syt_secret_token", &ctx).unwrap(), "nonces must differ");
+        assert_ne!(
+            sealed,
+            s.seal("syt_secret_token", &ctx).unwrap(),
+            "nonces must differ"
+        );
         assert_eq!(
             s.open(&sealed, &ctx),
             Ok(Opened {
@@ -336,7 +340,9 @@ mod tests {
         let after = Sealer::new(&K2, None).unwrap();
         assert_eq!(
             after.open(&old, &ctx),
-            Err(SealError::UnknownKey(Sealer::new(&K1, None).unwrap().key_id().to_owned()))
+            Err(SealError::UnknownKey(
+                Sealer::new(&K1, None).unwrap().key_id().to_owned()
+            ))
         );
     }
 

@@ -128,9 +128,11 @@ impl Store for SqliteStore {
     async fn meta(&self, name: &str) -> Result<Option<String>, StoreError> {
         let name = name.to_owned();
         self.run(move |c| {
-            c.query_row("SELECT value FROM meta WHERE name = ?1", params![name], |r| {
-                r.get(0)
-            })
+            c.query_row(
+                "SELECT value FROM meta WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
             .optional()
         })
         .await

@@ -273,6 +273,13 @@ impl GatewayProcess {
         self._dir.path().join("state.sqlite3")
     }
 
+    /// Rewrites the configuration file (takes effect at the next [`GatewayProcess::restart`]).
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let cfg = self._dir.path().join("gateway.toml");
+        let text = std::fs::read_to_string(&cfg).expect("config");
+        std::fs::write(&cfg, edit(text)).expect("config");
+    }
+
     /// Path of the log file.
     pub fn log_path(&self) -> &Path {
         &self.log
