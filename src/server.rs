@@ -229,14 +229,13 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
     }
     match key_check {
         None => {}
-        Some(Ok(r)) => {
-            if r.resealed > 0 {
-                tracing::info!(
-                    tokens = r.resealed,
-                    "device tokens sealed under the current store key"
-                );
-            }
+        Some(Ok(r)) if r.resealed > 0 => {
+            tracing::info!(
+                tokens = r.resealed,
+                "device tokens sealed under the current store key"
+            );
         }
+        Some(Ok(_)) => {}
         Some(Err(KeyCheckError::Store(e))) if shared => {
             tracing::warn!(error = %e, "store key not checked: shared state unavailable");
         }
