@@ -249,11 +249,11 @@ impl AdminApp {
             .into_iter()
             .filter(|k| body.get(*k).is_some())
             .collect();
-        if given.len() != 1 {
+        if given.len() != 1 || (body.get("issuer").is_some() && given != ["sub"]) {
             return Err(error(
                 400,
                 "M_INVALID_PARAM",
-                "give exactly one of `token`, `sub`, `user_id`",
+                "give exactly one of `token`, `sub`, `user_id` (and `issuer` only with `sub`)",
             ));
         }
         let what = match given[0] {
