@@ -450,6 +450,36 @@ async fn hostile_suite(kind: HsKind, binding: &str) {
         );
     }
 
+    // Media uploads take the body as it is (no JSON parsing), so a form or multipart body is
+    // all Twisted needs to replace the query's user_id/device_id.
+    let form_body = format!("user_id={}&device_id={VICTIM_DEV}", enc(VICTIM));
+    for (case, ctype, body) in [
+        (
+            "form media upload",
+            "application/x-www-form-urlencoded",
+            form_body,
+        ),
+        ("multipart media upload", multipart, multipart_body.clone()),
+    ] {
+        let (status, up) = mallory
+            .send(
+                Method::POST,
+                "/_matrix/media/v3/upload?filename=b.txt",
+                Some(ctype),
+                Some(body),
+            )
+            .await;
+        let owner = match up["content_uri"].as_str() {
+            Some(uri) => s.hs.media_owner(uri.rsplit('/').next().unwrap_or_default()),
+            None => None,
+        };
+        f.check(
+            case,
+            owner.as_deref() != Some(VICTIM),
+            format!("{status} {up}: the upload is alice's"),
+        );
+    }
+
     // 5. Membership-gated reads of a room mallory is not in.
     let a = mallory
         .get(&format!(

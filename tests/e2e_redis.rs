@@ -142,6 +142,26 @@ async fn three_replicas_share_one_truth() {
         1,
         "appservice logins"
     );
+    // What Redis holds of that device is sealed: a dump hands out no homeserver session.
+    let sealed = device_tokens_in_redis(&redis);
+    assert!(!sealed.is_empty(), "no device token in Redis");
+    for v in &sealed {
+        assert!(
+            v.starts_with("mog1:"),
+            "a device token is in Redis in the clear"
+        );
+        let r = reqwest::Client::new()
+            .get(format!("{}/_matrix/client/v3/account/whoami", hs.url))
+            .bearer_auth(v)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            401,
+            "the stored form is a homeserver credential"
+        );
+    }
 
     // 2. alice is signed out through replica 0: all three refuse her token.
     let bob = op.mint(
@@ -264,4 +284,27 @@ async fn three_replicas_share_one_truth() {
         "the restarted replica logged in again"
     );
     drop(gws.pop());
+}
+
+/// Every device-token value the replicas stored in Redis (read with Debian's `redis-cli`).
+fn device_tokens_in_redis(redis: &RedisServer) -> Vec<String> {
+    let cli = |args: &[&str]| -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "--raw"])
+            .args(args)
+            .output()
+            .expect("redis-cli (Debian's redis-tools, installed with redis-server)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    cli(&["--scan", "--pattern", "matrix-oidc-gateway:dev:*"])
+        .lines()
+        .filter(|k| !k.is_empty())
+        .flat_map(|k| {
+            cli(&["HVALS", k])
+                .lines()
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
