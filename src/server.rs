@@ -185,7 +185,8 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
         Some(r) => Arc::new(RedisStore::new(r.clone())),
         None => Arc::new(SqliteStore::open(&config.store.path)?),
     };
-    let revocations = Arc::new(Revocations::new(store.clone(), &config.issuers[0].issuer));
+    let issuer_ids: Vec<String> = config.issuers.iter().map(|i| i.issuer.clone()).collect();
+    let revocations = Arc::new(Revocations::new(store.clone(), &issuer_ids));
     // Persisted revocations are in force before the first request. (On a thread and runtime of
     // its own, with its own connection: `build` may run inside a runtime, as the in-process
     // tests do, and connections must not outlive the runtime that made them.)

@@ -594,3 +594,75 @@ async fn device_tokens_are_sealed_at_rest_and_rotate_without_a_new_login() {
     let echo: Value = get(&gw, SYNC, "t").await.json().await.unwrap();
     assert_eq!(auth_of(echo), json!(["Bearer the-upstream-device-token"]));
 }
+
+#[tokio::test]
+async fn an_unsealed_token_planted_in_the_store_is_never_sent() {
+    let f = Fakes::start().await;
+    f.introspection("t", active("alice", &full_scope("D1")), 2)
+        .await;
+    mount_register(&f.hs, 1).await;
+    mount_login(&f.hs, "D1", "fresh-token", 2).await;
+    let cfg = f.config_hs(&hs_cfg("dendrite", "appservice_login"), "");
+    {
+        let gw = spawn(&cfg).await;
+        assert_eq!(get(&gw, SYNC, "t").await.status(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Someone with write access to the store swaps in a token of their choosing, in the clear.
+    rusqlite::Connection::open(f.state.path().join("state.sqlite3"))
+        .unwrap()
+        .execute(
+            "UPDATE devices SET upstream_token = 'planted-token' WHERE device_id = 'D1'",
+            [],
+        )
+        .unwrap();
+    let gw = spawn(&on_fresh_ports(&cfg)).await;
+    let echo: Value = get(&gw, SYNC, "t").await.json().await.unwrap();
+    assert_eq!(
+        echo["headers"]["authorization"],
+        json!(["Bearer fresh-token"]),
+        "the planted token was used (or no new login happened)"
+    );
+}
+
+#[tokio::test]
+async fn pins_from_before_issuer_scoping_are_upgraded_only_with_a_single_issuer() {
+    use matrix_oidc_gateway::store::{sqlite::SqliteStore, Store};
+    let f = Fakes::start().await;
+    f.introspection("t", active("alice", &full_scope("D1")), 2)
+        .await;
+    // A store written by a version that pinned the bare `sub`.
+    SqliteStore::open(&f.state.path().join("state.sqlite3"))
+        .unwrap()
+        .pin_subject("@alice:example.org", "sub-alice")
+        .await
+        .unwrap();
+    // With a second issuer configured, the bare pin cannot be attributed: refused.
+    let two = format!(
+        "{}\n[[issuers]]\nissuer = \"https://second-op.example/\"\nmode = \"jwt\"\naudiences = [\"x\"]\n",
+        f.config("")
+    );
+    {
+        let gw = spawn(&two).await;
+        let r = get(&gw, SYNC, "t").await;
+        assert_eq!(r.status(), 403);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["errcode"], "M_FORBIDDEN");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // With the single issuer it was written by, it is that issuer's and is upgraded in place.
+    let gw = spawn(&on_fresh_ports(&f.config(""))).await;
+    assert_eq!(get(&gw, SYNC, "t").await.status(), 200);
+    let pinned: String = rusqlite::Connection::open(f.state.path().join("state.sqlite3"))
+        .unwrap()
+        .query_row(
+            "SELECT subject FROM users WHERE user_id = '@alice:example.org'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        pinned.ends_with("\u{1f}sub-alice") && pinned.len() > "\u{1f}sub-alice".len(),
+        "{pinned:?}"
+    );
+}

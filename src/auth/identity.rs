@@ -194,9 +194,12 @@ pub fn build_identity(
             return Err(IdentityError::Reject(RejectReason::InvalidDevice));
         }
     }
+    // A `sub` with control characters (the issuer-scoping separator among them) is no
+    // subject the gateway can key on.
     let subject = claims
         .sub
         .clone()
+        .filter(|s| !s.is_empty() && !s.chars().any(char::is_control))
         .ok_or(IdentityError::Reject(RejectReason::NoSubject))?;
     let localpart = user_id_claims
         .iter()

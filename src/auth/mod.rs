@@ -235,6 +235,9 @@ impl Verifier {
             serde_json::from_slice::<CachedVerdict>(&bytes)
                 .ok()
                 .filter(|v| self.clock.now_ms() < v.fresh_until_ms)
+                // An identity cached by a version that did not record its issuer cannot be
+                // matched against issuer-scoped pins and revocations: decide it again.
+                .filter(|v| !matches!(&v.verdict, Verdict::Active(i) if i.issuer.is_empty()))
         };
         match redis.cache_get(&id).await {
             Ok(Some(bytes)) => {

@@ -73,36 +73,37 @@ pub struct Revocations {
     entries: RwLock<HashMap<Selector, Entry>>,
     any: AtomicBool,
     store: Arc<dyn Store>,
-    /// The issuer that session and subject revocations persisted before they were
-    /// issuer-scoped belong to (the primary issuer, the only one then).
-    legacy_issuer: String,
+    /// The configured issuers: a session or subject revocation persisted before revocations
+    /// were issuer-scoped cannot be attributed to one of them, so it applies to each (failing
+    /// closed: with one issuer, exactly its own).
+    legacy_issuers: Vec<String>,
 }
 
 impl Revocations {
-    /// An empty list backed by `store`; unscoped session and subject entries persisted by
-    /// earlier versions are read as `legacy_issuer`'s.
-    pub fn new(store: Arc<dyn Store>, legacy_issuer: &str) -> Self {
+    /// An empty list backed by `store`; an unscoped session or subject entry persisted by an
+    /// earlier version applies to each of `issuers` (the configured ones).
+    pub fn new(store: Arc<dyn Store>, issuers: &[String]) -> Self {
         Self {
             entries: RwLock::new(HashMap::new()),
             any: AtomicBool::new(false),
             store,
-            legacy_issuer: legacy_issuer.to_owned(),
+            legacy_issuers: issuers.to_vec(),
         }
     }
 
-    /// Reads an older, unscoped session or subject selector as the legacy issuer's.
-    fn scope_legacy(&self, selector: Selector) -> Selector {
-        let scoped = |v: String| {
-            if v.contains(ISSUER_SEP) {
-                v
-            } else {
-                issuer_scoped(&self.legacy_issuer, &v)
-            }
+    /// An older, unscoped session or subject selector as one selector per configured issuer;
+    /// any other selector as it is.
+    fn scope_legacy(&self, selector: Selector) -> Vec<Selector> {
+        let each = |v: &str, make: fn(String) -> Selector| {
+            self.legacy_issuers
+                .iter()
+                .map(|i| make(issuer_scoped(i, v)))
+                .collect()
         };
         match selector {
-            Selector::Session(v) => Selector::Session(scoped(v)),
-            Selector::Subject(v) => Selector::Subject(scoped(v)),
-            other => other,
+            Selector::Session(v) if !v.contains(ISSUER_SEP) => each(&v, Selector::Session),
+            Selector::Subject(v) if !v.contains(ISSUER_SEP) => each(&v, Selector::Subject),
+            other => vec![other],
         }
     }
 
@@ -119,7 +120,9 @@ impl Revocations {
         if let Ok(mut map) = self.entries.write() {
             for (key, at_ms, until_ms) in rows {
                 if let Some(sel) = Selector::from_key(&key) {
-                    map.insert(self.scope_legacy(sel), Entry { at_ms, until_ms });
+                    for sel in self.scope_legacy(sel) {
+                        map.insert(sel, Entry { at_ms, until_ms });
+                    }
                     n += 1;
                 }
             }
@@ -155,7 +158,9 @@ impl Revocations {
     /// Applies a revocation made elsewhere (already persisted by its maker).
     pub fn remember(&self, selector: Selector, at_ms: u64, until_ms: u64) {
         if let Ok(mut map) = self.entries.write() {
-            map.insert(selector, Entry { at_ms, until_ms });
+            for selector in self.scope_legacy(selector) {
+                map.insert(selector, Entry { at_ms, until_ms });
+            }
             self.any.store(true, Ordering::Release);
         }
     }
@@ -233,7 +238,7 @@ mod tests {
     async fn selectors_match_as_documented_and_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
-        let r = Revocations::new(store.clone(), "https://op-a");
+        let r = Revocations::new(store.clone(), &["https://op-a".to_owned()]);
         let t = TokenHash::of("tok");
         assert!(!r.is_revoked(&id(0), &t, 1_000));
         r.revoke(Selector::Device("@a:x".into(), "D1".into()), 1_000, 10_000)
@@ -278,21 +283,26 @@ mod tests {
             r.is_revoked(&id(5_000), &t, 4_000),
             "a session revocation has no 'after'"
         );
-        let again = Revocations::new(store.clone(), "https://op-a");
+        let again = Revocations::new(store.clone(), &["https://op-a".to_owned()]);
         assert_eq!(again.load(4_000).await.unwrap(), 4);
         assert!(again.is_revoked(&id(5_000), &t, 4_000));
-        // An unscoped entry persisted before issuer scoping is the primary issuer's.
+        // An unscoped entry persisted before issuer scoping: the only issuer's, or, with
+        // several configured, each one's (it cannot be attributed, so it fails closed).
         store
             .put_revocation("sub:sub-a", 6_000, 10_000)
             .await
             .unwrap();
-        let legacy = Revocations::new(store, "https://op-a");
-        legacy.load(7_000).await.unwrap();
         let mut other = id(5_500);
         other.session_id = None;
-        assert!(legacy.is_revoked(&other, &t, 7_000));
+        let single = Revocations::new(store.clone(), &["https://op-a".to_owned()]);
+        single.load(7_000).await.unwrap();
+        assert!(single.is_revoked(&other, &t, 7_000));
         other.issuer = "https://op-b".into();
-        assert!(!legacy.is_revoked(&other, &t, 7_000));
+        assert!(!single.is_revoked(&other, &t, 7_000));
+        let both = ["https://op-a".to_owned(), "https://op-b".to_owned()];
+        let several = Revocations::new(store, &both);
+        several.load(7_000).await.unwrap();
+        assert!(several.is_revoked(&other, &t, 7_000));
         for sel in [
             Selector::Session("s".into()),
             Selector::Subject("x".into()),

@@ -28,7 +28,7 @@ use crate::auth::Identity;
 use crate::config::{BindingMode, Config, HomeserverKind, Secret};
 use crate::error::{BindingFailure, GatewayError};
 use crate::store::redis::{Event, Redis};
-use crate::store::seal::{device_context, Sealer};
+use crate::store::seal::{device_context, is_sealed, SealError, Sealer};
 use crate::store::{DeviceRecord, Pin, Store};
 
 /// How upstream requests of one bound identity authenticate.
@@ -97,6 +97,9 @@ pub struct Binder {
     registered: Cache<String, ()>,
     sealer: Option<Arc<Sealer>>,
     primary_issuer: String,
+    /// The issuer that unscoped pins and sessions (written before issuer scoping) belong to:
+    /// the only configured issuer; `None` with several, as they cannot be attributed then.
+    legacy_issuer: Option<String>,
     /// Provisioning calls made.
     pub counters: ProvisioningCounters,
 }
@@ -123,6 +126,10 @@ impl Binder {
                 .first()
                 .map(|i| i.issuer.clone())
                 .unwrap_or_default(),
+            legacy_issuer: match config.issuers.as_slice() {
+                [only] => Some(only.issuer.clone()),
+                _ => None,
+            },
             counters: ProvisioningCounters::default(),
         })
     }
@@ -245,7 +252,8 @@ impl Binder {
             utf8_percent_encode_segment(&bound.user_id)
         );
         let Some(req) = self.as_bound(reqwest::Method::GET, &path, bound) else {
-            return Ok(true);
+            // Only reached with masquerade credentials; without them nothing can be checked.
+            return Err(GatewayError::Internal);
         };
         let resp = req.send().await.map_err(|e| unreachable(&e))?;
         match resp.status().as_u16() {
@@ -327,12 +335,14 @@ impl Binder {
             .map_err(store_failed)?
         {
             Pin::New | Pin::Matches => key,
-            // A pin written before pins were issuer-scoped holds the bare `sub` of the primary
-            // issuer (the only one then): the same owner, so the pin is upgraded in place.
+            // A pin written before pins were issuer-scoped holds a bare `sub`. With one issuer
+            // configured it is that issuer's, and the pin is upgraded in place. With several it
+            // cannot be attributed: the user is refused until an operator re-pins it with an
+            // issuer (admin API).
             Pin::Conflict { owner }
                 if !owner.contains(ISSUER_SEP)
                     && owner == identity.subject
-                    && *identity.issuer == *self.primary_issuer =>
+                    && self.legacy_issuer.as_deref() == Some(&*identity.issuer) =>
             {
                 self.store
                     .repin_subject(&identity.user_id, &key)
@@ -341,7 +351,13 @@ impl Binder {
                 key
             }
             Pin::Conflict { owner } if !owner.contains(ISSUER_SEP) => {
-                issuer_scoped(&self.primary_issuer, &owner)
+                if self.legacy_issuer.is_none() {
+                    tracing::warn!(
+                        user = %identity.user_id,
+                        "this user ID is pinned to a subject from before pins named their issuer; with several issuers configured it is refused until an operator re-pins it with `issuer`"
+                    );
+                }
+                owner
             }
             Pin::Conflict { owner } => owner,
         };
@@ -351,13 +367,13 @@ impl Binder {
         }))
     }
 
-    /// The primary issuer (legacy, unscoped store entries are its).
+    /// The primary issuer (the admin API's default).
     pub fn primary_issuer(&self) -> &str {
         &self.primary_issuer
     }
 
     /// The user ID `issuer`'s `sub` owns, if any (reading pins written before issuer scoping
-    /// as the primary issuer's).
+    /// as the only issuer's, when only one is configured).
     pub async fn user_of_subject(
         &self,
         issuer: &str,
@@ -370,14 +386,14 @@ impl Binder {
         {
             return Ok(Some(u));
         }
-        if issuer == self.primary_issuer {
+        if self.legacy_issuer.as_deref() == Some(issuer) {
             return self.store.user_of_subject(sub).await;
         }
         Ok(None)
     }
 
-    /// The (user, device) pairs bound to `issuer`'s OP session `sid` (and, for the primary
-    /// issuer, those recorded before sessions were issuer-scoped).
+    /// The (user, device) pairs bound to `issuer`'s OP session `sid` (and, with a single issuer
+    /// configured, those recorded before sessions were issuer-scoped).
     pub async fn session_devices(
         &self,
         issuer: &str,
@@ -387,7 +403,7 @@ impl Binder {
             .store
             .session_devices(&issuer_scoped(issuer, sid))
             .await?;
-        if issuer == self.primary_issuer {
+        if self.legacy_issuer.as_deref() == Some(issuer) {
             pairs.extend(self.store.session_devices(sid).await?);
         }
         Ok(pairs)
@@ -450,9 +466,9 @@ impl Binder {
                     .map_err(store_failed)?;
                 let stored = record.and_then(|r| r.upstream_token);
                 let token = match stored {
-                    Some(s) => match self.open_token(user_id, device_id, &s).await {
+                    Some(s) => match self.open_token(user_id, device_id, &s).await? {
                         Some(t) => Some(t),
-                        // Sealed under a key no longer configured: a fresh login gives a token
+                        // Not trustworthy (unsealed or tampered): a fresh login gives a token
                         // whose logout deletes the device (and every token it had).
                         None => Some(self.login(user_id, device_id).await?),
                     },
@@ -706,7 +722,7 @@ impl Binder {
                 match (self.mode, rec.upstream_token) {
                     (BindingMode::AppserviceLogin, Some(stored)) => {
                         // A token that no configured key opens is replaced by a new login.
-                        if let Some(token) = self.open_token(user_id, d, &stored).await {
+                        if let Some(token) = self.open_token(user_id, d, &stored).await? {
                             return Ok(self.bound(user_id, device, Credential::DeviceToken(token)));
                         }
                     }
@@ -763,13 +779,24 @@ impl Binder {
         }
     }
 
-    /// Opens a stored device token; one sealed under an older key is sealed again. `None` when
-    /// no configured key opens it (logged): the caller logs the device in again.
-    async fn open_token(&self, user_id: &str, device_id: &str, stored: &str) -> Option<String> {
+    /// Opens a stored device token; one sealed under the previous key is sealed again.
+    /// `Ok(None)` when the stored value is not to be trusted (unsealed, tampered, or moved from
+    /// another row): the caller logs the device in again. A token sealed under a key that is
+    /// not configured is a 503 (a misconfigured replica must not churn logins).
+    async fn open_token(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        stored: &str,
+    ) -> Result<Option<String>, GatewayError> {
         let Some(sealer) = &self.sealer else {
             tracing::error!(user = %user_id, "a stored device token cannot be opened: no store.encryption_key");
-            return None;
+            return Err(GatewayError::BindingUnavailable(BindingFailure::Store));
         };
+        if !is_sealed(stored) {
+            tracing::warn!(user = %user_id, device = %device_id, "an unsealed device token in the store is not trusted; the device logs in again");
+            return Ok(None);
+        }
         let context = device_context(user_id, device_id);
         match sealer.open(stored, &context) {
             Ok(opened) => {
@@ -783,11 +810,15 @@ impl Binder {
                         }
                     }
                 }
-                Some(opened.plaintext)
+                Ok(Some(opened.plaintext))
+            }
+            Err(e @ SealError::UnknownKey(_)) => {
+                tracing::error!(user = %user_id, device = %device_id, error = %e, "a device token is sealed under a key this gateway does not have");
+                Err(GatewayError::BindingUnavailable(BindingFailure::Store))
             }
             Err(e) => {
-                tracing::error!(user = %user_id, device = %device_id, error = %e, "a stored device token does not open; the device logs in again");
-                None
+                tracing::error!(user = %user_id, device = %device_id, error = %e, "a stored device token does not authenticate; the device logs in again");
+                Ok(None)
             }
         }
     }

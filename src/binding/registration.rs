@@ -47,7 +47,7 @@ mod tests {
             kind = "dendrite"
             as_token = "the-as-token"
             [store]
-            encryption_key = "0000000000000000000000000000000000000000000000000000000000000000"
+            encryption_key = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
             [[issuers]]
             issuer = "https://op/"
             client_id = "c"

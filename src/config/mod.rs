@@ -711,7 +711,7 @@ fn store_sealer(
     store: &file::StoreFile,
     required: bool,
 ) -> Option<std::sync::Arc<crate::store::seal::Sealer>> {
-    const HOW: &str = "must be 32 bytes written as 64 hex digits or base64 \
+    const HOW: &str = "must be 32 random bytes written as 64 hex digits or base64 \
                        (generate one with `openssl rand -hex 32`)";
     let mut key = |name: &str, value: Option<&str>, file: Option<&str>| {
         let s = secret::resolve(p, name, value, file, false)?;
@@ -1540,7 +1540,7 @@ mod tests {
         );
         let short = keys_of("encryption_key = \"abcd\"");
         assert!(
-            short[0].starts_with("store.encryption_key: must be 32 bytes"),
+            short[0].starts_with("store.encryption_key: must be 32 random bytes"),
             "{short:?}"
         );
         let same = keys_of(&format!(

@@ -71,6 +71,8 @@ pub trait Store: Send + Sync + 'static {
     async fn meta(&self, name: &str) -> Result<Option<String>, StoreError>;
     /// Sets a gateway metadata value.
     async fn put_meta(&self, name: &str, value: &str) -> Result<(), StoreError>;
+    /// Sets a metadata value unless one is set (atomically), and returns the value in force.
+    async fn init_meta(&self, name: &str, value: &str) -> Result<String, StoreError>;
     /// Forgets a device.
     async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<(), StoreError>;
     /// Device IDs provisioned for a user.

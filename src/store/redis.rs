@@ -318,6 +318,14 @@ impl Store for RedisStore {
     async fn device_records(&self) -> Result<Vec<(String, String, DeviceRecord)>, StoreError> {
         let r = &self.redis;
         let prefix = r.key(&["dev", ""]);
+        // SCAN's MATCH is a glob: the configured prefix is matched literally.
+        let literal: String = prefix
+            .chars()
+            .flat_map(|c| {
+                let escape = matches!(c, '*' | '?' | '[' | ']' | '\\');
+                escape.then_some('\\').into_iter().chain(std::iter::once(c))
+            })
+            .collect();
         let mut cursor: u64 = 0;
         let mut keys: Vec<String> = Vec::new();
         loop {
@@ -325,7 +333,7 @@ impl Store for RedisStore {
                 .q(redis::cmd("SCAN")
                     .arg(cursor)
                     .arg("MATCH")
-                    .arg(format!("{prefix}*"))
+                    .arg(format!("{literal}*"))
                     .arg("COUNT")
                     .arg(500))
                 .await?;
@@ -358,6 +366,21 @@ impl Store for RedisStore {
         let r = &self.redis;
         r.q(redis::cmd("HGET").arg(r.key(&["meta"])).arg(name))
             .await
+    }
+
+    async fn init_meta(&self, name: &str, value: &str) -> Result<String, StoreError> {
+        let r = &self.redis;
+        r.q::<()>(
+            redis::cmd("HSETNX")
+                .arg(r.key(&["meta"]))
+                .arg(name)
+                .arg(value),
+        )
+        .await?;
+        let current: Option<String> = r
+            .q(redis::cmd("HGET").arg(r.key(&["meta"])).arg(name))
+            .await?;
+        current.ok_or_else(|| StoreError("metadata vanished while being set".into()))
     }
 
     async fn put_meta(&self, name: &str, value: &str) -> Result<(), StoreError> {
@@ -467,6 +490,20 @@ impl Store for RedisStore {
 
     async fn repin_subject(&self, user_id: &str, sub: &str) -> Result<(), StoreError> {
         let r = &self.redis;
+        let old: Option<String> = r
+            .q(redis::cmd("HGET").arg(r.key(&["pin"])).arg(user_id))
+            .await?;
+        if let Some(old) = old.filter(|o| o != sub) {
+            // The old subject no longer owns the user ID: forget its reverse entry, or a logout
+            // by the old subject would sign out the new owner.
+            let points_here: Option<String> = r
+                .q(redis::cmd("HGET").arg(r.key(&["sub"])).arg(&old))
+                .await?;
+            if points_here.as_deref() == Some(user_id) {
+                r.q::<()>(redis::cmd("HDEL").arg(r.key(&["sub"])).arg(&old))
+                    .await?;
+            }
+        }
         r.q::<()>(
             redis::cmd("HSET")
                 .arg(r.key(&["pin"]))
@@ -511,7 +548,17 @@ impl Store for RedisStore {
 
     async fn user_of_subject(&self, sub: &str) -> Result<Option<String>, StoreError> {
         let r = &self.redis;
-        r.q(redis::cmd("HGET").arg(r.key(&["sub"])).arg(sub)).await
+        let user: Option<String> = r
+            .q(redis::cmd("HGET").arg(r.key(&["sub"])).arg(sub))
+            .await?;
+        let Some(user) = user else {
+            return Ok(None);
+        };
+        // The pin is the truth: a reverse entry whose user is pinned elsewhere is stale.
+        let owner: Option<String> = r
+            .q(redis::cmd("HGET").arg(r.key(&["pin"])).arg(&user))
+            .await?;
+        Ok((owner.as_deref() == Some(sub)).then_some(user))
     }
 
     async fn tombstone(&self, user_id: &str) -> Result<(), StoreError> {

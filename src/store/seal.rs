@@ -165,7 +165,9 @@ pub fn parse_key(text: &str) -> Option<[u8; 32]> {
             .iter()
             .find_map(|e| e.decode(text).ok())?
     };
-    bytes.try_into().ok()
+    let key: [u8; 32] = bytes.try_into().ok()?;
+    // A key of one repeated byte (all zeros, a placeholder) is no secret.
+    key.iter().any(|&b| b != key[0]).then_some(key)
 }
 
 /// The associated data binding a device token to its row.
@@ -223,36 +225,44 @@ pub async fn check_key_and_reseal(
     sealer: &Sealer,
 ) -> Result<Resealed, KeyCheckError> {
     const NAME: &str = "encryption_key_check";
-    match store.meta(NAME).await? {
-        Some(stored) => match sealer.open(&stored, KEY_CHECK_CONTEXT) {
-            Ok(o) if o.plaintext == KEY_CHECK_PLAINTEXT && !o.stale => {}
-            Ok(o) if o.plaintext == KEY_CHECK_PLAINTEXT => {
-                store.put_meta(NAME, &seal_check(sealer)?).await?;
-            }
-            Ok(_) | Err(SealError::UnknownKey(_) | SealError::Corrupt(_) | SealError::Crypto) => {
-                let id = stored
-                    .strip_prefix(PREFIX)
-                    .and_then(|r| r.split(':').next())
-                    .unwrap_or("(unsealed)")
-                    .to_owned();
-                return Err(KeyCheckError::WrongKey {
-                    stored: id,
-                    configured: sealer.current.id.clone(),
-                    previous: sealer
-                        .previous
-                        .as_ref()
-                        .map(|k| format!(" (previous: {})", k.id))
-                        .unwrap_or_default(),
-                });
-            }
-        },
-        None => store.put_meta(NAME, &seal_check(sealer)?).await?,
+    // Written once, atomically: two replicas starting together agree on one check value.
+    let stored = store.init_meta(NAME, &seal_check(sealer)?).await?;
+    match sealer.open(&stored, KEY_CHECK_CONTEXT) {
+        Ok(o) if o.plaintext == KEY_CHECK_PLAINTEXT && !o.stale && is_sealed(&stored) => {}
+        Ok(o) if o.plaintext == KEY_CHECK_PLAINTEXT && is_sealed(&stored) => {
+            store.put_meta(NAME, &seal_check(sealer)?).await?;
+        }
+        Ok(_) | Err(SealError::UnknownKey(_) | SealError::Corrupt(_) | SealError::Crypto) => {
+            let id = stored
+                .strip_prefix(PREFIX)
+                .and_then(|r| r.split(':').next())
+                .unwrap_or("(unsealed)")
+                .to_owned();
+            return Err(KeyCheckError::WrongKey {
+                stored: id,
+                configured: sealer.current.id.clone(),
+                previous: sealer
+                    .previous
+                    .as_ref()
+                    .map(|k| format!(" (previous: {})", k.id))
+                    .unwrap_or_default(),
+            });
+        }
     }
+    // Tokens stored in the clear by a version before encryption are sealed once, by the first
+    // start-up with a key; after that an unsealed value is not trusted (a store writer could
+    // plant one) and its device logs in again on next use.
+    const MIGRATED: &str = "device_tokens_sealed";
+    let migrating = store.meta(MIGRATED).await?.is_none();
     let mut out = Resealed::default();
     for (user, device, record) in store.device_records().await? {
         let Some(stored) = record.upstream_token else {
             continue;
         };
+        if !is_sealed(&stored) && !migrating {
+            tracing::warn!(user = %user, device = %device, "an unsealed device token in the store is ignored; the device logs in again on next use");
+            continue;
+        }
         let context = device_context(&user, &device);
         match sealer.open(&stored, &context) {
             Ok(o) if o.stale => {
@@ -267,11 +277,19 @@ pub async fn check_key_and_reseal(
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(user = %user, device = %device, error = %e, "a device token does not open; the device logs in again on next use");
+                tracing::warn!(user = %user, device = %device, error = %e, "a device token does not open with the configured keys");
             }
         }
     }
+    if migrating {
+        store.put_meta(MIGRATED, "1").await?;
+    }
     Ok(out)
+}
+
+/// Whether a stored value is sealed (as opposed to a plaintext token from before encryption).
+pub fn is_sealed(stored: &str) -> bool {
+    stored.starts_with(PREFIX)
 }
 
 fn seal_check(sealer: &Sealer) -> Result<String, super::StoreError> {
@@ -360,10 +378,15 @@ mod tests {
 
     #[test]
     fn keys_parse_from_hex_or_base64_of_32_bytes() {
-        assert_eq!(parse_key(&"ab".repeat(32)), Some([0xab; 32]));
+        let mut k = [0xab; 32];
+        k[31] = 0xcd;
+        assert_eq!(parse_key(&format!("{}cd", "ab".repeat(31))), Some(k));
+        assert_eq!(parse_key(&"00".repeat(32)), None, "a placeholder key");
         use base64::engine::general_purpose::STANDARD;
-        assert_eq!(parse_key(&STANDARD.encode([7u8; 32])), Some([7; 32]));
-        assert_eq!(parse_key(&URL_SAFE_NO_PAD.encode([7u8; 32])), Some([7; 32]));
+        let mut seven = [7u8; 32];
+        seven[0] = 8;
+        assert_eq!(parse_key(&STANDARD.encode(seven)), Some(seven));
+        assert_eq!(parse_key(&URL_SAFE_NO_PAD.encode(seven)), Some(seven));
         assert_eq!(parse_key("too short"), None);
         assert_eq!(parse_key(&"ab".repeat(31)), None);
         assert_eq!(parse_key(&STANDARD.encode([7u8; 31])), None);
