@@ -186,23 +186,7 @@ async fn scenario(kind: HsKind, binding: &str) {
     assert!(seen, "bob's /sync never showed alice's message");
 
     // alice uploads device keys; bob's keys/query returns her device under the scope's device ID.
-    let device_keys = json!({
-        "user_id": "@alice:localhost",
-        "device_id": "ALICEDEV01",
-        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
-        "keys": {
-            "curve25519:ALICEDEV01": "3C5BFWi2Y8MaVvjM8M22DBmh24PmgR0nPvJOIArzgyI",
-            "ed25519:ALICEDEV01": "lEuiRJBit0IG6nUf5pUzWTUEsRVVe/HJkoKuEww9ULI"
-        },
-        "signatures": {"@alice:localhost": {"ed25519:ALICEDEV01": "dSO80A01XiigH3uBiDVx/EjzaoycHcjq9lfQX0uWsqxl2giMIiSPR8a4d291W1ihKJL/a+myXS367WT6NAIcBA"}}
-    });
-    let (status, up) = alice
-        .post(
-            "/_matrix/client/v3/keys/upload",
-            json!({"device_keys": device_keys}),
-        )
-        .await;
-    assert_eq!(status, 200, "keys/upload: {up}");
+    upload_alice_device_keys(&alice).await;
     let (status, q) = bob
         .post(
             "/_matrix/client/v3/keys/query",
@@ -463,26 +447,33 @@ async fn stored_device_token(s: &Stack, user: &str, device: &str) -> String {
             |r| r.get(0),
         )
         .expect("the binding in the gateway's store");
-    assert!(
-        sealed.starts_with("mog1:"),
-        "device token stored in the clear"
-    );
-    let r = reqwest::Client::new()
-        .get(format!("{}/_matrix/client/v3/account/whoami", s.hs.url))
-        .bearer_auth(&sealed)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status(),
-        401,
-        "the sealed form works as a homeserver token"
-    );
+    s.hs.assert_sealed_token_is_no_credential(&sealed).await;
     let sealer = Sealer::new(&parse_key(STORE_KEY).unwrap(), None).unwrap();
     sealer
         .open(&sealed, &device_context(user, device))
         .expect("opens with store.encryption_key")
         .plaintext
+}
+
+/// alice uploads the keys of her device ALICEDEV01.
+async fn upload_alice_device_keys(alice: &Client) {
+    let device_keys = json!({
+        "user_id": "@alice:localhost",
+        "device_id": "ALICEDEV01",
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {
+            "curve25519:ALICEDEV01": "3C5BFWi2Y8MaVvjM8M22DBmh24PmgR0nPvJOIArzgyI",
+            "ed25519:ALICEDEV01": "lEuiRJBit0IG6nUf5pUzWTUEsRVVe/HJkoKuEww9ULI"
+        },
+        "signatures": {"@alice:localhost": {"ed25519:ALICEDEV01": "dSO80A01XiigH3uBiDVx/EjzaoycHcjq9lfQX0uWsqxl2giMIiSPR8a4d291W1ihKJL/a+myXS367WT6NAIcBA"}}
+    });
+    let (status, up) = alice
+        .post(
+            "/_matrix/client/v3/keys/upload",
+            json!({"device_keys": device_keys}),
+        )
+        .await;
+    assert_eq!(status, 200, "keys/upload: {up}");
 }
 
 /// (registrations, appservice logins, device creations) the homeserver processed so far.
@@ -610,21 +601,7 @@ async fn masquerade_store_moves_to_appservice_login() {
     );
     let alice = Client::new(&s, &tok.access_token);
     assert_eq!(whoami(&alice).await["device_id"], "ALICEDEV01");
-    let device_keys = json!({
-        "user_id": "@alice:localhost",
-        "device_id": "ALICEDEV01",
-        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
-        "keys": {"curve25519:ALICEDEV01": "3C5BFWi2Y8MaVvjM8M22DBmh24PmgR0nPvJOIArzgyI",
-                 "ed25519:ALICEDEV01": "lEuiRJBit0IG6nUf5pUzWTUEsRVVe/HJkoKuEww9ULI"},
-        "signatures": {"@alice:localhost": {"ed25519:ALICEDEV01": "dSO80A01XiigH3uBiDVx/EjzaoycHcjq9lfQX0uWsqxl2giMIiSPR8a4d291W1ihKJL/a+myXS367WT6NAIcBA"}}
-    });
-    let (status, up) = alice
-        .post(
-            "/_matrix/client/v3/keys/upload",
-            json!({"device_keys": device_keys}),
-        )
-        .await;
-    assert_eq!(status, 200, "{up}");
+    upload_alice_device_keys(&alice).await;
     assert_eq!(
         s.hs.requests("POST", "/_matrix/client/v3/login"),
         0,
@@ -657,7 +634,7 @@ async fn masquerade_store_moves_to_appservice_login() {
         1,
         "one appservice login for the existing device"
     );
-    let devices = devices_of(&s, "@alice:localhost").await;
+    let devices = s.hs.device_ids("@alice:localhost").await;
     assert_eq!(devices, vec!["ALICEDEV01".to_owned()], "no new device");
     let (status, q) = alice
         .post(
@@ -680,29 +657,4 @@ async fn masquerade_store_moves_to_appservice_login() {
         .unwrap();
     let direct: Value = r.json().await.unwrap();
     assert_eq!(direct["device_id"], "ALICEDEV01", "{direct}");
-}
-
-/// The device IDs the homeserver lists for `user` (asked with the AS token, directly).
-async fn devices_of(s: &Stack, user: &str) -> Vec<String> {
-    let v: Value = reqwest::Client::new()
-        .get(format!(
-            "{}/_matrix/client/v3/devices?user_id={}",
-            s.hs.url,
-            enc(user)
-        ))
-        .bearer_auth(AS_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut ids: Vec<String> = v["devices"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|d| d["device_id"].as_str().map(str::to_owned))
-        .collect();
-    ids.sort();
-    ids
 }

@@ -185,31 +185,6 @@ impl Findings {
     }
 }
 
-/// Devices of `user` as the homeserver lists them (asked with the AS token, directly).
-async fn devices_at_homeserver(hs: &Homeserver, user: &str) -> Vec<String> {
-    let v: Value = reqwest::Client::new()
-        .get(format!(
-            "{}/_matrix/client/v3/devices?user_id={}",
-            hs.url,
-            enc(user)
-        ))
-        .bearer_auth(AS_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap_or(Value::Null);
-    v["devices"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|d| d["device_id"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Who whoami says the caller is, as `user|device`.
 fn who(a: &Answer) -> String {
     format!(
@@ -507,7 +482,7 @@ async fn hostile_suite(kind: HsKind, binding: &str) {
 
     // 6. Appservice-only and OP-owned endpoints in other spellings: mallory's own session and
     //    devices survive them, and no appservice power is lent.
-    let before = devices_at_homeserver(&s.hs, ATTACKER).await;
+    let before = s.hs.device_ids(ATTACKER).await;
     let (_, ping) = mallory
         .json(
             Method::POST,
@@ -565,7 +540,7 @@ async fn hostile_suite(kind: HsKind, binding: &str) {
             format!("{} {}", a.0, a.1),
         );
     }
-    let after = devices_at_homeserver(&s.hs, ATTACKER).await;
+    let after = s.hs.device_ids(ATTACKER).await;
     f.check(
         "mallory's devices unchanged",
         before == after,
@@ -573,7 +548,7 @@ async fn hostile_suite(kind: HsKind, binding: &str) {
     );
     f.check(
         "alice's device unchanged",
-        devices_at_homeserver(&s.hs, VICTIM)
+        s.hs.device_ids(VICTIM)
             .await
             .contains(&VICTIM_DEV.to_owned()),
         "alice's device is gone",
@@ -602,7 +577,8 @@ async fn hostile_suite(kind: HsKind, binding: &str) {
     f.check(
         "issuer B's logout of its alice",
         a.0 == 200
-            && devices_at_homeserver(&s.hs, VICTIM)
+            && s.hs
+                .device_ids(VICTIM)
                 .await
                 .contains(&VICTIM_DEV.to_owned()),
         format!("{} {}: issuer A's alice was signed out", a.0, a.1),

@@ -209,6 +209,52 @@ rc_presence:
         }
     }
 
+    /// The device IDs the homeserver lists for `user`, sorted (asked directly, with the AS
+    /// token).
+    pub async fn device_ids(&self, user: &str) -> Vec<String> {
+        let user: String = form_urlencoded::byte_serialize(user.as_bytes()).collect();
+        let v: serde_json::Value = reqwest::Client::new()
+            .get(format!(
+                "{}/_matrix/client/v3/devices?user_id={user}",
+                self.url
+            ))
+            .bearer_auth(AS_TOKEN)
+            .send()
+            .await
+            .expect("the homeserver")
+            .json()
+            .await
+            .unwrap_or_default();
+        let mut ids: Vec<String> = v["devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d["device_id"].as_str().map(str::to_owned))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Asserts that `stored`, a device token as the gateway keeps it, is sealed and is refused
+    /// by the homeserver as a credential.
+    pub async fn assert_sealed_token_is_no_credential(&self, stored: &str) {
+        assert!(
+            stored.starts_with("mog1:"),
+            "a device token is stored in the clear"
+        );
+        let r = reqwest::Client::new()
+            .get(format!("{}/_matrix/client/v3/account/whoami", self.url))
+            .bearer_auth(stored)
+            .send()
+            .await
+            .expect("the homeserver");
+        assert_eq!(
+            r.status(),
+            401,
+            "the stored form works as a homeserver token"
+        );
+    }
+
     /// Who uploaded `media_id`, as the homeserver recorded it (read from its sqlite database).
     pub fn media_owner(&self, media_id: &str) -> Option<String> {
         let (db, sql) = match self.kind {
