@@ -279,6 +279,13 @@ impl Verifier {
                         }
                         Ok(None) => {
                             if !redis.locked(&lock).await.unwrap_or(false) {
+                                // The holder may have stored its verdict and unlocked between
+                                // the two reads: look once more before deciding here.
+                                if let Ok(Some(bytes)) = redis.cache_get(&id).await {
+                                    if let Some(v) = read(bytes) {
+                                        return Ok(v);
+                                    }
+                                }
                                 break;
                             }
                         }
