@@ -434,6 +434,41 @@ async fn expires_in_bounds_the_cache_too() {
 }
 
 #[tokio::test]
+async fn extreme_times_from_the_op_neither_overflow_nor_pass_when_past() {
+    let f = Fakes::start().await;
+    let with = |fields: Value| {
+        let mut a = active("alice", &full_scope("D1"));
+        for (k, v) in fields.as_object().unwrap() {
+            a[k] = v.clone();
+        }
+        a
+    };
+    // "max-exp" is asked twice: once now, once after max_ttl (a far-future `exp` does not
+    // extend the cache past it).
+    for (token, fields, times) in [
+        ("max-exp", json!({"exp": i64::MAX}), 2),
+        ("max-expires-in", json!({"expires_in": i64::MAX}), 1),
+        ("max-iat", json!({"iat": i64::MAX}), 1),
+        ("neg-iat", json!({"iat": i64::MIN}), 1),
+    ] {
+        f.introspection(token, with(fields), times).await;
+    }
+    f.introspection("min-exp", with(json!({"exp": i64::MIN})), 1)
+        .await;
+    f.introspection("neg-expires-in", with(json!({"expires_in": -5})), 1)
+        .await;
+    let gw = spawn(&f.config("")).await;
+    for token in ["max-exp", "max-expires-in", "max-iat", "neg-iat"] {
+        assert_eq!(get(&gw, SYNC, Some(token)).await.status(), 200, "{token}");
+    }
+    for token in ["min-exp", "neg-expires-in"] {
+        assert_matrix_error(get(&gw, SYNC, Some(token)).await, 401, "M_UNKNOWN_TOKEN").await;
+    }
+    gw.clock.advance(Duration::from_secs(121));
+    assert_eq!(get(&gw, SYNC, Some("max-exp")).await.status(), 200);
+}
+
+#[tokio::test]
 async fn active_entries_are_reintrospected_after_max_ttl() {
     let f = Fakes::start().await;
     f.introspection("m", active("alice", &full_scope("D1")), 2)

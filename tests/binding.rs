@@ -666,3 +666,81 @@ async fn pins_from_before_issuer_scoping_are_upgraded_only_with_a_single_issuer(
         "{pinned:?}"
     );
 }
+
+#[tokio::test]
+async fn the_cross_signing_guard_fails_closed() {
+    let f = Fakes::start().await;
+    let answers = [
+        (
+            "malformed",
+            ResponseTemplate::new(200).set_body_string("<html>ok</html>"),
+        ),
+        ("array", ResponseTemplate::new(200).set_body_json(json!([]))),
+        (
+            "wrongtype",
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"device_keys": {}, "master_keys": "x"})),
+        ),
+        (
+            "storefail",
+            ResponseTemplate::new(200).set_body_json(json!({
+                "device_keys": {}, "master_keys": {"@storefail:example.org": {"keys": {}}}
+            })),
+        ),
+    ];
+    for (user, answer) in answers {
+        f.introspection(user, active(user, &full_scope("D1")), 1)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/_matrix/client/v3/keys/query"))
+            .and(wiremock::matchers::body_string_contains(
+                format!("@{user}:example.org").as_str(),
+            ))
+            .respond_with(answer)
+            .with_priority(1)
+            .mount(&f.hs)
+            .await;
+    }
+    for p in [
+        "/_matrix/client/v3/register",
+        "/_matrix/client/v3/devices/D1",
+    ] {
+        Mock::given(wiremock::matchers::any())
+            .and(path(p))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+            .with_priority(1)
+            .mount(&f.hs)
+            .await;
+    }
+    let gw = spawn(&f.config_hs(&hs_cfg("synapse", "appservice_masquerade"), "")).await;
+    let upload = |tok: &'static str| {
+        client()
+            .post(gw.url("/_matrix/client/v3/keys/device_signing/upload"))
+            .bearer_auth(tok)
+            .json(&json!({"master_key": {}}))
+            .send()
+    };
+    // A keys/query answer that is not one must not read as "no master key yet".
+    for tok in ["malformed", "array", "wrongtype"] {
+        let r = upload(tok).await.unwrap();
+        assert_eq!(r.status(), 503, "{tok}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["errcode"], "M_UNKNOWN", "{tok}: {body}");
+    }
+    // The state store fails while the guard looks for an approval: a 503, never a 401.
+    rusqlite::Connection::open(f.state.path().join("state.sqlite3"))
+        .unwrap()
+        .execute_batch("DROP TABLE cross_signing_resets")
+        .unwrap();
+    let r = upload("storefail").await.unwrap();
+    assert_eq!(r.status(), 503);
+    // None of these reached the homeserver's upload endpoint.
+    let uploads =
+        f.hs.received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r.url.path().ends_with("device_signing/upload"))
+            .count();
+    assert_eq!(uploads, 0);
+}

@@ -388,8 +388,11 @@ impl Verifier {
             None if issuer.require_token_type => return negative(RejectReason::NotAccessToken),
             _ => {}
         }
-        let from_exp = a.exp.map(|e| e.max(0) as u64 * 1000);
-        let from_expires_in = a.expires_in.map(|s| now + s.max(0) as u64 * 1000);
+        // OP input: saturating arithmetic, so no value overflows (`exp = i64::MAX` is "far
+        // future", a negative one long past).
+        let secs_to_ms = |s: i64| (s.max(0) as u64).saturating_mul(1000);
+        let from_exp = a.exp.map(secs_to_ms);
+        let from_expires_in = a.expires_in.map(|s| now.saturating_add(secs_to_ms(s)));
         let expires_at_ms = match (from_exp, from_expires_in) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -416,7 +419,7 @@ impl Verifier {
             sid: a.sid,
             expires_at_ms,
             // Without `iat`, the time the OP vouched for it.
-            issued_at_ms: a.iat.map_or(now, |i| i.max(0) as u64 * 1000),
+            issued_at_ms: a.iat.map_or(now, secs_to_ms),
             all,
         };
         self.verdict_from_claims(claims, jti, now)

@@ -293,7 +293,18 @@ impl Binder {
                 BindingFailure::Unreachable,
             ));
         }
+        // The guard fails closed: an answer that is not a keys/query answer is no "no key".
         let answer: Value = resp.json().await.unwrap_or(Value::Null);
+        if !answer.get("device_keys").is_some_and(Value::is_object)
+            || answer.get("master_keys").is_some_and(|m| !m.is_object())
+        {
+            tracing::error!(
+                "the homeserver's keys/query answer is malformed; cross-signing guard refuses"
+            );
+            return Err(GatewayError::BindingUnavailable(
+                BindingFailure::Unreachable,
+            ));
+        }
         Ok(answer["master_keys"].get(&bound.user_id).is_some())
     }
 

@@ -13,7 +13,7 @@ use super::Gateway;
 use crate::auth::{Access, TokenHash};
 use crate::binding::Credential;
 use crate::config::BindingMode;
-use crate::error::{GatewayError, MissingTokenReason};
+use crate::error::{BindingFailure, GatewayError, MissingTokenReason};
 
 /// The decision of the request_filter phase.
 #[derive(Debug)]
@@ -107,7 +107,10 @@ pub async fn authenticate(
             .store()
             .take_cross_signing_reset(&identity.user_id, gw.clock.now_ms())
             .await
-            .unwrap_or(false);
+            .map_err(|e| {
+                tracing::error!(error = %e, "state store failed during the cross-signing guard");
+                GatewayError::BindingUnavailable(BindingFailure::Store)
+            })?;
         if !approved {
             return Err(GatewayError::CrossSigningResetRequired);
         }
