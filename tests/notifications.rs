@@ -334,6 +334,64 @@ async fn logout_signs_the_bound_device_out_upstream() {
     assert_eq!(devices["devices"], json!([]), "the binding was not dropped");
 }
 
+#[tokio::test]
+async fn a_failed_upstream_sign_out_is_a_503_and_the_retry_completes_it() {
+    let hs = "kind = \"dendrite\"\nas_token = \"as-token\"";
+    let (f, gw, issuer) = setup("", hs).await;
+    for (p, answer) in [
+        ("/_matrix/client/v3/register", json!({})),
+        (
+            "/_matrix/client/v3/login",
+            json!({"access_token": "alice-upstream", "device_id": "ALICEDEV01"}),
+        ),
+    ] {
+        Mock::given(method("POST"))
+            .and(path(p))
+            .respond_with(ResponseTemplate::new(200).set_body_json(answer))
+            .with_priority(1)
+            .mount(&f.hs)
+            .await;
+    }
+    // The homeserver fails the upstream logout once, then recovers.
+    Mock::given(method("POST"))
+        .and(path("/_matrix/client/v3/logout"))
+        .respond_with(ResponseTemplate::new(500).set_body_json(json!({"errcode": "M_UNKNOWN"})))
+        .with_priority(1)
+        .up_to_n_times(1)
+        .expect(1)
+        .mount(&f.hs)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/_matrix/client/v3/logout"))
+        .and(header("authorization", "Bearer alice-upstream"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .with_priority(2)
+        .expect(1)
+        .mount(&f.hs)
+        .await;
+    assert_eq!(status(&gw, "alice-token").await, 200);
+    let token = logout_token(&logout_claims(&issuer));
+    let (code, body) = post_logout(&gw, &token).await;
+    assert_eq!(
+        code, 503,
+        "a sign-out that did not happen must not be a 200: {body}"
+    );
+    // The session's tokens are refused already; the device is still bound, to be signed out.
+    assert_eq!(status(&gw, "alice-token").await, 401);
+    let p = "/admin/v1/users/@alice:example.org/devices";
+    assert_eq!(admin_devices(&gw, p).await, json!(["ALICEDEV01"]));
+    // The OP retries the same logout token: accepted (not a replay), and completed.
+    let (code, body) = post_logout(&gw, &token).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(admin_devices(&gw, p).await, json!([]));
+    // A replay of a logout that succeeded is still refused.
+    assert_eq!(post_logout(&gw, &token).await.0, 400);
+}
+
+async fn admin_devices(gw: &TestGateway, p: &str) -> Value {
+    admin(gw, reqwest::Method::GET, p, None).await.1["devices"].clone()
+}
+
 async fn admin(gw: &TestGateway, m: reqwest::Method, p: &str, body: Option<Value>) -> (u16, Value) {
     let mut r = client()
         .request(m, gw.admin_url(p))

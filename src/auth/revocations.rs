@@ -9,7 +9,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use super::identity::{issuer_scoped, ISSUER_SEP};
 use super::{Identity, TokenHash};
@@ -117,7 +119,8 @@ impl Revocations {
     pub async fn load_from(&self, store: &dyn Store, now_ms: u64) -> Result<usize, StoreError> {
         let rows = store.revocations(now_ms).await?;
         let mut n = 0;
-        if let Ok(mut map) = self.entries.write() {
+        {
+            let mut map = self.entries.write();
             for (key, at_ms, until_ms) in rows {
                 if let Some(sel) = Selector::from_key(&key) {
                     for sel in self.scope_legacy(sel) {
@@ -141,7 +144,8 @@ impl Revocations {
         self.store
             .put_revocation(&selector.key(), now_ms, until_ms)
             .await?;
-        if let Ok(mut map) = self.entries.write() {
+        {
+            let mut map = self.entries.write();
             map.retain(|_, e| e.until_ms > now_ms);
             map.insert(
                 selector,
@@ -157,7 +161,8 @@ impl Revocations {
 
     /// Applies a revocation made elsewhere (already persisted by its maker).
     pub fn remember(&self, selector: Selector, at_ms: u64, until_ms: u64) {
-        if let Ok(mut map) = self.entries.write() {
+        {
+            let mut map = self.entries.write();
             for selector in self.scope_legacy(selector) {
                 map.insert(selector, Entry { at_ms, until_ms });
             }
@@ -170,9 +175,9 @@ impl Revocations {
         if !self.any.load(Ordering::Acquire) {
             return false;
         }
-        let Ok(map) = self.entries.read() else {
-            return false;
-        };
+        // parking_lot's lock does not poison: a panic elsewhere cannot turn this into "not
+        // revoked".
+        let map = self.entries.read();
         let live = |sel: &Selector| map.get(sel).filter(|e| e.until_ms > now_ms);
         let before = |sel: &Selector| live(sel).is_some_and(|e| identity.issued_at_ms < e.at_ms);
         live(&Selector::Token(*token)).is_some()
@@ -189,7 +194,7 @@ impl Revocations {
 
     /// Number of revocations held.
     pub fn len(&self) -> usize {
-        self.entries.read().map(|m| m.len()).unwrap_or(0)
+        self.entries.read().len()
     }
 
     /// Whether none are held.
@@ -312,5 +317,28 @@ mod tests {
         ] {
             assert_eq!(Selector::from_key(&sel.key()), Some(sel));
         }
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_the_list_is_locked_does_not_unrevoke_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let r = Arc::new(Revocations::new(store, &["https://op-a".to_owned()]));
+        let t = TokenHash::of("tok");
+        r.revoke(Selector::User("@a:x".into()), 1_000, 10_000)
+            .await
+            .unwrap();
+        assert!(r.is_revoked(&id(500), &t, 2_000));
+        let held = r.clone();
+        let crashed = std::thread::spawn(move || {
+            let _guard = held.entries.write();
+            panic!("a bug while holding the lock");
+        })
+        .join();
+        assert!(crashed.is_err());
+        assert!(
+            r.is_revoked(&id(500), &t, 2_000),
+            "a poisoned lock must not read as 'not revoked'"
+        );
     }
 }

@@ -104,7 +104,12 @@ impl Gateway {
     async fn serve(&self, session: &mut Session, ctx: &mut Ctx, what: Served) -> Result<bool> {
         match what {
             Served::BackchannelLogout => {
-                notifications::backchannel_logout(session, &self.notifier).await?;
+                notifications::backchannel_logout(
+                    session,
+                    &self.notifier,
+                    u64::from(self.config.auth.retry_after_secs),
+                )
+                .await?;
                 return Ok(true);
             }
             Served::Revocation => {

@@ -29,8 +29,14 @@ fn oauth_error(description: &str) -> serde_json::Value {
 }
 
 /// `POST <backchannel_logout_path>`: 200 once every cached identity of the session is purged
-/// (and its devices signed out upstream); 400 `invalid_request` for any invalid logout token.
-pub async fn backchannel_logout(session: &mut Session, notifier: &Notifier) -> Result<u16> {
+/// and its devices are signed out upstream; 400 `invalid_request` for any invalid logout token;
+/// 503 `temporarily_unavailable` with `Retry-After` when the gateway could not do the work (keys,
+/// store or homeserver unavailable), so the OP retries.
+pub async fn backchannel_logout(
+    session: &mut Session,
+    notifier: &Notifier,
+    retry_after: u64,
+) -> Result<u16> {
     let Some(body) = read_body(session).await? else {
         session.set_keepalive(None);
         respond::json_response(session, 400, &oauth_error("body too large"), &[]).await?;
@@ -47,6 +53,15 @@ pub async fn backchannel_logout(session: &mut Session, notifier: &Notifier) -> R
         Ok(_) => {
             respond::json_response(session, 200, &json!({}), &[]).await?;
             Ok(200)
+        }
+        Err(why) if why.is_fault() => {
+            // A fault, not a bad token: the OP is to retry (OpenID Back-Channel Logout 1.0 §2.8
+            // lets it), and nothing was answered 200 that did not happen.
+            let body =
+                json!({"error": "temporarily_unavailable", "error_description": why.as_label()});
+            let retry = ("Retry-After", retry_after.to_string());
+            respond::json_response(session, 503, &body, &[retry]).await?;
+            Ok(503)
         }
         Err(why) => {
             respond::json_response(session, 400, &oauth_error(why.as_label()), &[]).await?;

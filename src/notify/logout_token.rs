@@ -50,6 +50,15 @@ pub enum LogoutRejection {
     Replay,
     /// The keys could not be loaded.
     Keys,
+    /// The state store could not check or record the `jti` (a fault: 503, the OP retries).
+    Unavailable,
+}
+
+impl LogoutRejection {
+    /// Whether this is a fault on the gateway's side (503, retry) rather than a bad token (400).
+    pub fn is_fault(self) -> bool {
+        matches!(self, LogoutRejection::Keys | LogoutRejection::Unavailable)
+    }
 }
 
 impl LogoutRejection {
@@ -67,6 +76,7 @@ impl LogoutRejection {
             LogoutRejection::Events => "events",
             LogoutRejection::Nonce => "nonce",
             LogoutRejection::Replay => "replay",
+            LogoutRejection::Unavailable => "unavailable",
             LogoutRejection::Keys => "keys",
         }
     }
@@ -86,6 +96,7 @@ impl LogoutRejection {
             LogoutRejection::Nonce => "nonce present",
             LogoutRejection::Replay => "jti missing or replayed",
             LogoutRejection::Keys => "issuer keys unavailable",
+            LogoutRejection::Unavailable => "temporarily unavailable",
         }
     }
 }
@@ -99,6 +110,8 @@ pub struct LogoutEvent {
     pub sub: Option<String>,
     /// `sid`, if present.
     pub sid: Option<String>,
+    /// How the token's `jti` is remembered (to forget it when the logout fails).
+    pub jti_key: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,13 +242,14 @@ impl LogoutValidator {
             return Err(R::Nonce);
         }
         let jti = claims.jti.ok_or(R::Replay)?;
+        let jti_key = format!("{iss}\u{1f}{jti}");
         // Remembered until the token expires (plus leeway): a replay inside that window fails.
         let until_ms = ((exp + leeway) * 1000.0) as u64;
         let fresh = self
             .store
-            .remember_jti(&format!("{iss}\u{1f}{jti}"), until_ms, self.clock.now_ms())
+            .remember_jti(&jti_key, until_ms, self.clock.now_ms())
             .await
-            .map_err(|_| R::Replay)?;
+            .map_err(|_| R::Unavailable)?;
         if !fresh {
             return Err(R::Replay);
         }
@@ -243,6 +257,7 @@ impl LogoutValidator {
             issuer: iss,
             sub: claims.sub,
             sid: claims.sid,
+            jti_key,
         })
     }
 }

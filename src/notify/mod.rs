@@ -139,23 +139,29 @@ impl Notifier {
         Ok(())
     }
 
+    /// Signs every pair out upstream (all are tried); an error when any of them failed, so
+    /// the caller answers 5xx and the work is retried (the tokens are refused already).
     async fn sign_out(
         &self,
         source: Source,
         pairs: BTreeSet<(String, String)>,
         purged: usize,
-    ) -> SignOut {
+    ) -> Result<SignOut, GatewayError> {
         let mut devices = Vec::new();
+        let mut failure = None;
         for (user, device) in pairs {
             match self.binder.sign_out_device(&user, &device).await {
                 Ok(()) => devices.push((user, device)),
-                Err(e) => tracing::error!(
-                    user = %user,
-                    device = %device,
-                    source = source.as_label(),
-                    reason = e.reason_label(),
-                    "upstream sign-out failed; the gateway refuses the session's tokens regardless"
-                ),
+                Err(e) => {
+                    tracing::error!(
+                        user = %user,
+                        device = %device,
+                        source = source.as_label(),
+                        reason = e.reason_label(),
+                        "upstream sign-out failed; the gateway refuses the session's tokens regardless, and the caller is told to retry"
+                    );
+                    failure = Some(e);
+                }
             }
         }
         tracing::info!(
@@ -170,7 +176,10 @@ impl Notifier {
         crate::metrics::PURGED
             .with_label_values(&[source.as_label()])
             .inc_by(purged as u64);
-        SignOut { purged, devices }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(SignOut { purged, devices }),
+        }
     }
 
     fn pairs(identities: &[Arc<Identity>]) -> BTreeSet<(String, String)> {
@@ -188,14 +197,30 @@ impl Notifier {
                 .with_label_values(&[r.metric_label()])
                 .inc();
         })?;
-        self.end_session(
-            &event.issuer,
-            event.sid.as_deref(),
-            event.sub.as_deref(),
-            Source::BackchannelLogout,
-        )
-        .await
-        .map_err(|_| LogoutRejection::Keys)
+        let done = self
+            .end_session(
+                &event.issuer,
+                event.sid.as_deref(),
+                event.sub.as_deref(),
+                Source::BackchannelLogout,
+            )
+            .await;
+        match done {
+            Ok(out) => Ok(out),
+            Err(e) => {
+                // Not carried out: the OP is answered 503, and its retry of this very token
+                // must be accepted, so the `jti` is forgotten before the answer (the
+                // revocation, if it was recorded, stays).
+                tracing::error!(
+                    reason = e.reason_label(),
+                    "back-channel logout not completed; the OP is asked to retry"
+                );
+                if let Err(e) = self.binder.store().forget_jti(&event.jti_key).await {
+                    tracing::error!(error = %e, "cannot forget a logout jti; a retry of it will be refused as a replay");
+                }
+                Err(LogoutRejection::Unavailable)
+            }
+        }
     }
 
     /// Ends an OP session of `issuer`: by `sid` when given, else every session of `sub`.
@@ -238,7 +263,7 @@ impl Notifier {
             return Ok(SignOut::default());
         };
         pairs.retain(|(_, d)| !d.is_empty());
-        Ok(self.sign_out(source, pairs, purged).await)
+        self.sign_out(source, pairs, purged).await
     }
 
     /// Revokes one session (user + device): refuses its tokens, signs the device out.
@@ -255,7 +280,7 @@ impl Notifier {
             .purge_where(|i| i.user_id == user && i.device_id.as_deref() == Some(device))
             .await;
         let pairs = BTreeSet::from([(user.to_owned(), device.to_owned())]);
-        Ok(self.sign_out(source, pairs, purged.len()).await)
+        self.sign_out(source, pairs, purged.len()).await
     }
 
     /// Signs out every session of a user.

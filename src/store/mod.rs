@@ -122,4 +122,7 @@ pub trait Store: Send + Sync + 'static {
     /// (a replay).
     async fn remember_jti(&self, jti: &str, until_ms: u64, now_ms: u64)
         -> Result<bool, StoreError>;
+    /// Forgets a remembered `jti` (its logout could not be carried out: the OP's retry must
+    /// not count as a replay).
+    async fn forget_jti(&self, jti: &str) -> Result<(), StoreError>;
 }

@@ -640,6 +640,11 @@ impl Store for RedisStore {
         Ok(out)
     }
 
+    async fn forget_jti(&self, jti: &str) -> Result<(), StoreError> {
+        let r = &self.redis;
+        r.q::<()>(redis::cmd("DEL").arg(r.key(&["jti", jti]))).await
+    }
+
     async fn remember_jti(
         &self,
         jti: &str,

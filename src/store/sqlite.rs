@@ -427,6 +427,15 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn forget_jti(&self, jti: &str) -> Result<(), StoreError> {
+        let j = jti.to_owned();
+        self.run(move |c| {
+            c.execute("DELETE FROM logout_jtis WHERE jti = ?1", params![j])
+                .map(|_| ())
+        })
+        .await
+    }
+
     async fn remember_jti(
         &self,
         jti: &str,
