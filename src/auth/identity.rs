@@ -80,6 +80,14 @@ impl Identity {
         issuer_scoped(&self.issuer, &self.subject)
     }
 
+    /// Whether `key` is this identity's [`Identity::subject_key`] (no allocation: the pin check
+    /// runs on every request).
+    pub fn owns_subject_key(&self, key: &str) -> bool {
+        key.strip_prefix(&*self.issuer)
+            .and_then(|rest| rest.strip_prefix(ISSUER_SEP))
+            .is_some_and(|sub| sub == self.subject)
+    }
+
     /// The issuer-scoped OP session, when known.
     pub fn session_key(&self) -> Option<String> {
         self.session_id
@@ -396,5 +404,17 @@ mod tests {
             build(&c),
             Err(IdentityError::Reject(RejectReason::NoSubject))
         );
+    }
+
+    #[test]
+    fn subject_keys_are_issuer_scoped() {
+        let mut id = build(&claims(SCOPE_API, json!({"username": "alice"}))).unwrap();
+        id.issuer = "https://op-a".into();
+        assert!(id.owns_subject_key(&id.subject_key()));
+        assert!(id.owns_subject_key(&issuer_scoped("https://op-a", "sub-1")));
+        assert!(!id.owns_subject_key(&issuer_scoped("https://op-b", "sub-1")));
+        assert!(!id.owns_subject_key(&issuer_scoped("https://op-a", "sub-10")));
+        assert!(!id.owns_subject_key("sub-1"), "a bare, unscoped subject");
+        assert!(!id.owns_subject_key(&issuer_scoped("https://op-a\u{1f}sub", "1")));
     }
 }

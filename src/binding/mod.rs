@@ -321,7 +321,7 @@ impl Binder {
         if state.tombstoned {
             return Err(GatewayError::UserDeactivated);
         }
-        if *state.owner != identity.subject_key() {
+        if !identity.owns_subject_key(&state.owner) {
             tracing::warn!(
                 user = %identity.user_id,
                 "a token's subject does not own this user ID (reassigned username at the OP?); refused until an operator re-pins it"

@@ -34,10 +34,13 @@ pub fn has_form_body(req: &RequestHeader) -> bool {
         .get_all(http::header::CONTENT_TYPE)
         .iter()
         .any(|v| {
-            let v = v.as_bytes().to_ascii_lowercase();
             [&b"x-www-form-urlencoded"[..], b"multipart/form-data"]
                 .iter()
-                .any(|needle| v.windows(needle.len()).any(|w| w == *needle))
+                .any(|needle| {
+                    v.as_bytes()
+                        .windows(needle.len())
+                        .any(|w| w.eq_ignore_ascii_case(needle))
+                })
         })
 }
 

@@ -49,38 +49,44 @@ pub fn signature(
     )
 }
 
-/// The form frameworks compare header names in: ASCII lower case, `_` read as `-` (CGI/WSGI
-/// and nginx's `underscores_in_headers` merge `X_Matrix_User_Id` into `X-Matrix-User-Id`).
-fn folded(name: &str) -> String {
-    name.bytes()
-        .map(|b| match b {
-            b'_' => '-',
-            b => b.to_ascii_lowercase() as char,
-        })
-        .collect()
+/// Whether two header names are the same for an upstream framework: ASCII case ignored and
+/// `_` read as `-` (CGI/WSGI, and nginx's `underscores_in_headers`, merge `X_Matrix_User_Id`
+/// into `X-Matrix-User-Id`). No allocation: this runs for every header of every request.
+fn same_folded(a: &str, b: &str) -> bool {
+    let fold = |c: u8| {
+        if c == b'_' {
+            b'-'
+        } else {
+            c.to_ascii_lowercase()
+        }
+    };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
 }
 
 /// Removes every header a client could spoof: each configured name in every spelling an
 /// upstream framework could merge with it (any case, `_` for `-`), every repeat.
 pub fn strip(req: &mut RequestHeader, names: &IdentityHeaders, client_route: bool) {
-    let spoofable: Vec<String> = [
+    let fixed = [
         &names.user_id,
         &names.device_id,
         &names.scope,
         &names.guest,
         &names.subject,
         &names.signature,
-    ]
-    .into_iter()
-    .chain(names.also_strip.iter())
-    .map(|n| folded(n.as_str()))
-    .collect();
-    let doomed: Vec<http::HeaderName> = req
-        .headers
-        .keys()
-        .filter(|k| spoofable.contains(&folded(k.as_str())))
-        .cloned()
-        .collect();
+    ];
+    let spoofable = |k: &http::HeaderName| {
+        fixed
+            .into_iter()
+            .chain(names.also_strip.iter())
+            .any(|n| same_folded(k.as_str(), n.as_str()))
+    };
+    // Allocates only when a client did send such a header.
+    let mut doomed: Vec<http::HeaderName> = Vec::new();
+    for k in req.headers.keys() {
+        if spoofable(k) {
+            doomed.push(k.clone());
+        }
+    }
     for name in doomed {
         while req.remove_header(&name).is_some() {}
     }
