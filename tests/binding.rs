@@ -274,14 +274,7 @@ async fn bindings_and_pins_survive_a_restart() {
         assert_eq!(get(&gw, SYNC, "t").await.status(), 200);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let cfg2 = cfg.replace(
-        &cfg.lines()
-            .find(|l| l.starts_with("public = "))
-            .unwrap()
-            .to_owned(),
-        &format!("public = \"127.0.0.1:{}\"", free_port()),
-    );
-    let gw = spawn(&cfg2).await;
+    let gw = spawn(&on_fresh_ports(&cfg)).await;
     let echo: Value = get(&gw, SYNC, "t").await.json().await.unwrap();
     assert_eq!(
         echo["headers"]["authorization"],

@@ -295,22 +295,7 @@ async fn logout_signs_the_bound_device_out_upstream() {
     let hs = "kind = \"dendrite\"\nas_token = \"as-token\"";
     let f_cfg = "";
     let (f, gw, issuer) = setup(f_cfg, hs).await;
-    Mock::given(method("POST"))
-        .and(path("/_matrix/client/v3/register"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
-        .with_priority(1)
-        .mount(&f.hs)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/_matrix/client/v3/login"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(
-                json!({"access_token": "alice-upstream", "device_id": "ALICEDEV01"}),
-            ),
-        )
-        .with_priority(1)
-        .mount(&f.hs)
-        .await;
+    mount_alice_provisioning(&f.hs).await;
     Mock::given(method("POST"))
         .and(path("/_matrix/client/v3/logout"))
         .and(header("authorization", "Bearer alice-upstream"))
@@ -338,20 +323,7 @@ async fn logout_signs_the_bound_device_out_upstream() {
 async fn a_failed_upstream_sign_out_is_a_503_and_the_retry_completes_it() {
     let hs = "kind = \"dendrite\"\nas_token = \"as-token\"";
     let (f, gw, issuer) = setup("", hs).await;
-    for (p, answer) in [
-        ("/_matrix/client/v3/register", json!({})),
-        (
-            "/_matrix/client/v3/login",
-            json!({"access_token": "alice-upstream", "device_id": "ALICEDEV01"}),
-        ),
-    ] {
-        Mock::given(method("POST"))
-            .and(path(p))
-            .respond_with(ResponseTemplate::new(200).set_body_json(answer))
-            .with_priority(1)
-            .mount(&f.hs)
-            .await;
-    }
+    mount_alice_provisioning(&f.hs).await;
     // The homeserver fails the upstream logout once, then recovers.
     Mock::given(method("POST"))
         .and(path("/_matrix/client/v3/logout"))
@@ -386,6 +358,24 @@ async fn a_failed_upstream_sign_out_is_a_503_and_the_retry_completes_it() {
     assert_eq!(admin_devices(&gw, p).await, json!([]));
     // A replay of a logout that succeeded is still refused.
     assert_eq!(post_logout(&gw, &token).await.0, 400);
+}
+
+/// The homeserver registers alice and logs her device ALICEDEV01 in with token `alice-upstream`.
+async fn mount_alice_provisioning(hs: &wiremock::MockServer) {
+    for (p, answer) in [
+        ("/_matrix/client/v3/register", json!({})),
+        (
+            "/_matrix/client/v3/login",
+            json!({"access_token": "alice-upstream", "device_id": "ALICEDEV01"}),
+        ),
+    ] {
+        Mock::given(method("POST"))
+            .and(path(p))
+            .respond_with(ResponseTemplate::new(200).set_body_json(answer))
+            .with_priority(1)
+            .mount(hs)
+            .await;
+    }
 }
 
 async fn admin_devices(gw: &TestGateway, p: &str) -> Value {
