@@ -28,7 +28,7 @@ use crate::auth::Identity;
 use crate::config::{BindingMode, Config, HomeserverKind, Secret};
 use crate::error::{BindingFailure, GatewayError};
 use crate::store::redis::{Event, Redis};
-use crate::store::seal::{device_context, is_sealed, SealError, Sealer};
+use crate::store::seal::{device_context, is_sealed, put_sealed, SealError, Sealer};
 use crate::store::{DeviceRecord, Pin, Store};
 
 /// How upstream requests of one bound identity authenticate.
@@ -294,8 +294,8 @@ impl Binder {
             ));
         }
         // The guard fails closed: an answer that is not a keys/query answer is no "no key".
-        let answer: Value = resp.json().await.unwrap_or(Value::Null);
         // (Some homeservers leave out empty maps, so only the shape is required.)
+        let answer: Value = resp.json().await.unwrap_or(Value::Null);
         if !answer.is_object() || answer.get("master_keys").is_some_and(|m| !m.is_object()) {
             tracing::error!(
                 "the homeserver's keys/query answer is malformed; cross-signing guard refuses"
@@ -426,18 +426,20 @@ impl Binder {
 
     /// Remembers which OP session a device belongs to (for back-channel logout by `sid`).
     async fn record_session(&self, identity: &Identity, device: Option<&str>) {
-        let (Some(sid), Some(device)) = (identity.session_key(), device) else {
+        let (Some(sid), Some(device)) = (&identity.session_id, device) else {
             return;
         };
+        // Runs on every request: the issuer-scoped key is only built when it must be stored.
         let key = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            (&sid, &identity.user_id, device).hash(&mut h);
+            (&*identity.issuer, sid, &identity.user_id, device).hash(&mut h);
             h.finish()
         };
         if self.sessions_seen.get(&key).await.is_some() {
             return;
         }
+        let sid = issuer_scoped(&identity.issuer, sid);
         match self
             .store
             .record_session(&sid, &identity.user_id, device)
@@ -731,7 +733,7 @@ impl Binder {
             if let Some(rec) = self.store.device(user_id, d).await.map_err(store_failed)? {
                 match (self.mode, rec.upstream_token) {
                     (BindingMode::AppserviceLogin, Some(stored)) => {
-                        // A token that no configured key opens is replaced by a new login.
+                        // A stored value not to be trusted is replaced by a new login.
                         if let Some(token) = self.open_token(user_id, d, &stored).await? {
                             return Ok(self.bound(user_id, device, Credential::DeviceToken(token)));
                         }
@@ -747,11 +749,10 @@ impl Binder {
         match (self.mode, device) {
             (BindingMode::AppserviceLogin, Some(d)) => {
                 let token = self.login(user_id, &d).await?;
-                let rec = DeviceRecord {
-                    upstream_token: Some(self.seal_token(user_id, &d, &token)?),
-                };
-                self.store
-                    .put_device(user_id, &d, &rec)
+                // Configuration requires a key with appservice_login, the only mode that
+                // stores tokens.
+                let sealer = self.sealer.as_deref().ok_or(GatewayError::Internal)?;
+                put_sealed(self.store.as_ref(), sealer, user_id, &d, &token)
                     .await
                     .map_err(store_failed)?;
                 tracing::info!(user = %user_id, device = %d, "device logged in upstream");
@@ -770,22 +771,6 @@ impl Binder {
                 Ok(self.bound(user_id, Some(d), Credential::Masquerade))
             }
             (_, device) => Ok(self.bound(user_id, device, Credential::Masquerade)),
-        }
-    }
-
-    /// The stored form of a device token: sealed under `store.encryption_key`.
-    fn seal_token(
-        &self,
-        user_id: &str,
-        device_id: &str,
-        token: &str,
-    ) -> Result<String, GatewayError> {
-        match &self.sealer {
-            Some(s) => s
-                .seal(token, &device_context(user_id, device_id))
-                .map_err(|e| store_failed(crate::store::StoreError(e.to_string()))),
-            // Configuration requires a key with appservice_login, the only mode storing tokens.
-            None => Err(GatewayError::Internal),
         }
     }
 
@@ -811,13 +796,11 @@ impl Binder {
         match sealer.open(stored, &context) {
             Ok(opened) => {
                 if opened.stale {
-                    if let Ok(sealed) = sealer.seal(&opened.plaintext, &context) {
-                        let rec = DeviceRecord {
-                            upstream_token: Some(sealed),
-                        };
-                        if let Err(e) = self.store.put_device(user_id, device_id, &rec).await {
-                            tracing::warn!(error = %e, "cannot seal a device token again; kept as it was");
-                        }
+                    let store = self.store.as_ref();
+                    if let Err(e) =
+                        put_sealed(store, sealer, user_id, device_id, &opened.plaintext).await
+                    {
+                        tracing::warn!(error = %e, "cannot seal a device token again; kept as it was");
                     }
                 }
                 Ok(Some(opened.plaintext))

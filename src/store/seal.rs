@@ -266,13 +266,7 @@ pub async fn check_key_and_reseal(
         let context = device_context(&user, &device);
         match sealer.open(&stored, &context) {
             Ok(o) if o.stale => {
-                let sealed = sealer
-                    .seal(&o.plaintext, &context)
-                    .map_err(|e| super::StoreError(e.to_string()))?;
-                let record = super::DeviceRecord {
-                    upstream_token: Some(sealed),
-                };
-                store.put_device(&user, &device, &record).await?;
+                put_sealed(store, sealer, &user, &device, &o.plaintext).await?;
                 out.resealed += 1;
             }
             Ok(_) => {}
@@ -285,6 +279,24 @@ pub async fn check_key_and_reseal(
         store.put_meta(MIGRATED, "1").await?;
     }
     Ok(out)
+}
+
+/// Seals `token` for the row (user, device) and stores it there: the one way a device token
+/// reaches the store.
+pub async fn put_sealed(
+    store: &dyn super::Store,
+    sealer: &Sealer,
+    user_id: &str,
+    device_id: &str,
+    token: &str,
+) -> Result<(), super::StoreError> {
+    let sealed = sealer
+        .seal(token, &device_context(user_id, device_id))
+        .map_err(|e| super::StoreError(e.to_string()))?;
+    let record = super::DeviceRecord {
+        upstream_token: Some(sealed),
+    };
+    store.put_device(user_id, device_id, &record).await
 }
 
 /// Whether a stored value is sealed (as opposed to a plaintext token from before encryption).
