@@ -60,11 +60,39 @@ impl BackgroundService for MetadataRefresher {
 }
 
 /// Receives the other replicas' revocations and binding changes; after missing some (Redis
-/// down) it resynchronises: reloads revocations and drops what was cached before the outage.
+/// down, a failover) it resynchronises: reloads revocations and drops what was cached before the
+/// outage. The outage only ends when that reload succeeded: a replica that subscribed again but
+/// could not read the revocations keeps retrying, because until then it may accept tokens
+/// another replica revoked while it was away.
 struct Fanout {
     redis: Redis,
     notifier: Arc<Notifier>,
     clock: SharedClock,
+}
+
+impl Fanout {
+    /// Catches up after an outage that began at `since`; the number of cached verdicts dropped.
+    async fn resynchronise(&self, since: u64) -> Result<usize, StoreError> {
+        let verifier = self.notifier.verifier();
+        verifier.revocations().load(self.clock.now_ms()).await?;
+        let dropped = verifier.purge_decided_before(since).await;
+        self.notifier.binder().forget_cached();
+        Ok(dropped)
+    }
+
+    /// A subscription on the server that takes writes now (after a failover: the new master).
+    async fn subscribe(&self) -> Option<redis::aio::PubSub> {
+        let connect = async {
+            let client = self.redis.data_client().await.ok()?;
+            let mut pubsub = client.get_async_pubsub().await.ok()?;
+            pubsub.subscribe(self.redis.channel()).await.ok()?;
+            Some(pubsub)
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), connect)
+            .await
+            .ok()
+            .flatten()
+    }
 }
 
 #[async_trait]
@@ -74,21 +102,23 @@ impl BackgroundService for Fanout {
         let mut outage_since: Option<u64> = None;
         let mut backoff = std::time::Duration::from_millis(100);
         loop {
-            let pubsub = tokio::time::timeout(
-                std::time::Duration::from_secs(2),
-                self.redis.pubsub_client().get_async_pubsub(),
-            )
-            .await;
-            if let Ok(Ok(mut pubsub)) = pubsub {
-                if pubsub.subscribe(self.redis.channel()).await.is_ok() {
+            if let Some(mut pubsub) = self.subscribe().await {
+                let caught_up = match outage_since {
+                    None => true,
+                    Some(since) => match self.resynchronise(since).await {
+                        Ok(dropped) => {
+                            tracing::info!(dropped, "shared state back: resynchronised");
+                            outage_since = None;
+                            true
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "resynchronisation failed; retrying");
+                            false
+                        }
+                    },
+                };
+                if caught_up {
                     backoff = std::time::Duration::from_millis(100);
-                    if let Some(since) = outage_since.take() {
-                        let verifier = self.notifier.verifier();
-                        let _ = verifier.revocations().load(self.clock.now_ms()).await;
-                        let dropped = verifier.purge_decided_before(since).await;
-                        self.notifier.binder().forget_cached();
-                        tracing::info!(dropped, "shared state back: resynchronised");
-                    }
                     let mut messages = pubsub.on_message();
                     loop {
                         tokio::select! {

@@ -8,12 +8,17 @@ mod e2e_support;
 use std::time::{Duration, Instant};
 
 use e2e_support::homeserver::{Homeserver, HsKind, AS_TOKEN};
-use e2e_support::{GatewayProcess, Op, RedisServer};
+use e2e_support::{GatewayProcess, Op, RedisServer, Sentinel};
 use serde_json::{json, Value};
 
 const ADMIN: &str = "redis-admin-token-0123456789";
 
 fn replica(op: &Op, hs: &Homeserver, redis: &RedisServer) -> GatewayProcess {
+    replica_on(op, hs, &format!("urls = [\"{}\"]", redis.url()))
+}
+
+/// A replica whose `[redis]` section holds `redis` (plus a short command timeout).
+fn replica_on(op: &Op, hs: &Homeserver, redis: &str) -> GatewayProcess {
     GatewayProcess::start(&format!(
         r#"
 [listen]
@@ -31,7 +36,7 @@ backend = "redis"
 encryption_key = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
 [redis]
-urls = ["{redis}"]
+{redis}
 timeout = "300ms"
 
 [[issuers]]
@@ -50,7 +55,6 @@ level = "info"
 format = "json"
 "#,
         hs = hs.url,
-        redis = redis.url(),
         issuer = op.issuer,
     ))
 }
@@ -274,14 +278,7 @@ async fn three_replicas_share_one_truth() {
 
 /// Every device-token value the replicas stored in Redis (read with Debian's `redis-cli`).
 fn device_tokens_in_redis(redis: &RedisServer) -> Vec<String> {
-    let cli = |args: &[&str]| -> String {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", &redis.port.to_string(), "--raw"])
-            .args(args)
-            .output()
-            .expect("redis-cli (Debian's redis-tools, installed with redis-server)");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let cli = |args: &[&str]| redis.cli(args);
     cli(&["--scan", "--pattern", "matrix-oidc-gateway:dev:*"])
         .lines()
         .filter(|k| !k.is_empty())
@@ -293,4 +290,171 @@ fn device_tokens_in_redis(redis: &RedisServer) -> Vec<String> {
                 .collect::<Vec<_>>()
         })
         .collect()
+}
+
+async fn revoke_device(gw: &GatewayProcess, user: &str, device: &str) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/admin/v1/sessions/revoke", gw.admin))
+        .bearer_auth(ADMIN)
+        .json(&json!({"user_id": user, "device_id": device}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+}
+
+/// Polls `cond` (every 50 ms) until it holds or `cap` passes.
+async fn eventually(cap: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < cap {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// A replica that missed revocations while cut off from Redis must load them when it is back,
+/// and keep trying until that load succeeds: a failed reload is not "resynchronised".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_reload_after_an_outage_is_retried_until_it_succeeds() {
+    let op = Op::start();
+    let hs = Homeserver::start(HsKind::Dendrite);
+    let redis = RedisServer::start();
+    let (a, r) = (replica(&op, &hs, &redis), replica(&op, &hs, &redis));
+    let alice = op.mint(
+        "alice",
+        "urn:matrix:client:api:* urn:matrix:client:device:ALICEDEV01",
+    );
+    assert_eq!(whoami(&a, &alice.access_token).await.0, 200);
+    assert_eq!(whoami(&r, &alice.access_token).await.0, 200);
+
+    // Cut both replicas' subscriptions off (they cannot subscribe again), then sign alice out
+    // through replica a: replica r misses the event.
+    assert_eq!(
+        redis.cli(&["ACL", "SETUSER", "default", "-subscribe"]),
+        "OK"
+    );
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert!(
+        eventually(Duration::from_secs(10), || r
+            .logs()
+            .contains("revocation fan-out lost"))
+        .await,
+        "replica r never noticed the lost subscription"
+    );
+    revoke_device(&a, "@alice:localhost", "ALICEDEV01").await;
+    assert_eq!(whoami(&a, &alice.access_token).await.0, 401);
+
+    // Subscribing works again, but reading the revocations does not: r's first reload fails.
+    assert_eq!(
+        redis.cli(&["ACL", "SETUSER", "default", "+subscribe", "-hgetall"]),
+        "OK"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let logs = r.logs();
+            logs.contains("resynchronised") || logs.contains("resynchronisation failed")
+        })
+        .await,
+        "replica r never tried to resynchronise"
+    );
+    // The store heals; r must now load the revocation it missed and refuse alice.
+    assert_eq!(redis.cli(&["ACL", "SETUSER", "default", "+hgetall"]), "OK");
+    let took = refused_within(&r, &alice.access_token, Duration::from_secs(15)).await;
+    assert!(
+        took.is_some(),
+        "replica r still accepts a token revoked while it was cut off: its failed reload was never retried"
+    );
+}
+
+/// Redis Sentinel for real: one master, one replica, one sentinel. Fan-out reaches the other
+/// replica (the subscription is on the master, not on the sentinel), and after the master is
+/// killed and the sentinel promotes the replica, writes and fan-out follow the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sentinel_failover_keeps_writes_and_fan_out() {
+    let op = Op::start();
+    let hs = Homeserver::start(HsKind::Dendrite);
+    let mut master = RedisServer::start();
+    let standby = RedisServer::start_replica_of(master.port);
+    let sentinel = Sentinel::start(master.port, "gatewaymaster");
+    assert!(
+        eventually(Duration::from_secs(10), || standby
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up"))
+        .await,
+        "the replica never synchronised"
+    );
+    let section = format!(
+        "mode = \"sentinel\"\nurls = [\"{}\"]\nsentinel_service = \"{}\"",
+        sentinel.url(),
+        sentinel.service
+    );
+    let (a, b) = (
+        replica_on(&op, &hs, &section),
+        replica_on(&op, &hs, &section),
+    );
+
+    // Before the failover: a sign-out through a reaches b.
+    let alice = op.mint(
+        "alice",
+        "urn:matrix:client:api:* urn:matrix:client:device:ALICEDEV01",
+    );
+    assert_eq!(whoami(&a, &alice.access_token).await.0, 200);
+    assert_eq!(whoami(&b, &alice.access_token).await.0, 200);
+    assert!(
+        !master
+            .cli(&["HKEYS", "matrix-oidc-gateway:dev:@alice:localhost"])
+            .is_empty(),
+        "the binding was not written to the master"
+    );
+    revoke_device(&a, "@alice:localhost", "ALICEDEV01").await;
+    assert!(
+        refused_within(&b, &alice.access_token, Duration::from_secs(3))
+            .await
+            .is_some(),
+        "replica b never heard of the sign-out made through replica a (fan-out under Sentinel)"
+    );
+
+    // The master dies; the sentinel promotes the replica.
+    master.kill();
+    assert!(
+        eventually(Duration::from_secs(30), || sentinel.master_port()
+            == Some(standby.port))
+        .await,
+        "the sentinel did not fail over"
+    );
+
+    // After: a new device is provisioned (written to the new master) and its sign-out through
+    // a reaches b.
+    let bob = op.mint(
+        "bob",
+        "urn:matrix:client:api:* urn:matrix:client:device:BOBDEV0001",
+    );
+    let mut provisioned = false;
+    for _ in 0..100 {
+        if whoami(&a, &bob.access_token).await.0 == 200 {
+            provisioned = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(provisioned, "no provisioning after the failover");
+    assert!(
+        !standby
+            .cli(&["HKEYS", "matrix-oidc-gateway:dev:@bob:localhost"])
+            .is_empty(),
+        "bob's binding is not on the promoted master"
+    );
+    assert_eq!(whoami(&b, &bob.access_token).await.0, 200);
+    // (b hears it by fan-out, or by reloading the revocations when its subscription to the
+    // dead master is re-established on the new one)
+    revoke_device(&a, "@bob:localhost", "BOBDEV0001").await;
+    assert!(
+        refused_within(&b, &bob.access_token, Duration::from_secs(15))
+            .await
+            .is_some(),
+        "replica b never heard of a sign-out made after the failover"
+    );
 }

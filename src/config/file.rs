@@ -146,10 +146,10 @@ fn default_store_backend() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisFile {
-    /// `standalone`, `sentinel` or `cluster`.
+    /// `standalone` or `sentinel`.
     #[serde(default = "default_redis_mode")]
     pub mode: String,
-    /// Server URLs: the server (standalone), the sentinels (sentinel) or seed nodes (cluster).
+    /// Server URLs: the server (standalone) or the sentinels (sentinel).
     /// `redis://` or `rediss://` (TLS); `redis://user:password@host:port/db` for ACL auth.
     #[serde(default = "default_redis_urls")]
     pub urls: Vec<String>,

@@ -128,10 +128,8 @@ pub struct StoreSettings {
 pub enum RedisMode {
     /// One server.
     Standalone,
-    /// Redis Sentinel in front of a master.
+    /// Redis Sentinel in front of a master (the master is looked up again after a failover).
     Sentinel,
-    /// Redis Cluster.
-    Cluster,
 }
 
 /// `[redis]`
@@ -1172,11 +1170,17 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
             let mode = match r.mode.as_str() {
                 "standalone" => RedisMode::Standalone,
                 "sentinel" => RedisMode::Sentinel,
-                "cluster" => RedisMode::Cluster,
+                "cluster" => {
+                    p.add(
+                        "redis.mode",
+                        "\"cluster\" is not supported (no failover test proves it): use standalone or sentinel",
+                    );
+                    RedisMode::Standalone
+                }
                 other => {
                     p.add(
                         "redis.mode",
-                        format!("{other:?} is not one of standalone, sentinel, cluster"),
+                        format!("{other:?} is not one of standalone, sentinel"),
                     );
                     RedisMode::Standalone
                 }
@@ -1383,6 +1387,29 @@ mod tests {
         ] {
             assert!(keys.contains(&k), "missing {k} in {keys:?}");
         }
+    }
+
+    #[test]
+    fn redis_cluster_is_refused_and_sentinel_needs_its_service() {
+        let with =
+            |redis: &str| format!("{MINIMAL}\n[store]\nbackend = \"redis\"\n[redis]\n{redis}\n");
+        let err = load_str(&with("mode = \"cluster\"")).expect_err("cluster");
+        assert_eq!(err.0[0].key, "redis.mode");
+        assert!(
+            err.0[0].message.contains("not supported"),
+            "{}",
+            err.0[0].message
+        );
+        let err = load_str(&with("mode = \"sentinel\"")).expect_err("no service");
+        assert_eq!(err.0[0].key, "redis.sentinel_service");
+        let ok = load_str(&with(
+            "mode = \"sentinel\"\nsentinel_service = \"m\"\nurls = [\"redis://s1:26379\"]",
+        ))
+        .expect("sentinel");
+        assert_eq!(
+            ok.config.store.redis.map(|r| r.mode),
+            Some(RedisMode::Sentinel)
+        );
     }
 
     #[test]

@@ -1,37 +1,40 @@
 //! The shared backend for several replicas: a Redis implementation of [`Store`], plus what only
 //! shared state can give ([`Shared`]): a second-level identity cache, distributed single-flight
-//! and provisioning locks (with expiry and fencing), and the revocation fan-out channel.
+//! and provisioning locks (with expiry and fencing), and the revocation fan-out channel. One
+//! server or Redis Sentinel; Redis Cluster is not supported.
 //!
 //! Every command has a short timeout (`redis.timeout`): an unavailable Redis answers errors
 //! quickly instead of stalling requests, and the callers fall back as docs/scaling.md says.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use parking_lot::RwLock;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Cmd, FromRedisValue, IntoConnectionInfo, RedisResult};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{
+    Client, Cmd, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisResult, ServerErrorKind,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{DeviceRecord, Pin, Store, StoreError};
 use crate::config::{RedisMode, RedisSettings};
 
-/// A connection of any mode.
-#[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(redis::cluster_async::ClusterConnection),
-}
-
 /// The Redis client side shared by the store, the cache, the locks and the fan-out.
+///
+/// In Sentinel mode the master is not a fixed address: it is asked of the sentinels when the
+/// first command connects, and again whenever a command fails in a way a failover explains (the
+/// connection broke, timed out, or the old master now answers `READONLY`), so writes follow the
+/// promoted replica. Subscriptions are made on that master too, never on a sentinel.
 #[derive(Clone)]
 pub struct Redis {
-    conn: Arc<tokio::sync::OnceCell<Conn>>,
+    conn: Arc<RwLock<Option<ConnectionManager>>>,
+    opening: Arc<tokio::sync::Mutex<()>>,
     settings: RedisSettings,
     prefix: String,
     timeout: Duration,
-    pubsub_client: Client,
     up: Arc<AtomicBool>,
 }
 
@@ -43,16 +46,15 @@ impl Redis {
     /// Prepares a client for `settings`. Nothing connects yet: the first command connects,
     /// on the runtime that issues it (connections then live as long as that runtime).
     pub fn new(settings: &RedisSettings) -> Result<Redis, StoreError> {
-        let first = Self::infos(settings)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| store_err("no URL"))?;
+        if Self::infos(settings)?.is_empty() {
+            return Err(store_err("no URL"));
+        }
         Ok(Redis {
-            conn: Arc::new(tokio::sync::OnceCell::new()),
+            conn: Arc::new(RwLock::new(None)),
+            opening: Arc::new(tokio::sync::Mutex::new(())),
             settings: settings.clone(),
             prefix: settings.key_prefix.clone(),
             timeout: settings.timeout,
-            pubsub_client: Client::open(first).map_err(store_err)?,
             up: Arc::new(AtomicBool::new(true)),
         })
     }
@@ -70,55 +72,71 @@ impl Redis {
         Ok(infos)
     }
 
-    async fn open(&self) -> Result<Conn, StoreError> {
+    /// A client for the server that takes writes now: the configured one, or the master the
+    /// sentinels name at this moment.
+    pub async fn data_client(&self) -> Result<Client, StoreError> {
+        let infos = Self::infos(&self.settings)?;
+        match self.settings.mode {
+            RedisMode::Standalone => Client::open(infos[0].clone()).map_err(store_err),
+            RedisMode::Sentinel => {
+                let service = self.settings.sentinel_service.clone().unwrap_or_default();
+                // The master is reached with the same credentials, database and TLS choice as
+                // the first sentinel URL.
+                let node = SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(infos[0].redis_settings().clone());
+                let mut sentinel =
+                    SentinelClient::build(infos, service, Some(node), SentinelServerType::Master)
+                        .map_err(store_err)?;
+                let resolve = sentinel.async_get_client();
+                match tokio::time::timeout(self.timeout * 4, resolve).await {
+                    Ok(r) => r.map_err(store_err),
+                    Err(_) => Err(store_err("no sentinel named a master in time")),
+                }
+            }
+        }
+    }
+
+    async fn open(&self) -> Result<ConnectionManager, StoreError> {
         let settings = &self.settings;
-        let infos = Self::infos(settings)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        match settings.mode {
-            RedisMode::Standalone => {
-                let client = Client::open(infos[0].clone()).map_err(store_err)?;
-                let manager = ConnectionManager::new_lazy_with_config(client, manager_config)
-                    .map_err(store_err)?;
-                Ok(Conn::Single(manager))
-            }
-            RedisMode::Sentinel => {
-                let service = settings.sentinel_service.clone().unwrap_or_default();
-                let mut sentinel = redis::sentinel::SentinelClient::build(
-                    infos,
-                    service,
-                    None,
-                    redis::sentinel::SentinelServerType::Master,
-                )
-                .map_err(store_err)?;
-                let client = sentinel.async_get_client().await.map_err(store_err)?;
-                let manager = ConnectionManager::new_lazy_with_config(client, manager_config)
-                    .map_err(store_err)?;
-                Ok(Conn::Single(manager))
-            }
-            RedisMode::Cluster => {
-                let cluster = redis::cluster::ClusterClientBuilder::new(infos)
-                    .connection_timeout(settings.timeout)
-                    .response_timeout(settings.timeout)
-                    .build()
-                    .map_err(store_err)?;
-                // PUBLISH is broadcast cluster-wide: subscribing on one node is enough.
-                Ok(Conn::Cluster(
-                    cluster.get_async_connection().await.map_err(store_err)?,
-                ))
-            }
-        }
+        let client = self.data_client().await?;
+        ConnectionManager::new_lazy_with_config(client, manager_config).map_err(store_err)
     }
 
-    async fn conn(&self) -> RedisResult<Conn> {
-        self.conn
-            .get_or_try_init(|| self.open())
+    async fn conn(&self) -> RedisResult<ConnectionManager> {
+        if let Some(c) = self.conn.read().as_ref() {
+            return Ok(c.clone());
+        }
+        let _opening = self.opening.lock().await;
+        if let Some(c) = self.conn.read().as_ref() {
+            return Ok(c.clone());
+        }
+        let opened = self
+            .open()
             .await
-            .cloned()
-            .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "connect", e.0)))
+            .map_err(|e| redis::RedisError::from((ErrorKind::Io, "connect", e.0)))?;
+        *self.conn.write() = Some(opened.clone());
+        Ok(opened)
+    }
+
+    /// After a failure a failover explains, forget the master: the next command asks the
+    /// sentinels again. (A standalone server's connection manager reconnects by itself.)
+    fn after_failure(&self, e: &redis::RedisError) {
+        let failover = e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || matches!(
+                e.kind(),
+                ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+            );
+        if self.settings.mode == RedisMode::Sentinel && failover {
+            *self.conn.write() = None;
+        }
     }
 
     /// Whether the last command reached Redis.
@@ -137,40 +155,30 @@ impl Redis {
         self.key(&["events"])
     }
 
-    /// A client for subscriptions.
-    pub fn pubsub_client(&self) -> &Client {
-        &self.pubsub_client
-    }
-
     /// A round trip to Redis (readiness).
     pub async fn ping(&self) -> bool {
         self.query::<String>(&redis::cmd("PING")).await.is_ok()
     }
 
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> RedisResult<T> {
-        let conn = match self.conn().await {
+        let mut conn = match self.conn().await {
             Ok(c) => c,
             Err(e) => {
                 self.up.store(false, Ordering::Relaxed);
                 return Err(e);
             }
         };
-        let result = match &conn {
-            Conn::Single(m) => {
-                let mut m = m.clone();
-                tokio::time::timeout(self.timeout, cmd.query_async(&mut m)).await
-            }
-            Conn::Cluster(c) => {
-                let mut c = c.clone();
-                tokio::time::timeout(self.timeout, cmd.query_async(&mut c)).await
-            }
-        };
-        let result = result.unwrap_or_else(|_| {
-            Err(redis::RedisError::from((
-                redis::ErrorKind::Io,
-                "redis command timed out",
-            )))
-        });
+        let result = tokio::time::timeout(self.timeout, cmd.query_async(&mut conn))
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from((
+                    ErrorKind::Io,
+                    "redis command timed out",
+                )))
+            });
+        if let Err(e) = &result {
+            self.after_failure(e);
+        }
         self.up.store(result.is_ok(), Ordering::Relaxed);
         result
     }
@@ -229,20 +237,15 @@ impl Redis {
         );
         let mut invocation = script.key(self.key(&["lock", name]));
         invocation.arg(token);
-        let conn = self.conn().await.map_err(store_err)?;
-        let result = match &conn {
-            Conn::Single(m) => {
-                let mut m = m.clone();
-                tokio::time::timeout(self.timeout, invocation.invoke_async::<i64>(&mut m)).await
-            }
-            Conn::Cluster(c) => {
-                let mut c = c.clone();
-                tokio::time::timeout(self.timeout, invocation.invoke_async::<i64>(&mut c)).await
-            }
-        };
+        let mut conn = self.conn().await.map_err(store_err)?;
+        let result =
+            tokio::time::timeout(self.timeout, invocation.invoke_async::<i64>(&mut conn)).await;
         match result {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(store_err(e)),
+            Ok(Err(e)) => {
+                self.after_failure(&e);
+                Err(store_err(e))
+            }
             Err(_) => Err(store_err("unlock timed out")),
         }
     }
@@ -286,15 +289,6 @@ pub enum Event {
         /// The device.
         device: String,
     },
-}
-
-/// Counters of the shared state (metrics).
-#[derive(Debug, Default)]
-pub struct SharedCounters {
-    /// Shared-cache hits.
-    pub cache_hits: AtomicU64,
-    /// Events received.
-    pub events: AtomicU64,
 }
 
 // === Store ===

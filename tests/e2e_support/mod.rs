@@ -337,17 +337,33 @@ pub struct RedisServer {
     /// Its port.
     pub port: u16,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts one on a free port.
     pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// Starts a replica of the server on `master_port`.
+    pub fn start_replica_of(master_port: u16) -> RedisServer {
+        Self::start_with(&["--replicaof", "127.0.0.1", &master_port.to_string()])
+    }
+
+    fn start_with(extra: &[&str]) -> RedisServer {
         let mut r = RedisServer {
             port: free_port(),
             child: None,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
         r.restart();
         r
+    }
+
+    /// Runs `redis-cli` against it; its output, trimmed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, args)
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -369,6 +385,7 @@ impl RedisServer {
         let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -383,5 +400,82 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// `redis-cli -p <port> --raw <args>` (Debian's redis-tools, installed with redis-server).
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "--raw"])
+        .args(args)
+        .output()
+        .expect("redis-cli (Debian's redis-tools, installed with redis-server)");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A real Redis Sentinel (`redis-server --sentinel`, the binary Debian's redis-sentinel package
+/// runs) watching one master with a quorum of one and a one-second down-after time.
+pub struct Sentinel {
+    /// Its port.
+    pub port: u16,
+    /// The monitored master's name.
+    pub service: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    /// Starts one watching the master on `master_port` as `service`.
+    pub fn start(master_port: u16, service: &str) -> Sentinel {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                 sentinel monitor {service} 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds {service} 1000\n\
+                 sentinel failover-timeout {service} 5000\n\
+                 sentinel parallel-syncs {service} 1\n",
+                dir = dir.path().display()
+            ),
+        )
+        .expect("sentinel.conf");
+        let mut child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian's redis-server runs as a sentinel too)");
+        wait_for_port(port, "redis sentinel", &mut child);
+        Sentinel {
+            port,
+            service: service.to_owned(),
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// `redis+sentinel`-style URL of this sentinel (`redis://127.0.0.1:<port>`).
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The port of the master the sentinel currently names.
+    pub fn master_port(&self) -> Option<u16> {
+        let out = redis_cli(
+            self.port,
+            &["SENTINEL", "get-master-addr-by-name", &self.service],
+        );
+        out.lines().nth(1).and_then(|p| p.trim().parse().ok())
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
