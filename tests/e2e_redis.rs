@@ -14,11 +14,11 @@ use serde_json::{json, Value};
 const ADMIN: &str = "redis-admin-token-0123456789";
 
 fn replica(op: &Op, hs: &Homeserver, redis: &RedisServer) -> GatewayProcess {
-    replica_on(op, hs, &format!("urls = [\"{}\"]", redis.url()))
+    replica_on(op, &hs.url, &format!("urls = [\"{}\"]", redis.url()))
 }
 
 /// A replica whose `[redis]` section holds `redis` (plus a short command timeout).
-fn replica_on(op: &Op, hs: &Homeserver, redis: &str) -> GatewayProcess {
+fn replica_on(op: &Op, hs: &str, redis: &str) -> GatewayProcess {
     GatewayProcess::start(&format!(
         r#"
 [listen]
@@ -54,7 +54,6 @@ token = "{ADMIN}"
 level = "info"
 format = "json"
 "#,
-        hs = hs.url,
         issuer = op.issuer,
     ))
 }
@@ -392,8 +391,8 @@ async fn sentinel_failover_keeps_writes_and_fan_out() {
         sentinel.service
     );
     let (a, b) = (
-        replica_on(&op, &hs, &section),
-        replica_on(&op, &hs, &section),
+        replica_on(&op, &hs.url, &section),
+        replica_on(&op, &hs.url, &section),
     );
 
     // Before the failover: a sign-out through a reaches b.
@@ -457,4 +456,125 @@ async fn sentinel_failover_keeps_writes_and_fan_out() {
             .is_some(),
         "replica b never heard of a sign-out made after the failover"
     );
+}
+
+/// Echoes the `Authorization` header it received: which upstream token a replica used.
+struct EchoAuthorization;
+
+impl wiremock::Respond for EchoAuthorization {
+    fn respond(&self, req: &wiremock::Request) -> wiremock::ResponseTemplate {
+        let auth = req
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        wiremock::ResponseTemplate::new(200).set_body_json(json!({ "authorization": auth }))
+    }
+}
+
+/// The provisioning lock can vanish while its holder still works (a Sentinel failover loses
+/// unreplicated keys; an eviction; a pause longer than its expiry). Another replica then
+/// provisions the same device; the first holder's late write must not replace the token the
+/// new holder stored, and no replica may keep using a token the store does not hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provisioning_that_lost_its_lock_does_not_overwrite_the_new_holder() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let op = Op::start();
+    let redis = RedisServer::start();
+    let hs = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/_matrix/client/v3/register"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"user_id": "@alice:localhost"})),
+        )
+        .mount(&hs)
+        .await;
+    // The first login is slow (replica a's); the next one (replica b's) is not.
+    let login = |token: &str| {
+        ResponseTemplate::new(200)
+            .set_body_json(json!({"access_token": token, "device_id": "ALICEDEV01"}))
+    };
+    Mock::given(method("POST"))
+        .and(path("/_matrix/client/v3/login"))
+        .respond_with(login("token-of-a").set_delay(Duration::from_secs(3)))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&hs)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/_matrix/client/v3/login"))
+        .respond_with(login("token-of-b"))
+        .with_priority(2)
+        .mount(&hs)
+        .await;
+    Mock::given(wiremock::matchers::any())
+        .respond_with(EchoAuthorization)
+        .with_priority(10)
+        .mount(&hs)
+        .await;
+    let fake = hs.uri();
+    let section = format!("urls = [\"{}\"]", redis.url());
+    let (a, b) = (
+        replica_on(&op, &fake, &section),
+        replica_on(&op, &fake, &section),
+    );
+    let alice = op.mint(
+        "alice",
+        "urn:matrix:client:api:* urn:matrix:client:device:ALICEDEV01",
+    );
+    let upstream = |gw: &GatewayProcess| {
+        let url = gw.url("/_matrix/client/v3/account/whoami");
+        let token = alice.access_token.clone();
+        async move {
+            let r = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            (status, body)
+        }
+    };
+    let first = tokio::spawn(upstream(&a));
+    // a holds the lock and waits for its login; the lock vanishes.
+    let lock_key = || {
+        redis.cli(&[
+            "--scan",
+            "--pattern",
+            "matrix-oidc-gateway:lock:provision:*",
+        ])
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || !lock_key().is_empty()).await,
+        "replica a never took the provisioning lock"
+    );
+    redis.cli(&["DEL", &lock_key()]);
+    // b provisions the device meanwhile, and uses its own token.
+    let (status, body) = upstream(&b).await;
+    assert_eq!(
+        (status, body["authorization"].as_str()),
+        (200, Some("Bearer token-of-b")),
+        "{body}"
+    );
+    // a's login comes back late: its token must not be used nor stored.
+    let (status, body) = first.await.unwrap();
+    assert_ne!(
+        body["authorization"].as_str(),
+        Some("Bearer token-of-a"),
+        "replica a used a token it obtained after losing the lock ({status})"
+    );
+    // Every replica, a fresh one included, now uses the one token the store holds: b's.
+    let c = replica_on(&op, &fake, &section);
+    for (name, gw) in [("a", &a), ("b", &b), ("c", &c)] {
+        let (status, body) = upstream(gw).await;
+        assert_eq!(
+            (status, body["authorization"].as_str()),
+            (200, Some("Bearer token-of-b")),
+            "replica {name}: {body}"
+        );
+    }
 }

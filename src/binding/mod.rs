@@ -29,7 +29,7 @@ use crate::config::{BindingMode, Config, HomeserverKind, Secret};
 use crate::error::{BindingFailure, GatewayError};
 use crate::store::redis::{Event, Redis};
 use crate::store::seal::{device_context, is_sealed, put_sealed, SealError, Sealer};
-use crate::store::{DeviceRecord, Pin, Store};
+use crate::store::{DeviceRecord, Fence, Pin, Store};
 
 /// How upstream requests of one bound identity authenticate.
 #[derive(Clone, PartialEq, Eq)]
@@ -104,6 +104,15 @@ pub struct Binder {
     pub counters: ProvisioningCounters,
 }
 
+/// Timeout of one call to the homeserver's appservice API.
+const HOMESERVER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a provisioning lock lives: longer than the worst provisioning (a registration and a
+/// login, each up to [`HOMESERVER_TIMEOUT`], plus store round trips), so that it does not expire
+/// under a holder that is merely slow. Should it vanish anyway (a failover, an eviction), the
+/// holder's writes are fenced ([`Fence`]).
+const PROVISION_LOCK_TTL: Duration = Duration::from_secs(2 * 15 + 15);
+
 impl Binder {
     /// Creates the binder for `config`.
     pub fn new(config: &Config, store: Arc<dyn Store>) -> Result<Self, reqwest::Error> {
@@ -112,7 +121,7 @@ impl Binder {
             kind: config.homeserver.kind,
             hs: config.homeserver.url.clone(),
             as_token: config.homeserver.as_token.clone(),
-            http: crate::http_client::build(Duration::from_secs(15))?,
+            http: crate::http_client::build(HOMESERVER_TIMEOUT)?,
             store,
             bound: Cache::builder().max_capacity(200_000).build(),
             users: Cache::builder().max_capacity(200_000).build(),
@@ -478,7 +487,7 @@ impl Binder {
                     .map_err(store_failed)?;
                 let stored = record.and_then(|r| r.upstream_token);
                 let token = match stored {
-                    Some(s) => match self.open_token(user_id, device_id, &s).await? {
+                    Some(s) => match self.open_token(user_id, device_id, &s, None).await? {
                         Some(t) => Some(t),
                         // Not trustworthy (unsealed or tampered): a fresh login gives a token
                         // whose logout deletes the device (and every token it had).
@@ -671,7 +680,7 @@ impl Binder {
         device: Option<String>,
     ) -> Result<Arc<Bound>, GatewayError> {
         let Some(redis) = &self.shared else {
-            return self.provision_here(user_id, device).await;
+            return self.provision_here(user_id, device, None).await;
         };
         let name = format!(
             "provision:{user_id}{}{}",
@@ -680,10 +689,11 @@ impl Binder {
         );
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
-            match redis.lock(&name, Duration::from_secs(30)).await {
-                Ok(Some(fence)) => {
-                    let result = self.provision_here(user_id, device).await;
-                    let _ = redis.unlock(&name, &fence).await;
+            match redis.lock(&name, PROVISION_LOCK_TTL).await {
+                Ok(Some(token)) => {
+                    let fence = Fence { lock: name, token };
+                    let result = self.provision_here(user_id, device, Some(&fence)).await;
+                    let _ = redis.unlock(&fence.lock, &fence.token).await;
                     return result;
                 }
                 Ok(None) if std::time::Instant::now() < deadline => {
@@ -724,17 +734,20 @@ impl Binder {
         self.bound.invalidate_all();
     }
 
+    /// Provisions (user, device); under a shared lock, `fence` makes every store write
+    /// conditional on still holding it.
     async fn provision_here(
         &self,
         user_id: &str,
         device: Option<String>,
+        fence: Option<&Fence>,
     ) -> Result<Arc<Bound>, GatewayError> {
         if let Some(d) = &device {
             if let Some(rec) = self.store.device(user_id, d).await.map_err(store_failed)? {
                 match (self.mode, rec.upstream_token) {
                     (BindingMode::AppserviceLogin, Some(stored)) => {
                         // A stored value not to be trusted is replaced by a new login.
-                        if let Some(token) = self.open_token(user_id, d, &stored).await? {
+                        if let Some(token) = self.open_token(user_id, d, &stored, fence).await? {
                             return Ok(self.bound(user_id, device, Credential::DeviceToken(token)));
                         }
                     }
@@ -752,9 +765,16 @@ impl Binder {
                 // Configuration requires a key with appservice_login, the only mode that
                 // stores tokens.
                 let sealer = self.sealer.as_deref().ok_or(GatewayError::Internal)?;
-                put_sealed(self.store.as_ref(), sealer, user_id, &d, &token)
+                let stored = put_sealed(self.store.as_ref(), sealer, user_id, &d, &token, fence)
                     .await
                     .map_err(store_failed)?;
+                if !stored {
+                    // The lock expired or vanished while this login ran, and another replica
+                    // may have provisioned the device since: its token is the one in the store.
+                    // This one is neither stored nor used; the client retries and gets that one.
+                    tracing::warn!(user = %user_id, device = %d, "provisioning outlived its lock; its login is discarded");
+                    return Err(GatewayError::BindingUnavailable(BindingFailure::Store));
+                }
                 tracing::info!(user = %user_id, device = %d, "device logged in upstream");
                 Ok(self.bound(user_id, Some(d), Credential::DeviceToken(token)))
             }
@@ -783,6 +803,7 @@ impl Binder {
         user_id: &str,
         device_id: &str,
         stored: &str,
+        fence: Option<&Fence>,
     ) -> Result<Option<String>, GatewayError> {
         let Some(sealer) = &self.sealer else {
             tracing::error!(user = %user_id, "a stored device token cannot be opened: no store.encryption_key");
@@ -797,8 +818,9 @@ impl Binder {
             Ok(opened) => {
                 if opened.stale {
                     let store = self.store.as_ref();
+                    let plaintext = &opened.plaintext;
                     if let Err(e) =
-                        put_sealed(store, sealer, user_id, device_id, &opened.plaintext).await
+                        put_sealed(store, sealer, user_id, device_id, plaintext, fence).await
                     {
                         tracing::warn!(error = %e, "cannot seal a device token again; kept as it was");
                     }

@@ -44,6 +44,17 @@ pub enum Pin {
     },
 }
 
+/// Proof of holding a cross-replica provisioning lock: the lock's name and the fencing token
+/// it was taken with. A write made under a fence lands only while that token still holds the
+/// lock, so a holder whose lock expired or vanished cannot overwrite its successor's work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The lock's name.
+    pub lock: String,
+    /// The fencing token it was taken with.
+    pub token: String,
+}
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 #[error("state store: {0}")]
@@ -65,6 +76,20 @@ pub trait Store: Send + Sync + 'static {
         device_id: &str,
         record: &DeviceRecord,
     ) -> Result<(), StoreError>;
+    /// Like [`Store::put_device`], but only while `fence` still holds its lock: `Ok(false)`, and
+    /// nothing written, when it does not. A store that is not shared between replicas has no
+    /// such locks and writes unconditionally.
+    async fn put_device_fenced(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        record: &DeviceRecord,
+        fence: &Fence,
+    ) -> Result<bool, StoreError> {
+        let _ = fence;
+        self.put_device(user_id, device_id, record).await?;
+        Ok(true)
+    }
     /// Every provisioned device (start-up re-sealing of device tokens after a key rotation).
     async fn device_records(&self) -> Result<Vec<(String, String, DeviceRecord)>, StoreError>;
     /// A gateway metadata value (e.g. the encryption key check).

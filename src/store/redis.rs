@@ -19,7 +19,7 @@ use redis::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{DeviceRecord, Pin, Store, StoreError};
+use super::{DeviceRecord, Fence, Pin, Store, StoreError};
 use crate::config::{RedisMode, RedisSettings};
 
 /// The Redis client side shared by the store, the cache, the locks and the fan-out.
@@ -237,16 +237,22 @@ impl Redis {
         );
         let mut invocation = script.key(self.key(&["lock", name]));
         invocation.arg(token);
+        self.run_script(&invocation).await.map(|_| ())
+    }
+
+    /// Runs a Lua script (with the command timeout and failover handling of every command).
+    async fn run_script(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<i64, StoreError> {
         let mut conn = self.conn().await.map_err(store_err)?;
-        let result =
-            tokio::time::timeout(self.timeout, invocation.invoke_async::<i64>(&mut conn)).await;
-        match result {
-            Ok(Ok(_)) => Ok(()),
+        match tokio::time::timeout(self.timeout, invocation.invoke_async::<i64>(&mut conn)).await {
+            Ok(Ok(n)) => Ok(n),
             Ok(Err(e)) => {
                 self.after_failure(&e);
                 Err(store_err(e))
             }
-            Err(_) => Err(store_err("unlock timed out")),
+            Err(_) => Err(store_err("script timed out")),
         }
     }
 
@@ -309,6 +315,27 @@ const SEP: &str = "\u{1f}";
 
 #[async_trait]
 impl Store for RedisStore {
+    async fn put_device_fenced(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        record: &DeviceRecord,
+        fence: &Fence,
+    ) -> Result<bool, StoreError> {
+        let r = &self.redis;
+        // Compare and write in one step: the write lands only while the fence holds the lock.
+        let script = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('HSET', KEYS[2], ARGV[2], ARGV[3]) return 1 else return 0 end",
+        );
+        let mut invocation = script.key(r.key(&["lock", &fence.lock]));
+        invocation
+            .key(r.key(&["dev", user_id]))
+            .arg(&fence.token)
+            .arg(device_id)
+            .arg(record.upstream_token.clone().unwrap_or_default());
+        Ok(r.run_script(&invocation).await? == 1)
+    }
+
     async fn device_records(&self) -> Result<Vec<(String, String, DeviceRecord)>, StoreError> {
         let r = &self.redis;
         let prefix = r.key(&["dev", ""]);

@@ -266,7 +266,7 @@ pub async fn check_key_and_reseal(
         let context = device_context(&user, &device);
         match sealer.open(&stored, &context) {
             Ok(o) if o.stale => {
-                put_sealed(store, sealer, &user, &device, &o.plaintext).await?;
+                put_sealed(store, sealer, &user, &device, &o.plaintext, None).await?;
                 out.resealed += 1;
             }
             Ok(_) => {}
@@ -282,21 +282,33 @@ pub async fn check_key_and_reseal(
 }
 
 /// Seals `token` for the row (user, device) and stores it there: the one way a device token
-/// reaches the store.
+/// reaches the store. Under a provisioning lock the write is fenced ([`super::Fence`]):
+/// `Ok(false)` when the lock moved on and nothing was written.
 pub async fn put_sealed(
     store: &dyn super::Store,
     sealer: &Sealer,
     user_id: &str,
     device_id: &str,
     token: &str,
-) -> Result<(), super::StoreError> {
+    fence: Option<&super::Fence>,
+) -> Result<bool, super::StoreError> {
     let sealed = sealer
         .seal(token, &device_context(user_id, device_id))
         .map_err(|e| super::StoreError(e.to_string()))?;
     let record = super::DeviceRecord {
         upstream_token: Some(sealed),
     };
-    store.put_device(user_id, device_id, &record).await
+    match fence {
+        Some(f) => {
+            store
+                .put_device_fenced(user_id, device_id, &record, f)
+                .await
+        }
+        None => store
+            .put_device(user_id, device_id, &record)
+            .await
+            .map(|_| true),
+    }
 }
 
 /// Whether a stored value is sealed (as opposed to a plaintext token from before encryption).
