@@ -63,6 +63,9 @@ pub enum OpFailure {
     TooLarge,
     /// The discovery document has no usable introspection endpoint or the wrong issuer.
     BadMetadata,
+    /// Shed by the gateway: `max_concurrent_introspections` calls in flight and the queue full
+    /// (a flood of new tokens); the OP was not asked.
+    Overloaded,
 }
 
 /// Why a verified token could not be mapped to a Matrix user (500: an OP misconfiguration).
@@ -334,6 +337,7 @@ impl GatewayError {
                 OpFailure::InvalidBody => "op_invalid_body",
                 OpFailure::TooLarge => "op_too_large",
                 OpFailure::BadMetadata => "op_bad_metadata",
+                OpFailure::Overloaded => "op_overloaded",
             },
             GatewayError::UpstreamUnavailable => "upstream_unreachable",
             GatewayError::UserMapping(m) => match m {

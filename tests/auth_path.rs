@@ -830,3 +830,69 @@ async fn request_ids_are_kept_or_generated_and_travel_both_ways() {
         assert_eq!(id.len(), 24, "{id}");
     }
 }
+
+/// A flood of distinct tokens (each a first sighting, so each would cost an OP call) meets a
+/// bound: at most `max_concurrent_introspections` calls in flight and `introspection_queue`
+/// waiting; the rest are shed with 503 and `Retry-After` at once (never 401), and a user whose
+/// identity is cached keeps getting through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_new_tokens_is_bounded_and_shed_with_503() {
+    let f = Fakes::start().await;
+    f.introspection("cached", active("alice", &full_scope("D1")), 1)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"active": false}))
+                .set_delay(Duration::from_millis(1500)),
+        )
+        .with_priority(10)
+        .mount(&f.op)
+        .await;
+    let gw = spawn(&f.config("max_concurrent_introspections = 2\nintrospection_queue = 1")).await;
+    assert_eq!(get(&gw, SYNC, Some("cached")).await.status(), 200);
+
+    let mut flood = Vec::new();
+    for i in 0..20 {
+        let url = gw.url(SYNC);
+        flood.push(tokio::spawn(async move {
+            let r = client()
+                .get(url)
+                .bearer_auth(format!("garbage-{i}"))
+                .send()
+                .await
+                .unwrap();
+            let retry = r.headers().get("retry-after").is_some();
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            (status, retry, body)
+        }));
+    }
+    // While the flood waits on the OP, the cached user is answered.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(get(&gw, SYNC, Some("cached")).await.status(), 200);
+
+    let mut shed = 0;
+    let mut refused = 0;
+    for t in flood {
+        match t.await.unwrap() {
+            (503, true, body) => {
+                assert_eq!(body["errcode"], "M_UNKNOWN", "{body}");
+                shed += 1;
+            }
+            (401, _, _) => refused += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(
+        introspections(&f.op).await - 1,
+        refused,
+        "every token the OP judged got its verdict"
+    );
+    assert!(
+        refused <= 3,
+        "{refused} flood tokens reached the OP: more than 2 in flight + 1 queued"
+    );
+    assert_eq!(shed + refused, 20);
+}

@@ -4,6 +4,7 @@
 //! Every failure here is an [`OpFailure`] (the request path answers 503); nothing in this module
 //! decides whether a token is good.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -77,6 +78,19 @@ pub struct OpClient {
     http: reqwest::Client,
     metadata: RwLock<Option<Arc<OpMetadata>>>,
     refreshing: Mutex<()>,
+    /// Introspection slots (`max_concurrent_introspections`).
+    slots: tokio::sync::Semaphore,
+    /// Requests waiting for a slot now.
+    waiting: AtomicUsize,
+}
+
+/// Gives back the waiting place when a waiter leaves (with a slot, shed, or cancelled).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl OpClient {
@@ -84,6 +98,8 @@ impl OpClient {
     pub fn new(issuer: Issuer) -> Result<Self, reqwest::Error> {
         let http = crate::http_client::build(issuer.timeout)?;
         Ok(Self {
+            slots: tokio::sync::Semaphore::new(issuer.max_concurrent_introspections),
+            waiting: AtomicUsize::new(0),
             issuer,
             http,
             metadata: RwLock::new(None),
@@ -209,6 +225,13 @@ impl OpClient {
         token: &str,
         hint: &str,
     ) -> Result<IntrospectionResponse, OpFailure> {
+        let Ok(_slot) = self.slot().await else {
+            // Shed before asking: says nothing of the OP's health or latency.
+            metrics::INTROSPECTIONS
+                .with_label_values(&["op_overloaded"])
+                .inc();
+            return Err(OpFailure::Overloaded);
+        };
         let started = std::time::Instant::now();
         let result = self.introspect_unmeasured(token, hint).await;
         metrics::INTROSPECTION_DURATION.observe(started.elapsed().as_secs_f64());
@@ -220,6 +243,24 @@ impl OpClient {
         metrics::INTROSPECTIONS.with_label_values(&[label]).inc();
         metrics::OP_UP.set(i64::from(result.is_ok()));
         result
+    }
+
+    /// An introspection slot: at once when one is free; else after waiting in a bounded queue
+    /// (at most the OP timeout). A full queue, or no slot in time, sheds the request: the OP is
+    /// not asked and the client gets 503 with `Retry-After`.
+    async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, OpFailure> {
+        if let Ok(permit) = self.slots.try_acquire() {
+            return Ok(permit);
+        }
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.issuer.introspection_queue {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(OpFailure::Overloaded);
+        }
+        let _waiting = Waiting(&self.waiting);
+        match tokio::time::timeout(self.issuer.timeout, self.slots.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(OpFailure::Overloaded),
+        }
     }
 
     async fn introspect_unmeasured(

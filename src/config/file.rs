@@ -320,6 +320,12 @@ pub struct IssuerFile {
     /// Largest introspection or discovery answer accepted, in bytes.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
+    /// Introspection calls to this OP in flight at once (a flood of new tokens cannot exceed it).
+    #[serde(default = "default_max_concurrent_introspections")]
+    pub max_concurrent_introspections: usize,
+    /// Requests that may wait for an introspection slot; beyond that they are shed with 503.
+    #[serde(default = "default_introspection_queue")]
+    pub introspection_queue: usize,
     /// How often the discovery document is re-read.
     #[serde(default = "default_metadata_refresh")]
     pub metadata_refresh: String,
@@ -407,6 +413,12 @@ fn default_op_timeout() -> String {
 }
 fn default_max_response_bytes() -> usize {
     1024 * 1024
+}
+fn default_max_concurrent_introspections() -> usize {
+    64
+}
+fn default_introspection_queue() -> usize {
+    256
 }
 fn default_metadata_refresh() -> String {
     "300s".into()

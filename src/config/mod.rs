@@ -309,6 +309,10 @@ pub struct Issuer {
     pub timeout: Duration,
     /// Largest OP answer accepted.
     pub max_response_bytes: usize,
+    /// Introspection calls in flight at once.
+    pub max_concurrent_introspections: usize,
+    /// Requests waiting for an introspection slot before new ones are shed.
+    pub introspection_queue: usize,
     /// Discovery refresh interval.
     pub metadata_refresh: Duration,
     /// `token_type` values accepted as access tokens.
@@ -997,6 +1001,9 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
         if iss.max_response_bytes < 1024 {
             p.add(&k("max_response_bytes"), "must be at least 1024");
         }
+        if iss.max_concurrent_introspections == 0 {
+            p.add(&k("max_concurrent_introspections"), "must be at least 1");
+        }
         let jwt = (mode != VerifyMode::Introspection)
             .then(|| jwt_settings(&mut p, &mut warnings, &k, iss));
         if let Some(discovery_url) = discovery_url {
@@ -1011,6 +1018,8 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
                 client_secret: secret,
                 timeout,
                 max_response_bytes: iss.max_response_bytes,
+                max_concurrent_introspections: iss.max_concurrent_introspections,
+                introspection_queue: iss.introspection_queue,
                 metadata_refresh,
                 access_token_types: iss.access_token_types.clone(),
                 require_token_type: iss.require_token_type,
