@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """A minimal OP for the benchmark: discovery and RFC 7662 introspection. Every token is active
 for user `bench` on device `BENCHDEV01`, except tokens starting with `bad`, which are inactive.
-`GET /count` returns how many introspections it answered. The gateway caches verdicts, so this
-stub's speed does not matter.
+`GET /count` returns how many introspections it answered and the most it ever had in flight at
+once. The gateway caches verdicts, so this stub's speed does not matter.
 
     python3 bench/op_stub.py PORT
 """
@@ -14,6 +14,8 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 COUNT = 0
+INFLIGHT = 0
+MAX_INFLIGHT = 0
 LOCK = threading.Lock()
 PORT = int(sys.argv[1]) if len(sys.argv) > 1 else 9500
 ISSUER = f"http://127.0.0.1:{PORT}/"
@@ -32,20 +34,24 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/count":
-            self._json(200, {"introspections": COUNT})
+            self._json(200, {"introspections": COUNT, "max_in_flight": MAX_INFLIGHT})
         elif self.path == "/.well-known/openid-configuration":
             self._json(200, {"issuer": ISSUER, "introspection_endpoint": ISSUER + "introspect"})
         else:
             self._json(404, {})
 
     def do_POST(self):
-        global COUNT
+        global COUNT, INFLIGHT, MAX_INFLIGHT
         length = int(self.headers.get("Content-Length") or 0)
         form = urllib.parse.parse_qs(self.rfile.read(length).decode())
         token = form.get("token", [""])[0]
         with LOCK:
             COUNT += 1
+            INFLIGHT += 1
+            MAX_INFLIGHT = max(MAX_INFLIGHT, INFLIGHT)
         time.sleep(0.005)  # an OP round trip
+        with LOCK:
+            INFLIGHT -= 1
         if token.startswith("bad"):
             self._json(200, {"active": False})
             return

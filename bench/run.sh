@@ -19,13 +19,9 @@ smoke=false
 [ "${1:-}" = "--smoke" ] && smoke=true
 if $smoke; then DUR=2s; RUNS=1; CACHE_N=100000; JWT_N=2000; else DUR=10s; RUNS=3; CACHE_N=1000000; JWT_N=20000; fi
 
-need=()
-for pkg in wrk nginx; do command -v "$pkg" >/dev/null || need+=("$pkg"); done
-if [ "${#need[@]}" -gt 0 ]; then
-  [ "$(id -u)" = 0 ] || { echo "bench: install ${need[*]}" >&2; exit 1; }
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+bench_install
 
 # BENCH_SCENARIOS="nginx gateway" limits the load scenarios; BENCH_EXTRAS=0 skips the rest;
 # BENCH_CARGO_FLAGS (e.g. --no-default-features) builds a variant for comparisons.
@@ -35,20 +31,7 @@ echo "== building (release)"
 # shellcheck disable=SC2086
 cargo build --release --quiet --bin matrix-oidc-gateway --examples ${BENCH_CARGO_FLAGS:-}
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
-  echo "bench: nothing on port $1" >&2; exit 1
-}
+bench_workdir
 UP=$(free_port); PROXY=$(free_port); N401=$(free_port); OP=$(free_port); GW=$(free_port); ADMIN=$(free_port)
 
 cat >"$work/nginx.conf" <<NGINX
@@ -114,7 +97,6 @@ curl -s -o /dev/null -H "Authorization: Bearer bad-token" "http://127.0.0.1:$GW/
 # wrk_run NAME URL [extra wrk args...] -> appends "NAME rps p50_ms p99_ms" (median of RUNS)
 results="$work/results"
 : >"$results"
-to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v} else if (v ~ /s$/) {sub(/s$/,"",v); print v*1000} else print v}'; }
 wrk_run() {
   local name=$1 url=$2; shift 2
   wrk -t1 -c64 -d1s "$@" "$url" >/dev/null 2>&1 || true
@@ -146,16 +128,16 @@ if [ "$EXTRAS" = 0 ]; then
 fi
 
 # 1,000 concurrent first requests of one new token.
-before=$(curl -s "http://127.0.0.1:$OP/count" | python3 -c 'import sys,json; print(json.load(sys.stdin)["introspections"])')
+before=$(op_count "$OP" introspections)
 first=$(./target/release/examples/bench_first_requests "http://127.0.0.1:$GW" 1000 "first-seen-token-$$")
-after=$(curl -s "http://127.0.0.1:$OP/count" | python3 -c 'import sys,json; print(json.load(sys.stdin)["introspections"])')
+after=$(op_count "$OP" introspections)
 intros=$((after - before))
 
 # Sustained: 10,000 distinct tokens through a 5,000-entry cache.
 seq 1 10000 | sed 's/^/cycle-token-/' >"$work/tokens.txt"
-before=$(curl -s "http://127.0.0.1:$OP/count" | python3 -c 'import sys,json; print(json.load(sys.stdin)["introspections"])')
+before=$(op_count "$OP" introspections)
 sustained=$(TOKENS_FILE="$work/tokens.txt" wrk -t1 -c64 -d"$DUR" -s bench/tokens.lua "http://127.0.0.1:$GW$U" | awk '/Requests\/sec/ {print $2}')
-after=$(curl -s "http://127.0.0.1:$OP/count" | python3 -c 'import sys,json; print(json.load(sys.stdin)["introspections"])')
+after=$(op_count "$OP" introspections)
 sustained_intros=$((after - before))
 
 # The load-test kit, end to end: real tokens from the development OP, cycled through the gateway.

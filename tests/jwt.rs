@@ -63,6 +63,20 @@ impl Op {
         op
     }
 
+    /// Replaces what the OP publishes: discovery again, and `keys` as the only key set.
+    async fn republish(&self, keys: &[&str], max_age: u64) {
+        self.fakes.op.reset().await;
+        Mock::given(method("GET"))
+            .and(path("/.well-known/openid-configuration"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "issuer": self.issuer,
+                "jwks_uri": format!("{}/jwks", self.fakes.op.uri()),
+            })))
+            .mount(&self.fakes.op)
+            .await;
+        self.publish(keys, max_age).await;
+    }
+
     /// Adds a JWKS answer (callers `reset()` the fake first to replace an earlier one).
     async fn publish(&self, keys: &[&str], max_age: u64) {
         let set: Vec<Value> = keys.iter().map(|k| jwk(k)).collect();
@@ -373,7 +387,14 @@ async fn unknown_kid_refetches_at_most_once_per_interval() {
             Some("at+jwt"),
             &v,
         );
-        assert_matrix_error(get(&gw, &t).await, 401, "M_UNKNOWN_TOKEN").await;
+        // The first unknown kid is looked up at the OP: definitely unknown. The others come
+        // while the refetch budget is spent: the gateway cannot tell, so 503, never 401.
+        let (status, errcode) = if i == 0 {
+            (401, "M_UNKNOWN_TOKEN")
+        } else {
+            (503, "M_UNKNOWN")
+        };
+        assert_matrix_error(get(&gw, &t).await, status, errcode).await;
     }
     let after = op.jwks_fetches().await;
     assert_eq!(
@@ -381,6 +402,50 @@ async fn unknown_kid_refetches_at_most_once_per_interval() {
         1,
         "unknown kids must cause at most one refetch per interval"
     );
+}
+
+/// Junk JWTs with made-up `kid`s spend the refetch budget; a real token signed with a key the
+/// OP has just rotated in then arrives. It must not get a 401 (a client logs out on that), and
+/// once the budget allows a refetch it is accepted.
+#[tokio::test]
+async fn junk_kids_cannot_get_a_freshly_rotated_key_refused() {
+    let op = Op::start(&["rsa1"]).await;
+    let gw = spawn(&jwt_config(&op.fakes, "jwks_refetch_interval = \"2s\"")).await;
+    let c = op.claims("alice", &full_scope("D1"));
+    assert_eq!(get(&gw, &rs256(&c)).await.status(), 200);
+    let mut junk = c.clone();
+    junk["jti"] = json!("junk");
+    let junk = sign(
+        Algorithm::RS256,
+        "rsa1",
+        Some("made-up"),
+        Some("at+jwt"),
+        &junk,
+    );
+    assert_matrix_error(get(&gw, &junk).await, 401, "M_UNKNOWN_TOKEN").await;
+
+    // The OP rotates a key in right after the junk spent the budget.
+    op.republish(&["rsa1", "rsa2"], 3600).await;
+    let mut fresh = op.claims("bob", &full_scope("D2"));
+    fresh["jti"] = json!("fresh");
+    let fresh = sign(
+        Algorithm::RS256,
+        "rsa2",
+        Some("rsa-2"),
+        Some("at+jwt"),
+        &fresh,
+    );
+    let (h, _) = assert_matrix_error(get(&gw, &fresh).await, 503, "M_UNKNOWN").await;
+    assert!(h.contains_key("retry-after"));
+    let mut accepted = false;
+    for _ in 0..60 {
+        if get(&gw, &fresh).await.status() == 200 {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(accepted, "the rotated key was never fetched");
 }
 
 #[tokio::test]
@@ -395,20 +460,7 @@ async fn key_rotation() {
     assert_eq!(get(&gw, &rs256(&c)).await.status(), 200);
 
     // The OP publishes a new key and signs with it: accepted after one refetch.
-    op.fakes.op.reset().await;
-    let op = Op {
-        issuer: op.issuer.clone(),
-        fakes: op.fakes,
-    };
-    Mock::given(method("GET"))
-        .and(path("/.well-known/openid-configuration"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "issuer": op.issuer,
-            "jwks_uri": format!("{}/jwks", op.fakes.op.uri()),
-        })))
-        .mount(&op.fakes.op)
-        .await;
-    op.publish(&["rsa1", "rsa2"], 1).await;
+    op.republish(&["rsa1", "rsa2"], 1).await;
     let mut c2 = c.clone();
     c2["jti"] = json!("rotated-1");
     let new_key = sign(Algorithm::RS256, "rsa2", Some("rsa-2"), Some("at+jwt"), &c2);
@@ -428,9 +480,24 @@ async fn key_rotation() {
         op.jwks_fetches().await >= 1,
         "no scheduled JWKS refresh happened"
     );
+    // A token signed with the withdrawn key is never accepted again. It is refused (401) once
+    // the gateway may look the `kid` up again; until then it cannot tell a withdrawn key from
+    // one rotated in since its last fetch, and answers 503.
     let mut c3 = c.clone();
     c3["jti"] = json!("old-key-after-rotation");
-    assert_matrix_error(get(&gw, &rs256(&c3)).await, 401, "M_UNKNOWN_TOKEN").await;
+    let old_key = rs256(&c3);
+    let mut refused = false;
+    for _ in 0..60 {
+        match get(&gw, &old_key).await.status().as_u16() {
+            401 => {
+                refused = true;
+                break;
+            }
+            503 => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("a token of a withdrawn key got {other}"),
+        }
+    }
+    assert!(refused, "a token of a withdrawn key was never refused");
     let mut c4 = c.clone();
     c4["jti"] = json!("rotated-2");
     let still = sign(Algorithm::RS256, "rsa2", Some("rsa-2"), Some("at+jwt"), &c4);

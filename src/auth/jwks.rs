@@ -1,6 +1,7 @@
 //! One issuer's published signing keys (JWKS): loaded from `jwks_uri`, refreshed on the schedule
 //! the OP's `Cache-Control` asks for (within bounds), refetched for an unknown `kid` at most once
-//! per interval, and kept when a fetch fails. Used for JWT access tokens and for back-channel
+//! per interval (a `kid` that cannot be looked up now is "unavailable", not "unknown"), and kept
+//! when a fetch fails. Used for JWT access tokens and for back-channel
 //! logout tokens.
 
 use std::sync::{Arc, Mutex, RwLock};
@@ -185,17 +186,20 @@ impl KeyStore {
         }
     }
 
-    async fn refetch_for_unknown_kid(&self) -> bool {
+    /// Fetches the key set again for a `kid` it lacks, at most once per `refetch_interval`.
+    /// `Err` when that cannot be done now (the budget is spent, or the fetch failed): the
+    /// `kid` may be a key the OP has just rotated in, so the caller must not call it unknown.
+    async fn refetch_for_unknown_kid(&self) -> Result<(), OpFailure> {
         {
             let Ok(mut last) = self.last_unscheduled_fetch.lock() else {
-                return false;
+                return Err(OpFailure::Overloaded);
             };
             if last.is_some_and(|t| t.elapsed() < self.schedule.refetch_interval) {
-                return false;
+                return Err(OpFailure::Overloaded);
             }
             *last = Some(Instant::now());
         }
-        self.refresh().await.is_ok()
+        self.refresh().await.map(|_| ())
     }
 
     fn find(&self, kid: Option<&str>, alg: Algorithm) -> Option<Result<DecodingKey, KeyLookup>> {
@@ -237,12 +241,13 @@ impl KeyStore {
         if let Some(found) = self.find(kid, alg) {
             return found;
         }
-        if self.refetch_for_unknown_kid().await {
-            if let Some(found) = self.find(kid, alg) {
-                return found;
-            }
+        // Junk tokens with made-up `kid`s spend the refetch budget; a real token signed with a
+        // freshly rotated key arriving then gets "unavailable" (503, retried), never "unknown"
+        // (a cached 401 that logs its client out).
+        if let Err(f) = self.refetch_for_unknown_kid().await {
+            return Err(KeyLookup::Unavailable(f));
         }
-        Err(KeyLookup::Unknown)
+        self.find(kid, alg).unwrap_or(Err(KeyLookup::Unknown))
     }
 }
 

@@ -1,0 +1,23 @@
+-- wrk script: a flood of distinct made-up tokens ("bad-flood-<n>", n = 1..$FLOOD_TOKENS, in a
+-- shuffled order per connection), each unknown to the gateway the first time it is seen.
+local n = tonumber(os.getenv("FLOOD_TOKENS") or "5000")
+local i = 0
+local offset = 0
+local prefix = os.getenv("FLOOD_PREFIX") or "x"
+setup = function(thread)
+  thread:set("seed", math.random(1, 1000000))
+end
+init = function()
+  math.randomseed(seed or os.time())
+  offset = math.random(0, n - 1)
+end
+request = function()
+  i = i + 1
+  local t = (offset + i * 7919) % n + 1
+  return wrk.format("GET", nil, { ["Authorization"] = "Bearer bad-flood-" .. prefix .. "-" .. t })
+end
+-- $FLOOD_DELAY_MS between a connection's requests (0: as fast as possible).
+local pause = tonumber(os.getenv("FLOOD_DELAY_MS") or "0")
+if pause > 0 then
+  delay = function() return pause end
+end

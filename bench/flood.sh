@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Flood benchmark: does a flood of made-up tokens hurt users whose identity is cached, and how
+# many OP calls does it cost?
+#
+#   bench/flood.sh            # 3 x 10 s
+#   bench/flood.sh --smoke    # seconds, no thresholds (CI)
+#
+# On loopback: bench/op_stub.py as the OP (5 ms per introspection; it reports the most calls it
+# had in flight at once), nginx as the upstream, the release gateway with
+# `max_concurrent_introspections = 16` and `introspection_queue = 64`, one worker thread.
+#   idle    wrk -c16 with one cached valid token: p50/p99 of a cached user alone
+#   flood   the same, while a second wrk (-c256) sends 5,000 distinct made-up tokens: paced
+#           (50 ms between a connection's requests, about 5,000 req/s: more than the OP
+#           stub can take at the bound, so some are shed) and flat out (the gateway's one
+#           worker saturated: then every request waits its turn, cached or not)
+# Prints both, their ratio, the flood's answers (401 once the OP judged a token, 503 when shed)
+# and the OP's peak concurrency against the configured bound.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+smoke=false
+[ "${1:-}" = "--smoke" ] && smoke=true
+if $smoke; then DUR=3s; RUNS=1; else DUR=10s; RUNS=3; fi
+MAXC=16
+QUEUE=64
+FLOOD_TOKENS=5000
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+bench_install
+cargo build --release --quiet --bin matrix-oidc-gateway
+
+bench_workdir
+UP=$(free_port); OP=$(free_port); GW=$(free_port); ADMIN=$(free_port)
+cat >"$work/nginx.conf" <<NGINX
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  server {
+    listen 127.0.0.1:$UP;
+    location / { default_type application/json; return 200 '{"ok":true}'; }
+  }
+}
+NGINX
+nginx -c "$work/nginx.conf" -p "$work"
+python3 bench/op_stub.py "$OP" >/dev/null 2>&1 &
+pids+=($!)
+wait_port "$UP"; wait_port "$OP"
+cat >"$work/gateway.toml" <<TOML
+[listen]
+public = "127.0.0.1:$GW"
+admin = "127.0.0.1:$ADMIN"
+threads = 1
+[homeserver]
+url = "http://127.0.0.1:$UP"
+server_name = "example.org"
+[store]
+path = "$work/state.sqlite3"
+encryption_key = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
+[[issuers]]
+issuer = "http://127.0.0.1:$OP/"
+introspection_endpoint = "http://127.0.0.1:$OP/introspect"
+client_id = "bench"
+client_secret = "bench"
+max_concurrent_introspections = $MAXC
+introspection_queue = $QUEUE
+[cache]
+capacity = 100000
+[log]
+level = "error"
+TOML
+./target/release/matrix-oidc-gateway --config "$work/gateway.toml" >"$work/gateway.log" 2>&1 &
+pids+=($!)
+wait_port "$GW"
+U="http://127.0.0.1:$GW/_matrix/client/v3/sync"
+curl -s -o /dev/null -H "Authorization: Bearer good-token" "$U"
+wrk -t1 -c16 -d1s -H "Authorization: Bearer good-token" "$U" >/dev/null 2>&1 || true  # warm-up
+
+cached() { wrk -t1 -c16 -d"$DUR" --latency -H "Authorization: Bearer good-token" "$U"; }
+p() { awk -v q="$1" '$1==q {print $2}' | to_ms; }
+shed_total() {
+  curl -s "http://127.0.0.1:$ADMIN/metrics" |
+    awk '/^matrix_oidc_gateway_introspection_requests_total\{result="op_overloaded"\}/ {print $2}' | awk '{s+=$1} END {print s+0}'
+}
+rows="$work/rows"
+: >"$rows"
+for pace in 50 0; do
+for run in $(seq 1 "$RUNS"); do
+  idle=$(cached)
+  # Each run floods with tokens the gateway has never seen.
+  shed0=$(shed_total)
+  intro0=$(op_count "$OP" introspections)
+  FLOOD_PREFIX="p$pace-r$run" FLOOD_TOKENS=$FLOOD_TOKENS FLOOD_DELAY_MS=$pace \
+    wrk -t1 -c256 -d"$DUR" -s bench/flood.lua "$U" >"$work/flood.out" 2>&1 &
+  flood_pid=$!
+  sleep 0.3
+  busy=$(cached)
+  wait "$flood_pid" || true
+  flood_rps=$(awk '/Requests\/sec/ {print $2}' "$work/flood.out")
+  printf '%s %s %s %s %s %s %s %s\n' "$pace" \
+    "$(p 50% <<<"$idle")" "$(p 99% <<<"$idle")" "$(p 50% <<<"$busy")" "$(p 99% <<<"$busy")" \
+    "$flood_rps" "$(( $(op_count "$OP" introspections) - intro0 ))" "$(( $(shed_total) - shed0 ))" >>"$rows"
+done
+done
+peak=$(op_count "$OP" max_in_flight)
+
+echo
+echo "flood benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores$($smoke && echo ', SMOKE (not for conclusions)')"
+echo "max_concurrent_introspections = $MAXC, introspection_queue = $QUEUE, $FLOOD_TOKENS distinct made-up tokens"
+echo
+echo "| flood | cached idle p50/p99 ms | cached under flood p50/p99 ms | p99 ratio | flood req/s | OP calls | shed (503) |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+awk '{printf "| %s | %.2f / %.2f | %.2f / %.2f | %.2f | %.0f | %d | %d |\n", ($1 > 0 ? "paced " $1 " ms" : "flat out"), $2, $3, $4, $5, ($3 > 0 ? $5/$3 : 0), $6, $7, $8}' "$rows"
+echo
+echo "- OP peak concurrency: $peak (bound: $MAXC)"
+if [ "$peak" -gt "$MAXC" ]; then
+  echo "flood: the OP saw more calls in flight than the configured bound" >&2
+  exit 1
+fi

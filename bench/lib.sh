@@ -1,0 +1,34 @@
+# Helpers shared by the benchmark scripts (sourced, not run).
+
+# Installs wrk and nginx (Debian) when missing.
+bench_install() {
+  local need=()
+  for pkg in wrk nginx; do command -v "$pkg" >/dev/null || need+=("$pkg"); done
+  if [ "${#need[@]}" -gt 0 ]; then
+    [ "$(id -u)" = 0 ] || { echo "bench: install ${need[*]}" >&2; exit 1; }
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+}
+
+# A scratch directory ($work) and the processes to stop on exit ($pids, nginx).
+bench_workdir() {
+  work=$(mktemp -d)
+  pids=()
+  trap bench_cleanup EXIT INT TERM
+}
+bench_cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  rm -rf "$work"
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
+  echo "bench: nothing on port $1" >&2; exit 1
+}
+# wrk's latency figures (us, ms, s) in milliseconds.
+to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v} else if (v ~ /s$/) {sub(/s$/,"",v); print v*1000} else print v}'; }
+# A figure of bench/op_stub.py's GET /count: op_count PORT introspections|max_in_flight
+op_count() { curl -s "http://127.0.0.1:$1/count" | python3 -c "import sys,json; print(json.load(sys.stdin)['$2'])"; }
