@@ -382,6 +382,7 @@ impl ServeHttp for AdminApp {
         match path.as_str() {
             "/metrics" => {
                 metrics::CACHE_ENTRIES.set(self.verifier.cached_entries() as i64);
+                metrics::REVOCATIONS.set(self.verifier.revocations().len() as i64);
                 metrics::BINDINGS.set(self.notifier.binder().bindings_held() as i64);
                 if let Some(r) = &self.redis {
                     metrics::REDIS_UP.set(i64::from(r.ping().await));

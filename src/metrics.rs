@@ -66,6 +66,14 @@ pub static CACHE_ENTRIES: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(name!("auth_cache_entries"), "Cached verdicts (approximate)")
         .expect("metric")
 });
+/// Revocations held.
+pub static REVOCATIONS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        name!("revocations"),
+        "Revocations held (sessions, subjects, users, devices, tokens); bounded by notifications.max_revocations"
+    )
+    .expect("metric")
+});
 /// Introspection requests by result.
 pub static INTROSPECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
@@ -208,6 +216,7 @@ pub fn init() {
         LazyLock::force(&CACHE_LOOKUPS);
         LazyLock::force(&CACHE_ENTRIES);
         LazyLock::force(&INTROSPECTIONS);
+        LazyLock::force(&REVOCATIONS);
         LazyLock::force(&INTROSPECTION_DURATION);
         LazyLock::force(&JWT_VERIFICATIONS);
         LazyLock::force(&JWKS_REFRESHES);
@@ -237,6 +246,7 @@ pub fn descriptors() -> Vec<String> {
         (&*CACHE_LOOKUPS, "counter"),
         (&*CACHE_ENTRIES, "gauge"),
         (&*INTROSPECTIONS, "counter"),
+        (&*REVOCATIONS, "gauge"),
         (&*INTROSPECTION_DURATION, "histogram"),
         (&*JWT_VERIFICATIONS, "counter"),
         (&*JWKS_REFRESHES, "counter"),

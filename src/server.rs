@@ -216,7 +216,11 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
         None => Arc::new(SqliteStore::open(&config.store.path)?),
     };
     let issuer_ids: Vec<String> = config.issuers.iter().map(|i| i.issuer.clone()).collect();
-    let revocations = Arc::new(Revocations::new(store.clone(), &issuer_ids));
+    let revocations = Arc::new(Revocations::bounded(
+        store.clone(),
+        &issuer_ids,
+        config.notifications.max_revocations,
+    ));
     // Persisted revocations are in force before the first request. (On a thread and runtime of
     // its own, with its own connection: `build` may run inside a runtime, as the in-process
     // tests do, and connections must not outlive the runtime that made them.)

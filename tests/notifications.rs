@@ -711,3 +711,130 @@ async fn revoking_a_refresh_token_signs_the_device_out_upstream() {
         "the device's tokens are revoked too"
     );
 }
+
+/// How many revocations the gateway holds (its `revocations` gauge).
+async fn revocations_held(gw: &TestGateway) -> u64 {
+    let text = client()
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("matrix_oidc_gateway_revocations "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .expect("revocations gauge")
+}
+
+async fn revoke_through_proxy(gw: &TestGateway, form: &[(&str, &str)]) -> reqwest::Response {
+    client()
+        .post(gw.url("/_matrix-oidc-gateway/oauth2/revoke"))
+        .form(form)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Anyone can call the revocation proxy, and an OP acknowledges any token (RFC 7009 §2.2).
+/// Made-up tokens must cost the OP at most one introspection each (none without client
+/// authentication) and must not grow the revocation list: only what the gateway can attribute
+/// to a session is recorded.
+#[tokio::test]
+async fn the_revocation_proxy_records_only_what_it_can_attribute() {
+    let (f, gw, _) = setup("", "").await;
+    Mock::given(method("POST"))
+        .and(path("/revoke"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&f.op)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"active": false})))
+        .with_priority(10)
+        .mount(&f.op)
+        .await;
+    let before = introspections(&f.op).await;
+    for i in 0..20 {
+        let token = format!("made-up-{i}");
+        let r = revoke_through_proxy(
+            &gw,
+            &[("token", token.as_str()), ("client_id", "matrix-client")],
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        // Without any client authentication the OP refuses the request anyway: not even one
+        // introspection is spent on it.
+        let r = revoke_through_proxy(&gw, &[("token", token.as_str())]).await;
+        assert_eq!(r.status(), 200, "the OP's answer is relayed");
+    }
+    assert!(
+        introspections(&f.op).await - before <= 20,
+        "{} introspections for 20 made-up tokens revoked with client authentication",
+        introspections(&f.op).await - before
+    );
+    assert_eq!(
+        revocations_held(&gw).await,
+        0,
+        "made-up tokens were recorded as revocations"
+    );
+    // A real session's token is recorded and refused.
+    assert_eq!(status(&gw, "alice-token").await, 200);
+    let r = revoke_through_proxy(
+        &gw,
+        &[("token", "alice-token"), ("client_id", "matrix-client")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!(revocations_held(&gw).await >= 1);
+    assert_eq!(status(&gw, "alice-token").await, 401);
+}
+
+/// The revocation list is bounded (`notifications.max_revocations`). When it is full, a
+/// revocation the gateway could not record is not carried out at the OP either: 503, and the
+/// client retries later. Nothing is acknowledged that the gateway does not enforce.
+#[tokio::test]
+async fn a_full_revocation_list_refuses_with_503_before_asking_the_op() {
+    let (f, gw, _) = setup("[notifications]\nmax_revocations = 2", "").await;
+    Mock::given(method("POST"))
+        .and(path("/revoke"))
+        .and(wiremock::matchers::body_string_contains(
+            "token=alice-token",
+        ))
+        .respond_with(ResponseTemplate::new(200))
+        .expect(1)
+        .mount(&f.op)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/revoke"))
+        .and(wiremock::matchers::body_string_contains("token=bob-token"))
+        .respond_with(ResponseTemplate::new(200))
+        .expect(0)
+        .mount(&f.op)
+        .await;
+    assert_eq!(status(&gw, "alice-token").await, 200);
+    assert_eq!(status(&gw, "bob-token").await, 200);
+    let r = revoke_through_proxy(
+        &gw,
+        &[("token", "alice-token"), ("client_id", "matrix-client")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(status(&gw, "alice-token").await, 401);
+    let r = revoke_through_proxy(
+        &gw,
+        &[("token", "bob-token"), ("client_id", "matrix-client")],
+    )
+    .await;
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "temporarily_unavailable", "{body}");
+    assert_eq!(
+        status(&gw, "bob-token").await,
+        200,
+        "bob was not revoked anywhere"
+    );
+}

@@ -145,6 +145,14 @@ impl Verifier {
         self.cache.purge_where(matches).await
     }
 
+    /// The identity cached for a token, if it is cached as active.
+    pub async fn cached_identity(&self, key: &TokenHash) -> Option<Arc<Identity>> {
+        match self.cache.get(key).await?.verdict {
+            Verdict::Active(identity) => Some(identity),
+            _ => None,
+        }
+    }
+
     /// Drops one token's cached verdict.
     pub async fn purge_token(&self, key: &TokenHash) {
         self.cache.invalidate(key).await;

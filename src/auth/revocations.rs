@@ -8,7 +8,7 @@
 //! does not resurrect JWTs.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -70,10 +70,29 @@ struct Entry {
     until_ms: u64,
 }
 
-/// The revocation list.
+/// Why a revocation was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    /// The store did not persist it.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// `notifications.max_revocations` are held already.
+    #[error("the revocation list is full ({0} entries)")]
+    Full(usize),
+}
+
+/// Expired entries are dropped at most this often (and whenever the list is full), so a
+/// revocation costs O(1) and readers never wait for a sweep of the whole list.
+const PRUNE_EVERY_MS: u64 = 60_000;
+
+/// The revocation list. Reads (every request) take a shared lock and a few hash lookups; only
+/// revocations take the exclusive lock, for one insertion (plus, at most once a minute or when
+/// full, a sweep of expired entries).
 pub struct Revocations {
     entries: RwLock<HashMap<Selector, Entry>>,
     any: AtomicBool,
+    max: usize,
+    next_prune_ms: AtomicU64,
     store: Arc<dyn Store>,
     /// The configured issuers: a session or subject revocation persisted before revocations
     /// were issuer-scoped cannot be attributed to one of them, so it applies to each (failing
@@ -85,9 +104,16 @@ impl Revocations {
     /// An empty list backed by `store`; an unscoped session or subject entry persisted by an
     /// earlier version applies to each of `issuers` (the configured ones).
     pub fn new(store: Arc<dyn Store>, issuers: &[String]) -> Self {
+        Self::bounded(store, issuers, usize::MAX)
+    }
+
+    /// Like [`Revocations::new`], holding at most `max` entries.
+    pub fn bounded(store: Arc<dyn Store>, issuers: &[String], max: usize) -> Self {
         Self {
             entries: RwLock::new(HashMap::new()),
             any: AtomicBool::new(false),
+            max,
+            next_prune_ms: AtomicU64::new(0),
             store,
             legacy_issuers: issuers.to_vec(),
         }
@@ -134,19 +160,35 @@ impl Revocations {
         Ok(n)
     }
 
+    /// Whether `n` more revocations fit now (callers that must not start work they could not
+    /// record ask first: the revocation proxy before it asks the OP).
+    pub fn has_room(&self, n: usize) -> bool {
+        self.entries.read().len().saturating_add(n) <= self.max
+    }
+
     /// Records a revocation at `now_ms`, remembered until `until_ms`; persisted before return.
+    /// Refused when the list is full (after dropping expired entries).
     pub async fn revoke(
         &self,
         selector: Selector,
         now_ms: u64,
         until_ms: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), RevokeError> {
+        {
+            let mut map = self.entries.write();
+            self.prune_if_due(&mut map, now_ms);
+            if map.len() >= self.max && !map.contains_key(&selector) {
+                self.prune(&mut map, now_ms);
+                if map.len() >= self.max {
+                    return Err(RevokeError::Full(map.len()));
+                }
+            }
+        }
         self.store
             .put_revocation(&selector.key(), now_ms, until_ms)
             .await?;
         {
             let mut map = self.entries.write();
-            map.retain(|_, e| e.until_ms > now_ms);
             map.insert(
                 selector,
                 Entry {
@@ -157,6 +199,18 @@ impl Revocations {
             self.any.store(true, Ordering::Release);
         }
         Ok(())
+    }
+
+    fn prune_if_due(&self, map: &mut HashMap<Selector, Entry>, now_ms: u64) {
+        if now_ms >= self.next_prune_ms.load(Ordering::Relaxed) {
+            self.prune(map, now_ms);
+        }
+    }
+
+    fn prune(&self, map: &mut HashMap<Selector, Entry>, now_ms: u64) {
+        map.retain(|_, e| e.until_ms > now_ms);
+        self.next_prune_ms
+            .store(now_ms.saturating_add(PRUNE_EVERY_MS), Ordering::Relaxed);
     }
 
     /// Applies a revocation made elsewhere (already persisted by its maker).

@@ -67,6 +67,13 @@ pub struct NotificationsFile {
     /// token ends the session) or `refresh_token`.
     #[serde(default = "default_revocation_signs_out")]
     pub revocation_signs_out: String,
+    /// Most revocations held at once (each replica's memory, and the store).
+    #[serde(default = "default_max_revocations")]
+    pub max_revocations: usize,
+}
+
+fn default_max_revocations() -> usize {
+    100_000
 }
 
 fn default_revocation_signs_out() -> String {
@@ -81,6 +88,7 @@ impl Default for NotificationsFile {
             revocation_path: default_revocation_path(),
             revocation_retention: default_retention(),
             revocation_signs_out: default_revocation_signs_out(),
+            max_revocations: default_max_revocations(),
         }
     }
 }

@@ -109,6 +109,8 @@ pub struct Notifications {
     pub revocation_retention: Duration,
     /// Whether revoking an access token (not only a refresh token) signs the device out.
     pub access_token_revocation_signs_out: bool,
+    /// Most revocations held at once; a revocation beyond it is refused with a 5xx.
+    pub max_revocations: usize,
 }
 
 /// `[store]`
@@ -1172,6 +1174,9 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
         "notifications.revocation_retention",
         &n.revocation_retention,
     );
+    if n.max_revocations == 0 {
+        p.add("notifications.max_revocations", "must be at least 1");
+    }
     let redis = match f.store.backend.as_str() {
         "sqlite" => None,
         "redis" => {
@@ -1334,6 +1339,7 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
                 revocation_path: f.notifications.revocation_path,
                 revocation_retention,
                 access_token_revocation_signs_out,
+                max_revocations: f.notifications.max_revocations,
             },
             admin_token,
         },

@@ -15,11 +15,11 @@ use bytes::Bytes;
 
 use crate::auth::identity::{build_identity, issuer_scoped, parse_scope};
 use crate::auth::jwt::{looks_like_jwt, unverified_issuer, JwtOutcome};
-use crate::auth::revocations::Selector;
+use crate::auth::revocations::{RevokeError, Selector};
 use crate::auth::{Identity, TokenHash, Verifier};
 use crate::binding::Binder;
 use crate::clock::SharedClock;
-use crate::error::{BindingFailure, GatewayError, OpFailure};
+use crate::error::{BindingFailure, GatewayError};
 use crate::store::redis::Event;
 use logout_token::{LogoutRejection, LogoutValidator};
 
@@ -126,7 +126,10 @@ impl Notifier {
             .revoke(selector, now, until)
             .await
             .map_err(|e| {
-                tracing::error!(error = %e, "cannot persist a revocation");
+                match &e {
+                    RevokeError::Full(_) => tracing::error!(error = %e, "revocation refused: raise notifications.max_revocations or shorten revocation_retention"),
+                    RevokeError::Store(_) => tracing::error!(error = %e, "cannot persist a revocation"),
+                }
                 GatewayError::BindingUnavailable(BindingFailure::Store)
             })?;
         self.binder
@@ -329,6 +332,11 @@ impl Notifier {
     /// The RFC 7009 revocation proxy: learns what the token belongs to, forwards the request
     /// unchanged to the OP, and once the OP answered 200 refuses the token and (for a refresh
     /// token) signs its device out upstream. Returns the OP's answer to relay.
+    ///
+    /// Anyone can call it and an OP acknowledges any token (RFC 7009 §2.2), so: a token is
+    /// looked up (in the cache, else with one introspection) only when the request carries
+    /// client authentication; a revocation is recorded only for a token the gateway can
+    /// attribute to a session; and when the list has no room, nothing is forwarded (503).
     pub async fn revoke_at_op(
         &self,
         body: Bytes,
@@ -337,16 +345,24 @@ impl Notifier {
     ) -> Result<(u16, Option<String>, Bytes), GatewayError> {
         let mut token = None;
         let mut hint = None;
+        let mut client_id = false;
         for (k, v) in form_urlencoded::parse(&body) {
             match k.as_ref() {
                 "token" => token = Some(v.into_owned()),
                 "token_type_hint" => hint = Some(v.into_owned()),
+                "client_id" => client_id = true,
                 _ => {}
             }
         }
+        // A token revocation and a device revocation at most.
+        if !self.verifier.revocations().has_room(2) {
+            tracing::error!("revocation proxy: the revocation list is full; answering 503 without asking the OP (raise notifications.max_revocations)");
+            return Err(GatewayError::BindingUnavailable(BindingFailure::Store));
+        }
+        let authenticated = client_id || authorization.is_some();
         let learned = match &token {
-            Some(t) => self.inspect(t, hint.as_deref()).await,
-            None => None,
+            Some(t) if authenticated => self.inspect(t, hint.as_deref()).await,
+            _ => None,
         };
         let answer = self
             .verifier
@@ -357,7 +373,9 @@ impl Notifier {
         if answer.0 == 200 {
             if let Some(t) = &token {
                 let hash = TokenHash::of(t);
-                self.revoke(Selector::Token(hash)).await?;
+                if learned.is_some() {
+                    self.revoke(Selector::Token(hash)).await?;
+                }
                 self.verifier.purge_token_everywhere(&hash).await;
             }
             // The Matrix spec has the OP revoke both tokens of a session whichever it is given;
@@ -372,8 +390,16 @@ impl Notifier {
         Ok(answer)
     }
 
-    /// Who a token belongs to, as far as the OP (or a verified JWT) says.
+    /// Who a token belongs to: the identity cached for it, a verified JWT, or what one
+    /// introspection at the OP says. `None` when none of them attributes it to a user.
     async fn inspect(&self, token: &str, hint: Option<&str>) -> Option<Learned> {
+        if let Some(id) = self.verifier.cached_identity(&TokenHash::of(token)).await {
+            return Some(Learned {
+                user: id.user_id.clone(),
+                device: id.device_id.clone(),
+                refresh: false,
+            });
+        }
         if looks_like_jwt(token) {
             let iss = unverified_issuer(token)?;
             let issuer = self.verifier.jwt_issuers().get(&iss)?;
@@ -394,49 +420,39 @@ impl Notifier {
             return None;
         }
         let op = self.verifier.op();
-        let order: &[&str] = match hint {
-            Some("refresh_token") => &["refresh_token", "access_token"],
-            _ => &["access_token", "refresh_token"],
+        // One introspection: the hint only orders the OP's own search (RFC 7662 §2.1).
+        let hint = match hint {
+            Some("refresh_token") => "refresh_token",
+            _ => "access_token",
         };
-        for h in order {
-            let answer = match op.introspect_as(token, h).await {
-                Ok(a) => a,
-                Err(OpFailure::Status | OpFailure::InvalidBody) => continue,
-                Err(_) => return None,
-            };
-            if !answer.active {
-                continue;
-            }
-            let access_types = &op.issuer().access_token_types;
-            let refresh = match answer.token_type.as_deref() {
-                Some(t) if t.eq_ignore_ascii_case("refresh_token") => true,
-                Some(t) => !access_types.iter().any(|a| a.eq_ignore_ascii_case(t)),
-                None => true,
-            };
-            let sub = answer.sub.clone()?;
-            let user = match self
-                .binder
-                .user_of_subject(&op.issuer().issuer, &sub)
-                .await
-                .ok()
-                .flatten()
-            {
-                Some(u) => u,
-                None => return None,
-            };
-            let device = answer.device_id.clone().or_else(|| {
-                parse_scope(answer.scope.as_deref().unwrap_or(""))
-                    .devices
-                    .into_iter()
-                    .next()
-            });
-            return Some(Learned {
-                user,
-                device,
-                refresh,
-            });
+        let answer = op.introspect_as(token, hint).await.ok()?;
+        if !answer.active {
+            return None;
         }
-        None
+        let access_types = &op.issuer().access_token_types;
+        let refresh = match answer.token_type.as_deref() {
+            Some(t) if t.eq_ignore_ascii_case("refresh_token") => true,
+            Some(t) => !access_types.iter().any(|a| a.eq_ignore_ascii_case(t)),
+            None => true,
+        };
+        let sub = answer.sub.clone()?;
+        let user = self
+            .binder
+            .user_of_subject(&op.issuer().issuer, &sub)
+            .await
+            .ok()
+            .flatten()?;
+        let device = answer.device_id.clone().or_else(|| {
+            parse_scope(answer.scope.as_deref().unwrap_or(""))
+                .devices
+                .into_iter()
+                .next()
+        });
+        Some(Learned {
+            user,
+            device,
+            refresh,
+        })
     }
 
     fn map_identity(&self, claims: &crate::auth::identity::Claims) -> Option<Identity> {
