@@ -269,11 +269,9 @@ async fn bindings_and_pins_survive_a_restart() {
     mount_register(&f.hs, 1).await;
     mount_login(&f.hs, "D1", "kept-token", 1).await;
     let cfg = f.config_hs(&hs_cfg("dendrite", "appservice_login"), "");
-    {
-        let gw = spawn(&cfg).await;
-        assert_eq!(get(&gw, SYNC, "t").await.status(), 200);
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let gw = spawn(&cfg).await;
+    assert_eq!(get(&gw, SYNC, "t").await.status(), 200);
+    gw.stop().await;
     let gw = spawn(&on_fresh_ports(&cfg)).await;
     let echo: Value = get(&gw, SYNC, "t").await.json().await.unwrap();
     assert_eq!(
@@ -543,12 +541,10 @@ async fn device_tokens_are_sealed_at_rest_and_rotate_without_a_new_login() {
     let cfg = f.config_hs(&hs_cfg("dendrite", "appservice_login"), "");
     assert!(cfg.contains(KEY), "the harness seals with KEY");
     let auth_of = |echo: Value| echo["headers"]["authorization"].clone();
-    {
-        let gw = spawn(&cfg).await;
-        let echo: Value = get(&gw, SYNC, "t").await.json().await.unwrap();
-        assert_eq!(auth_of(echo), json!(["Bearer the-upstream-device-token"]));
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let gw = spawn(&cfg).await;
+    let echo: Value = get(&gw, SYNC, "t").await.json().await.unwrap();
+    assert_eq!(auth_of(echo), json!(["Bearer the-upstream-device-token"]));
+    gw.stop().await;
     let on_disk = state_bytes(f.state.path());
     assert!(!on_disk.is_empty());
     assert!(
@@ -576,12 +572,10 @@ async fn device_tokens_are_sealed_at_rest_and_rotate_without_a_new_login() {
         &format!("encryption_key = \"{KEY}\""),
         &format!("encryption_key = \"{NEW}\"\nprevious_encryption_key = \"{KEY}\""),
     ));
-    {
-        let gw = spawn(&rotating).await;
-        let echo: Value = get(&gw, SYNC, "t").await.json().await.unwrap();
-        assert_eq!(auth_of(echo), json!(["Bearer the-upstream-device-token"]));
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let gw = spawn(&rotating).await;
+    let echo: Value = get(&gw, SYNC, "t").await.json().await.unwrap();
+    assert_eq!(auth_of(echo), json!(["Bearer the-upstream-device-token"]));
+    gw.stop().await;
     // The old key retired: everything was sealed again at the rotating start-up.
     let gw = spawn(&wrong).await;
     let echo: Value = get(&gw, SYNC, "t").await.json().await.unwrap();
@@ -596,11 +590,9 @@ async fn an_unsealed_token_planted_in_the_store_is_never_sent() {
     mount_register(&f.hs, 1).await;
     mount_login(&f.hs, "D1", "fresh-token", 2).await;
     let cfg = f.config_hs(&hs_cfg("dendrite", "appservice_login"), "");
-    {
-        let gw = spawn(&cfg).await;
-        assert_eq!(get(&gw, SYNC, "t").await.status(), 200);
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let gw = spawn(&cfg).await;
+    assert_eq!(get(&gw, SYNC, "t").await.status(), 200);
+    gw.stop().await;
     // Someone with write access to the store swaps in a token of their choosing, in the clear.
     rusqlite::Connection::open(f.state.path().join("state.sqlite3"))
         .unwrap()
@@ -635,14 +627,12 @@ async fn pins_from_before_issuer_scoping_are_upgraded_only_with_a_single_issuer(
         "{}\n[[issuers]]\nissuer = \"https://second-op.example/\"\nmode = \"jwt\"\naudiences = [\"x\"]\n",
         f.config("")
     );
-    {
-        let gw = spawn(&two).await;
-        let r = get(&gw, SYNC, "t").await;
-        assert_eq!(r.status(), 403);
-        let body: Value = r.json().await.unwrap();
-        assert_eq!(body["errcode"], "M_FORBIDDEN");
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let gw = spawn(&two).await;
+    let r = get(&gw, SYNC, "t").await;
+    assert_eq!(r.status(), 403);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["errcode"], "M_FORBIDDEN");
+    gw.stop().await;
     // With the single issuer it was written by, it is that issuer's and is upgraded in place.
     let gw = spawn(&on_fresh_ports(&f.config(""))).await;
     assert_eq!(get(&gw, SYNC, "t").await.status(), 200);

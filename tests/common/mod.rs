@@ -3,7 +3,7 @@
 //! of the OP and the homeserver, with a clock the test can move forward.
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,13 +15,8 @@ use serde_json::{json, Value};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+mod ports;
+pub use ports::free_port;
 
 struct Stop(tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>);
 
@@ -44,6 +39,7 @@ pub struct TestGateway {
     /// Its clock.
     pub clock: OffsetClock,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stopped: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl TestGateway {
@@ -55,6 +51,20 @@ impl TestGateway {
     /// A URL on the admin listener.
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
+    }
+
+    /// Stops the gateway and returns once its server has shut down (listeners closed, services
+    /// and store dropped): what a restart in a test waits for.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(stopped) = self.stopped.take() {
+            tokio::time::timeout(Duration::from_secs(30), stopped)
+                .await
+                .expect("the gateway did not shut down within 30 s")
+                .expect("the gateway's server thread ended without reporting");
+        }
     }
 }
 
@@ -201,10 +211,12 @@ pub async fn spawn(toml: &str) -> TestGateway {
     let clock = OffsetClock::new();
     let srv = server::build(loaded.config, Arc::new(clock.clone())).expect("server builds");
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let (stopped_tx, stopped) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         srv.run(RunArgs {
             shutdown_signal: Box::new(Stop(tokio::sync::Mutex::new(Some(rx)))),
         });
+        let _ = stopped_tx.send(());
     });
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -213,6 +225,7 @@ pub async fn spawn(toml: &str) -> TestGateway {
                 admin,
                 clock,
                 stop: Some(tx),
+                stopped: Some(stopped),
             };
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
