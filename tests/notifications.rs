@@ -838,3 +838,47 @@ async fn a_full_revocation_list_refuses_with_503_before_asking_the_op() {
         "bob was not revoked anywhere"
     );
 }
+
+/// A token whose subject does not own the user ID it maps to (a reassigned username, another
+/// issuer's equal name) is refused on every request, but the gateway still caches what the OP
+/// said of it. Revoking that token through the proxy must not sign out the real owner's device.
+#[tokio::test]
+async fn revoking_an_impostors_cached_token_does_not_sign_out_the_owner() {
+    let (f, gw, _) = setup("", "").await;
+    let mut impostor = active("alice", &full_scope("ALICEDEV01"));
+    impostor["sub"] = json!("sub-mallory");
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .and(wiremock::matchers::body_string_contains(
+            "token=mallory-token&",
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(impostor))
+        .mount(&f.op)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/revoke"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&f.op)
+        .await;
+    assert_eq!(
+        status(&gw, "alice-token").await,
+        200,
+        "alice pins her user ID"
+    );
+    assert_eq!(
+        status(&gw, "mallory-token").await,
+        403,
+        "the impostor is refused"
+    );
+    let r = revoke_through_proxy(
+        &gw,
+        &[("token", "mallory-token"), ("client_id", "matrix-client")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        status(&gw, "alice-token").await,
+        200,
+        "the impostor's revocation signed alice's device out"
+    );
+}

@@ -147,6 +147,7 @@ impl Revocations {
         let mut n = 0;
         {
             let mut map = self.entries.write();
+            self.prune_if_due(&mut map, now_ms);
             for (key, at_ms, until_ms) in rows {
                 if let Some(sel) = Selector::from_key(&key) {
                     for sel in self.scope_legacy(sel) {
@@ -160,24 +161,33 @@ impl Revocations {
         Ok(n)
     }
 
-    /// Whether `n` more revocations fit now (callers that must not start work they could not
-    /// record ask first: the revocation proxy before it asks the OP).
-    pub fn has_room(&self, n: usize) -> bool {
-        self.entries.read().len().saturating_add(n) <= self.max
+    /// Whether `n` more capped revocations fit at `now_ms` (the revocation proxy asks before it
+    /// asks the OP, so that it does not start work it could not record).
+    pub fn has_room(&self, n: usize, now_ms: u64) -> bool {
+        let mut map = self.entries.write();
+        if map.len().saturating_add(n) > self.max {
+            self.prune(&mut map, now_ms);
+        }
+        map.len().saturating_add(n) <= self.max
     }
 
     /// Records a revocation at `now_ms`, remembered until `until_ms`; persisted before return.
-    /// Refused when the list is full (after dropping expired entries).
+    ///
+    /// `capped` revocations (those anyone can cause: the revocation proxy's) are refused when
+    /// the list holds `max` entries after dropping expired ones. The others (back-channel
+    /// logout, the admin API) are always recorded: an OP's or operator's sign-out must never
+    /// be blocked by a list someone else filled.
     pub async fn revoke(
         &self,
         selector: Selector,
         now_ms: u64,
         until_ms: u64,
+        capped: bool,
     ) -> Result<(), RevokeError> {
         {
             let mut map = self.entries.write();
             self.prune_if_due(&mut map, now_ms);
-            if map.len() >= self.max && !map.contains_key(&selector) {
+            if capped && map.len() >= self.max && !map.contains_key(&selector) {
                 self.prune(&mut map, now_ms);
                 if map.len() >= self.max {
                     return Err(RevokeError::Full(map.len()));
@@ -217,6 +227,7 @@ impl Revocations {
     pub fn remember(&self, selector: Selector, at_ms: u64, until_ms: u64) {
         {
             let mut map = self.entries.write();
+            self.prune_if_due(&mut map, at_ms);
             for selector in self.scope_legacy(selector) {
                 map.insert(selector, Entry { at_ms, until_ms });
             }
@@ -300,9 +311,14 @@ mod tests {
         let r = Revocations::new(store.clone(), &["https://op-a".to_owned()]);
         let t = TokenHash::of("tok");
         assert!(!r.is_revoked(&id(0), &t, 1_000));
-        r.revoke(Selector::Device("@a:x".into(), "D1".into()), 1_000, 10_000)
-            .await
-            .unwrap();
+        r.revoke(
+            Selector::Device("@a:x".into(), "D1".into()),
+            1_000,
+            10_000,
+            false,
+        )
+        .await
+        .unwrap();
         assert!(
             r.is_revoked(&id(500), &t, 2_000),
             "issued before the revocation"
@@ -317,6 +333,7 @@ mod tests {
             Selector::Session(issuer_scoped("https://op-b", "sid-1")),
             3_000,
             10_000,
+            false,
         )
         .await
         .unwrap();
@@ -324,6 +341,7 @@ mod tests {
             Selector::Subject(issuer_scoped("https://op-b", "sub-a")),
             3_000,
             10_000,
+            false,
         )
         .await
         .unwrap();
@@ -335,6 +353,7 @@ mod tests {
             Selector::Session(issuer_scoped("https://op-a", "sid-1")),
             3_000,
             10_000,
+            false,
         )
         .await
         .unwrap();
@@ -374,12 +393,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_cap_binds_only_capped_revocations_and_expired_entries_make_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let r = Revocations::bounded(store, &["https://op-a".to_owned()], 2);
+        let token = |n: &str| Selector::Token(TokenHash::of(n));
+        r.revoke(token("a"), 1_000, 5_000, true).await.unwrap();
+        r.revoke(token("b"), 1_000, 10_000, true).await.unwrap();
+        assert!(!r.has_room(1, 2_000));
+        assert!(matches!(
+            r.revoke(token("c"), 2_000, 10_000, true).await,
+            Err(RevokeError::Full(2))
+        ));
+        // Once "a" expired there is room again.
+        r.revoke(token("c"), 6_000, 10_000, true).await.unwrap();
+        assert!(!r.has_room(1, 6_000));
+        // An OP's or operator's sign-out is recorded even when the list is full.
+        r.revoke(Selector::User("@a:x".into()), 7_000, 10_000, false)
+            .await
+            .unwrap();
+        assert!(r.is_revoked(&id(500), &TokenHash::of("x"), 7_500));
+        assert_eq!(r.len(), 3);
+    }
+
+    #[tokio::test]
     async fn a_panic_while_the_list_is_locked_does_not_unrevoke_anything() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
         let r = Arc::new(Revocations::new(store, &["https://op-a".to_owned()]));
         let t = TokenHash::of("tok");
-        r.revoke(Selector::User("@a:x".into()), 1_000, 10_000)
+        r.revoke(Selector::User("@a:x".into()), 1_000, 10_000, false)
             .await
             .unwrap();
         assert!(r.is_revoked(&id(500), &t, 2_000));

@@ -117,13 +117,20 @@ impl Notifier {
         &self.binder
     }
 
+    /// Records and publishes a revocation (never refused for a full list).
     async fn revoke(&self, selector: Selector) -> Result<(), GatewayError> {
+        self.record(selector, false).await
+    }
+
+    /// Records and publishes a revocation; `capped` ones (the revocation proxy's: anyone can
+    /// cause them) are refused when the list is full.
+    async fn record(&self, selector: Selector, capped: bool) -> Result<(), GatewayError> {
         let now = self.clock.now_ms();
         let until = now + self.retention.as_millis() as u64;
         let key = selector.key();
         self.verifier
             .revocations()
-            .revoke(selector, now, until)
+            .revoke(selector, now, until, capped)
             .await
             .map_err(|e| {
                 match &e {
@@ -276,8 +283,8 @@ impl Notifier {
         device: &str,
         source: Source,
     ) -> Result<SignOut, GatewayError> {
-        self.revoke(Selector::Device(user.to_owned(), device.to_owned()))
-            .await?;
+        let selector = Selector::Device(user.to_owned(), device.to_owned());
+        self.record(selector, source == Source::Revocation).await?;
         let purged = self
             .verifier
             .purge_where(|i| i.user_id == user && i.device_id.as_deref() == Some(device))
@@ -355,13 +362,16 @@ impl Notifier {
             }
         }
         // A token revocation and a device revocation at most.
-        if !self.verifier.revocations().has_room(2) {
+        if !self.verifier.revocations().has_room(2, self.clock.now_ms()) {
             tracing::error!("revocation proxy: the revocation list is full; answering 503 without asking the OP (raise notifications.max_revocations)");
             return Err(GatewayError::BindingUnavailable(BindingFailure::Store));
         }
         let authenticated = client_id || authorization.is_some();
+        // A lookup that failed (OP or keys unavailable, introspection shed, store down) is a
+        // 503 before anything is forwarded: forwarding would have the OP revoke a token the
+        // gateway could then not refuse.
         let learned = match &token {
-            Some(t) if authenticated => self.inspect(t, hint.as_deref()).await,
+            Some(t) if authenticated => self.inspect(t, hint.as_deref()).await?,
             _ => None,
         };
         let answer = self
@@ -373,10 +383,13 @@ impl Notifier {
         if answer.0 == 200 {
             if let Some(t) = &token {
                 let hash = TokenHash::of(t);
-                if learned.is_some() {
-                    self.revoke(Selector::Token(hash)).await?;
-                }
+                let recorded = match learned {
+                    Some(_) => self.record(Selector::Token(hash), true).await,
+                    None => Ok(()),
+                };
+                // Purged whatever happened to the record.
                 self.verifier.purge_token_everywhere(&hash).await;
+                recorded?;
             }
             // The Matrix spec has the OP revoke both tokens of a session whichever it is given;
             // `revocation_signs_out = "refresh_token"` keeps the device on access-token revocation.
@@ -391,33 +404,60 @@ impl Notifier {
     }
 
     /// Who a token belongs to: the identity cached for it, a verified JWT, or what one
-    /// introspection at the OP says. `None` when none of them attributes it to a user.
-    async fn inspect(&self, token: &str, hint: Option<&str>) -> Option<Learned> {
-        if let Some(id) = self.verifier.cached_identity(&TokenHash::of(token)).await {
-            return Some(Learned {
+    /// introspection at the OP says; `Ok(None)` when none of them attributes it to the user
+    /// whose subject owns it. `Err` when that cannot be known now.
+    async fn inspect(
+        &self,
+        token: &str,
+        hint: Option<&str>,
+    ) -> Result<Option<Learned>, GatewayError> {
+        let owned = |issuer: &str, sub: &str, user: &str| {
+            let (issuer, sub, user) = (issuer.to_owned(), sub.to_owned(), user.to_owned());
+            async move {
+                // Only the subject that owns the user ID may sign its devices out: another
+                // issuer's equal `sub`, or a reassigned username, may not.
+                let owner = self
+                    .binder
+                    .user_of_subject(&issuer, &sub)
+                    .await
+                    .map_err(|_| GatewayError::BindingUnavailable(BindingFailure::Store))?;
+                Ok::<_, GatewayError>(owner.as_deref() == Some(user.as_str()))
+            }
+        };
+        let cached = self.verifier.cached_identity(&TokenHash::of(token)).await;
+        if let Some(id) = cached {
+            if !owned(&id.issuer, &id.subject, &id.user_id).await? {
+                return Ok(None);
+            }
+            return Ok(Some(Learned {
                 user: id.user_id.clone(),
                 device: id.device_id.clone(),
                 refresh: false,
-            });
+            }));
         }
         if looks_like_jwt(token) {
-            let iss = unverified_issuer(token)?;
-            let issuer = self.verifier.jwt_issuers().get(&iss)?;
-            if let JwtOutcome::Valid(claims, _) = issuer.validate(token).await {
-                let id = self.map_identity(&claims)?;
-                // Only the subject that owns the user ID may sign its devices out: another
-                // issuer's equal `sub` (or a token naming someone else's device) may not.
-                let owner = self.binder.user_of_subject(&id.issuer, &id.subject).await;
-                if owner.ok().flatten().as_deref() != Some(id.user_id.as_str()) {
-                    return None;
+            let Some(issuer) = unverified_issuer(token)
+                .and_then(|iss| self.verifier.jwt_issuers().get(&iss).cloned())
+            else {
+                return Ok(None);
+            };
+            return match issuer.validate(token).await {
+                JwtOutcome::Valid(claims, _) => {
+                    let Some(id) = self.map_identity(&claims) else {
+                        return Ok(None);
+                    };
+                    if !owned(&id.issuer, &id.subject, &id.user_id).await? {
+                        return Ok(None);
+                    }
+                    Ok(Some(Learned {
+                        user: id.user_id,
+                        device: id.device_id,
+                        refresh: false,
+                    }))
                 }
-                return Some(Learned {
-                    user: id.user_id,
-                    device: id.device_id,
-                    refresh: false,
-                });
-            }
-            return None;
+                JwtOutcome::Unavailable(f) => Err(GatewayError::OpUnavailable(f)),
+                JwtOutcome::Rejected(_) => Ok(None),
+            };
         }
         let op = self.verifier.op();
         // One introspection: the hint only orders the OP's own search (RFC 7662 §2.1).
@@ -425,9 +465,12 @@ impl Notifier {
             Some("refresh_token") => "refresh_token",
             _ => "access_token",
         };
-        let answer = op.introspect_as(token, hint).await.ok()?;
+        let answer = op
+            .introspect_as(token, hint)
+            .await
+            .map_err(GatewayError::OpUnavailable)?;
         if !answer.active {
-            return None;
+            return Ok(None);
         }
         let access_types = &op.issuer().access_token_types;
         let refresh = match answer.token_type.as_deref() {
@@ -435,24 +478,28 @@ impl Notifier {
             Some(t) => !access_types.iter().any(|a| a.eq_ignore_ascii_case(t)),
             None => true,
         };
-        let sub = answer.sub.clone()?;
+        let Some(sub) = answer.sub.clone() else {
+            return Ok(None);
+        };
         let user = self
             .binder
             .user_of_subject(&op.issuer().issuer, &sub)
             .await
-            .ok()
-            .flatten()?;
+            .map_err(|_| GatewayError::BindingUnavailable(BindingFailure::Store))?;
+        let Some(user) = user else {
+            return Ok(None);
+        };
         let device = answer.device_id.clone().or_else(|| {
             parse_scope(answer.scope.as_deref().unwrap_or(""))
                 .devices
                 .into_iter()
                 .next()
         });
-        Some(Learned {
+        Ok(Some(Learned {
             user,
             device,
             refresh,
-        })
+        }))
     }
 
     fn map_identity(&self, claims: &crate::auth::identity::Claims) -> Option<Identity> {

@@ -30,7 +30,10 @@ use crate::config::{RedisMode, RedisSettings};
 /// promoted replica. Subscriptions are made on that master too, never on a sentinel.
 #[derive(Clone)]
 pub struct Redis {
-    conn: Arc<RwLock<Option<ConnectionManager>>>,
+    /// The connection and its generation (bumped by each new one), so that a late failure of
+    /// an old connection does not drop its replacement.
+    conn: Arc<RwLock<Option<(u64, ConnectionManager)>>>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
     opening: Arc<tokio::sync::Mutex<()>>,
     settings: RedisSettings,
     prefix: String,
@@ -51,6 +54,7 @@ impl Redis {
         }
         Ok(Redis {
             conn: Arc::new(RwLock::new(None)),
+            generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             opening: Arc::new(tokio::sync::Mutex::new(())),
             settings: settings.clone(),
             prefix: settings.key_prefix.clone(),
@@ -107,11 +111,20 @@ impl Redis {
         ConnectionManager::new_lazy_with_config(client, manager_config).map_err(store_err)
     }
 
-    async fn conn(&self) -> RedisResult<ConnectionManager> {
+    async fn conn(&self) -> RedisResult<(u64, ConnectionManager)> {
         if let Some(c) = self.conn.read().as_ref() {
             return Ok(c.clone());
         }
-        let _opening = self.opening.lock().await;
+        // One caller (re)connects; the others wait at most a few command timeouts, then fail
+        // (fast errors, never a queue of callers each waiting for the sentinels in turn).
+        let wait = self.timeout * 4;
+        let Ok(_opening) = tokio::time::timeout(wait, self.opening.lock()).await else {
+            return Err(redis::RedisError::from((
+                ErrorKind::Io,
+                "connect",
+                "another caller is still connecting".to_owned(),
+            )));
+        };
         if let Some(c) = self.conn.read().as_ref() {
             return Ok(c.clone());
         }
@@ -119,13 +132,15 @@ impl Redis {
             .open()
             .await
             .map_err(|e| redis::RedisError::from((ErrorKind::Io, "connect", e.0)))?;
-        *self.conn.write() = Some(opened.clone());
-        Ok(opened)
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.conn.write() = Some((generation, opened.clone()));
+        Ok((generation, opened))
     }
 
     /// After a failure a failover explains, forget the master: the next command asks the
-    /// sentinels again. (A standalone server's connection manager reconnects by itself.)
-    fn after_failure(&self, e: &redis::RedisError) {
+    /// sentinels again. (A standalone server's connection manager reconnects by itself.) Only
+    /// the failed connection's generation is forgotten.
+    fn after_failure(&self, generation: u64, e: &redis::RedisError) {
         let failover = e.is_io_error()
             || e.is_timeout()
             || e.is_connection_dropped()
@@ -135,7 +150,10 @@ impl Redis {
                 ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
             );
         if self.settings.mode == RedisMode::Sentinel && failover {
-            *self.conn.write() = None;
+            let mut slot = self.conn.write();
+            if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
+                *slot = None;
+            }
         }
     }
 
@@ -161,7 +179,7 @@ impl Redis {
     }
 
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> RedisResult<T> {
-        let mut conn = match self.conn().await {
+        let (generation, mut conn) = match self.conn().await {
             Ok(c) => c,
             Err(e) => {
                 self.up.store(false, Ordering::Relaxed);
@@ -177,7 +195,7 @@ impl Redis {
                 )))
             });
         if let Err(e) = &result {
-            self.after_failure(e);
+            self.after_failure(generation, e);
         }
         self.up.store(result.is_ok(), Ordering::Relaxed);
         result
@@ -215,10 +233,9 @@ impl Redis {
 
     /// Takes a lock for `ttl` (expiry bounds a crashed holder); returns its fencing token.
     pub async fn lock(&self, name: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
-        let fence = self
-            .q::<u64>(redis::cmd("INCR").arg(self.key(&["fence"])))
-            .await?;
-        let token = fence.to_string();
+        // A random token, not a counter: a failover can lose a counter's increments and hand
+        // the same value to the next holder, whose lock a stale holder would then pass for its own.
+        let token = hex::encode(rand::random::<[u8; 16]>());
         let ok: Option<String> = self
             .q(redis::cmd("SET")
                 .arg(self.key(&["lock", name]))
@@ -245,15 +262,19 @@ impl Redis {
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<i64, StoreError> {
-        let mut conn = self.conn().await.map_err(store_err)?;
-        match tokio::time::timeout(self.timeout, invocation.invoke_async::<i64>(&mut conn)).await {
-            Ok(Ok(n)) => Ok(n),
-            Ok(Err(e)) => {
-                self.after_failure(&e);
-                Err(store_err(e))
-            }
-            Err(_) => Err(store_err("script timed out")),
+        let (generation, mut conn) = self.conn().await.map_err(store_err)?;
+        let result = tokio::time::timeout(self.timeout, invocation.invoke_async::<i64>(&mut conn))
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from((
+                    ErrorKind::Io,
+                    "redis script timed out",
+                )))
+            });
+        if let Err(e) = &result {
+            self.after_failure(generation, e);
         }
+        result.map_err(store_err)
     }
 
     /// Whether a lock is held by anyone.

@@ -20,6 +20,8 @@ pub fn gateway_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_matrix-oidc-gateway")))
 }
 
+// The same file as `common`'s: suites that use both helpers load it twice, harmlessly.
+#[allow(clippy::duplicate_mod)]
 #[path = "../common/ports.rs"]
 mod ports;
 pub use ports::free_port;
