@@ -17,3 +17,5 @@ echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test --all-targets --no-fail-fast
+echo "== fuzzing (each target ${FUZZ_SECONDS:-20} s from the committed corpus)"
+scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
