@@ -129,7 +129,7 @@ async fn three_replicas_share_one_truth() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["device_id"], "ALICEDEV01");
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    op.settle().await;
     assert_eq!(
         introspections(&op) - before,
         1,
@@ -228,23 +228,14 @@ async fn three_replicas_share_one_truth() {
     );
     // Fan-out works again: carol signed out through replica 1 is refused by replica 2.
     assert_eq!(whoami(&gws[2], &carol.access_token).await.0, 200);
-    // (wait for replica 2's subscriber to be back)
-    let mut resubscribed = false;
-    for _ in 0..50 {
-        let ready: Value = reqwest::get(format!("{}/readyz", gws[2].admin))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if ready["checks"]["redis"] == true {
-            resubscribed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(resubscribed);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // (wait for replica 2's subscriber to be back: it logs once it resubscribed and reloaded)
+    assert!(
+        eventually(Duration::from_secs(10), || gws[2]
+            .logs()
+            .contains("shared state back: resynchronised"))
+        .await,
+        "replica 2 never resubscribed"
+    );
     let r = reqwest::Client::new()
         .post(format!("{}/admin/v1/sessions/revoke", gws[1].admin))
         .bearer_auth(ADMIN)

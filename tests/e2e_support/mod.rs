@@ -136,6 +136,31 @@ impl Op {
         }
     }
 
+    /// Returns once every line the OP printed before this call has been read: it sends the OP
+    /// a request of its own (an unauthenticated revocation, which the OP refuses but logs) and
+    /// waits for that line. The OP's output is ordered, so counting `INTROSPECTION` lines is
+    /// then exact.
+    pub async fn settle(&self) {
+        let revocations = || {
+            self.output()
+                .iter()
+                .filter(|l| l.starts_with("REVOCATION "))
+                .count()
+        };
+        let before = revocations();
+        let _ = reqwest::Client::new()
+            .post(format!("{}/token/revocation", self.issuer))
+            .form(&[("token", "settle-marker")])
+            .send()
+            .await
+            .expect("the OP answers");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while revocations() == before {
+            assert!(Instant::now() < deadline, "the OP's output stopped");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// What the OP printed after `READY` (e.g. `REVOCATION {...}` lines).
     pub fn output(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
