@@ -16,6 +16,7 @@ use crate::auth::Verifier;
 use crate::binding::Binder;
 use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::gateway::ctx::InFlight;
 use crate::gateway::upstream::Upstream;
 use crate::gateway::Gateway;
 use crate::notify::logout_token::{LogoutIssuer, LogoutValidator};
@@ -145,6 +146,43 @@ impl BackgroundService for Fanout {
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+        }
+    }
+}
+
+/// Ends the process as soon as a graceful shutdown (SIGTERM) has drained the requests in
+/// flight, instead of sleeping out the rest of `listen.shutdown_grace` (Pingora's grace period
+/// is a fixed wait; what still runs when it ends is cancelled).
+struct Drain {
+    in_flight: InFlight,
+}
+
+#[async_trait]
+impl BackgroundService for Drain {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                return;
+            }
+        }
+        tracing::info!(
+            in_flight = self.in_flight.count(),
+            "shutting down: no new connections; draining requests in flight"
+        );
+        // Two idle readings a little apart: a connection accepted just before the listener
+        // closed has its request counted by then.
+        let mut idle_readings = 0;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            if self.in_flight.count() == 0 {
+                idle_readings += 1;
+                if idle_readings >= 2 {
+                    tracing::info!("drained; exiting");
+                    std::process::exit(0);
+                }
+            } else {
+                idle_readings = 0;
+            }
         }
     }
 }
@@ -310,7 +348,10 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
 
     let conf = ServerConf {
         threads: config.listen.threads,
-        grace_period_seconds: Some(1),
+        // On SIGTERM Pingora stops accepting, then gives the requests in flight (`/sync`
+        // long-polls included) the grace period to finish; what still runs after it is
+        // cancelled, and the runtimes get a few more seconds to wind down.
+        grace_period_seconds: Some(config.listen.shutdown_grace.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(5),
         ..ServerConf::default()
     };
@@ -326,7 +367,16 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
         clock.clone(),
     )
     .with_redis(redis.clone());
-    let gateway = Gateway::new(config.clone(), verifier, binder, upstream, clock, notifier);
+    let in_flight = InFlight::default();
+    let gateway = Gateway::new(
+        config.clone(),
+        verifier,
+        binder,
+        upstream,
+        clock,
+        notifier,
+        in_flight.clone(),
+    );
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         gateway,
@@ -338,6 +388,7 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
     admin_service.add_tcp(&config.listen.admin.to_string());
     server.add_service(admin_service);
     server.add_service(background_service("op-metadata", MetadataRefresher { op }));
+    server.add_service(background_service("drain", Drain { in_flight }));
     if let Some(r) = redis {
         server.add_service(background_service(
             "fanout",

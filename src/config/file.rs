@@ -235,6 +235,13 @@ pub struct ListenFile {
     /// Address of the admin listener (metrics, health, admin API); loopback by default.
     #[serde(default = "default_admin")]
     pub admin: String,
+    /// On SIGTERM, how long requests in flight (`/sync` long-polls included) may take to finish.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: String,
+}
+
+fn default_shutdown_grace() -> String {
+    "35s".into()
 }
 
 fn default_admin() -> String {
@@ -248,6 +255,7 @@ impl Default for ListenFile {
             threads: default_threads(),
             trust_forwarded_headers: false,
             admin: default_admin(),
+            shutdown_grace: default_shutdown_grace(),
         }
     }
 }

@@ -210,6 +210,8 @@ pub struct Listen {
     pub trust_forwarded_headers: bool,
     /// Admin listener address.
     pub admin: SocketAddr,
+    /// On SIGTERM, how long requests in flight may take to finish.
+    pub shutdown_grace: Duration,
 }
 
 /// `[homeserver]`
@@ -801,6 +803,7 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
     if f.listen.threads == 0 {
         p.add("listen.threads", "must be at least 1");
     }
+    let shutdown_grace = duration(&mut p, "listen.shutdown_grace", &f.listen.shutdown_grace);
 
     // [homeserver]
     let hs = f.homeserver.unwrap_or(file::HomeserverFile {
@@ -1290,6 +1293,7 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
                 threads: f.listen.threads,
                 trust_forwarded_headers: f.listen.trust_forwarded_headers,
                 admin,
+                shutdown_grace,
             },
             homeserver: Homeserver {
                 url: hs_url,

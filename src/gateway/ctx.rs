@@ -48,6 +48,33 @@ pub struct Ctx {
     pub upstream_started: Option<Instant>,
     /// Response body handling.
     pub body: BodyEdit,
+    /// Counts this request as in flight until the context is dropped.
+    _in_flight: Option<InFlightGuard>,
+}
+
+/// Requests in flight (a context exists for each): a shutdown waits for it to reach zero.
+#[derive(Debug, Clone, Default)]
+pub struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    /// How many now.
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn enter(&self) -> InFlightGuard {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlightGuard(self.0.clone())
+    }
+}
+
+#[derive(Debug)]
+struct InFlightGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Ctx {
@@ -65,6 +92,15 @@ impl Ctx {
             query: None,
             upstream_started: None,
             body: BodyEdit::None,
+            _in_flight: None,
+        }
+    }
+
+    /// A fresh context counted in `in_flight` for as long as it lives.
+    pub fn counted(in_flight: &InFlight) -> Self {
+        Self {
+            _in_flight: Some(in_flight.enter()),
+            ..Self::new()
         }
     }
 }

@@ -57,6 +57,7 @@ pub struct Gateway {
     pub(crate) upstream: Upstream,
     pub(crate) clock: SharedClock,
     pub(crate) notifier: Arc<Notifier>,
+    pub(crate) in_flight: ctx::InFlight,
 }
 
 impl Gateway {
@@ -68,6 +69,7 @@ impl Gateway {
         upstream: Upstream,
         clock: SharedClock,
         notifier: Arc<Notifier>,
+        in_flight: ctx::InFlight,
     ) -> Self {
         Self {
             config,
@@ -76,6 +78,7 @@ impl Gateway {
             upstream,
             clock,
             notifier,
+            in_flight,
         }
     }
 
@@ -158,7 +161,7 @@ impl ProxyHttp for Gateway {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
-        Ctx::new()
+        Ctx::counted(&self.in_flight)
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {

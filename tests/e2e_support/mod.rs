@@ -307,6 +307,30 @@ impl GatewayProcess {
         &self.log
     }
 
+    /// Sends the process a signal (`kill -<signal> <pid>`, e.g. `"TERM"`).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits up to `cap` for the process to exit; its status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, cap: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + cap;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops the process (state on disk is kept for a restart with [`GatewayProcess::restart`]).
     pub fn stop(&mut self) {
         let _ = self.child.kill();
