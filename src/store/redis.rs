@@ -249,32 +249,10 @@ impl Redis {
 
     /// Releases a lock only if `token` still holds it (compare-and-delete).
     pub async fn unlock(&self, name: &str, token: &str) -> Result<(), StoreError> {
-        let script = redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
-        );
-        let mut invocation = script.key(self.key(&["lock", name]));
-        invocation.arg(token);
-        self.run_script(&invocation).await.map(|_| ())
-    }
-
-    /// Runs a Lua script (with the command timeout and failover handling of every command).
-    async fn run_script(
-        &self,
-        invocation: &redis::ScriptInvocation<'_>,
-    ) -> Result<i64, StoreError> {
-        let (generation, mut conn) = self.conn().await.map_err(store_err)?;
-        let result = tokio::time::timeout(self.timeout, invocation.invoke_async::<i64>(&mut conn))
+        let script = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+        self.q::<i64>(&eval(script, &[self.key(&["lock", name])], &[token]))
             .await
-            .unwrap_or_else(|_| {
-                Err(redis::RedisError::from((
-                    ErrorKind::Io,
-                    "redis script timed out",
-                )))
-            });
-        if let Err(e) = &result {
-            self.after_failure(generation, e);
-        }
-        result.map_err(store_err)
+            .map(|_| ())
     }
 
     /// Whether a lock is held by anyone.
@@ -289,6 +267,14 @@ impl Redis {
         self.q::<()>(redis::cmd("PUBLISH").arg(self.channel()).arg(payload))
             .await
     }
+}
+
+/// `EVAL script` with `keys` and `args`: a Lua script run as one command, so it goes through
+/// [`Redis::query`] (command timeout, failover handling) like any other.
+fn eval(script: &str, keys: &[String], args: &[&str]) -> Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script).arg(keys.len()).arg(keys).arg(args);
+    cmd
 }
 
 /// What replicas tell each other.
@@ -345,16 +331,11 @@ impl Store for RedisStore {
     ) -> Result<bool, StoreError> {
         let r = &self.redis;
         // Compare and write in one step: the write lands only while the fence holds the lock.
-        let script = redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('HSET', KEYS[2], ARGV[2], ARGV[3]) return 1 else return 0 end",
-        );
-        let mut invocation = script.key(r.key(&["lock", &fence.lock]));
-        invocation
-            .key(r.key(&["dev", user_id]))
-            .arg(&fence.token)
-            .arg(device_id)
-            .arg(record.upstream_token.clone().unwrap_or_default());
-        Ok(r.run_script(&invocation).await? == 1)
+        let script = "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('HSET', KEYS[2], ARGV[2], ARGV[3]) return 1 else return 0 end";
+        let keys = [r.key(&["lock", &fence.lock]), r.key(&["dev", user_id])];
+        let value = record.upstream_token.as_deref().unwrap_or_default();
+        let cmd = eval(script, &keys, &[&fence.token, device_id, value]);
+        Ok(r.q::<i64>(&cmd).await? == 1)
     }
 
     async fn device_records(&self) -> Result<Vec<(String, String, DeviceRecord)>, StoreError> {
