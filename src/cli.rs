@@ -22,6 +22,17 @@ pub struct Cli {
     #[arg(long)]
     pub appservice_registration: bool,
 
+    /// Start by taking the listening sockets over from the running gateway (graceful upgrade
+    /// through `listen.runtime_dir`; `--reload` starts the new process this way).
+    #[arg(long, conflicts_with = "reload")]
+    pub upgrade: bool,
+
+    /// Replace the running gateway without dropping a connection: start a new process with
+    /// `--upgrade`, hand it the listeners, and return once it serves (systemd's ExecReload).
+    /// The old process drains and exits.
+    #[arg(long)]
+    pub reload: bool,
+
     /// Probe the admin listener's `/healthz` (container health checks) and exit 0 when healthy.
     #[arg(long)]
     pub healthcheck: bool,

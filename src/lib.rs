@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod http_client;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod notify;

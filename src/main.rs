@@ -2,7 +2,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use matrix_oidc_gateway::{binding, cli::Cli, clock::SystemClock, config, logging, server};
+use matrix_oidc_gateway::{
+    binding, cli::Cli, clock::SystemClock, config, lifecycle, logging, server,
+};
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
@@ -44,9 +46,26 @@ fn main() -> ExitCode {
             }
         };
     }
+    if cli.reload {
+        let mut args = Vec::new();
+        if let Some(path) = &cli.config {
+            args.push("--config".into());
+            args.push(path.clone().into_os_string());
+        }
+        return match lifecycle::reload(loaded.config.listen.runtime_dir.as_deref(), &args) {
+            Ok(pid) => {
+                println!("pid {pid} serves now; the previous process drains and exits");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     logging::init(&loaded.config.log);
-    match server::build(loaded.config, Arc::new(SystemClock)) {
-        Ok(server) => server.run_forever(),
+    match server::start(loaded.config, Arc::new(SystemClock), cli.upgrade) {
+        Ok(process) => process.run_forever(),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(1)

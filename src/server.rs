@@ -4,8 +4,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use pingora::server::configuration::Opt;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{Server, ShutdownWatch};
+use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 
 use crate::auth::jwks::{KeyStore, Schedule};
@@ -19,6 +20,7 @@ use crate::config::Config;
 use crate::gateway::ctx::InFlight;
 use crate::gateway::upstream::Upstream;
 use crate::gateway::Gateway;
+use crate::lifecycle::{self, Drain, Handover, Ready, Signals};
 use crate::notify::logout_token::{LogoutIssuer, LogoutValidator};
 use crate::notify::Notifier;
 use crate::store::redis::{Event, Redis, RedisStore};
@@ -46,6 +48,26 @@ pub enum BuildError {
     /// The configured key does not open the store's sealed secrets.
     #[error("store.encryption_key: {0}")]
     StoreKey(String),
+    /// The runtime directory is unusable or unsafe.
+    #[error("listen.runtime_dir: {0}")]
+    RuntimeDir(String),
+}
+
+/// A built server and the signal handling it runs with.
+pub struct Process {
+    /// The Pingora server.
+    pub server: Server,
+    signals: Signals,
+}
+
+impl Process {
+    /// Runs until a signal stops the process.
+    pub fn run_forever(self) -> ! {
+        self.server.run(RunArgs {
+            shutdown_signal: Box::new(self.signals),
+        });
+        std::process::exit(0)
+    }
 }
 
 /// Keeps the primary OP's discovery document fresh.
@@ -150,43 +172,6 @@ impl BackgroundService for Fanout {
     }
 }
 
-/// Ends the process as soon as a graceful shutdown (SIGTERM) has drained the requests in
-/// flight, instead of sleeping out the rest of `listen.shutdown_grace` (Pingora's grace period
-/// is a fixed wait; what still runs when it ends is cancelled).
-struct Drain {
-    in_flight: InFlight,
-}
-
-#[async_trait]
-impl BackgroundService for Drain {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        while !*shutdown.borrow() {
-            if shutdown.changed().await.is_err() {
-                return;
-            }
-        }
-        tracing::info!(
-            in_flight = self.in_flight.count(),
-            "shutting down: no new connections; draining requests in flight"
-        );
-        // Two idle readings a little apart: a connection accepted just before the listener
-        // closed has its request counted by then.
-        let mut idle_readings = 0;
-        loop {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            if self.in_flight.count() == 0 {
-                idle_readings += 1;
-                if idle_readings >= 2 {
-                    tracing::info!("drained; exiting");
-                    std::process::exit(0);
-                }
-            } else {
-                idle_readings = 0;
-            }
-        }
-    }
-}
-
 /// Keeps one JWT issuer's key set fresh.
 struct JwksRefresher {
     keys: Arc<KeyStore>,
@@ -206,9 +191,23 @@ fn default_logout_algorithms() -> Vec<jsonwebtoken::Algorithm> {
     ]
 }
 
-/// Builds a ready-to-run server.
+/// Builds a ready-to-run server (a fresh start; the caller brings the signal handling).
 pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
+    start(config, clock, false).map(|p| p.server)
+}
+
+/// Builds the server with the gateway's signal handling; with `upgrade`, it takes the
+/// listening sockets over from the running process (see [`crate::lifecycle`]), which blocks
+/// here until that process sends them.
+pub fn start(config: Config, clock: SharedClock, upgrade: bool) -> Result<Process, BuildError> {
     crate::metrics::init();
+    if let Some(dir) = &config.listen.runtime_dir {
+        lifecycle::prepare_runtime_dir(dir).map_err(BuildError::RuntimeDir)?;
+    } else if upgrade {
+        return Err(BuildError::RuntimeDir(
+            "not set: --upgrade takes the sockets over through it".into(),
+        ));
+    }
     let config = Arc::new(config);
     let upstream = Upstream::resolve(&config.homeserver).map_err(|source| BuildError::Resolve {
         host: config.homeserver.host.clone(),
@@ -353,13 +352,34 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
         // cancelled, and the runtimes get a few more seconds to wind down.
         grace_period_seconds: Some(config.listen.shutdown_grace.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(5),
+        // Without a runtime directory SIGQUIT is a graceful stop (see `Signals`) and this path
+        // is never used.
+        upgrade_sock: config
+            .listen
+            .runtime_dir
+            .as_ref()
+            .map(|d| d.join(lifecycle::UPGRADE_SOCKET).display().to_string())
+            .unwrap_or_else(|| "/dev/null/no-upgrade-socket".into()),
+        upgrade_sock_connect_accept_max_retries: Some(10),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = upgrade.then(|| Opt {
+        upgrade: true,
+        ..Opt::default()
+    });
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    // With `upgrade`, this is where the running process's sockets arrive.
     server.bootstrap();
+    let pid_file = config
+        .listen
+        .runtime_dir
+        .as_ref()
+        .map(|d| d.join(lifecycle::PID_FILE));
 
+    let handover_revocations = verifier.revocations().clone();
     let fanout_notifier = notifier.clone();
     let fanout_clock = clock.clone();
+    let clock_for_handover = clock.clone();
     let admin = crate::admin::AdminApp::new(
         config.clone(),
         verifier.clone(),
@@ -388,7 +408,32 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
     admin_service.add_tcp(&config.listen.admin.to_string());
     server.add_service(admin_service);
     server.add_service(background_service("op-metadata", MetadataRefresher { op }));
-    server.add_service(background_service("drain", Drain { in_flight }));
+    server.add_service(background_service(
+        "drain",
+        Drain {
+            in_flight: in_flight.clone(),
+            pid_file: pid_file.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "ready",
+        Ready {
+            public: config.listen.public,
+            pid_file,
+        },
+    ));
+    if upgrade && redis.is_none() {
+        server.add_service(background_service(
+            "handover",
+            Handover {
+                revocations: handover_revocations,
+                clock: clock_for_handover,
+                until: config.listen.shutdown_grace
+                    + config.listen.shutdown_delay
+                    + std::time::Duration::from_secs(15),
+            },
+        ));
+    }
     if let Some(r) = redis {
         server.add_service(background_service(
             "fanout",
@@ -402,5 +447,10 @@ pub fn build(config: Config, clock: SharedClock) -> Result<Server, BuildError> {
     for keys in jwks_refreshers {
         server.add_service(background_service("jwks", JwksRefresher { keys }));
     }
-    Ok(server)
+    let signals = Signals {
+        traffic: in_flight,
+        delay: config.listen.shutdown_delay,
+        can_upgrade: config.listen.runtime_dir.is_some(),
+    };
+    Ok(Process { server, signals })
 }

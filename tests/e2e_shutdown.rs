@@ -99,3 +99,97 @@ client_secret = "gateway-secret"
         exited.1.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_accepting_for_the_shutdown_delay_and_closes_each_connection() {
+    let op = Op::start();
+    let hs = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/_matrix/client/versions"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({"versions": ["v1.15"]})),
+        )
+        .mount(&hs)
+        .await;
+    let mut gw = GatewayProcess::start(&format!(
+        r#"
+[listen]
+public = "127.0.0.1:{{port}}"
+admin = "127.0.0.1:{{admin_port}}"
+shutdown_delay = "3s"
+
+[homeserver]
+url = "{hs}"
+server_name = "localhost"
+kind = "generic"
+binding = "headers"
+
+[store]
+path = "{{state_dir}}/state.sqlite3"
+
+[[issuers]]
+issuer = "{issuer}"
+client_id = "gateway"
+client_secret = "gateway-secret"
+"#,
+        hs = hs.uri(),
+        issuer = op.issuer,
+    ));
+    let url = gw.url("/_matrix/client/versions");
+    let fresh = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+    };
+    let r = fresh().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_ne!(
+        r.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+
+    let term = Instant::now();
+    gw.signal("TERM");
+    // Still accepting, but every answer closes its connection.
+    let closing = loop {
+        let r = fresh().get(&url).send().await.unwrap_or_else(|e| {
+            panic!(
+                "refused {:?} after SIGTERM, inside the 3 s shutdown_delay: {e}",
+                term.elapsed()
+            )
+        });
+        assert_eq!(r.status(), 200);
+        if r.headers().get("connection").map(|v| v.as_bytes()) == Some(&b"close"[..]) {
+            break term.elapsed();
+        }
+        assert!(
+            term.elapsed() < Duration::from_secs(2),
+            "no Connection: close after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Then the listener closes and the process exits.
+    let refused = loop {
+        if fresh().get(&url).send().await.is_err() {
+            break term.elapsed();
+        }
+        assert!(
+            term.elapsed() < Duration::from_secs(15),
+            "still accepting 15 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        refused >= Duration::from_millis(2_500),
+        "the listener closed {refused:?} after SIGTERM, before the 3 s delay"
+    );
+    eprintln!(
+        "REPORT shutdown_delay: Connection: close after {closing:?}, refused after {refused:?}"
+    );
+    let status = tokio::task::spawn_blocking(move || gw.wait_exit(Duration::from_secs(15)))
+        .await
+        .unwrap()
+        .expect("still running 15 s after the delay");
+    assert!(status.success(), "{status}");
+}

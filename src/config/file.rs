@@ -238,6 +238,18 @@ pub struct ListenFile {
     /// On SIGTERM, how long requests in flight (`/sync` long-polls included) may take to finish.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: String,
+    /// On SIGTERM, how long to keep accepting (answering with `Connection: close`) before the
+    /// listener closes, for load balancers that notice a stopping replica late.
+    #[serde(default = "default_shutdown_delay")]
+    pub shutdown_delay: String,
+    /// A private directory for the graceful upgrade's socket and the pid file; unset, SIGQUIT
+    /// is a graceful stop and `--upgrade`/`--reload` are refused.
+    #[serde(default)]
+    pub runtime_dir: Option<String>,
+}
+
+fn default_shutdown_delay() -> String {
+    "0s".into()
 }
 
 fn default_shutdown_grace() -> String {
@@ -256,6 +268,8 @@ impl Default for ListenFile {
             trust_forwarded_headers: false,
             admin: default_admin(),
             shutdown_grace: default_shutdown_grace(),
+            shutdown_delay: default_shutdown_delay(),
+            runtime_dir: None,
         }
     }
 }

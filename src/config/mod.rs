@@ -16,7 +16,7 @@ pub mod secret;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::HeaderName;
@@ -212,6 +212,12 @@ pub struct Listen {
     pub admin: SocketAddr,
     /// On SIGTERM, how long requests in flight may take to finish.
     pub shutdown_grace: Duration,
+    /// On SIGTERM, how long to keep accepting (closing each connection after its response)
+    /// before the listener closes.
+    pub shutdown_delay: Duration,
+    /// Where the graceful upgrade's socket and the pid file live (graceful upgrade is off
+    /// without it).
+    pub runtime_dir: Option<PathBuf>,
 }
 
 /// `[homeserver]`
@@ -804,6 +810,18 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
         p.add("listen.threads", "must be at least 1");
     }
     let shutdown_grace = duration(&mut p, "listen.shutdown_grace", &f.listen.shutdown_grace);
+    let shutdown_delay = duration(&mut p, "listen.shutdown_delay", &f.listen.shutdown_delay);
+    let runtime_dir = match f.listen.runtime_dir.as_deref() {
+        None | Some("") => None,
+        Some(d) if !Path::new(d).is_absolute() => {
+            p.add(
+                "listen.runtime_dir",
+                format!("{d:?} must be an absolute path"),
+            );
+            None
+        }
+        Some(d) => Some(PathBuf::from(d)),
+    };
 
     // [homeserver]
     let hs = f.homeserver.unwrap_or(file::HomeserverFile {
@@ -1294,6 +1312,8 @@ fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
                 trust_forwarded_headers: f.listen.trust_forwarded_headers,
                 admin,
                 shutdown_grace,
+                shutdown_delay,
+                runtime_dir,
             },
             homeserver: Homeserver {
                 url: hs_url,
@@ -1364,6 +1384,17 @@ mod tests {
         client_id = "gw"
         client_secret = "s3cret"
     "#;
+
+    #[test]
+    fn the_runtime_dir_must_be_absolute_and_the_stop_timings_parse() {
+        let text = format!("[listen]\nruntime_dir = \"run\"\nshutdown_delay = \"soon\"\n{MINIMAL}");
+        let problems = load_str(&text).err().expect("invalid").to_string();
+        assert!(problems.contains("listen.runtime_dir"), "{problems}");
+        assert!(problems.contains("listen.shutdown_delay"), "{problems}");
+        let c = load_str(MINIMAL).expect("valid").config;
+        assert_eq!(c.listen.runtime_dir, None);
+        assert_eq!(c.listen.shutdown_delay, Duration::ZERO);
+    }
 
     #[test]
     fn minimal_config_loads_with_defaults() {

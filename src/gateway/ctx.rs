@@ -1,5 +1,6 @@
 //! The typed per-request context shared by every phase of one request.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -52,28 +53,46 @@ pub struct Ctx {
     _in_flight: Option<InFlightGuard>,
 }
 
-/// Requests in flight (a context exists for each): a shutdown waits for it to reach zero.
+/// The process's traffic: how many requests are in flight (a context exists for each; a
+/// shutdown waits for none to be left) and whether the process is stopping or handing over
+/// (then every response closes its connection, so clients reconnect to whoever serves next).
 #[derive(Debug, Clone, Default)]
-pub struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+pub struct InFlight(Arc<Traffic>);
+
+#[derive(Debug, Default)]
+struct Traffic {
+    count: AtomicUsize,
+    draining: AtomicBool,
+}
 
 impl InFlight {
     /// How many now.
     pub fn count(&self) -> usize {
-        self.0.load(std::sync::atomic::Ordering::Acquire)
+        self.0.count.load(Ordering::Acquire)
+    }
+
+    /// From now on, responses close their connections.
+    pub fn start_draining(&self) {
+        self.0.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether [`InFlight::start_draining`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.0.draining.load(Ordering::Acquire)
     }
 
     fn enter(&self) -> InFlightGuard {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.count.fetch_add(1, Ordering::AcqRel);
         InFlightGuard(self.0.clone())
     }
 }
 
 #[derive(Debug)]
-struct InFlightGuard(Arc<std::sync::atomic::AtomicUsize>);
+struct InFlightGuard(Arc<Traffic>);
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

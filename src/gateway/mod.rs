@@ -166,6 +166,10 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         observe::ensure_request_id(session.req_header_mut());
+        if self.in_flight.is_draining() {
+            // Stopping or handing over: this connection's next request goes to a new one.
+            session.set_keepalive(None);
+        }
         match authenticate::authenticate(self, session.req_header(), ctx).await {
             Ok(Decision::Proxy) => Ok(false),
             Ok(Decision::Preflight) => {

@@ -69,6 +69,10 @@ impl SqliteStore {
         let conn = Connection::open(path)
             .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
         restrict_permissions(path)?;
+        // During a graceful upgrade two processes share the file for a few seconds: wait for
+        // the other's write instead of failing with SQLITE_BUSY.
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|e| StoreError(e.to_string()))?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
             .and_then(|_| conn.execute_batch(SCHEMA))
             .map_err(|e| StoreError(e.to_string()))?;

@@ -88,6 +88,22 @@ for key, want in [("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("Pro
                   ("PrivateTmp", "yes"), ("DynamicUser", "yes"), ("RestrictNamespaces", "yes")]:
     check(svc.get(key) == want, f"systemd: {key}={want} missing")
 check("--config" in svc.get("ExecStart", ""), "systemd: ExecStart has no --config")
+# Graceful upgrade: the reloaded process announces itself (MAINPID=) from outside the main pid.
+check(svc.get("Type") == "notify" and svc.get("NotifyAccess") == "all",
+      "systemd: the reload needs Type=notify and NotifyAccess=all")
+check("--reload" in svc.get("ExecReload", ""), "systemd: ExecReload does not run --reload")
+runtime = "/run/" + svc.get("RuntimeDirectory", "?")
+check(f"MATRIX_OIDC_GATEWAY__LISTEN__RUNTIME_DIR={runtime}" in svc.get("Environment", ""),
+      "systemd: listen.runtime_dir is not the unit's RuntimeDirectory")
+check(svc.get("RuntimeDirectoryMode") == "0700", "systemd: RuntimeDirectoryMode is not 0700")
+
+# --- Kubernetes stop timing: preStop sleep + shutdown_grace (35 s) inside the termination grace ---
+pod = deployment["spec"]["template"]["spec"]
+gw = pod["containers"][0]
+pre_stop = gw.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+check(pre_stop >= 1, "Deployment: no preStop sleep (new connections reach a terminating pod)")
+check(pod.get("terminationGracePeriodSeconds", 30) > pre_stop + 35,
+      "Deployment: terminationGracePeriodSeconds does not exceed preStop + shutdown_grace")
 
 for p in problems:
     print(p)

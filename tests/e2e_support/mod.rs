@@ -254,6 +254,11 @@ impl GatewayProcess {
 
     /// Like [`GatewayProcess::start`] on a chosen public port.
     pub fn start_on(port: u16, toml_template: &str) -> GatewayProcess {
+        Self::start_with_env(port, toml_template, &[])
+    }
+
+    /// Like [`GatewayProcess::start_on`] with extra environment variables.
+    pub fn start_with_env(port: u16, toml_template: &str, env: &[(&str, &str)]) -> GatewayProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = dir.path().join("gateway.toml");
         let admin_port = free_port();
@@ -266,6 +271,7 @@ impl GatewayProcess {
         let mut child = Command::new(gateway_bin())
             .arg("--config")
             .arg(&cfg)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
@@ -288,6 +294,21 @@ impl GatewayProcess {
     /// Everything the gateway logged so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The configuration file.
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.path().join("gateway.toml")
+    }
+
+    /// The directory `{state_dir}` stands for in the config template.
+    pub fn state_dir(&self) -> &Path {
+        self._dir.path()
     }
 
     /// The gateway's state database (`{state_dir}/state.sqlite3` in the config template).
