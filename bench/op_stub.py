@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A minimal OP for the benchmark: discovery and RFC 7662 introspection. Every token is active
-for user `bench` on device `BENCHDEV01`, except tokens starting with `bad`, which are inactive.
+for user `bench` on device `BENCHDEV01`, except tokens starting with `bad`, which are inactive,
+and tokens `user-<name>-<device>-<anything>`, active for user `<name>` on device `<device>`.
 `GET /count` returns how many introspections it answered and the most it ever had in flight at
 once. The gateway caches verdicts, so this stub's speed does not matter.
 
@@ -17,6 +18,7 @@ COUNT = 0
 INFLIGHT = 0
 MAX_INFLIGHT = 0
 LOCK = threading.Lock()
+ISSUED_AT = 1_780_000_000
 PORT = int(sys.argv[1]) if len(sys.argv) > 1 else 9500
 ISSUER = f"http://127.0.0.1:{PORT}/"
 
@@ -56,10 +58,16 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"active": False})
             return
         now = int(time.time())
+        user, device = "bench", "BENCHDEV01"
+        parts = token.split("-")
+        if parts[0] == "user" and len(parts) >= 3:
+            user, device = parts[1], parts[2]
         self._json(200, {
-            "active": True, "sub": "bench-sub", "username": "bench", "token_type": "Bearer",
-            "scope": "urn:matrix:client:api:* urn:matrix:client:device:BENCHDEV01",
-            "exp": now + 3600, "iat": now,
+            "active": True, "sub": user + "-sub", "username": user, "token_type": "Bearer",
+            "scope": "urn:matrix:client:api:* urn:matrix:client:device:" + device,
+            # A real OP's iat is fixed at issuance (revocations compare against it), also
+            # across a restart of this stub.
+            "exp": now + 3600, "iat": ISSUED_AT,
         })
 
     def log_message(self, fmt, *args):

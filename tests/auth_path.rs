@@ -774,6 +774,31 @@ async fn homeserver_down_is_a_502_json() {
 }
 
 #[tokio::test]
+async fn a_502_either_keeps_the_connection_or_says_it_closes_it() {
+    // Found by bench/soak.sh: while the homeserver was down, every second request on a
+    // keep-alive connection was dropped without an answer. Pingora closes the client connection
+    // after an upstream failure; the 502 said nothing, so clients wrote their next request into
+    // a closing connection.
+    let f = Fakes::start().await;
+    f.introspection("t", active("alice", &full_scope("D1")), 1)
+        .await;
+    let cfg = f
+        .config("")
+        .replace(&f.hs.uri(), &format!("http://127.0.0.1:{}", free_port()));
+    let gw = spawn(&cfg).await;
+    let req = format!("GET {SYNC} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer t\r\n\r\n");
+    let answers = raw_sequence(gw.addr, &[req.as_bytes(), req.as_bytes()]).await;
+    assert!(answers[0].starts_with("HTTP/1.1 502"), "{}", answers[0]);
+    let says_close = answers[0]
+        .to_ascii_lowercase()
+        .contains("\r\nconnection: close\r\n");
+    assert!(
+        says_close || answers.len() == 2,
+        "the connection was dropped after a 502 that did not say `Connection: close`: {answers:?}"
+    );
+}
+
+#[tokio::test]
 async fn errors_keep_the_connection_alive() {
     let f = Fakes::start().await;
     let gw = spawn(&f.config("")).await;

@@ -274,6 +274,10 @@ impl ProxyHttp for Gateway {
         };
         let code = err.status();
         if session.response_written().is_none() {
+            // Pingora does not reuse the client connection after a failed proxy attempt: say
+            // so, or a keep-alive client writes its next request into a closing connection
+            // (bench/soak.sh lost every second request while the homeserver was down).
+            session.set_keepalive(None);
             if let Err(write_err) = respond::error(session, &err, &self.error_settings()).await {
                 tracing::debug!(error = %write_err, "could not write the error response");
             }
