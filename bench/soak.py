@@ -238,10 +238,11 @@ def main():
 
     total = len(rec.answers)
     print()
-    print("| answers | 200 | announced 5xx | 401 (revoked) | unannounced | transport errors | sign-outs issued | refused sign-outs | lost sign-outs |")
+    print("| answers | 200 | announced 502 / 503 | 401 (revoked) | unannounced | transport errors | sign-outs issued | refused sign-outs | lost sign-outs |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    announced = sum(v for k, v in counts.items() if k >= 500) - sum(1 for u in unannounced if u[1] >= 500)
-    print(f"| {total} | {counts.get(200, 0)} | {announced} | {counts.get(401, 0)} | {len(unannounced)} | "
+    announced502 = counts.get(502, 0) - sum(1 for u in unannounced if u[1] == 502)
+    announced503 = counts.get(503, 0) - sum(1 for u in unannounced if u[1] == 503)
+    print(f"| {total} | {counts.get(200, 0)} | {announced502} / {announced503} | {counts.get(401, 0)} | {len(unannounced)} | "
           f"{len(transport)} | {len(rec.revoked)} | {len(rec.revoke_failures)} | {len(lost)} |")
     print()
     print("| t (s) | " + " | ".join(f"replica {i + 1} RSS MiB / fds" for i in range(len(pids))) + " |")

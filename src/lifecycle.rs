@@ -11,6 +11,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ use pingora::services::background::BackgroundService;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::auth::revocations::Revocations;
+use crate::binding::Binder;
 use crate::clock::SharedClock;
 use crate::gateway::ctx::InFlight;
 
@@ -32,14 +34,18 @@ pub const PID_FILE: &str = "gateway.pid";
 /// write it: whoever can create the upgrade socket there is handed the listening sockets.
 pub fn prepare_runtime_dir(dir: &Path) -> Result<(), String> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    if !dir.exists() {
+    if std::fs::symlink_metadata(dir).is_err() {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
-    let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // Not followed: a symbolic link could be pointed elsewhere after this check.
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if meta.file_type().is_symlink() {
+        return Err(format!("{} is a symbolic link", dir.display()));
+    }
     if !meta.is_dir() {
         return Err(format!("{} is not a directory", dir.display()));
     }
@@ -58,6 +64,37 @@ pub fn prepare_runtime_dir(dir: &Path) -> Result<(), String> {
             meta.mode() & 0o777
         ));
     }
+    // Whoever can write the parent could rename the directory away and put theirs in its
+    // place, unless the parent is sticky (as /tmp is).
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let pm = std::fs::metadata(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        let sticky = pm.mode() & 0o1000 != 0;
+        if pm.mode() & 0o002 != 0 && !sticky || pm.mode() & 0o020 != 0 && pm.uid() != me && !sticky
+        {
+            return Err(format!(
+                "its parent {} is writable by others (mode {:o}) and not sticky",
+                parent.display(),
+                pm.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a new process waits for the sockets: `upgrade.sock` in a still-safe runtime
+/// directory is a socket of this process's user.
+fn new_process_waits(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    prepare_runtime_dir(dir)?;
+    let socket = dir.join(UPGRADE_SOCKET);
+    let meta = std::fs::symlink_metadata(&socket)
+        .map_err(|e| format!("no new process waits on {}: {e}", socket.display()))?;
+    if !meta.file_type().is_socket() || meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(format!(
+            "{} is not a socket of the gateway's user",
+            socket.display()
+        ));
+    }
     Ok(())
 }
 
@@ -70,7 +107,10 @@ pub fn prepare_runtime_dir(dir: &Path) -> Result<(), String> {
 pub struct Signals {
     pub(crate) traffic: InFlight,
     pub(crate) delay: Duration,
-    pub(crate) can_upgrade: bool,
+    pub(crate) runtime_dir: Option<PathBuf>,
+    /// Set once the handlers are installed ([`Ready`] waits for it: before, SIGQUIT's default
+    /// action would kill the process).
+    pub(crate) armed: Arc<AtomicBool>,
 }
 
 #[async_trait]
@@ -82,29 +122,38 @@ impl ShutdownSignalWatch for Signals {
         let mut quit = listen(SignalKind::quit());
         let mut term = listen(SignalKind::terminate());
         let mut int = listen(SignalKind::interrupt());
-        tokio::select! {
-            _ = quit.recv() => {
-                self.traffic.start_draining();
-                if self.can_upgrade {
-                    tracing::info!("SIGQUIT: handing the listeners to the new process, then draining");
-                    ShutdownSignal::GracefulUpgrade
-                } else {
-                    tracing::warn!("SIGQUIT without listen.runtime_dir: no upgrade possible; stopping gracefully");
-                    ShutdownSignal::GracefulTerminate
-                }
-            }
-            _ = term.recv() => {
-                self.traffic.start_draining();
-                if !self.delay.is_zero() {
-                    tracing::info!(delay_ms = self.delay.as_millis() as u64, "SIGTERM: closing connections; still accepting for listen.shutdown_delay");
-                    tokio::select! {
-                        _ = tokio::time::sleep(self.delay) => {}
-                        _ = int.recv() => return ShutdownSignal::FastShutdown,
+        self.armed.store(true, Ordering::Release);
+        loop {
+            tokio::select! {
+                _ = quit.recv() => {
+                    let Some(dir) = &self.runtime_dir else {
+                        tracing::warn!("SIGQUIT without listen.runtime_dir: no upgrade possible; stopping gracefully");
+                        self.traffic.start_draining();
+                        return ShutdownSignal::GracefulTerminate;
+                    };
+                    // Pingora stops serving after a SIGQUIT even when nobody took the sockets:
+                    // only hand over to a process that waits for them.
+                    if let Err(e) = new_process_waits(dir) {
+                        tracing::warn!(error = %e, "SIGQUIT ignored: still serving (start the new process with --reload)");
+                        continue;
                     }
+                    tracing::info!("SIGQUIT: handing the listeners to the new process, then draining");
+                    self.traffic.start_draining();
+                    return ShutdownSignal::GracefulUpgrade;
                 }
-                ShutdownSignal::GracefulTerminate
+                _ = term.recv() => {
+                    self.traffic.start_draining();
+                    if !self.delay.is_zero() {
+                        tracing::info!(delay_ms = self.delay.as_millis() as u64, "SIGTERM: closing connections; still accepting for listen.shutdown_delay");
+                        tokio::select! {
+                            _ = tokio::time::sleep(self.delay) => {}
+                            _ = int.recv() => return ShutdownSignal::FastShutdown,
+                        }
+                    }
+                    return ShutdownSignal::GracefulTerminate;
+                }
+                _ = int.recv() => return ShutdownSignal::FastShutdown,
             }
-            _ = int.recv() => ShutdownSignal::FastShutdown,
         }
     }
 }
@@ -151,7 +200,8 @@ impl BackgroundService for Drain {
     }
 }
 
-fn remove_pid_file_if_mine(pid_file: &Path) {
+/// Removes the pid file when it names this process (at exit).
+pub fn remove_pid_file_if_mine(pid_file: &Path) {
     if read_pid(pid_file) == Some(std::process::id()) {
         let _ = std::fs::remove_file(pid_file);
     }
@@ -167,6 +217,7 @@ fn read_pid(pid_file: &Path) -> Option<u32> {
 pub(crate) struct Ready {
     pub(crate) public: std::net::SocketAddr,
     pub(crate) pid_file: Option<PathBuf>,
+    pub(crate) armed: Arc<AtomicBool>,
 }
 
 #[async_trait]
@@ -174,19 +225,37 @@ impl BackgroundService for Ready {
     async fn start(&self, _shutdown: ShutdownWatch) {
         let target = loopback_for(self.public);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(target).await.is_err() && Instant::now() < deadline {
+        while (!self.armed.load(Ordering::Acquire)
+            || tokio::net::TcpStream::connect(target).await.is_err())
+            && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let pid = std::process::id();
+        // systemd first: `--reload` returns when the pid file names this process, and systemd
+        // must know the new main process before the old one exits.
+        let mut attempts = 0;
+        loop {
+            match notify_systemd(&format!("READY=1\nMAINPID={pid}\n")) {
+                Ok(true) => tracing::info!(pid, "told systemd: ready"),
+                Ok(false) => {}
+                Err(e) if attempts < 5 => {
+                    attempts += 1;
+                    tracing::warn!(error = %e, "cannot notify systemd; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot notify systemd: the pid file is not written, so --reload fails");
+                    return;
+                }
+            }
+            break;
+        }
         if let Some(pid_file) = &self.pid_file {
             if let Err(e) = write_pid_file(pid_file, pid) {
                 tracing::error!(error = %e, path = %pid_file.display(), "cannot write the pid file");
             }
-        }
-        match notify_systemd(&format!("READY=1\nMAINPID={pid}\n")) {
-            Ok(true) => tracing::info!(pid, "told systemd: ready"),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot notify systemd"),
         }
         tracing::info!(pid, "serving");
     }
@@ -231,32 +300,69 @@ pub fn notify_systemd(message: &str) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// In a process that took over from another (`--upgrade`) with the embedded store: the old
-/// process keeps serving for a few seconds and then drains, and a sign-out it records in
-/// that time is only in the store. Reload the revocation list every 250 ms until the old
-/// process must be gone (`shutdown_grace` plus Pingora's hand-over wait, plus a margin).
-/// (With Redis, the fan-out delivers them.)
+/// With the embedded store, two processes serve from one SQLite file for a few seconds around a
+/// hand-over, and a sign-out or deactivation one of them records is only in the file for the
+/// other. So each reloads the revocation list and forgets its cached bindings and tombstones
+/// every 250 ms: the new process (`--upgrade`) from its start until the old one must be gone
+/// (`until`), the old one from its SIGQUIT or SIGTERM until it exits. (With Redis, the fan-out
+/// delivers them.)
 pub(crate) struct Handover {
     pub(crate) revocations: Arc<Revocations>,
+    pub(crate) binder: Arc<Binder>,
     pub(crate) clock: SharedClock,
-    pub(crate) until: Duration,
+    pub(crate) traffic: InFlight,
+    /// `Some(until)` in a process started with `--upgrade`.
+    pub(crate) new_process_for: Option<Duration>,
+}
+
+impl Handover {
+    async fn catch_up(&self) {
+        if let Err(e) = self.revocations.load(self.clock.now_ms()).await {
+            tracing::warn!(error = %e, "hand-over: revocations not reloaded");
+        }
+        self.binder.forget_cached();
+    }
 }
 
 #[async_trait]
 impl BackgroundService for Handover {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let deadline = Instant::now() + self.until;
-        while Instant::now() < deadline {
-            if let Err(e) = self.revocations.load(self.clock.now_ms()).await {
-                tracing::warn!(error = %e, "hand-over: revocations not reloaded");
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        let tick = Duration::from_millis(250);
+        if let Some(until) = self.new_process_for {
+            let deadline = Instant::now() + until;
+            while Instant::now() < deadline {
+                self.catch_up().await;
+                tokio::time::sleep(tick).await;
             }
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-            }
+            tracing::debug!("hand-over: the old process is gone; reloads stop");
         }
-        tracing::debug!("hand-over: the old process is gone; revocation reloads stop");
+        // The old side: from the signal on, until the process exits. (Not stopped by the
+        // shutdown watch: requests are still served after it fires.)
+        while !self.traffic.is_draining() {
+            tokio::time::sleep(tick).await;
+        }
+        loop {
+            self.catch_up().await;
+            tokio::time::sleep(tick).await;
+        }
     }
+}
+
+/// Whether `pid` runs this program (its executable, possibly replaced on disk since, has this
+/// one's file name).
+fn runs_a_gateway(pid: u32) -> bool {
+    let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
+        return false;
+    };
+    let name = |p: &Path| {
+        p.file_name().map(|n| {
+            n.to_string_lossy()
+                .trim_end_matches(" (deleted)")
+                .to_owned()
+        })
+    };
+    let mine = std::env::current_exe().ok();
+    name(&exe).is_some() && name(&exe) == mine.as_deref().and_then(name)
 }
 
 /// Why `--reload` failed.
@@ -280,6 +386,9 @@ pub enum ReloadError {
     /// The new process did not become ready in time.
     #[error("the new process (pid {0}) did not report ready within {1:?}")]
     Timeout(u32, Duration),
+    /// The runtime directory is unsafe.
+    #[error("listen.runtime_dir: {0}")]
+    RuntimeDir(String),
     /// The running process could not be signalled.
     #[error("cannot signal pid {0}: {1}")]
     Signal(u32, nix::Error),
@@ -293,13 +402,22 @@ pub enum ReloadError {
 pub fn reload(runtime_dir: Option<&Path>, args: &[std::ffi::OsString]) -> Result<u32, ReloadError> {
     use std::os::unix::process::CommandExt;
     let dir = runtime_dir.ok_or(ReloadError::NoRuntimeDir)?;
+    prepare_runtime_dir(dir).map_err(ReloadError::RuntimeDir)?;
     let pid_file = dir.join(PID_FILE);
     let socket = dir.join(UPGRADE_SOCKET);
-    let old = read_pid(&pid_file)
+    // systemd tells its control processes the main pid; otherwise the pid file says it.
+    let old = std::env::var("MAINPID")
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .or_else(|| read_pid(&pid_file))
         .ok_or_else(|| ReloadError::NotRunning(format!("no pid in {}", pid_file.display())))?;
+    // A stale pid file can name another process by now: only signal a gateway.
+    if !runs_a_gateway(old) {
+        return Err(ReloadError::NotRunning(format!(
+            "pid {old} is not a running matrix-oidc-gateway"
+        )));
+    }
     let old_pid = nix::unistd::Pid::from_raw(old as i32);
-    nix::sys::signal::kill(old_pid, None)
-        .map_err(|e| ReloadError::NotRunning(format!("pid {old}: {e}")))?;
     let _ = std::fs::remove_file(&socket);
     let exe = std::env::current_exe().map_err(ReloadError::Spawn)?;
     let mut child = Command::new(exe)
@@ -311,7 +429,7 @@ pub fn reload(runtime_dir: Option<&Path>, args: &[std::ffi::OsString]) -> Result
         .map_err(ReloadError::Spawn)?;
     let new = child.id();
     // Until the socket exists, the new process is still starting (config, store, OP client).
-    let start_limit = Duration::from_secs(60);
+    let start_limit = Duration::from_secs(30);
     let started = Instant::now();
     while !socket.exists() {
         if let Ok(Some(status)) = child.try_wait() {
@@ -326,7 +444,7 @@ pub fn reload(runtime_dir: Option<&Path>, args: &[std::ffi::OsString]) -> Result
     }
     nix::sys::signal::kill(old_pid, nix::sys::signal::Signal::SIGQUIT)
         .map_err(|e| ReloadError::Signal(old, e))?;
-    let ready_limit = Duration::from_secs(60);
+    let ready_limit = Duration::from_secs(30);
     let handed = Instant::now();
     loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -362,6 +480,17 @@ mod tests {
         let file = base.path().join("file");
         std::fs::write(&file, "x").unwrap();
         assert!(prepare_runtime_dir(&file).is_err());
+        // A link to a safe directory could be pointed elsewhere later.
+        let link = base.path().join("link");
+        std::os::unix::fs::symlink(&fresh, &link).unwrap();
+        let err = prepare_runtime_dir(&link).unwrap_err();
+        assert!(err.contains("symbolic link"), "{err}");
+        // Inside a directory others can write (and not sticky), the directory could be swapped.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = prepare_runtime_dir(&open.join("run")).unwrap_err();
+        assert!(err.contains("not sticky"), "{err}");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        prepare_runtime_dir(&open.join("run2")).expect("a sticky parent like /tmp is fine");
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub struct Process {
     /// The Pingora server.
     pub server: Server,
     signals: Signals,
+    pid_file: Option<std::path::PathBuf>,
 }
 
 impl Process {
@@ -66,6 +67,9 @@ impl Process {
         self.server.run(RunArgs {
             shutdown_signal: Box::new(self.signals),
         });
+        if let Some(pid_file) = &self.pid_file {
+            lifecycle::remove_pid_file_if_mine(pid_file);
+        }
         std::process::exit(0)
     }
 }
@@ -91,6 +95,10 @@ struct Fanout {
     redis: Redis,
     notifier: Arc<Notifier>,
     clock: SharedClock,
+    /// When the revocations were loaded at start: events published between then and the
+    /// first subscription (a process taking over waits seconds for its sockets in between)
+    /// are caught up like an outage's.
+    loaded_at: u64,
 }
 
 impl Fanout {
@@ -122,7 +130,8 @@ impl Fanout {
 impl BackgroundService for Fanout {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         use futures_util::StreamExt;
-        let mut outage_since: Option<u64> = None;
+        let mut outage_since: Option<u64> = Some(self.loaded_at);
+        let mut first = true;
         let mut backoff = std::time::Duration::from_millis(100);
         loop {
             if let Some(mut pubsub) = self.subscribe().await {
@@ -130,7 +139,13 @@ impl BackgroundService for Fanout {
                     None => true,
                     Some(since) => match self.resynchronise(since).await {
                         Ok(dropped) => {
-                            tracing::info!(dropped, "shared state back: resynchronised");
+                            if first {
+                                tracing::info!(
+                                    "revocation fan-out subscribed; caught up since start"
+                                );
+                            } else {
+                                tracing::info!(dropped, "shared state back: resynchronised");
+                            }
                             outage_since = None;
                             true
                         }
@@ -159,6 +174,7 @@ impl BackgroundService for Fanout {
                     }
                 }
             }
+            first = false;
             if outage_since.is_none() {
                 tracing::warn!("revocation fan-out lost; reconnecting");
                 outage_since = Some(self.clock.now_ms());
@@ -261,6 +277,7 @@ pub fn start(config: Config, clock: SharedClock, upgrade: bool) -> Result<Proces
     // Persisted revocations are in force before the first request. (On a thread and runtime of
     // its own, with its own connection: `build` may run inside a runtime, as the in-process
     // tests do, and connections must not outlive the runtime that made them.)
+    let loaded_at = clock.now_ms();
     let (loaded, key_check) = {
         let revocations = revocations.clone();
         let sealer = config.store.sealer.clone();
@@ -360,7 +377,6 @@ pub fn start(config: Config, clock: SharedClock, upgrade: bool) -> Result<Proces
             .as_ref()
             .map(|d| d.join(lifecycle::UPGRADE_SOCKET).display().to_string())
             .unwrap_or_else(|| "/dev/null/no-upgrade-socket".into()),
-        upgrade_sock_connect_accept_max_retries: Some(10),
         ..ServerConf::default()
     };
     let opt = upgrade.then(|| Opt {
@@ -377,6 +393,7 @@ pub fn start(config: Config, clock: SharedClock, upgrade: bool) -> Result<Proces
         .map(|d| d.join(lifecycle::PID_FILE));
 
     let handover_revocations = verifier.revocations().clone();
+    let handover_binder = binder.clone();
     let fanout_notifier = notifier.clone();
     let fanout_clock = clock.clone();
     let clock_for_handover = clock.clone();
@@ -388,6 +405,7 @@ pub fn start(config: Config, clock: SharedClock, upgrade: bool) -> Result<Proces
     )
     .with_redis(redis.clone());
     let in_flight = InFlight::default();
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let gateway = Gateway::new(
         config.clone(),
         verifier,
@@ -420,17 +438,22 @@ pub fn start(config: Config, clock: SharedClock, upgrade: bool) -> Result<Proces
         Ready {
             public: config.listen.public,
             pid_file,
+            armed: armed.clone(),
         },
     ));
-    if upgrade && redis.is_none() {
+    if redis.is_none() {
         server.add_service(background_service(
             "handover",
             Handover {
                 revocations: handover_revocations,
+                binder: handover_binder,
                 clock: clock_for_handover,
-                until: config.listen.shutdown_grace
-                    + config.listen.shutdown_delay
-                    + std::time::Duration::from_secs(15),
+                traffic: in_flight.clone(),
+                new_process_for: upgrade.then(|| {
+                    config.listen.shutdown_grace
+                        + config.listen.shutdown_delay
+                        + std::time::Duration::from_secs(15)
+                }),
             },
         ));
     }
@@ -441,6 +464,7 @@ pub fn start(config: Config, clock: SharedClock, upgrade: bool) -> Result<Proces
                 redis: r,
                 notifier: fanout_notifier,
                 clock: fanout_clock,
+                loaded_at,
             },
         ));
     }
@@ -450,7 +474,16 @@ pub fn start(config: Config, clock: SharedClock, upgrade: bool) -> Result<Proces
     let signals = Signals {
         traffic: in_flight,
         delay: config.listen.shutdown_delay,
-        can_upgrade: config.listen.runtime_dir.is_some(),
+        runtime_dir: config.listen.runtime_dir.clone(),
+        armed,
     };
-    Ok(Process { server, signals })
+    Ok(Process {
+        server,
+        signals,
+        pid_file: config
+            .listen
+            .runtime_dir
+            .as_ref()
+            .map(|d| d.join(lifecycle::PID_FILE)),
+    })
 }

@@ -12,13 +12,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use e2e_support::{free_port, gateway_bin, GatewayProcess, Op};
+use e2e_support::{free_port, gateway_bin, GatewayProcess, Op, RedisServer};
 use serde_json::json;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const ADMIN: &str = "upgrade-admin-token-0123456789";
 const WHOAMI: &str = "/_matrix/client/v3/account/whoami";
+const EMBEDDED: &str = "[store]\npath = \"{state_dir}/state.sqlite3\"";
 
 async fn homeserver() -> MockServer {
     let hs = MockServer::start().await;
@@ -34,7 +35,7 @@ async fn homeserver() -> MockServer {
     hs
 }
 
-fn config(hs: &MockServer, op: &Op, store_path: &str) -> String {
+fn config(hs: &MockServer, op: &Op, store: &str) -> String {
     format!(
         r#"
 [listen]
@@ -49,8 +50,7 @@ server_name = "localhost"
 kind = "generic"
 binding = "headers"
 
-[store]
-path = "{store_path}"
+{store}
 
 [[issuers]]
 issuer = "{issuer}"
@@ -130,11 +130,7 @@ async fn a_reload_under_load_fails_no_request_and_tells_systemd_the_new_main_pid
         .unwrap();
     let notify_env = notify_path.display().to_string();
     let env = [("NOTIFY_SOCKET", notify_env.as_str())];
-    let mut gw = GatewayProcess::start_with_env(
-        free_port(),
-        &config(&hs, &op, "{state_dir}/state.sqlite3"),
-        &env,
-    );
+    let mut gw = GatewayProcess::start_with_env(free_port(), &config(&hs, &op, EMBEDDED), &env);
     let old = gw.pid();
     let mut buf = [0u8; 256];
     let n = notify
@@ -259,9 +255,25 @@ async fn a_reload_under_load_fails_no_request_and_tells_systemd_the_new_main_pid
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sign_out_the_old_process_records_during_the_hand_over_binds_the_new_one() {
+    sign_out_during_the_hand_over(EMBEDDED).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_a_sign_out_during_the_hand_over_binds_the_new_one() {
+    // The new process loads the revocations, then waits seconds for the sockets before it
+    // subscribes to the fan-out: what was published in between must not be lost.
+    let redis = RedisServer::start();
+    let store = format!(
+        "[store]\nbackend = \"redis\"\n\n[redis]\nurls = [\"{}\"]",
+        redis.url()
+    );
+    sign_out_during_the_hand_over(&store).await;
+}
+
+async fn sign_out_during_the_hand_over(store: &str) {
     let op = Op::start();
     let hs = homeserver().await;
-    let gw = GatewayProcess::start(&config(&hs, &op, "{state_dir}/state.sqlite3"));
+    let gw = GatewayProcess::start(&config(&hs, &op, store));
     let alice = op.mint(
         "alice",
         "urn:matrix:client:api:* urn:matrix:client:device:ALICEDEV02",
@@ -334,7 +346,7 @@ async fn a_sign_out_the_old_process_records_during_the_hand_over_binds_the_new_o
 async fn a_new_process_that_cannot_start_leaves_the_running_one_serving() {
     let op = Op::start();
     let hs = homeserver().await;
-    let gw = GatewayProcess::start(&config(&hs, &op, "{state_dir}/state.sqlite3"));
+    let gw = GatewayProcess::start(&config(&hs, &op, EMBEDDED));
     let alice = op.mint(
         "alice",
         "urn:matrix:client:api:* urn:matrix:client:device:ALICEDEV03",
@@ -361,4 +373,34 @@ async fn a_new_process_that_cannot_start_leaves_the_running_one_serving() {
     );
     assert!(!gw.logs().contains("SIGQUIT"), "{}", gw.logs());
     assert_eq!(whoami(&gw.base, &alice.access_token).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigquit_with_no_new_process_waiting_keeps_the_gateway_serving() {
+    // Pingora stops serving after a SIGQUIT even when nobody takes the sockets: a stray
+    // `kill -QUIT` must not take the gateway down.
+    let op = Op::start();
+    let hs = homeserver().await;
+    let mut gw = GatewayProcess::start(&config(&hs, &op, EMBEDDED));
+    let alice = op.mint(
+        "alice",
+        "urn:matrix:client:api:* urn:matrix:client:device:ALICEDEV04",
+    );
+    assert_eq!(whoami(&gw.base, &alice.access_token).await, 200);
+    // Wait for the handlers (the pid file is written once they are installed).
+    let pid_file = gw.state_dir().join("run/gateway.pid");
+    let started = Instant::now();
+    while !pid_file.exists() {
+        assert!(started.elapsed() < Duration::from_secs(10), "no pid file");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.signal("QUIT");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(
+        gw.wait_exit(Duration::from_millis(10)).is_none(),
+        "the gateway exited after a SIGQUIT nobody was waiting for: {}",
+        gw.logs()
+    );
+    assert_eq!(whoami(&gw.base, &alice.access_token).await, 200);
+    assert!(gw.logs().contains("SIGQUIT ignored"), "{}", gw.logs());
 }

@@ -145,16 +145,36 @@ impl Revocations {
     pub async fn load_from(&self, store: &dyn Store, now_ms: u64) -> Result<usize, StoreError> {
         let rows = store.revocations(now_ms).await?;
         let mut n = 0;
-        {
+        let mut parsed = Vec::with_capacity(rows.len());
+        for (key, at_ms, until_ms) in rows {
+            if let Some(sel) = Selector::from_key(&key) {
+                n += 1;
+                for sel in self.scope_legacy(sel) {
+                    parsed.push((sel, Entry { at_ms, until_ms }));
+                }
+            }
+        }
+        // What is new or later than what is held, found under the shared lock: a reload that
+        // changes nothing (the hand-over reloads every 250 ms) never blocks a reader.
+        let changed: Vec<(Selector, Entry)> = {
+            let map = self.entries.read();
+            parsed
+                .into_iter()
+                .filter(|(sel, e)| {
+                    map.get(sel)
+                        .is_none_or(|held| held.at_ms < e.at_ms || held.until_ms < e.until_ms)
+                })
+                .collect()
+        };
+        if !changed.is_empty() {
             let mut map = self.entries.write();
             self.prune_if_due(&mut map, now_ms);
-            for (key, at_ms, until_ms) in rows {
-                if let Some(sel) = Selector::from_key(&key) {
-                    for sel in self.scope_legacy(sel) {
-                        map.insert(sel, Entry { at_ms, until_ms });
-                    }
-                    n += 1;
-                }
+            for (sel, e) in changed {
+                // Two processes may have recorded the same selector at different times: the
+                // later one refuses more, so it wins (failing closed).
+                let held = map.entry(sel).or_insert(e);
+                held.at_ms = held.at_ms.max(e.at_ms);
+                held.until_ms = held.until_ms.max(e.until_ms);
             }
             self.any.store(!map.is_empty(), Ordering::Release);
         }
