@@ -29,6 +29,8 @@ pub struct AdminApp {
     notifier: Arc<Notifier>,
     clock: SharedClock,
     redis: Option<Redis>,
+    /// Admin calls count as in flight, so a shutdown does not cut an operator's sign-out off.
+    traffic: Option<crate::gateway::ctx::InFlight>,
 }
 
 impl AdminApp {
@@ -45,12 +47,19 @@ impl AdminApp {
             notifier,
             clock,
             redis: None,
+            traffic: None,
         }
     }
 
     /// Adds the shared-state check to readiness.
     pub fn with_redis(mut self, redis: Option<Redis>) -> Self {
         self.redis = redis;
+        self
+    }
+
+    /// Counts admin calls in `traffic` (the drain on shutdown waits for them).
+    pub fn with_traffic(mut self, traffic: crate::gateway::ctx::InFlight) -> Self {
+        self.traffic = Some(traffic);
         self
     }
 
@@ -374,6 +383,7 @@ impl AdminApp {
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let _counted = self.traffic.as_ref().map(|t| t.enter());
         let path = session.req_header().uri.path().to_owned();
         let method = session.req_header().method.as_str().to_owned();
         if path.starts_with("/admin/v1/") {

@@ -405,6 +405,7 @@ pub fn start(config: Config, clock: SharedClock, upgrade: bool) -> Result<Proces
     )
     .with_redis(redis.clone());
     let in_flight = InFlight::default();
+    let admin = admin.with_traffic(in_flight.clone());
     let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let gateway = Gateway::new(
         config.clone(),

@@ -81,14 +81,16 @@ impl InFlight {
         self.0.draining.load(Ordering::Acquire)
     }
 
-    fn enter(&self) -> InFlightGuard {
+    /// Counts one piece of work (an admin API call) as in flight until the guard is dropped.
+    pub fn enter(&self) -> InFlightGuard {
         self.0.count.fetch_add(1, Ordering::AcqRel);
         InFlightGuard(self.0.clone())
     }
 }
 
+/// Keeps one request counted in [`InFlight`] while it lives.
 #[derive(Debug)]
-struct InFlightGuard(Arc<Traffic>);
+pub struct InFlightGuard(Arc<Traffic>);
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
