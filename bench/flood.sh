@@ -32,19 +32,7 @@ cargo build --release --quiet --bin matrix-oidc-gateway
 
 bench_workdir
 UP=$(free_port); OP=$(free_port); GW=$(free_port); ADMIN=$(free_port)
-cat >"$work/nginx.conf" <<NGINX
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  server {
-    listen 127.0.0.1:$UP;
-    location / { default_type application/json; return 200 '{"ok":true}'; }
-  }
-}
-NGINX
+write_nginx_conf nginx "$(static_json_server "$UP" '{"ok":true}')"
 nginx -c "$work/nginx.conf" -p "$work"
 python3 bench/op_stub.py "$OP" >/dev/null 2>&1 &
 pids+=($!)

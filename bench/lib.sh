@@ -32,3 +32,22 @@ wait_port() {
 to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v} else if (v ~ /s$/) {sub(/s$/,"",v); print v*1000} else print v}'; }
 # A figure of bench/op_stub.py's GET /count: op_count PORT introspections|max_in_flight
 op_count() { curl -s "http://127.0.0.1:$1/count" | python3 -c "import sys,json; print(json.load(sys.stdin)['$2'])"; }
+
+# write_nginx_conf NAME BLOCK: $work/NAME.conf for one nginx (pid file $work/NAME.pid): one
+# worker, no access log, BLOCK inside `http { }`. Start it with `nginx -c "$work/NAME.conf" -p "$work"`.
+write_nginx_conf() {
+  cat >"$work/$1.conf" <<NGINX
+worker_processes 1;
+pid $work/$1.pid;
+error_log $work/$1-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+$2
+}
+NGINX
+}
+# static_json_server PORT BODY: a server block answering every request with 200 and BODY (JSON).
+static_json_server() {
+  printf "  server {\n    listen 127.0.0.1:%s;\n    location / { default_type application/json; return 200 '%s'; }\n  }\n" "$1" "$2"
+}

@@ -28,20 +28,8 @@ BIN=$PWD/target/release/matrix-oidc-gateway
 
 bench_workdir
 UP=$(free_port); OP=$(free_port); LB=$(free_port)
-cat >"$work/nginx.conf" <<NGINX
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  server {
-    listen 127.0.0.1:$UP;
-    location / { default_type application/json; return 200 '{"ok":true}'; }
-  }
-  include $work/lb.conf;
-}
-NGINX
+write_nginx_conf nginx "$(static_json_server "$UP" '{"ok":true}')
+  include $work/lb.conf;"
 : >"$work/lb.conf"
 
 # gateway_config NAME PORT ADMIN: a replica's configuration (own store and runtime directory).

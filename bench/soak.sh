@@ -28,19 +28,7 @@ ADMIN_TOKEN=soak-admin-token-0123456789abcdef
 bench_workdir
 HS=$(free_port); OP=$(free_port); REDIS=$(free_port)
 mkdir -p "$work/redis"
-cat >"$work/hs.conf" <<NGINX
-worker_processes 1;
-pid $work/hs.pid;
-error_log $work/hs-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  server {
-    listen 127.0.0.1:$HS;
-    location / { default_type application/json; return 200 '{"next_batch":"s1"}'; }
-  }
-}
-NGINX
+write_nginx_conf hs "$(static_json_server "$HS" '{"next_batch":"s1"}')"
 # The outages' commands (run by bench/soak.py through /bin/sh).
 START_HS="nginx -c $work/hs.conf -p $work"
 STOP_HS="nginx -c $work/hs.conf -p $work -s stop; while [ -f $work/hs.pid ]; do sleep 0.05; done"

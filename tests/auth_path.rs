@@ -760,15 +760,20 @@ async fn preflight_is_answered_without_a_token() {
     assert!(f.hs.received_requests().await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn homeserver_down_is_a_502_json() {
-    let f = Fakes::start().await;
+/// A gateway whose homeserver address has nothing listening; token `t` is alice's.
+async fn gateway_with_homeserver_down(f: &Fakes) -> TestGateway {
     f.introspection("t", active("alice", &full_scope("D1")), 1)
         .await;
     let cfg = f
         .config("")
         .replace(&f.hs.uri(), &format!("http://127.0.0.1:{}", free_port()));
-    let gw = spawn(&cfg).await;
+    spawn(&cfg).await
+}
+
+#[tokio::test]
+async fn homeserver_down_is_a_502_json() {
+    let f = Fakes::start().await;
+    let gw = gateway_with_homeserver_down(&f).await;
     let (_, body) = assert_matrix_error(get(&gw, SYNC, Some("t")).await, 502, "M_UNKNOWN").await;
     assert_eq!(body["error"], "The homeserver is unreachable (gateway)");
 }
@@ -780,12 +785,7 @@ async fn a_502_either_keeps_the_connection_or_says_it_closes_it() {
     // after an upstream failure; the 502 said nothing, so clients wrote their next request into
     // a closing connection.
     let f = Fakes::start().await;
-    f.introspection("t", active("alice", &full_scope("D1")), 1)
-        .await;
-    let cfg = f
-        .config("")
-        .replace(&f.hs.uri(), &format!("http://127.0.0.1:{}", free_port()));
-    let gw = spawn(&cfg).await;
+    let gw = gateway_with_homeserver_down(&f).await;
     let req = format!("GET {SYNC} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer t\r\n\r\n");
     let answers = raw_sequence(gw.addr, &[req.as_bytes(), req.as_bytes()]).await;
     assert!(answers[0].starts_with("HTTP/1.1 502"), "{}", answers[0]);

@@ -11,26 +11,14 @@ use e2e_support::{GatewayProcess, Op};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_a_sync_long_poll_before_exiting() {
-    let op = Op::start();
-    let hs = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/_matrix/client/v3/sync"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(serde_json::json!({"next_batch": "s2"}))
-                .set_delay(Duration::from_secs(8)),
-        )
-        .mount(&hs)
-        .await;
-    let mut gw = GatewayProcess::start(&format!(
+/// The gateway in front of `hs` (the `headers` binding), with `listen_extra` in `[listen]`.
+fn gateway_config(hs: &MockServer, op: &Op, listen_extra: &str) -> String {
+    format!(
         r#"
 [listen]
 public = "127.0.0.1:{{port}}"
 admin = "127.0.0.1:{{admin_port}}"
-shutdown_grace = "120s"
-
+{listen_extra}
 
 [homeserver]
 url = "{hs}"
@@ -48,7 +36,23 @@ client_secret = "gateway-secret"
 "#,
         hs = hs.uri(),
         issuer = op.issuer,
-    ));
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_sync_long_poll_before_exiting() {
+    let op = Op::start();
+    let hs = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/_matrix/client/v3/sync"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({"next_batch": "s2"}))
+                .set_delay(Duration::from_secs(8)),
+        )
+        .mount(&hs)
+        .await;
+    let mut gw = GatewayProcess::start(&gateway_config(&hs, &op, "shutdown_grace = \"120s\""));
     let alice = op.mint(
         "alice",
         "urn:matrix:client:api:* urn:matrix:client:device:ALICEDEV01",
@@ -111,30 +115,7 @@ async fn sigterm_keeps_accepting_for_the_shutdown_delay_and_closes_each_connecti
         )
         .mount(&hs)
         .await;
-    let mut gw = GatewayProcess::start(&format!(
-        r#"
-[listen]
-public = "127.0.0.1:{{port}}"
-admin = "127.0.0.1:{{admin_port}}"
-shutdown_delay = "3s"
-
-[homeserver]
-url = "{hs}"
-server_name = "localhost"
-kind = "generic"
-binding = "headers"
-
-[store]
-path = "{{state_dir}}/state.sqlite3"
-
-[[issuers]]
-issuer = "{issuer}"
-client_id = "gateway"
-client_secret = "gateway-secret"
-"#,
-        hs = hs.uri(),
-        issuer = op.issuer,
-    ));
+    let mut gw = GatewayProcess::start(&gateway_config(&hs, &op, "shutdown_delay = \"3s\""));
     let url = gw.url("/_matrix/client/versions");
     let fresh = || {
         reqwest::Client::builder()
