@@ -11,7 +11,12 @@ init = function()
   math.randomseed(seed or os.time())
   offset = math.random(0, n - 1)
 end
+-- $FLOOD_TOKEN instead: every request carries that one token (the control runs).
+local fixed = os.getenv("FLOOD_TOKEN")
 request = function()
+  if fixed then
+    return wrk.format("GET", nil, { ["Authorization"] = "Bearer " .. fixed })
+  end
   i = i + 1
   local t = (offset + i * 7919) % n + 1
   return wrk.format("GET", nil, { ["Authorization"] = "Bearer bad-flood-" .. prefix .. "-" .. t })

@@ -13,8 +13,8 @@
 #           (50 ms between a connection's requests, about 5,000 req/s: more than the OP
 #           stub can take at the bound, so some are shed) and flat out (the gateway's one
 #           worker saturated: then every request waits its turn, cached or not)
-#   control the flat-out load again with the cached user's own valid token: what the volume
-#           alone costs, without a single made-up token
+#   control the paced and flat-out loads again with the cached user's own valid token: what
+#           the volume alone costs, without a single made-up token
 # Prints both, their ratio, the flood's answers (401 once the OP judged a token, 503 when shed)
 # and the OP's peak concurrency against the configured bound.
 set -euo pipefail
@@ -93,21 +93,24 @@ for run in $(seq 1 "$RUNS"); do
     "$flood_rps" "$(( $(op_count "$OP" introspections) - intro0 ))" "$(( $(shed_total) - shed0 ))" >>"$rows"
 done
 done
-# Control: the same flat-out load with the cached user's own valid token (no OP call, no
-# refusal): what the volume alone costs a cached user on these cores.
+# Controls: the same paced and flat-out loads with the cached user's own valid token (no OP
+# call, no refusal): what the volume alone costs a cached user on these cores.
+for pace in 50 0; do
 for run in $(seq 1 "$RUNS"); do
   idle=$(cached)
   shed0=$(shed_total)
   intro0=$(op_count "$OP" introspections)
-  wrk -t1 -c256 -d"$DUR" -H "Authorization: Bearer good-token" "$U" >"$work/flood.out" 2>&1 &
+  FLOOD_TOKEN=good-token FLOOD_DELAY_MS=$pace \
+    wrk -t1 -c256 -d"$DUR" -s bench/flood.lua "$U" >"$work/flood.out" 2>&1 &
   flood_pid=$!
   sleep 0.3
   busy=$(cached)
   wait "$flood_pid" || true
   flood_rps=$(awk '/Requests\/sec/ {print $2}' "$work/flood.out")
-  printf '%s %s %s %s %s %s %s %s\n' -1 \
+  printf '%s %s %s %s %s %s %s %s\n' "$(( -1 - pace ))" \
     "$(p 50% <<<"$idle")" "$(p 99% <<<"$idle")" "$(p 50% <<<"$busy")" "$(p 99% <<<"$busy")" \
     "$flood_rps" "$(( $(op_count "$OP" introspections) - intro0 ))" "$(( $(shed_total) - shed0 ))" >>"$rows"
+done
 done
 peak=$(op_count "$OP" max_in_flight)
 
@@ -117,7 +120,7 @@ echo "max_concurrent_introspections = $MAXC, introspection_queue = $QUEUE, $FLOO
 echo
 echo "| flood | cached idle p50/p99 ms | cached under flood p50/p99 ms | p99 ratio | flood req/s | OP calls | shed (503) |"
 echo "|---|---:|---:|---:|---:|---:|---:|"
-awk '{printf "| %s | %.2f / %.2f | %.2f / %.2f | %.2f | %.0f | %d | %d |\n", ($1 > 0 ? "paced " $1 " ms" : ($1 == 0 ? "flat out" : "control: flat out, valid token")), $2, $3, $4, $5, ($3 > 0 ? $5/$3 : 0), $6, $7, $8}' "$rows"
+awk '{printf "| %s | %.2f / %.2f | %.2f / %.2f | %.2f | %.0f | %d | %d |\n", ($1 > 0 ? "paced " $1 " ms" : ($1 == 0 ? "flat out" : ($1 == -1 ? "control: flat out, valid token" : "control: paced " (-1 - $1) " ms, valid token"))), $2, $3, $4, $5, ($3 > 0 ? $5/$3 : 0), $6, $7, $8}' "$rows"
 echo
 echo "- OP peak concurrency: $peak (bound: $MAXC)"
 if [ "$peak" -gt "$MAXC" ]; then

@@ -3,7 +3,7 @@
 # configuration) for a bounded time each, starting from the committed corpus (fuzz/corpus).
 #
 #   scripts/fuzz.sh          # 30 s per target (CI, through scripts/test.sh)
-#   scripts/fuzz.sh 1800     # the full run: 30 min per target
+#   scripts/fuzz.sh 600      # a long run: 10 min per target (figures of the last one: README)
 #
 # Needs the nightly toolchain (libFuzzer instrumentation) and cargo-fuzz; installs both when
 # missing. A crash fails the run and leaves its input under fuzz/artifacts/<target>/.
