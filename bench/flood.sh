@@ -75,41 +75,28 @@ shed_total() {
 }
 rows="$work/rows"
 : >"$rows"
-for pace in 50 0; do
-for run in $(seq 1 "$RUNS"); do
-  idle=$(cached)
-  # Each run floods with tokens the gateway has never seen.
-  shed0=$(shed_total)
-  intro0=$(op_count "$OP" introspections)
-  FLOOD_PREFIX="p$pace-r$run" FLOOD_TOKENS=$FLOOD_TOKENS FLOOD_DELAY_MS=$pace \
-    wrk -t1 -c256 -d"$DUR" -s bench/flood.lua "$U" >"$work/flood.out" 2>&1 &
-  flood_pid=$!
-  sleep 0.3
-  busy=$(cached)
-  wait "$flood_pid" || true
-  flood_rps=$(awk '/Requests\/sec/ {print $2}' "$work/flood.out")
-  printf '%s %s %s %s %s %s %s %s\n' "$pace" \
-    "$(p 50% <<<"$idle")" "$(p 99% <<<"$idle")" "$(p 50% <<<"$busy")" "$(p 99% <<<"$busy")" \
-    "$flood_rps" "$(( $(op_count "$OP" introspections) - intro0 ))" "$(( $(shed_total) - shed0 ))" >>"$rows"
-done
-done
-# Controls: the same paced and flat-out loads with the cached user's own valid token (no OP
-# call, no refusal): what the volume alone costs a cached user on these cores.
+# Each run floods with tokens the gateway has never seen; then the controls: the same paced and
+# flat-out loads with the cached user's own valid token (no OP call, no refusal), what the
+# volume alone costs a cached user on these cores. Control rows are labelled -1 - pace.
+for token in "" good-token; do
 for pace in 50 0; do
 for run in $(seq 1 "$RUNS"); do
   idle=$(cached)
   shed0=$(shed_total)
   intro0=$(op_count "$OP" introspections)
-  FLOOD_TOKEN=good-token FLOOD_DELAY_MS=$pace \
-    wrk -t1 -c256 -d"$DUR" -s bench/flood.lua "$U" >"$work/flood.out" 2>&1 &
+  env ${token:+FLOOD_TOKEN=$token} FLOOD_PREFIX="p$pace-r$run" FLOOD_TOKENS=$FLOOD_TOKENS \
+    FLOOD_DELAY_MS=$pace wrk -t1 -c256 -d"$DUR" -s bench/flood.lua "$U" >"$work/flood.out" 2>&1 &
   flood_pid=$!
   sleep 0.3
   busy=$(cached)
   wait "$flood_pid" || true
   flood_rps=$(awk '/Requests\/sec/ {print $2}' "$work/flood.out")
-  printf '%s %s %s %s %s %s %s %s\n' "$(( -1 - pace ))" \
+  label=$pace
+  [ -n "$token" ] && label=$(( -1 - pace ))
+  printf '%s %s %s %s %s %s %s %s\n' "$label" \
     "$(p 50% <<<"$idle")" "$(p 99% <<<"$idle")" "$(p 50% <<<"$busy")" "$(p 99% <<<"$busy")" \
     "$flood_rps" "$(( $(op_count "$OP" introspections) - intro0 ))" "$(( $(shed_total) - shed0 ))" >>"$rows"
+done
 done
 done
 peak=$(op_count "$OP" max_in_flight)

@@ -438,7 +438,7 @@ pub fn start(config: Config, clock: SharedClock, upgrade: bool) -> Result<Proces
         "ready",
         Ready {
             public: config.listen.public,
-            pid_file,
+            pid_file: pid_file.clone(),
             armed: armed.clone(),
         },
     ));
@@ -481,10 +481,6 @@ pub fn start(config: Config, clock: SharedClock, upgrade: bool) -> Result<Proces
     Ok(Process {
         server,
         signals,
-        pid_file: config
-            .listen
-            .runtime_dir
-            .as_ref()
-            .map(|d| d.join(lifecycle::PID_FILE)),
+        pid_file,
     })
 }
