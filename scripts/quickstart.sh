@@ -10,18 +10,52 @@ cd "$(dirname "$0")/.."
 once=false
 [ "${1:-}" = "--once" ] && once=true
 
+# Fixed loopback ports (override any of them in the environment). The gateway is not on 8008:
+# that is Synapse's default, and a Synapse already running there would answer instead.
 OP_PORT=${OP_PORT:-9400}
 HS_PORT=${HS_PORT:-9401}
-GW_PORT=${GW_PORT:-8008}
+ADMIN_PORT=${ADMIN_PORT:-9402}
+GW_PORT=${GW_PORT:-9403}
 PEER_CACHE=${PEER_CACHE:-/var/cache/matrix-oidc-gateway}
 export PEER_CACHE
 work=.e2e/quickstart
+
+# Each step prints one line when it is done: its name and how long it took.
+step_name=""
+step_started=""
+step() {
+  step_done
+  step_name=$1
+  step_started=$EPOCHREALTIME
+}
+step_done() {
+  [ -n "$step_name" ] || return 0
+  awk -v a="$step_started" -v b="$EPOCHREALTIME" -v n="$step_name" 'BEGIN { printf "== %-62s %6.1f s\n", n, b - a }'
+  step_name=""
+}
+
+# Every port must be free before anything starts: a port in use would otherwise show up much
+# later, as an OP error page or a gateway that cannot bind.
+taken=()
+for spec in "OP_PORT=$OP_PORT" "HS_PORT=$HS_PORT" "ADMIN_PORT=$ADMIN_PORT" "GW_PORT=$GW_PORT"; do
+  port=${spec#*=}
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then taken+=("$spec"); fi
+done
+if [ "${#taken[@]}" -gt 0 ]; then
+  for spec in "${taken[@]}"; do
+    echo "quickstart: port ${spec#*=} (${spec%%=*}) is already in use on 127.0.0.1; stop what listens there or run with ${spec%%=*}=<free port>" >&2
+  done
+  exit 1
+fi
+
 rm -rf "$work"
 mkdir -p "$work/dendrite"
 
+step "installing what the quickstart needs (scripts/setup.sh)"
 scripts/setup.sh
+step "installing Dendrite v0.13.8 (cached in $PEER_CACHE)"
 scripts/peers/install-dendrite.sh
-echo "== building the gateway (release)"
+step "building the gateway (release)"
 cargo build --release --quiet
 
 pids=()
@@ -41,21 +75,21 @@ as_token=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
 # The key that seals the upstream device tokens at rest (store.encryption_key_file).
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/store.key"
 chmod 600 "$work/store.key"
-echo "== starting the OpenID Provider (oidc-provider) on :$OP_PORT"
+step "starting the OpenID Provider (oidc-provider) on :$OP_PORT"
 (cd tests/e2e/op && exec node op.mjs --port "$OP_PORT") >"$work/op.log" 2>&1 &
 pids+=($!)
-echo "== starting Dendrite on :$HS_PORT (the gateway is registered as its application service)"
+wait_port "$OP_PORT" "OP"
+step "starting Dendrite on :$HS_PORT (the gateway: its application service)"
 scripts/peers/dendrite-config.sh "$work/dendrite" "$as_token" >/dev/null
 (cd "$work/dendrite" && exec "$PEER_CACHE/dendrite-v0.13.8/bin/dendrite" -config dendrite.yaml \
   -http-bind-address "127.0.0.1:$HS_PORT") >"$work/dendrite.log" 2>&1 &
 pids+=($!)
-wait_port "$OP_PORT" "OP"
 wait_port "$HS_PORT" "Dendrite"
 
 cat >"$work/gateway.toml" <<TOML
 [listen]
 public = "127.0.0.1:$GW_PORT"
-admin = "127.0.0.1:${ADMIN_PORT:-9402}"
+admin = "127.0.0.1:$ADMIN_PORT"
 
 [homeserver]
 url = "http://127.0.0.1:$HS_PORT"
@@ -76,15 +110,16 @@ issuer = "http://127.0.0.1:$OP_PORT"
 client_id = "gateway"
 client_secret = "gateway-secret"
 TOML
-echo "== starting the gateway on :$GW_PORT"
+step "starting the gateway on :$GW_PORT (admin :$ADMIN_PORT)"
 ./target/release/matrix-oidc-gateway --config "$work/gateway.toml" >"$work/gateway.log" 2>&1 &
 pids+=($!)
 wait_port "$GW_PORT" "gateway"
 
-echo "== minting a token for alice (authorization code + PKCE at the OP)"
+step "minting a token for alice (authorization code + PKCE at the OP)"
 token=$(cd tests/e2e/op && node mint.mjs --issuer "http://127.0.0.1:$OP_PORT" --user alice \
   --scope "urn:matrix:client:api:* urn:matrix:client:device:QUICKSTART" |
   node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>console.log(JSON.parse(s).access_token))')
+step_done
 
 show() {
   echo

@@ -13,9 +13,9 @@ scripts/peers/install-tools.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --quiet -- -D warnings
-echo "== cargo test"
-cargo test --all-targets --no-fail-fast
+echo "== cargo clippy --all-targets --features e2e -- -D warnings"
+cargo clippy --all-targets --features e2e --quiet -- -D warnings
+echo "== cargo test --features e2e (unit, in-process and end-to-end suites)"
+cargo test --all-targets --features e2e --no-fail-fast
 echo "== fuzzing (each target ${FUZZ_SECONDS:-20} s from the committed corpus)"
 scripts/fuzz.sh "${FUZZ_SECONDS:-20}"

@@ -49,8 +49,12 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     let gw = spawn(&f.config(&format!("\n[admin]\ntoken = \"{TOKEN}\""))).await;
     let url = gw.admin_url("");
     let bin = tools();
+    // schemathesis keeps a `.schemathesis/` cache in its working directory: not the checkout.
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let cwd = scratch.path().to_owned();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(bin.join("schemathesis"))
+            .current_dir(cwd)
             .arg("run")
             .arg(schema())
             .args(["--url", &url])

@@ -30,19 +30,26 @@ pub enum RouteClass {
     Served(Served),
 }
 
-/// Discovery documents the gateway serves (MSC2965).
+/// Endpoints the gateway answers itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Served {
+    /// A discovery document (MSC2965, `/.well-known/matrix/client`).
+    Discovery(Document),
+    /// `POST <notifications.backchannel_logout_path>` (OIDC Back-Channel Logout).
+    BackchannelLogout,
+    /// `POST <notifications.revocation_path>` (RFC 7009, forwarded to the OP).
+    Revocation,
+}
+
+/// Discovery documents the gateway serves, built from the OP's metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Document {
     /// `GET /_matrix/client/v1/auth_metadata` and the unstable `org.matrix.msc2965/auth_metadata`.
     AuthMetadata,
     /// `GET /_matrix/client/unstable/org.matrix.msc2965/auth_issuer`.
     AuthIssuer,
     /// `GET /.well-known/matrix/client`.
     WellKnownClient,
-    /// `POST <notifications.backchannel_logout_path>` (OIDC Back-Channel Logout).
-    BackchannelLogout,
-    /// `POST <notifications.revocation_path>` (RFC 7009, forwarded to the OP).
-    Revocation,
 }
 
 /// Proxied endpoints that need extra handling.
@@ -70,6 +77,18 @@ pub struct Options<'a> {
     pub backchannel_logout_path: &'a str,
     /// Path of the revocation proxy (`POST`), when enabled.
     pub revocation_path: Option<&'a str>,
+}
+
+impl<'a> Options<'a> {
+    /// The options a configuration asks for.
+    pub fn of(config: &'a crate::config::Config) -> Self {
+        let n = &config.notifications;
+        Options {
+            expose_admin_api: config.homeserver.expose_admin_api,
+            backchannel_logout_path: &n.backchannel_logout_path,
+            revocation_path: n.revocation_proxy.then_some(n.revocation_path.as_str()),
+        }
+    }
 }
 
 impl RouteClass {
@@ -246,7 +265,7 @@ pub fn classify<'a>(
     } else if path.starts_with("/_matrix/static/client/login") {
         RouteClass::Refused(Refused::OwnedByOp)
     } else if method == "GET" && path == "/.well-known/matrix/client" {
-        RouteClass::Served(Served::WellKnownClient)
+        RouteClass::Served(Served::Discovery(Document::WellKnownClient))
     } else if let Some(served) = endpoint.and_then(|e| served(method, e)) {
         RouteClass::Served(served)
     } else if path == "/_matrix/client/versions" {
@@ -286,8 +305,10 @@ fn refused(method: &str, endpoint: &str) -> Option<Refused> {
 
 fn served(method: &str, endpoint: &str) -> Option<Served> {
     match (method, endpoint) {
-        ("GET", "auth_metadata" | "org.matrix.msc2965/auth_metadata") => Some(Served::AuthMetadata),
-        ("GET", "org.matrix.msc2965/auth_issuer") => Some(Served::AuthIssuer),
+        ("GET", "auth_metadata" | "org.matrix.msc2965/auth_metadata") => {
+            Some(Served::Discovery(Document::AuthMetadata))
+        }
+        ("GET", "org.matrix.msc2965/auth_issuer") => Some(Served::Discovery(Document::AuthIssuer)),
         _ => None,
     }
 }
@@ -675,25 +696,25 @@ mod tests {
     fn served_and_special() {
         assert_eq!(
             class(Method::GET, "/_matrix/client/v1/auth_metadata"),
-            RouteClass::Served(Served::AuthMetadata)
+            RouteClass::Served(Served::Discovery(Document::AuthMetadata))
         );
         assert_eq!(
             class(
                 Method::GET,
                 "/_matrix/client/unstable/org.matrix.msc2965/auth_metadata"
             ),
-            RouteClass::Served(Served::AuthMetadata)
+            RouteClass::Served(Served::Discovery(Document::AuthMetadata))
         );
         assert_eq!(
             class(
                 Method::GET,
                 "/_matrix/client/unstable/org.matrix.msc2965/auth_issuer"
             ),
-            RouteClass::Served(Served::AuthIssuer)
+            RouteClass::Served(Served::Discovery(Document::AuthIssuer))
         );
         assert_eq!(
             class(Method::GET, "/.well-known/matrix/client"),
-            RouteClass::Served(Served::WellKnownClient)
+            RouteClass::Served(Served::Discovery(Document::WellKnownClient))
         );
         let special = |m: Method, p: &str| {
             classify(&m, p.as_bytes(), Options::default())

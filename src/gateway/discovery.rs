@@ -3,8 +3,10 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::auth::op::OpMetadata;
-use crate::config::Discovery;
+use super::classify::Document;
+use crate::auth::op::{OpClient, OpMetadata};
+use crate::config::{Config, Discovery};
+use crate::error::GatewayError;
 
 /// Unstable features added to `/versions` (the versions themselves are never changed).
 pub const UNSTABLE_FEATURES: [&str; 3] = [
@@ -16,6 +18,38 @@ pub const UNSTABLE_FEATURES: [&str; 3] = [
 /// Capabilities the OP owns, disabled in every `/capabilities` answer.
 pub const DISABLED_CAPABILITIES: [&str; 3] =
     ["m.change_password", "m.3pid_changes", "m.get_login_token"];
+
+/// The body of a discovery document, from the OP's metadata (fetched first when the gateway
+/// has none yet; an OP that cannot be reached is a 503).
+pub async fn document(
+    op: &OpClient,
+    config: &Config,
+    doc: Document,
+) -> Result<Value, GatewayError> {
+    let meta = match op.metadata() {
+        Some(m) => m,
+        None => op
+            .refresh_metadata()
+            .await
+            .map_err(GatewayError::OpUnavailable)?,
+    };
+    let discovery = &config.discovery;
+    Ok(match doc {
+        Document::AuthMetadata => {
+            let n = &config.notifications;
+            let revocation = n.revocation_proxy.then(|| {
+                format!(
+                    "{}{}",
+                    discovery.public_base_url.as_str().trim_end_matches('/'),
+                    n.revocation_path
+                )
+            });
+            auth_metadata(&meta, discovery, revocation.as_deref())
+        }
+        Document::AuthIssuer => auth_issuer(&meta),
+        Document::WellKnownClient => well_known(&meta, discovery),
+    })
+}
 
 /// `account_management_uri`: the OP's own, or the configured one.
 pub fn account_uri(meta: &OpMetadata, discovery: &Discovery) -> Option<String> {

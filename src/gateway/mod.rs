@@ -1,13 +1,16 @@
 //! The Pingora `ProxyHttp` service. Each phase delegates to the module named after it:
 //!
 //! ```text
-//!  client ─► request_filter ─────────────────► upstream_peer ─► upstream_request_filter ─► homeserver
-//!            │ authenticate: classify → token    upstream        headers: strip, bind
-//!            │  → verify (cache / OP) → scope                     (device token or AS
-//!            │  → bind (provision upstream)                       masquerade), inject,
-//!            ├─ refusal ──────────► respond                       forwarded
+//!  client ─► request_filter ──────────────────────► upstream_peer ─► upstream_request_filter ─► homeserver
+//!            │ classify (route)                      upstream        headers: strip, bind
+//!            │ → authenticate (token → cache / OP)                   (device token or AS
+//!            │ → authorise (guest list, form body)                   masquerade), inject,
+//!            │ → bind (provision upstream)                           forwarded
+//!            │ → guard (cross-signing reset)
+//!            ├─ refusal ──────────► respond
 //!            ├─ preflight ────────► respond
-//!            └─ discovery ────────► discovery + respond
+//!            ├─ discovery ────────► discovery + respond
+//!            └─ OP notifications ─► notifications
 //!  homeserver ─► upstream_response_filter ─► response_body_filter ─► client
 //!                rewrite: binding lost → 503,   rewrite: /versions, /capabilities,
 //!                /versions, /capabilities       replaced bodies
@@ -15,9 +18,12 @@
 //! ```
 
 pub mod authenticate;
+pub mod authorise;
+pub mod bind;
 pub mod classify;
 pub mod ctx;
 pub mod discovery;
+pub mod guard;
 pub mod headers;
 pub mod notifications;
 pub mod observe;
@@ -43,7 +49,6 @@ use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::notify::Notifier;
-use authenticate::Decision;
 use classify::{RouteClass, Served};
 use ctx::Ctx;
 use respond::ErrorSettings;
@@ -107,53 +112,62 @@ impl Gateway {
     async fn serve(&self, session: &mut Session, ctx: &mut Ctx, what: Served) -> Result<bool> {
         match what {
             Served::BackchannelLogout => {
-                notifications::backchannel_logout(
-                    session,
-                    &self.notifier,
-                    u64::from(self.config.auth.retry_after_secs),
-                )
-                .await?;
-                return Ok(true);
+                let retry_after = u64::from(self.config.auth.retry_after_secs);
+                notifications::backchannel_logout(session, &self.notifier, retry_after).await?;
             }
             Served::Revocation => {
                 notifications::revocation(session, &self.notifier).await?;
-                return Ok(true);
             }
-            _ => {}
-        }
-        let op = self.verifier.op();
-        let meta = match op.metadata() {
-            Some(m) => m,
-            None => match op.refresh_metadata().await {
-                Ok(m) => m,
-                Err(f) => {
-                    return self
-                        .refuse(session, ctx, GatewayError::OpUnavailable(f))
-                        .await
+            Served::Discovery(doc) => {
+                match discovery::document(self.verifier.op(), &self.config, doc).await {
+                    Ok(body) => {
+                        let cache = ("Cache-Control", "public, max-age=600".to_owned());
+                        respond::json_response(session, 200, &body, &[cache]).await?;
+                    }
+                    Err(err) => return self.refuse(session, ctx, err).await,
                 }
-            },
-        };
-        let discovery = &self.config.discovery;
-        let body = match what {
-            Served::AuthMetadata => {
-                let n = &self.config.notifications;
-                let revocation = n.revocation_proxy.then(|| {
-                    format!(
-                        "{}{}",
-                        discovery.public_base_url.as_str().trim_end_matches('/'),
-                        n.revocation_path
-                    )
-                });
-                discovery::auth_metadata(&meta, discovery, revocation.as_deref())
             }
-            Served::AuthIssuer => discovery::auth_issuer(&meta),
-            Served::WellKnownClient => discovery::well_known(&meta, discovery),
-            Served::BackchannelLogout | Served::Revocation => return Ok(true),
-        };
-        let cache = ("Cache-Control", "public, max-age=600".to_owned());
-        respond::json_response(session, 200, &body, &[cache]).await?;
+        }
         Ok(true)
     }
+
+    /// request_filter's steps in the order of the phase chart: classify → extract and verify
+    /// → authorise → bind → guard. Each step returns early with what the gateway answers
+    /// itself, or refuses.
+    async fn admit(&self, req: &RequestHeader, ctx: &mut Ctx) -> Result<Decision, GatewayError> {
+        let route = classify::classify(
+            &req.method,
+            req.raw_path(),
+            classify::Options::of(&self.config),
+        )?;
+        ctx.route = Some(route.class);
+        ctx.special = route.special;
+        match route.class {
+            RouteClass::Federation => return Ok(Decision::Proxy),
+            RouteClass::Preflight => return Ok(Decision::Preflight),
+            RouteClass::Refused(r) => return Err(GatewayError::Refused(r)),
+            RouteClass::Served(s) => return Ok(Decision::Serve(s)),
+            RouteClass::Public | RouteClass::Authenticated => {}
+        }
+        let Some(identity) = authenticate::authenticate(self, req, &route, ctx).await? else {
+            return Ok(Decision::Proxy);
+        };
+        authorise::authorise(req, &route, &identity, self.config.auth.guest_endpoints)?;
+        bind::bind(self, &route, &identity, ctx).await?;
+        guard::cross_signing(self, &route, &identity, ctx).await?;
+        Ok(Decision::Proxy)
+    }
+}
+
+/// What request_filter decided.
+#[derive(Debug)]
+enum Decision {
+    /// Forward to the homeserver.
+    Proxy,
+    /// Answer a CORS preflight.
+    Preflight,
+    /// Answer an endpoint the gateway serves itself.
+    Serve(Served),
 }
 
 #[async_trait]
@@ -170,7 +184,7 @@ impl ProxyHttp for Gateway {
             // Stopping or handing over: this connection's next request goes to a new one.
             session.set_keepalive(None);
         }
-        match authenticate::authenticate(self, session.req_header(), ctx).await {
+        match self.admit(session.req_header(), ctx).await {
             Ok(Decision::Proxy) => Ok(false),
             Ok(Decision::Preflight) => {
                 respond::json_response(session, 200, &serde_json::json!({}), &[]).await?;

@@ -405,6 +405,8 @@ pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     extra: Vec<String>,
+    // Its working directory: replication snapshots land here, not in the checkout.
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
@@ -423,6 +425,7 @@ impl RedisServer {
             port: free_port(),
             child: None,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            dir: tempfile::tempdir().expect("tempdir"),
         };
         r.restart();
         r
@@ -452,6 +455,8 @@ impl RedisServer {
         let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -1,0 +1,38 @@
+//! request_filter, step 6: the cross-signing guard (MSC4312). Replacing a user's existing
+//! cross-signing master key needs a reset the user approved at the OP's account page; the
+//! first upload does not. A store failure here is a 503, never a user-interactive-auth answer.
+
+use super::classify::{Route, Special};
+use super::ctx::Ctx;
+use super::Gateway;
+use crate::auth::Identity;
+use crate::error::{BindingFailure, GatewayError};
+
+/// Refuses a cross-signing key upload that would replace a key without an approved reset.
+pub async fn cross_signing(
+    gw: &Gateway,
+    route: &Route<'_>,
+    identity: &Identity,
+    ctx: &Ctx,
+) -> Result<(), GatewayError> {
+    let Some(bound) = &ctx.bound else {
+        return Ok(());
+    };
+    if route.special != Special::CrossSigningUpload || !gw.binder.has_master_key(bound).await? {
+        return Ok(());
+    }
+    let approved = gw
+        .binder
+        .store()
+        .take_cross_signing_reset(&identity.user_id, gw.clock.now_ms())
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "state store failed during the cross-signing guard");
+            GatewayError::BindingUnavailable(BindingFailure::Store)
+        })?;
+    if !approved {
+        return Err(GatewayError::CrossSigningResetRequired);
+    }
+    tracing::info!(user = %identity.user_id, "approved cross-signing reset used");
+    Ok(())
+}
