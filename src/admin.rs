@@ -9,13 +9,13 @@ use async_trait::async_trait;
 use http::Response;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 use crate::auth::identity::valid_localpart;
 use crate::auth::Verifier;
 use crate::clock::SharedClock;
 use crate::config::Config;
-use crate::error::GatewayError;
+use crate::error::{GatewayError, MatrixError};
 use crate::metrics;
 use crate::notify::{Notifier, Purge, Source};
 use crate::store::redis::Redis;
@@ -86,7 +86,7 @@ impl AdminApp {
     }
 }
 
-fn json_response(status: u16, body: &Value) -> Response<Vec<u8>> {
+fn json_response(status: u16, body: &impl Serialize) -> Response<Vec<u8>> {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     Response::builder()
         .status(status)
@@ -101,35 +101,139 @@ fn json_response(status: u16, body: &Value) -> Response<Vec<u8>> {
 #[derive(Debug)]
 struct ApiError {
     status: u16,
-    errcode: &'static str,
-    message: String,
+    body: MatrixError,
 }
 
 impl ApiError {
     fn into_response(self) -> Response<Vec<u8>> {
-        json_response(
-            self.status,
-            &json!({"errcode": self.errcode, "error": self.message}),
-        )
+        json_response(self.status, &self.body)
     }
 }
 
-type ApiResult = Result<Value, ApiError>;
+/// A successful admin answer: 200 and its typed body.
+type ApiResult = Result<Response<Vec<u8>>, ApiError>;
 
-fn error(status: u16, errcode: &'static str, message: &str) -> ApiError {
+fn ok(body: &impl Serialize) -> ApiResult {
+    Ok(json_response(200, body))
+}
+
+fn error(
+    status: u16,
+    errcode: &'static str,
+    message: impl Into<std::borrow::Cow<'static, str>>,
+) -> ApiError {
     ApiError {
         status,
-        errcode,
-        message: message.to_owned(),
+        body: MatrixError::new(errcode, message),
     }
 }
 
 fn gateway_error(e: &GatewayError) -> ApiError {
-    error(e.status(), e.errcode().as_str(), e.client_message())
+    ApiError {
+        status: e.status(),
+        body: e.matrix_error(),
+    }
 }
 
-/// The body of an admin request: small JSON (or nothing).
-async fn read_json(session: &mut ServerSession) -> Result<Value, ApiError> {
+fn store_unavailable() -> ApiError {
+    error(503, "M_UNKNOWN", "state store unavailable")
+}
+
+// Request bodies (docs/admin-api.openapi.yaml). Fields are optional here so that a missing one
+// is named in a 400 `M_MISSING_PARAM`; a field of the wrong type is a 400 `M_BAD_JSON`.
+
+#[derive(Debug, Default, Deserialize)]
+struct RevokeSession {
+    user_id: Option<String>,
+    device_id: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PurgeRequest {
+    token: Option<String>,
+    sub: Option<String>,
+    user_id: Option<String>,
+    issuer: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Deactivate {
+    #[serde(default)]
+    erase: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Repin {
+    sub: Option<String>,
+    issuer: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ApproveReset {
+    valid_for_secs: Option<u64>,
+}
+
+// Answers.
+
+#[derive(Debug, Serialize)]
+struct SignedOut {
+    purged: usize,
+    signed_out: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct Purged {
+    purged: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct UserDevices<T: Serialize> {
+    user_id: String,
+    devices: T,
+}
+
+#[derive(Debug, Serialize)]
+struct Deactivated<M: Serialize> {
+    user_id: String,
+    deactivated: bool,
+    mechanism: M,
+}
+
+#[derive(Debug, Serialize)]
+struct Lifted {
+    user_id: String,
+    lifted: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Repinned<'a> {
+    user_id: String,
+    sub: &'a str,
+    issuer: String,
+}
+
+#[derive(Debug, Serialize)]
+struct ResetApproved {
+    user_id: String,
+    valid_until_ms: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Health {
+    status: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct Readiness {
+    status: &'static str,
+    checks: std::collections::BTreeMap<&'static str, bool>,
+}
+
+/// The body of an admin request: small JSON of type `T` (an absent or blank body is `T`'s
+/// default).
+async fn read_json<T: serde::de::DeserializeOwned + Default>(
+    session: &mut ServerSession,
+) -> Result<T, ApiError> {
     let mut body = Vec::new();
     loop {
         match session.read_request_body().await {
@@ -144,25 +248,24 @@ async fn read_json(session: &mut ServerSession) -> Result<Value, ApiError> {
         }
     }
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(json!({}));
+        return Ok(T::default());
     }
-    match serde_json::from_slice::<Value>(&body) {
-        Ok(v @ Value::Object(_)) => Ok(v),
-        _ => Err(error(400, "M_BAD_JSON", "the body must be a JSON object")),
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return Err(error(400, "M_BAD_JSON", "the body must be a JSON object"));
     }
+    serde_json::from_slice::<T>(&body)
+        .map_err(|e| error(400, "M_BAD_JSON", format!("the body is not valid: {e}")))
 }
 
-fn string_field<'a>(body: &'a Value, name: &str) -> Result<&'a str, ApiError> {
-    body.get(name)
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| {
-            error(
-                400,
-                "M_MISSING_PARAM",
-                &format!("`{name}` (a non-empty string) is required"),
-            )
-        })
+/// A required, non-empty string field.
+fn required<'a>(value: &'a Option<String>, name: &str) -> Result<&'a str, ApiError> {
+    value.as_deref().filter(|s| !s.is_empty()).ok_or_else(|| {
+        error(
+            400,
+            "M_MISSING_PARAM",
+            format!("`{name}` (a non-empty string) is required"),
+        )
+    })
 }
 
 impl AdminApp {
@@ -215,67 +318,87 @@ impl AdminApp {
         method: &str,
         path: &str,
     ) -> Response<Vec<u8>> {
-        if let Err(e) = self.authorised(session) {
-            return e.into_response();
-        }
-        let segments: Vec<&str> = path.trim_start_matches("/admin/v1/").split('/').collect();
-        let body = match read_json(session).await {
-            Ok(b) => b,
-            Err(e) => return e.into_response(),
-        };
-        let result = match (method, segments.as_slice()) {
-            ("POST", ["sessions", "revoke"]) => self.revoke_session(&body).await,
-            ("POST", ["cache", "purge"]) => self.purge(&body).await,
-            ("GET", ["users", user, "devices"]) => self.devices(user).await,
-            ("POST", ["users", user, "logout"]) => self.logout(user).await,
-            ("POST", ["users", user, "deactivate"]) => self.deactivate(user, &body).await,
-            ("DELETE", ["users", user, "tombstone"]) => self.lift(user).await,
-            ("PUT", ["users", user, "subject"]) => self.repin(user, &body).await,
-            ("POST", ["users", user, "cross_signing_reset"]) => {
-                self.approve_reset(user, &body).await
-            }
-            _ => Err(error(404, "M_UNRECOGNIZED", "unknown admin endpoint")),
-        };
-        match result {
-            Ok(v) => json_response(200, &v),
+        match self.route(session, method, path).await {
+            Ok(r) => r,
             Err(e) => e.into_response(),
         }
     }
 
-    async fn revoke_session(&self, body: &Value) -> ApiResult {
-        let user = self.user_id(string_field(body, "user_id")?)?;
-        let device = string_field(body, "device_id")?;
+    async fn route(&self, session: &mut ServerSession, method: &str, path: &str) -> ApiResult {
+        use serde::de::IgnoredAny;
+        self.authorised(session)?;
+        let segments: Vec<&str> = path.trim_start_matches("/admin/v1/").split('/').collect();
+        match (method, segments.as_slice()) {
+            ("POST", ["sessions", "revoke"]) => {
+                self.revoke_session(read_json(session).await?).await
+            }
+            ("POST", ["cache", "purge"]) => self.purge(read_json(session).await?).await,
+            ("GET", ["users", user, "devices"]) => {
+                read_json::<IgnoredAny>(session).await?;
+                self.devices(user).await
+            }
+            ("POST", ["users", user, "logout"]) => {
+                read_json::<IgnoredAny>(session).await?;
+                self.logout(user).await
+            }
+            ("POST", ["users", user, "deactivate"]) => {
+                self.deactivate(user, read_json(session).await?).await
+            }
+            ("DELETE", ["users", user, "tombstone"]) => {
+                read_json::<IgnoredAny>(session).await?;
+                self.lift(user).await
+            }
+            ("PUT", ["users", user, "subject"]) => {
+                self.repin(user, read_json(session).await?).await
+            }
+            ("POST", ["users", user, "cross_signing_reset"]) => {
+                self.approve_reset(user, read_json(session).await?).await
+            }
+            _ => {
+                read_json::<IgnoredAny>(session).await?;
+                Err(error(404, "M_UNRECOGNIZED", "unknown admin endpoint"))
+            }
+        }
+    }
+
+    async fn revoke_session(&self, body: RevokeSession) -> ApiResult {
+        let user = self.user_id(required(&body.user_id, "user_id")?)?;
+        let device = required(&body.device_id, "device_id")?;
         let out = self
             .notifier
             .revoke_device(&user, device, Source::Admin)
             .await
             .map_err(|e| gateway_error(&e))?;
-        Ok(json!({"purged": out.purged, "signed_out": out.devices.len()}))
+        ok(&SignedOut {
+            purged: out.purged,
+            signed_out: out.devices.len(),
+        })
     }
 
-    async fn purge(&self, body: &Value) -> ApiResult {
-        let given: Vec<&str> = ["token", "sub", "user_id"]
-            .into_iter()
-            .filter(|k| body.get(*k).is_some())
-            .collect();
-        if given.len() != 1 || (body.get("issuer").is_some() && given != ["sub"]) {
-            return Err(error(
-                400,
-                "M_INVALID_PARAM",
-                "give exactly one of `token`, `sub`, `user_id` (and `issuer` only with `sub`)",
-            ));
-        }
-        let what = match given[0] {
-            "token" => Purge::Token(string_field(body, "token")?.to_owned()),
-            "sub" => Purge::Subject(self.issuer(body)?, string_field(body, "sub")?.to_owned()),
-            _ => Purge::User(self.user_id(string_field(body, "user_id")?)?),
+    async fn purge(&self, body: PurgeRequest) -> ApiResult {
+        let what = match (&body.token, &body.sub, &body.user_id, &body.issuer) {
+            (Some(_), None, None, None) => Purge::Token(required(&body.token, "token")?.to_owned()),
+            (None, Some(_), None, _) => Purge::Subject(
+                self.issuer(body.issuer.as_deref())?,
+                required(&body.sub, "sub")?.to_owned(),
+            ),
+            (None, None, Some(_), None) => {
+                Purge::User(self.user_id(required(&body.user_id, "user_id")?)?)
+            }
+            _ => {
+                return Err(error(
+                    400,
+                    "M_INVALID_PARAM",
+                    "give exactly one of `token`, `sub`, `user_id` (and `issuer` only with `sub`)",
+                ))
+            }
         };
         let n = self
             .notifier
             .purge(what)
             .await
             .map_err(|e| gateway_error(&e))?;
-        Ok(json!({"purged": n}))
+        ok(&Purged { purged: n })
     }
 
     async fn devices(&self, user: &str) -> ApiResult {
@@ -286,8 +409,11 @@ impl AdminApp {
             .store()
             .devices_of(&user)
             .await
-            .map_err(|_| error(503, "M_UNKNOWN", "state store unavailable"))?;
-        Ok(json!({"user_id": user, "devices": devices}))
+            .map_err(|_| store_unavailable())?;
+        ok(&UserDevices {
+            user_id: user,
+            devices,
+        })
     }
 
     async fn logout(&self, user: &str) -> ApiResult {
@@ -297,22 +423,24 @@ impl AdminApp {
             .logout_user(&user, Source::Admin)
             .await
             .map_err(|e| gateway_error(&e))?;
-        Ok(json!({"purged": out.purged, "signed_out": out.devices.len()}))
+        ok(&SignedOut {
+            purged: out.purged,
+            signed_out: out.devices.len(),
+        })
     }
 
-    async fn deactivate(&self, user: &str, body: &Value) -> ApiResult {
+    async fn deactivate(&self, user: &str, body: Deactivate) -> ApiResult {
         let user = self.user_id(user)?;
-        let erase = match body.get("erase") {
-            None => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(error(400, "M_INVALID_PARAM", "`erase` must be a boolean")),
-        };
         let mechanism = self
             .notifier
-            .deactivate(&user, erase)
+            .deactivate(&user, body.erase)
             .await
             .map_err(|e| gateway_error(&e))?;
-        Ok(json!({"user_id": user, "deactivated": true, "mechanism": mechanism}))
+        ok(&Deactivated {
+            user_id: user,
+            deactivated: true,
+            mechanism,
+        })
     }
 
     async fn lift(&self, user: &str) -> ApiResult {
@@ -323,29 +451,34 @@ impl AdminApp {
             .lift_tombstone(&user)
             .await
             .map_err(|e| gateway_error(&e))?;
-        Ok(json!({"user_id": user, "lifted": lifted}))
+        ok(&Lifted {
+            user_id: user,
+            lifted,
+        })
     }
 
-    async fn repin(&self, user: &str, body: &Value) -> ApiResult {
+    async fn repin(&self, user: &str, body: Repin) -> ApiResult {
         let user = self.user_id(user)?;
-        let sub = string_field(body, "sub")?;
-        let issuer = self.issuer(body)?;
+        let sub = required(&body.sub, "sub")?;
+        let issuer = self.issuer(body.issuer.as_deref())?;
         self.notifier
             .binder()
             .repin(&user, &issuer, sub)
             .await
             .map_err(|e| gateway_error(&e))?;
-        Ok(json!({"user_id": user, "sub": sub, "issuer": issuer}))
+        ok(&Repinned {
+            user_id: user,
+            sub,
+            issuer,
+        })
     }
 
     /// The optional `issuer` of a body naming a subject: one of the configured issuers,
     /// the primary one when absent (subjects are only unique per issuer).
-    fn issuer(&self, body: &Value) -> Result<String, ApiError> {
-        match body.get("issuer") {
+    fn issuer(&self, given: Option<&str>) -> Result<String, ApiError> {
+        match given {
             None => Ok(self.notifier.binder().primary_issuer().to_owned()),
-            Some(Value::String(i)) if self.config.issuers.iter().any(|c| c.issuer == *i) => {
-                Ok(i.clone())
-            }
+            Some(i) if self.config.issuers.iter().any(|c| c.issuer == i) => Ok(i.to_owned()),
             Some(_) => Err(error(
                 400,
                 "M_INVALID_PARAM",
@@ -354,20 +487,18 @@ impl AdminApp {
         }
     }
 
-    async fn approve_reset(&self, user: &str, body: &Value) -> ApiResult {
+    async fn approve_reset(&self, user: &str, body: ApproveReset) -> ApiResult {
         let user = self.user_id(user)?;
-        let secs = match body.get("valid_for_secs") {
+        let secs = match body.valid_for_secs {
             None => 600,
-            Some(v) => match v.as_u64() {
-                Some(s) if (1..=3600).contains(&s) => s,
-                _ => {
-                    return Err(error(
-                        400,
-                        "M_INVALID_PARAM",
-                        "`valid_for_secs` must be 1..=3600",
-                    ))
-                }
-            },
+            Some(s) if (1..=3600).contains(&s) => s,
+            Some(_) => {
+                return Err(error(
+                    400,
+                    "M_INVALID_PARAM",
+                    "`valid_for_secs` must be 1..=3600",
+                ))
+            }
         };
         let until_ms = self.clock.now_ms() + secs * 1000;
         self.notifier
@@ -375,8 +506,11 @@ impl AdminApp {
             .store()
             .approve_cross_signing_reset(&user, until_ms)
             .await
-            .map_err(|_| error(503, "M_UNKNOWN", "state store unavailable"))?;
-        Ok(json!({"user_id": user, "valid_until_ms": until_ms}))
+            .map_err(|_| store_unavailable())?;
+        ok(&ResetApproved {
+            user_id: user,
+            valid_until_ms: until_ms,
+        })
     }
 }
 
@@ -405,23 +539,18 @@ impl ServeHttp for AdminApp {
                     .body(body)
                     .unwrap_or_default()
             }
-            "/healthz" => json_response(200, &json!({"status": "ok"})),
+            "/healthz" => json_response(200, &Health { status: "ok" }),
             "/readyz" => {
-                let checks = self.readiness().await;
-                let ready = checks.iter().all(|(_, ok)| *ok);
-                let detail: serde_json::Map<String, Value> = checks
-                    .into_iter()
-                    .map(|(k, ok)| (k.to_owned(), Value::Bool(ok)))
-                    .collect();
-                json_response(
-                    if ready { 200 } else { 503 },
-                    &json!({"status": if ready { "ready" } else { "not_ready" }, "checks": detail}),
-                )
+                let checks: std::collections::BTreeMap<_, _> =
+                    self.readiness().await.into_iter().collect();
+                let ready = checks.values().all(|ok| *ok);
+                let body = Readiness {
+                    status: if ready { "ready" } else { "not_ready" },
+                    checks,
+                };
+                json_response(if ready { 200 } else { 503 }, &body)
             }
-            _ => json_response(
-                404,
-                &json!({"errcode": "M_UNRECOGNIZED", "error": "Unknown admin endpoint"}),
-            ),
+            _ => error(404, "M_UNRECOGNIZED", "Unknown admin endpoint").into_response(),
         }
     }
 }

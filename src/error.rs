@@ -161,6 +161,31 @@ pub enum GatewayError {
     NotJoined,
 }
 
+/// The Matrix standard error body
+/// (<https://spec.matrix.org/latest/client-server-api/#standard-error-response>): the shape of
+/// every Matrix error the gateway and its admin API write.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MatrixError {
+    /// The Matrix error code.
+    pub errcode: &'static str,
+    /// A human-readable message.
+    pub error: std::borrow::Cow<'static, str>,
+    /// `false` on a refused access token: the client must sign in again (spec: soft logout).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soft_logout: Option<bool>,
+}
+
+impl MatrixError {
+    /// An error with a code and a message.
+    pub fn new(errcode: &'static str, error: impl Into<std::borrow::Cow<'static, str>>) -> Self {
+        MatrixError {
+            errcode,
+            error: error.into(),
+            soft_logout: None,
+        }
+    }
+}
+
 /// Matrix error codes the gateway emits
 /// (<https://spec.matrix.org/latest/client-server-api/#standard-error-response>).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,6 +323,14 @@ impl GatewayError {
             GatewayError::NotJoined => {
                 "Getting joined members while not being a current member of the room is forbidden (gateway)"
             }
+        }
+    }
+
+    /// The Matrix error body of this error.
+    pub fn matrix_error(&self) -> MatrixError {
+        MatrixError {
+            soft_logout: self.soft_logout(),
+            ..MatrixError::new(self.errcode().as_str(), self.client_message())
         }
     }
 

@@ -110,13 +110,13 @@ impl Gateway {
     }
 
     async fn serve(&self, session: &mut Session, ctx: &mut Ctx, what: Served) -> Result<bool> {
+        let retry_after = u64::from(self.config.auth.retry_after_secs);
         match what {
             Served::BackchannelLogout => {
-                let retry_after = u64::from(self.config.auth.retry_after_secs);
                 notifications::backchannel_logout(session, &self.notifier, retry_after).await?;
             }
             Served::Revocation => {
-                notifications::revocation(session, &self.notifier).await?;
+                notifications::revocation(session, &self.notifier, retry_after).await?;
             }
             Served::Discovery(doc) => {
                 match discovery::document(self.verifier.op(), &self.config, doc).await {
@@ -187,7 +187,7 @@ impl ProxyHttp for Gateway {
         match self.admit(session.req_header(), ctx).await {
             Ok(Decision::Proxy) => Ok(false),
             Ok(Decision::Preflight) => {
-                respond::json_response(session, 200, &serde_json::json!({}), &[]).await?;
+                respond::json_response(session, 200, &respond::Empty {}, &[]).await?;
                 Ok(true)
             }
             Ok(Decision::Serve(what)) => self.serve(session, ctx, what).await,

@@ -2,13 +2,11 @@
 //! Logout (the OP calls it) and the RFC 7009 revocation proxy (clients call it). Both read a
 //! small form body; the answers are OAuth-style, not Matrix JSON (the callers speak OAuth).
 
+use super::respond::{self, Empty, OAuthError};
+use crate::notify::Notifier;
 use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
 use pingora::Result;
-use serde_json::json;
-
-use super::respond;
-use crate::notify::Notifier;
 
 /// Largest form body accepted on these endpoints.
 const MAX_BODY: usize = 64 * 1024;
@@ -24,8 +22,18 @@ async fn read_body(session: &mut Session) -> Result<Option<Bytes>> {
     Ok(Some(body.freeze()))
 }
 
-fn oauth_error(description: &str) -> serde_json::Value {
-    json!({"error": "invalid_request", "error_description": description})
+fn invalid_request(description: &'static str) -> OAuthError {
+    OAuthError {
+        error: "invalid_request",
+        error_description: description.into(),
+    }
+}
+
+fn unavailable(description: &'static str) -> OAuthError {
+    OAuthError {
+        error: "temporarily_unavailable",
+        error_description: description.into(),
+    }
 }
 
 /// `POST <backchannel_logout_path>`: 200 once every cached identity of the session is purged
@@ -39,44 +47,46 @@ pub async fn backchannel_logout(
 ) -> Result<u16> {
     let Some(body) = read_body(session).await? else {
         session.set_keepalive(None);
-        respond::json_response(session, 400, &oauth_error("body too large"), &[]).await?;
+        respond::json_response(session, 400, &invalid_request("body too large"), &[]).await?;
         return Ok(400);
     };
     let token = form_urlencoded::parse(&body)
         .find(|(k, _)| k == "logout_token")
         .map(|(_, v)| v.into_owned());
     let Some(token) = token else {
-        respond::json_response(session, 400, &oauth_error("logout_token missing"), &[]).await?;
+        respond::json_response(session, 400, &invalid_request("logout_token missing"), &[]).await?;
         return Ok(400);
     };
     match notifier.backchannel_logout(&token).await {
         Ok(_) => {
-            respond::json_response(session, 200, &json!({}), &[]).await?;
+            respond::json_response(session, 200, &Empty {}, &[]).await?;
             Ok(200)
         }
         Err(why) if why.is_fault() => {
             // A fault, not a bad token: the OP is to retry (OpenID Back-Channel Logout 1.0 §2.8
             // lets it), and nothing was answered 200 that did not happen.
-            let body =
-                json!({"error": "temporarily_unavailable", "error_description": why.as_label()});
             let retry = ("Retry-After", retry_after.to_string());
-            respond::json_response(session, 503, &body, &[retry]).await?;
+            respond::json_response(session, 503, &unavailable(why.as_label()), &[retry]).await?;
             Ok(503)
         }
         Err(why) => {
-            respond::json_response(session, 400, &oauth_error(why.as_label()), &[]).await?;
+            respond::json_response(session, 400, &invalid_request(why.as_label()), &[]).await?;
             Ok(400)
         }
     }
 }
 
 /// `POST <revocation_path>`: forwarded unchanged to the OP; its answer is relayed.
-pub async fn revocation(session: &mut Session, notifier: &Notifier) -> Result<u16> {
+pub async fn revocation(
+    session: &mut Session,
+    notifier: &Notifier,
+    retry_after: u64,
+) -> Result<u16> {
     let content_type = header(session, "content-type");
     let authorization = header(session, "authorization");
     let Some(body) = read_body(session).await? else {
         session.set_keepalive(None);
-        respond::json_response(session, 400, &oauth_error("body too large"), &[]).await?;
+        respond::json_response(session, 400, &invalid_request("body too large"), &[]).await?;
         return Ok(400);
     };
     match notifier
@@ -88,10 +98,8 @@ pub async fn revocation(session: &mut Session, notifier: &Notifier) -> Result<u1
             Ok(status)
         }
         Err(e) => {
-            let extra = [("Retry-After", "5".to_owned())];
-            let body =
-                json!({"error": "temporarily_unavailable", "error_description": e.reason_label()});
-            respond::json_response(session, 503, &body, &extra).await?;
+            let retry = ("Retry-After", retry_after.to_string());
+            respond::json_response(session, 503, &unavailable(e.reason_label()), &[retry]).await?;
             Ok(503)
         }
     }

@@ -1,17 +1,20 @@
-//! The only writer of gateway-made responses: Matrix JSON errors and the few JSON answers the
-//! gateway serves itself (CORS preflight).
+//! The only writer of gateway-made responses: Matrix JSON errors (also the 503 that replaces a
+//! homeserver answer, see `rewrite`), the OAuth errors of the notification endpoints, and the
+//! JSON the gateway serves itself (discovery, CORS preflight). Bodies are typed.
 //!
 //! Every response written here has `Content-Type: application/json`, an exact
 //! `Content-Length`, the CORS headers the Matrix spec asks of a homeserver, and keeps the
 //! connection alive (unlike Pingora's `respond_error_with_body`).
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
-use serde_json::{json, Value};
+use serde::Serialize;
 
-use crate::error::GatewayError;
+use crate::error::{GatewayError, MatrixError};
 
 /// CORS headers of every gateway-written response
 /// (<https://spec.matrix.org/latest/client-server-api/#web-browser-clients>).
@@ -36,44 +39,94 @@ pub struct ErrorSettings {
     pub account_management_uri: Option<String>,
 }
 
-/// The JSON body of an error.
-pub fn error_body(err: &GatewayError, settings: &ErrorSettings) -> Value {
-    if *err == GatewayError::CrossSigningResetRequired {
-        // The user-interactive-auth shape Synapse answers under MSC3861 (spec: "m.oauth").
-        let url = settings
-            .account_management_uri
-            .as_deref()
-            .map(|u| {
-                let sep = if u.contains('?') { '&' } else { '?' };
-                format!("{u}{sep}action=org.matrix.cross_signing_reset")
-            })
-            .unwrap_or_default();
-        return json!({
-            "session": "gateway",
-            "flows": [{"stages": ["m.oauth"]}, {"stages": ["org.matrix.cross_signing_reset"]}],
-            "params": {
-                "m.oauth": {"url": url},
-                "org.matrix.cross_signing_reset": {"url": url},
-            },
-            "msg": err.client_message(),
-        });
-    }
-    let mut body = json!({
-        "errcode": err.errcode().as_str(),
-        "error": err.client_message(),
-    });
-    if let Some(soft) = err.soft_logout() {
-        body["soft_logout"] = Value::Bool(soft);
-    }
-    body
+/// The body of a gateway-made error: the Matrix standard error, or the user-interactive-auth
+/// challenge of a cross-signing reset.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum ErrorBody {
+    /// `{"errcode", "error", "soft_logout"?}`.
+    Matrix(MatrixError),
+    /// The UIA shape Synapse answers under MSC3861 (spec: the `m.oauth` stage, MSC4312).
+    CrossSigningReset(UiaChallenge),
 }
 
-/// Writes `err` as a Matrix JSON error.
-pub async fn error(
-    session: &mut Session,
+/// A user-interactive-auth answer that sends the user to the OP's account page.
+#[derive(Debug, Serialize)]
+pub struct UiaChallenge {
+    session: &'static str,
+    flows: [UiaFlow; 2],
+    params: UiaParams,
+    msg: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct UiaFlow {
+    stages: [&'static str; 1],
+}
+
+#[derive(Debug, Serialize)]
+struct UiaParams {
+    #[serde(rename = "m.oauth")]
+    oauth: UiaUrl,
+    #[serde(rename = "org.matrix.cross_signing_reset")]
+    unstable: UiaUrl,
+}
+
+#[derive(Debug, Serialize)]
+struct UiaUrl {
+    url: String,
+}
+
+/// An OAuth 2.0 error body (RFC 6749 §5.2), for the endpoints OAuth clients and the OP call.
+#[derive(Debug, Serialize)]
+pub struct OAuthError {
+    /// The OAuth error code (`invalid_request`, `temporarily_unavailable`).
+    pub error: &'static str,
+    /// What was wrong.
+    pub error_description: Cow<'static, str>,
+}
+
+/// An empty JSON object (`{}`), the body of a plain success.
+#[derive(Debug, Serialize)]
+pub struct Empty {}
+
+/// The JSON body of an error.
+pub fn error_body(err: &GatewayError, settings: &ErrorSettings) -> ErrorBody {
+    if *err != GatewayError::CrossSigningResetRequired {
+        return ErrorBody::Matrix(err.matrix_error());
+    }
+    let url = settings
+        .account_management_uri
+        .as_deref()
+        .map(|u| {
+            let sep = if u.contains('?') { '&' } else { '?' };
+            format!("{u}{sep}action=org.matrix.cross_signing_reset")
+        })
+        .unwrap_or_default();
+    ErrorBody::CrossSigningReset(UiaChallenge {
+        session: "gateway",
+        flows: [
+            UiaFlow {
+                stages: ["m.oauth"],
+            },
+            UiaFlow {
+                stages: ["org.matrix.cross_signing_reset"],
+            },
+        ],
+        params: UiaParams {
+            oauth: UiaUrl { url: url.clone() },
+            unstable: UiaUrl { url },
+        },
+        msg: err.client_message(),
+    })
+}
+
+/// The status, headers and body of `err` as a Matrix JSON error: what [`error`] writes, and
+/// what replaces a homeserver answer the gateway overrides.
+pub fn error_response(
     err: &GatewayError,
     settings: &ErrorSettings,
-) -> Result<()> {
+) -> Result<(ResponseHeader, Bytes)> {
     let mut extra: Vec<(&str, String)> = Vec::new();
     match err {
         GatewayError::OpUnavailable(_) | GatewayError::BindingUnavailable(_) => {
@@ -85,7 +138,43 @@ pub async fn error(
         )),
         _ => {}
     }
-    json_response(session, err.status(), &error_body(err, settings), &extra).await
+    let body = to_bytes(&error_body(err, settings));
+    Ok((json_header(err.status(), body.len(), &extra)?, body))
+}
+
+/// Writes `err` as a Matrix JSON error.
+pub async fn error(
+    session: &mut Session,
+    err: &GatewayError,
+    settings: &ErrorSettings,
+) -> Result<()> {
+    let (header, body) = error_response(err, settings)?;
+    write(session, header, body).await
+}
+
+fn to_bytes(body: &impl Serialize) -> Bytes {
+    Bytes::from(serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec()))
+}
+
+/// The head of every JSON answer the gateway writes: type, exact length, `no-store` unless
+/// `extra` sets a `Cache-Control`, the CORS headers, then `extra`.
+fn json_header(status: u16, len: usize, extra: &[(&str, String)]) -> Result<ResponseHeader> {
+    let mut h = ResponseHeader::build(status, Some(6 + extra.len()))?;
+    h.insert_header("Content-Type", "application/json")?;
+    h.insert_header("Content-Length", len.to_string())?;
+    if !extra
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("cache-control"))
+    {
+        h.insert_header("Cache-Control", "no-store")?;
+    }
+    for (k, v) in CORS_HEADERS {
+        h.insert_header(k, v)?;
+    }
+    for (k, v) in extra {
+        h.insert_header(k.to_string(), v.as_str())?;
+    }
+    Ok(h)
 }
 
 /// Request bodies up to this size are read and discarded before the gateway answers, so the
@@ -123,59 +212,38 @@ pub async fn raw_response(
     content_type: Option<&str>,
     body: Bytes,
 ) -> Result<()> {
-    drain_small_body(session).await;
-    let mut h = ResponseHeader::build(status, Some(6))?;
-    h.insert_header("Content-Type", content_type.unwrap_or("application/json"))?;
-    h.insert_header("Content-Length", body.len().to_string())?;
-    h.insert_header("Cache-Control", "no-store")?;
-    for (k, v) in CORS_HEADERS {
-        h.insert_header(k, v)?;
+    let mut h = json_header(status, body.len(), &[])?;
+    if let Some(ct) = content_type {
+        h.insert_header("Content-Type", ct)?;
     }
-    if let Some(id) = session.req_header().headers.get("x-request-id").cloned() {
-        h.insert_header("X-Request-Id", id)?;
-    }
-    session
-        .write_response_header(Box::new(h), body.is_empty())
-        .await?;
-    if !body.is_empty() {
-        session.write_response_body(Some(body), true).await?;
-    }
-    Ok(())
+    write(session, h, body).await
 }
 
 /// Writes a JSON response with the CORS headers and any `extra` headers.
 pub async fn json_response(
     session: &mut Session,
     status: u16,
-    body: &Value,
+    body: &impl Serialize,
     extra: &[(&str, String)],
 ) -> Result<()> {
+    let bytes = to_bytes(body);
+    let h = json_header(status, bytes.len(), extra)?;
+    write(session, h, bytes).await
+}
+
+/// Sends a response the gateway made: the small request body is drained first, the request ID
+/// is echoed, and a `HEAD` request gets the head only.
+async fn write(session: &mut Session, mut h: ResponseHeader, body: Bytes) -> Result<()> {
     drain_small_body(session).await;
-    let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec()));
-    let mut h = ResponseHeader::build(status, Some(6 + extra.len()))?;
-    h.insert_header("Content-Type", "application/json")?;
-    h.insert_header("Content-Length", bytes.len().to_string())?;
-    if !extra
-        .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case("cache-control"))
-    {
-        h.insert_header("Cache-Control", "no-store")?;
-    }
-    for (k, v) in CORS_HEADERS {
-        h.insert_header(k, v)?;
-    }
     if let Some(id) = session.req_header().headers.get("x-request-id").cloned() {
         h.insert_header("X-Request-Id", id)?;
     }
-    for (k, v) in extra {
-        h.insert_header(k.to_string(), v.as_str())?;
-    }
-    let head_only = session.req_header().method == http::Method::HEAD;
+    let head_only = session.req_header().method == http::Method::HEAD || body.is_empty();
     session
         .write_response_header(Box::new(h), head_only)
         .await?;
     if !head_only {
-        session.write_response_body(Some(bytes), true).await?;
+        session.write_response_body(Some(body), true).await?;
     }
     Ok(())
 }

@@ -46,18 +46,7 @@ pub async fn response_header(gw: &Gateway, resp: &mut ResponseHeader, ctx: &mut 
                 .drop_binding(&bound.user_id, bound.device_id.as_deref())
                 .await;
             let err = GatewayError::BindingUnavailable(BindingFailure::Lost);
-            let settings = gw.error_settings();
-            let body = Bytes::from(
-                serde_json::to_vec(&respond::error_body(&err, &settings)).unwrap_or_default(),
-            );
-            let mut fresh = ResponseHeader::build(503, Some(8))?;
-            fresh.insert_header("Content-Type", "application/json")?;
-            fresh.insert_header("Content-Length", body.len().to_string())?;
-            fresh.insert_header("Retry-After", settings.retry_after_secs.to_string())?;
-            fresh.insert_header("Cache-Control", "no-store")?;
-            for (k, v) in respond::CORS_HEADERS {
-                fresh.insert_header(k, v)?;
-            }
+            let (fresh, body) = respond::error_response(&err, &gw.error_settings())?;
             *resp = fresh;
             ctx.body = BodyEdit::Replace(body);
             ctx.rejection = Some(err);
