@@ -24,7 +24,10 @@ fn main() {
         .build()
         .unwrap();
     let before = rss_kib();
-    let cache = IdentityCache::new(n + 1);
+    let cache = IdentityCache::new(
+        n + 1,
+        std::sync::Arc::new(matrix_oidc_gateway::clock::SystemClock),
+    );
     rt.block_on(async {
         let issuer: Arc<str> = Arc::from("https://auth.example.org/");
         for i in 0..n {

@@ -1,5 +1,8 @@
 //! Benchmark helper: N concurrent first requests of one new token through the gateway.
 //!   cargo run --release --example bench_first_requests -- http://127.0.0.1:8008 1000 TOKEN
+
+// A client of the gateway: its own HTTP clients and clock reads (clippy.toml).
+#![allow(clippy::disallowed_methods)]
 fn main() {
     let mut args = std::env::args().skip(1);
     let base = args.next().expect("gateway URL");

@@ -25,11 +25,22 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
+        #[allow(clippy::disallowed_methods)] // the one wall-clock read that decides things
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0)
     }
+}
+
+/// Unix time in seconds, for timestamps that are only reported (metrics such as the start time
+/// or the last JWKS refresh) and never decide anything.
+pub fn unix_secs_f64() -> f64 {
+    #[allow(clippy::disallowed_methods)] // reported, never compared with a token's times
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// A clock that runs with the system clock plus an offset that tests can advance.

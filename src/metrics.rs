@@ -203,12 +203,7 @@ pub fn init() {
         BUILD_INFO
             .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("GIT_REVISION")])
             .set(1);
-        START_TIME.set(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0),
-        );
+        START_TIME.set(crate::clock::unix_secs_f64());
         OP_UP.set(1);
         LazyLock::force(&REQUESTS);
         LazyLock::force(&REQUEST_DURATION);

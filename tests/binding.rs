@@ -3,6 +3,9 @@
 //! credentials sent upstream, lost-binding recovery, subject pins, the cross-signing guard and
 //! the answers the gateway owns. (Real Synapse and Dendrite: `tests/e2e_homeserver.rs`.)
 
+// A client of the gateway: its own HTTP clients and clock reads (clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::time::Duration;

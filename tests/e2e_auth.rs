@@ -1,6 +1,9 @@
 //! End to end: real tokens from the real `oidc-provider` (authorization code + PKCE, driven
 //! headlessly), through the built gateway binary, to an upstream that echoes what it received.
 
+// A client of the gateway: its own HTTP clients and clock reads (clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 #[path = "common/mod.rs"]
 mod common;
 mod e2e_support;

@@ -3,6 +3,9 @@
 //! deactivate), and revocation through the gateway's advertised endpoint. Elapsed times are
 //! reported, not asserted; the order is asserted.
 
+// A client of the gateway: its own HTTP clients and clock reads (clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 mod e2e_support;
 
 use std::time::{Duration, Instant};

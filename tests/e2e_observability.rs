@@ -3,6 +3,9 @@
 //! rules, and every PromQL query of the Grafana dashboard is evaluated against that Prometheus;
 //! the panels the run exercises must return data.
 
+// A client of the gateway: its own HTTP clients and clock reads (clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 #[path = "common/mod.rs"]
 mod common;
 mod e2e_support;

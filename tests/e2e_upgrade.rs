@@ -3,6 +3,9 @@
 //! through `listen.runtime_dir`), the old one closes its client connections as it answers,
 //! drains and exits. Real OP and gateway binary; the homeserver is a wiremock fake.
 
+// A client of the gateway: its own HTTP clients and clock reads (clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 mod e2e_support;
 
 use std::os::unix::net::UnixDatagram;

@@ -2,6 +2,9 @@
 //! own, and the purge complete before the 200), the admin API, and the revocation proxy, with
 //! the real gateway against wiremock fakes of the OP and the homeserver.
 
+// A client of the gateway: its own HTTP clients and clock reads (clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use common::*;

@@ -14,6 +14,7 @@ use moka::future::Cache;
 use moka::Expiry;
 
 use super::{Identity, TokenHash};
+use crate::clock::SharedClock;
 use crate::error::{GatewayError, MappingFailure, OpFailure, RejectReason};
 
 /// A cached decision about one token.
@@ -96,7 +97,10 @@ impl CacheOutcome {
     }
 }
 
-struct FreshnessExpiry;
+/// Ends an entry's life in moka when its verdict stops being fresh, by the gateway's clock.
+struct FreshnessExpiry {
+    clock: SharedClock,
+}
 
 impl Expiry<TokenHash, CachedVerdict> for FreshnessExpiry {
     fn expire_after_create(
@@ -107,7 +111,7 @@ impl Expiry<TokenHash, CachedVerdict> for FreshnessExpiry {
     ) -> Option<Duration> {
         // Memory bound only; correctness comes from `CachedVerdict::check` against the
         // gateway's clock. One second of slack keeps entries readable at their edge.
-        let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+        let now = self.clock.now_ms();
         let left = value.fresh_until_ms.saturating_sub(now);
         Some(Duration::from_millis(left) + Duration::from_secs(1))
     }
@@ -119,12 +123,12 @@ pub struct IdentityCache {
 }
 
 impl IdentityCache {
-    /// A cache holding at most `capacity` verdicts.
-    pub fn new(capacity: u64) -> Self {
+    /// A cache holding at most `capacity` verdicts; freshness is judged by `clock`.
+    pub fn new(capacity: u64, clock: SharedClock) -> Self {
         Self {
             inner: Cache::builder()
                 .max_capacity(capacity)
-                .expire_after(FreshnessExpiry)
+                .expire_after(FreshnessExpiry { clock })
                 .build(),
         }
     }
@@ -191,5 +195,37 @@ impl IdentityCache {
     /// Approximate entry count.
     pub fn entry_count(&self) -> u64 {
         self.inner.entry_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, OffsetClock};
+
+    #[test]
+    fn moka_expiry_counts_from_the_gateway_clock() {
+        // The gateway's clock runs an hour ahead of the system's (as a test's clock does, or
+        // a verdict decided by another replica's clock): a verdict fresh for ten more minutes
+        // by that clock must leave moka in about ten minutes, not seventy.
+        let clock = OffsetClock::new();
+        clock.advance(Duration::from_secs(3600));
+        let shared: SharedClock = Arc::new(clock.clone());
+        let expiry = FreshnessExpiry {
+            clock: shared.clone(),
+        };
+        let verdict = CachedVerdict {
+            verdict: Verdict::Rejected(RejectReason::Inactive),
+            fresh_until_ms: shared.now_ms() + 600_000,
+            decided_at_ms: shared.now_ms(),
+        };
+        let key = TokenHash::of("t");
+        let left = expiry
+            .expire_after_create(&key, &verdict, Instant::now())
+            .expect("an expiry");
+        assert!(
+            left <= Duration::from_secs(602) && left >= Duration::from_secs(599),
+            "{left:?}"
+        );
     }
 }

@@ -126,13 +126,9 @@ impl KeyStore {
             .with_label_values(&[&issuer])
             .set(self.key_count() as i64);
         if result.is_ok() {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0);
             metrics::JWKS_LAST_SUCCESS
                 .with_label_values(&[&issuer])
-                .set(now);
+                .set(crate::clock::unix_secs_f64());
         }
         result
     }

@@ -93,7 +93,7 @@ impl Verifier {
             primary: Arc::from(op.issuer().issuer.as_str()),
             op,
             jwt,
-            cache: IdentityCache::new(config.cache.capacity),
+            cache: IdentityCache::new(config.cache.capacity, clock.clone()),
             clock,
             user_id_claims: config.auth.user_id_claims.clone(),
             server_name: config.homeserver.server_name.clone(),

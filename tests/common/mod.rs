@@ -1,6 +1,9 @@
 //! Shared harness for the in-process integration tests: the real gateway (built through
 //! `server::build`, exactly as `main` does) on a free loopback port, in front of wiremock fakes
 //! of the OP and the homeserver, with a clock the test can move forward.
+
+// A client of the gateway: its own HTTP clients and clock reads (clippy.toml).
+#![allow(clippy::disallowed_methods)]
 #![allow(dead_code)]
 
 use std::net::SocketAddr;

@@ -3,6 +3,9 @@
 //! by `scripts/peers/install-dendrite.sh`). Each registers the gateway as an application service
 //! with an exclusive namespace over every local user.
 
+// A client of the gateway: its own HTTP clients and clock reads (clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 

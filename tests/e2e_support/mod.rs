@@ -1,6 +1,9 @@
 //! Real peers for the end-to-end suites: the `oidc-provider` OP (Node) from `tests/e2e/op`, and
 //! the built gateway binary. A missing peer is a test **failure** with the command that installs
 //! it, never a skip.
+
+// A client of the gateway: its own HTTP clients and clock reads (clippy.toml).
+#![allow(clippy::disallowed_methods)]
 #![allow(dead_code)]
 
 pub mod homeserver;
