@@ -201,7 +201,7 @@ impl IdentityCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::{Clock, OffsetClock};
+    use crate::clock::OffsetClock;
 
     #[test]
     fn moka_expiry_counts_from_the_gateway_clock() {
