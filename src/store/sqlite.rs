@@ -14,7 +14,13 @@ pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
 }
 
-const SCHEMA: &str = "
+/// The schema's history: migration `i` takes a file from `PRAGMA user_version` `i` to `i + 1`,
+/// in one transaction. Append to the list; never edit an entry that has shipped. Version 1 is
+/// the schema of every file written before versioning began (its statements are idempotent, so
+/// such a file, at version 0, passes through it unchanged).
+const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS devices (
     user_id TEXT NOT NULL,
     device_id TEXT NOT NULL,
@@ -57,6 +63,33 @@ CREATE TABLE IF NOT EXISTS users (
 );
 ";
 
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+/// Brings the file to [`SCHEMA_VERSION`]; refuses a file a newer gateway wrote (its schema may
+/// mean things this build does not know).
+fn migrate(conn: &mut Connection) -> Result<(), String> {
+    let found: usize = conn
+        .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        .map_err(|e| e.to_string())?
+        .try_into()
+        .map_err(|_| "negative schema version".to_owned())?;
+    if found > SCHEMA_VERSION {
+        return Err(format!(
+            "the state store has schema version {found}, newer than this gateway's \
+             {SCHEMA_VERSION}: run the newer gateway, or restore a backup"
+        ));
+    }
+    for (from, step) in MIGRATIONS.iter().enumerate().skip(found) {
+        let tx = conn.transaction().map_err(|e| e.to_string())?;
+        tx.execute_batch(step)
+            .and_then(|_| tx.pragma_update(None, "user_version", (from + 1) as i64))
+            .and_then(|_| tx.commit())
+            .map_err(|e| format!("migration to schema version {}: {e}", from + 1))?;
+    }
+    Ok(())
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, readable by the owner only.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -66,7 +99,7 @@ impl SqliteStore {
                     .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
             }
         }
-        let conn = Connection::open(path)
+        let mut conn = Connection::open(path)
             .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
         restrict_permissions(path)?;
         // During a graceful upgrade two processes share the file for a few seconds: wait for
@@ -74,8 +107,8 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(|e| StoreError(e.to_string()))?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
-            .and_then(|_| conn.execute_batch(SCHEMA))
             .map_err(|e| StoreError(e.to_string()))?;
+        migrate(&mut conn).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -607,5 +640,58 @@ mod tests {
                 owner: "sub".into()
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod schema_version_tests {
+    use super::*;
+
+    fn version(path: &Path) -> i64 {
+        Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_new_file_is_written_at_the_current_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        SqliteStore::open(&path).unwrap();
+        assert_eq!(version(&path), SCHEMA_VERSION as i64);
+    }
+
+    #[tokio::test]
+    async fn a_file_from_before_versioning_keeps_its_data() {
+        // What every release before schema versions wrote: the version-1 tables, user_version 0.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.execute(
+                "INSERT INTO tombstones (user_id) VALUES (?1)",
+                params!["@gone:x"],
+            )
+            .unwrap();
+        }
+        assert_eq!(version(&path), 0);
+        let s = SqliteStore::open(&path).unwrap();
+        assert!(s.is_tombstoned("@gone:x").await.unwrap());
+        drop(s);
+        assert_eq!(version(&path), SCHEMA_VERSION as i64);
+    }
+
+    #[test]
+    fn a_file_from_a_newer_gateway_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = SqliteStore::open(&path).err().expect("refused").0;
+        assert!(err.contains("schema version 99"), "{err}");
     }
 }
