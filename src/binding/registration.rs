@@ -19,7 +19,7 @@ pub fn registration_yaml(config: &Config) -> Option<String> {
          rate_limited: false\n\
          namespaces:\n  users:\n    - exclusive: true\n      regex: '@.*:{server}'\n  aliases: []\n  rooms: []\n",
         as_token.expose(),
-        super::random_secret(),
+        super::homeserver::random_secret(),
     ))
 }
 
