@@ -1,0 +1,62 @@
+//! File model → validated [`Config`]: one validator per section, each reading its part of the
+//! file and recording every problem (with its key) and warning in a shared [`Check`], so that
+//! `--check-config` lists them all at once. A validator returns `None` only where it cannot
+//! build its section at all; any problem fails the whole load.
+
+mod discovery;
+mod homeserver;
+mod issuers;
+mod listen;
+mod notifications;
+mod policy;
+mod store;
+
+use super::{file, Config, Loaded, Problems};
+
+/// What validation found so far.
+#[derive(Debug, Default)]
+pub(super) struct Check {
+    /// Problems: any one fails the load.
+    pub p: Problems,
+    /// Remarks that do not (e.g. plain `http://` to a non-loopback host).
+    pub warnings: Vec<String>,
+}
+
+/// Validates every section; the configuration, or every problem found.
+pub(super) fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
+    let mut c = Check::default();
+    let hs = f.homeserver.unwrap_or_default();
+    let listen = listen::listen(&f.listen, &mut c);
+    let (homeserver, binding) = homeserver::homeserver(&hs, &mut c);
+    let issuers = issuers::issuers(&f.issuers, &mut c);
+    let auth = policy::auth(&f.auth, &mut c);
+    let cache = policy::cache(&f.cache, &mut c);
+    let identity_headers = policy::identity_headers(&f.identity_headers, &mut c);
+    let server_name = hs.server_name.as_deref().unwrap_or_default();
+    let discovery = discovery::discovery(&f.discovery, server_name, &mut c);
+    let admin_token = policy::admin(&f.admin, &mut c);
+    let notifications = notifications::notifications(&f.notifications, &mut c);
+    let store = store::store(&f.store, &f.redis, binding, &mut c);
+    let log = policy::log(&f.log, &mut c);
+    if !c.p.is_empty() {
+        return Err(c.p);
+    }
+    // Without a problem every section was built; `Problems::default()` cannot happen.
+    let missing = Problems::default;
+    Ok(Loaded {
+        config: Config {
+            listen: listen.ok_or_else(missing)?,
+            homeserver: homeserver.ok_or_else(missing)?,
+            issuers,
+            auth: auth.ok_or_else(missing)?,
+            cache: cache.ok_or_else(missing)?,
+            identity_headers: identity_headers.ok_or_else(missing)?,
+            log: log.ok_or_else(missing)?,
+            store: store.ok_or_else(missing)?,
+            discovery: discovery.ok_or_else(missing)?,
+            notifications: notifications.ok_or_else(missing)?,
+            admin_token,
+        },
+        warnings: c.warnings,
+    })
+}

@@ -1,0 +1,136 @@
+//! The small sections: `[auth]` (token extraction and user mapping), `[cache]`,
+//! `[identity_headers]`, `[admin]` and `[log]`.
+
+use super::Check;
+use crate::config::parse::{duration, header_name};
+use crate::config::{
+    file, secret, AuthPolicy, CachePolicy, GuestEndpoints, IdentityHeaders, LogFormat, LogSettings,
+    Secret,
+};
+
+/// Validates `[auth]`.
+pub(super) fn auth(f: &file::AuthFile, c: &mut Check) -> Option<AuthPolicy> {
+    let p = &mut c.p;
+    if f.max_token_length < 16 {
+        p.add("auth.max_token_length", "must be at least 16");
+    }
+    if f.user_id_claims.is_empty() {
+        p.add("auth.user_id_claims", "must name at least one claim");
+    }
+    let guest_endpoints = match f.guest_endpoints.as_str() {
+        "spec" => GuestEndpoints::Spec,
+        "synapse" => GuestEndpoints::Synapse,
+        other => {
+            p.add(
+                "auth.guest_endpoints",
+                format!("{other:?} is not one of spec, synapse"),
+            );
+            GuestEndpoints::Spec
+        }
+    };
+    Some(AuthPolicy {
+        allow_query_token: f.allow_query_token,
+        max_token_length: f.max_token_length,
+        user_id_claims: f.user_id_claims.clone(),
+        guest_endpoints,
+        retry_after_secs: f.retry_after_secs,
+    })
+}
+
+/// Validates `[cache]`.
+pub(super) fn cache(f: &file::CacheFile, c: &mut Check) -> Option<CachePolicy> {
+    let p = &mut c.p;
+    let max_ttl = duration(p, "cache.max_ttl", &f.max_ttl);
+    let negative_ttl = duration(p, "cache.negative_ttl", &f.negative_ttl);
+    if negative_ttl > max_ttl {
+        p.add("cache.negative_ttl", "must not exceed cache.max_ttl");
+    }
+    if f.capacity == 0 {
+        p.add("cache.capacity", "must be at least 1");
+    }
+    Some(CachePolicy {
+        max_ttl,
+        negative_ttl,
+        capacity: f.capacity,
+    })
+}
+
+/// Validates `[identity_headers]`.
+pub(super) fn identity_headers(
+    h: &file::IdentityHeadersFile,
+    c: &mut Check,
+) -> Option<IdentityHeaders> {
+    let p = &mut c.p;
+    let headers = IdentityHeaders {
+        user_id: header_name(p, "identity_headers.user_id", &h.user_id),
+        device_id: header_name(p, "identity_headers.device_id", &h.device_id),
+        scope: header_name(p, "identity_headers.scope", &h.scope),
+        guest: header_name(p, "identity_headers.guest", &h.guest),
+        subject: header_name(p, "identity_headers.subject", &h.subject),
+        signature: header_name(p, "identity_headers.signature", &h.signature),
+        signing_secret: secret::resolve(
+            p,
+            "identity_headers.signing_secret",
+            h.signing_secret.as_deref(),
+            h.signing_secret_file.as_deref(),
+            false,
+        ),
+        also_strip: h
+            .also_strip
+            .iter()
+            .enumerate()
+            .map(|(i, s)| header_name(p, &format!("identity_headers.also_strip[{i}]"), s))
+            .collect(),
+    };
+    if let Some(s) = &headers.signing_secret {
+        if s.expose().len() < 32 {
+            p.add(
+                "identity_headers.signing_secret",
+                "must be at least 32 bytes",
+            );
+        }
+    }
+    Some(headers)
+}
+
+/// Validates `[admin]`: the admin API's token (the API is off without one).
+pub(super) fn admin(f: &file::AdminFile, c: &mut Check) -> Option<Secret> {
+    let p = &mut c.p;
+    let token = secret::resolve(
+        p,
+        "admin.token",
+        f.token.as_deref(),
+        f.token_file.as_deref(),
+        false,
+    );
+    if token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+        p.add("admin.token", "must be at least 16 characters");
+    }
+    token
+}
+
+/// Validates `[log]`.
+pub(super) fn log(f: &file::LogFile, c: &mut Check) -> Option<LogSettings> {
+    let p = &mut c.p;
+    let format = match f.format.as_str() {
+        "pretty" => LogFormat::Pretty,
+        "json" => LogFormat::Json,
+        other => {
+            p.add(
+                "log.format",
+                format!("{other:?} is not one of pretty, json"),
+            );
+            LogFormat::Pretty
+        }
+    };
+    if tracing_subscriber::EnvFilter::try_new(&f.level).is_err() {
+        p.add(
+            "log.level",
+            format!("{:?} is not a tracing filter", f.level),
+        );
+    }
+    Some(LogSettings {
+        format,
+        level: f.level.clone(),
+    })
+}
