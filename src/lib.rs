@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod background;
 pub mod binding;
 pub mod cli;
 pub mod clock;
