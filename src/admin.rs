@@ -250,10 +250,19 @@ async fn read_json<T: serde::de::DeserializeOwned + Default>(
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    if !body.trim_ascii_start().starts_with(b"{") {
+    let Ok(object) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body)
+    else {
         return Err(error(400, "M_BAD_JSON", "the body must be a JSON object"));
+    };
+    // `null` is not "absent": `{"sub": "x", "issuer": null}` must not mean the primary issuer.
+    if let Some((k, _)) = object.iter().find(|(_, v)| v.is_null()) {
+        return Err(error(
+            400,
+            "M_INVALID_PARAM",
+            format!("`{k}` must not be null (leave it out instead)"),
+        ));
     }
-    serde_json::from_slice::<T>(&body)
+    serde_json::from_value::<T>(serde_json::Value::Object(object))
         .map_err(|e| error(400, "M_BAD_JSON", format!("the body is not valid: {e}")))
 }
 

@@ -363,6 +363,53 @@ async fn a_failed_upstream_sign_out_is_a_503_and_the_retry_completes_it() {
     assert_eq!(post_logout(&gw, &token).await.0, 400);
 }
 
+#[tokio::test]
+async fn logout_all_that_cannot_reach_the_homeserver_is_a_503_not_a_200() {
+    // Dendrite: signing a user out ends with the appservice `logout/all`, which also reaches
+    // the devices the gateway never bound. carol has none bound, so that call is all there is:
+    // when the homeserver cannot be reached, nothing was signed out, and the operator (or the
+    // OP) must hear so and retry.
+    let f = Fakes::start().await;
+    let dead = free_port();
+    let cfg = f
+        .config_hs(
+            "kind = \"dendrite\"\nas_token = \"as-token\"",
+            &format!("\n[admin]\ntoken = \"{ADMIN_TOKEN}\""),
+        )
+        .replace(&f.hs.uri(), &format!("http://127.0.0.1:{dead}"));
+    let gw = spawn(&cfg).await;
+    let p = "/admin/v1/users/@carol:example.org/logout";
+    let (code, body) = admin(&gw, reqwest::Method::POST, p, None).await;
+    assert_eq!(code, 503, "{body}");
+    let (code, _) = admin(
+        &gw,
+        reqwest::Method::POST,
+        "/admin/v1/users/@carol:example.org/deactivate",
+        None,
+    )
+    .await;
+    assert_eq!(
+        code, 503,
+        "a deactivation that reached no homeserver is not done"
+    );
+    // A homeserver that answers, even with an error, was reached: the bound devices (none
+    // here) are what the gateway vouches for, so that stays a 200.
+    let gw2 = spawn(&f.config_hs(
+        "kind = \"dendrite\"\nas_token = \"as-token\"",
+        &format!("\n[admin]\ntoken = \"{ADMIN_TOKEN}\""),
+    ))
+    .await;
+    Mock::given(method("POST"))
+        .and(path("/_matrix/client/v3/logout/all"))
+        .respond_with(ResponseTemplate::new(500).set_body_json(json!({"errcode": "M_UNKNOWN"})))
+        .with_priority(1)
+        .expect(1)
+        .mount(&f.hs)
+        .await;
+    let (code, body) = admin(&gw2, reqwest::Method::POST, p, None).await;
+    assert_eq!(code, 200, "{body}");
+}
+
 /// The homeserver registers alice and logs her device ALICEDEV01 in with token `alice-upstream`.
 async fn mount_alice_provisioning(hs: &wiremock::MockServer) {
     for (p, answer) in [
@@ -477,6 +524,13 @@ async fn admin_revoke_logout_purge_and_validation() {
         (json!({"token": "a", "sub": "b"}), "two selectors"),
         (json!({"user_id": "@x:elsewhere.org"}), "foreign user"),
         (json!({"user_id": 5}), "wrong type"),
+        // `null` is not "absent": a second selector set to null is still a second selector,
+        // and a null issuer does not mean the primary one.
+        (
+            json!({"user_id": "@alice:example.org", "token": null}),
+            "null selector",
+        ),
+        (json!({"sub": "sub-alice", "issuer": null}), "null issuer"),
     ] {
         let (s, b) = admin(
             &gw,
@@ -487,6 +541,14 @@ async fn admin_revoke_logout_purge_and_validation() {
         .await;
         assert_eq!(s, 400, "{why}: {b}");
     }
+    let (s, b) = admin(
+        &gw,
+        reqwest::Method::PUT,
+        "/admin/v1/users/@alice:example.org/subject",
+        Some(json!({"sub": "sub-other", "issuer": null})),
+    )
+    .await;
+    assert_eq!(s, 400, "a re-pin with a null issuer must be refused: {b}");
     let (s, _) = admin(&gw, reqwest::Method::POST, "/admin/v1/nope", None).await;
     assert_eq!(s, 404);
     let r = client()

@@ -239,10 +239,7 @@ impl Homeserver {
 
     /// Creates `device_id` for the user (`PUT /devices/{id}?user_id=`, MSC4190).
     pub async fn create_device(&self, user_id: &str, device_id: &str) -> Result<(), GatewayError> {
-        let path = format!(
-            "/_matrix/client/v3/devices/{}",
-            utf8_percent_encode_segment(device_id)
-        );
+        let path = device_path(device_id);
         let req = self
             .http
             .put(self.as_user(&path, user_id))
@@ -267,10 +264,7 @@ impl Homeserver {
 
     /// The AS `DELETE /devices/{id}?user_id=` (404: already gone).
     pub async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<(), GatewayError> {
-        let path = format!(
-            "/_matrix/client/v3/devices/{}",
-            utf8_percent_encode_segment(device_id)
-        );
+        let path = device_path(device_id);
         let req = self
             .http
             .delete(self.as_user(&path, user_id))
@@ -283,13 +277,14 @@ impl Homeserver {
     }
 
     /// The AS `POST /logout/all?user_id=` (Dendrite, Conduit): every device of the user.
-    pub async fn logout_all(&self, user_id: &str) -> Result<(), GatewayError> {
+    /// Whether the homeserver took it; an unreachable homeserver is an error (503).
+    pub async fn logout_all(&self, user_id: &str) -> Result<bool, GatewayError> {
         let req = self
             .http
             .post(self.as_user("/_matrix/client/v3/logout/all", user_id))
             .bearer_auth(self.as_bearer()?)
             .json(&json!({}));
-        self.call(Call::LogoutAll, user_id, req, |a| a.ok().then_some(()))
+        self.call(Call::LogoutAll, user_id, req, |a| Some(a.ok()))
             .await
     }
 
@@ -355,7 +350,9 @@ impl Homeserver {
             return Err(GatewayError::Internal);
         };
         self.call(Call::Membership, &bound.user_id, req, |a| match a.status {
-            200 => a.body["membership"].as_str().map(|m| m == "join"),
+            // A body that is not JSON says nothing: 503. Without `membership` it is no join.
+            200 if a.body.is_null() => None,
+            200 => Some(a.body["membership"] == "join"),
             403 | 404 => Some(false),
             _ => None,
         })
@@ -382,6 +379,14 @@ impl Homeserver {
         })
         .await
     }
+}
+
+/// `/_matrix/client/v3/devices/{device_id}`, the ID percent-encoded.
+fn device_path(device_id: &str) -> String {
+    format!(
+        "/_matrix/client/v3/devices/{}",
+        utf8_percent_encode_segment(device_id)
+    )
 }
 
 pub(super) fn random_secret() -> String {

@@ -76,9 +76,11 @@ impl Binder {
                 HomeserverKind::Dendrite | HomeserverKind::Conduit
             )
         {
-            // Best effort: the devices the gateway bound are signed out already (logged when
-            // this fails).
-            let _ = self.hs.logout_all(user_id).await;
+            // The devices the gateway bound are signed out already; an answer other than
+            // success is logged, an unreachable homeserver fails the sign-out (503, retried).
+            if !self.hs.logout_all(user_id).await? {
+                tracing::warn!(user = %user_id, "appservice logout/all refused; the devices the gateway bound are signed out");
+            }
         }
         Ok(devices)
     }
@@ -91,11 +93,7 @@ impl Binder {
         erase: bool,
     ) -> Result<&'static str, GatewayError> {
         self.store.tombstone(user_id).await.map_err(store_failed)?;
-        self.users.invalidate(user_id).await;
-        self.publish(Event::User {
-            user: user_id.to_owned(),
-        })
-        .await;
+        self.user_changed(user_id).await;
         self.sign_out_user(user_id).await?;
         let mechanism = match self.mode {
             BindingMode::Headers => "tombstone",
@@ -112,11 +110,7 @@ impl Binder {
             .lift_tombstone(user_id)
             .await
             .map_err(store_failed)?;
-        self.users.invalidate(user_id).await;
-        self.publish(Event::User {
-            user: user_id.to_owned(),
-        })
-        .await;
+        self.user_changed(user_id).await;
         Ok(lifted)
     }
 
@@ -127,11 +121,16 @@ impl Binder {
             .repin_subject(user_id, &issuer_scoped(issuer, sub))
             .await
             .map_err(store_failed)?;
+        self.user_changed(user_id).await;
+        Ok(())
+    }
+
+    /// A user's pin or tombstone changed: forget the cached state here and tell the replicas.
+    async fn user_changed(&self, user_id: &str) {
         self.users.invalidate(user_id).await;
         self.publish(Event::User {
             user: user_id.to_owned(),
         })
         .await;
-        Ok(())
     }
 }
