@@ -9,6 +9,7 @@
 // expires_in, scope}. With --jar, the browser session (cookies) is saved for logout.mjs.
 import { writeFileSync } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
+import { authorize, Jar } from './browser.mjs';
 
 const args = Object.fromEntries(
   process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith('--') ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
@@ -21,24 +22,6 @@ const client = args.client || 'e2e-client';
 const count = Number(args.count || 1);
 const redirect = 'http://127.0.0.1/callback';
 
-class Jar {
-  constructor() { this.cookies = new Map(); }
-  take(res) {
-    for (const c of res.headers.getSetCookie()) {
-      const [pair] = c.split(';');
-      const i = pair.indexOf('=');
-      this.cookies.set(pair.slice(0, i), pair.slice(i + 1));
-    }
-  }
-  header() { return [...this.cookies].map(([k, v]) => `${k}=${v}`).join('; '); }
-}
-
-async function step(jar, url, init = {}) {
-  const res = await fetch(url, { ...init, redirect: 'manual', headers: { ...(init.headers || {}), cookie: jar.header() } });
-  jar.take(res);
-  return res;
-}
-
 async function mintOne() {
   const jar = new Jar();
   const verifier = randomBytes(32).toString('base64url');
@@ -50,35 +33,18 @@ async function mintOne() {
     state, code_challenge: challenge, code_challenge_method: 'S256', resource, prompt: 'consent',
   })) auth.searchParams.set(k, v);
 
-  let res = await step(jar, auth);
-  for (let i = 0; i < 10; i += 1) {
-    const location = res.headers.get('location');
-    if (!location) throw new Error(`no redirect (status ${res.status}): ${await res.text()}`);
-    const next = new URL(location, issuer);
-    if (next.href.startsWith(redirect)) {
-      const code = next.searchParams.get('code');
-      if (!code) throw new Error(`authorization failed: ${next.search}`);
-      const body = new URLSearchParams({
-        grant_type: 'authorization_code', code, redirect_uri: redirect, client_id: client,
-        code_verifier: verifier, resource,
-      });
-      const tok = await fetch(`${issuer}/token`, { method: 'POST', body });
-      const json = await tok.json();
-      if (!tok.ok) throw new Error(`token endpoint: ${JSON.stringify(json)}`);
-      if (args.jar) writeFileSync(args.jar, JSON.stringify({ cookies: [...jar.cookies], id_token: json.id_token }));
-      return json;
-    }
-    if (next.pathname.startsWith('/interaction/')) {
-      const page = await step(jar, next);
-      const html = await page.text();
-      const prompt = html.includes('name="login"') ? 'login' : 'consent';
-      const form = new URLSearchParams(prompt === 'login' ? { prompt, login: user, password: 'any' } : { prompt });
-      res = await step(jar, next, { method: 'POST', body: form });
-    } else {
-      res = await step(jar, next);
-    }
-  }
-  throw new Error('too many redirects');
+  const callback = new URL(await authorize(auth, { user, redirect, jar }));
+  const code = callback.searchParams.get('code');
+  if (!code) throw new Error(`authorization failed: ${callback.search}`);
+  const body = new URLSearchParams({
+    grant_type: 'authorization_code', code, redirect_uri: redirect, client_id: client,
+    code_verifier: verifier, resource,
+  });
+  const tok = await fetch(`${issuer}/token`, { method: 'POST', body });
+  const json = await tok.json();
+  if (!tok.ok) throw new Error(`token endpoint: ${JSON.stringify(json)}`);
+  if (args.jar) writeFileSync(args.jar, JSON.stringify({ cookies: [...jar.cookies], id_token: json.id_token }));
+  return json;
 }
 
 for (let i = 0; i < count; i += 1) {

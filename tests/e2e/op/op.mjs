@@ -2,12 +2,15 @@
 // OpenID-certified) configured the way a Matrix deployment needs it.
 //
 //   node op.mjs --port 9400 [--host 127.0.0.1] [--issuer URL] [--gateway-secret S] [--bcl-uri URL]
-//               [--bcl-sub-only 1]
+//               [--bcl-sub-only 1] [--dcr-access-ttl SECONDS]
 //
 // - `gateway` is the confidential client the gateway introspects with (client_secret_basic);
 //   only it may call the introspection endpoint.
 // - `e2e-client` is a public native client (code + PKCE) that test drivers use to mint tokens
 //   (see mint.mjs); `e2e-short` is the same with 3-second access tokens.
+// - Dynamic client registration (RFC 7591) is open, as a Matrix client expects of its OP; clients
+//   registered that way get access tokens valid for --dcr-access-ttl seconds (default 600), so a
+//   test can make an SDK refresh them.
 // - Matrix device scopes are not static scopes, so they are admitted through resource
 //   indicators: resource `urn:matrix:homeserver` (opaque tokens) or
 //   `urn:matrix:homeserver:jwt` (RFC 9068 JWTs) grants the Matrix API scopes plus whatever
@@ -33,6 +36,8 @@ const gatewaySecret = args['gateway-secret'] || 'gateway-secret';
 const redirect = 'http://127.0.0.1/callback';
 const bclUri = args['bcl-uri'];
 const bclSessionRequired = !args['bcl-sub-only'];
+const dcrAccessTtl = Number(args['dcr-access-ttl'] || 600);
+const STATIC_CLIENTS = new Set(['gateway', 'e2e-client', 'e2e-short']);
 
 const API_SCOPES = [
   'urn:matrix:client:api:*',
@@ -83,7 +88,10 @@ const provider = new Provider(issuer, {
   findAccount: (ctx, id) => ({ accountId: id, claims: () => ({ sub: id }) }),
   extraTokenClaims: (ctx, token) => (token.accountId?.startsWith('nouser-') ? undefined : { username: token.accountId }),
   ttl: {
-    AccessToken: (ctx, token, client) => (client?.clientId === 'e2e-short' ? 3 : 600),
+    AccessToken: (ctx, token, client) => {
+      if (client?.clientId === 'e2e-short') return 3;
+      return client && !STATIC_CLIENTS.has(client.clientId) ? dcrAccessTtl : 600;
+    },
     AuthorizationCode: 60,
     RefreshToken: 3600,
     Session: 3600,
@@ -98,6 +106,7 @@ const provider = new Provider(issuer, {
   },
   features: {
     devInteractions: { enabled: true },
+    registration: { enabled: true },
     backchannelLogout: { enabled: true },
     rpInitiatedLogout: { enabled: true },
     introspection: {

@@ -1,0 +1,148 @@
+//! The flagship clients' own SDKs sign in through the gateway, against real homeservers.
+//!
+//! matrix-js-sdk (the SDK behind Element Web, npm, `tests/e2e/sdk-js/flow.mjs`): server
+//! discovery from the server name, the OAuth 2.0 metadata, dynamic client registration at the
+//! real `oidc-provider`, the authorization-code grant with PKCE, whoami on the scoped device,
+//! two users messaging, an expired access token refreshed by the SDK, and Element Web's
+//! sign-out (both tokens revoked at the advertised endpoint), after which the old token is
+//! refused and the homeserver no longer has the device. Run against Dendrite and Synapse, each
+//! in its default binding mode.
+
+// A client of the gateway: its own HTTP clients and clock reads (clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
+mod e2e_support;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use e2e_support::homeserver::{Homeserver, HsKind, AS_TOKEN};
+use e2e_support::{free_port, GatewayProcess, Op};
+
+const STORE_KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+/// Access tokens of dynamically registered clients live this long at the test OP.
+const ACCESS_TTL_SECS: u32 = 4;
+
+fn sdk_js_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/sdk-js")
+}
+
+/// The OP, a homeserver of `kind` in its default binding, and the gateway, whose discovery
+/// documents name the gateway itself as the homeserver's base URL.
+fn stack(kind: HsKind) -> (Op, Homeserver, GatewayProcess) {
+    let op = Op::start_with(&["--dcr-access-ttl", &ACCESS_TTL_SECS.to_string()]);
+    let hs = Homeserver::start(kind);
+    let port = free_port();
+    let gw = GatewayProcess::start_on(
+        port,
+        &format!(
+            r#"
+[listen]
+public = "127.0.0.1:{{port}}"
+admin = "127.0.0.1:{{admin_port}}"
+
+[homeserver]
+url = "{hs}"
+server_name = "localhost"
+kind = "{kind}"
+as_token = "{AS_TOKEN}"
+
+[store]
+path = "{{state_dir}}/state.sqlite3"
+encryption_key = "{STORE_KEY}"
+
+[discovery]
+public_base_url = "http://127.0.0.1:{{port}}"
+
+[[issuers]]
+issuer = "{issuer}"
+client_id = "gateway"
+client_secret = "gateway-secret"
+
+[log]
+level = "info"
+"#,
+            hs = hs.url,
+            kind = kind.config_name(),
+            issuer = op.issuer,
+        ),
+    );
+    (op, hs, gw)
+}
+
+/// Runs the matrix-js-sdk flow; its `STEP` lines, or a panic with everything it printed.
+fn js_flow(gw: &GatewayProcess) -> Vec<serde_json::Value> {
+    let dir = sdk_js_dir();
+    assert!(
+        dir.join("node_modules/matrix-js-sdk").is_dir(),
+        "matrix-js-sdk is not installed in {}: run scripts/setup.sh (scripts/test.sh does)",
+        dir.display()
+    );
+    let out = Command::new("node")
+        .arg("flow.mjs")
+        .args(["--server-name", "localhost", "--gateway", &gw.url("")])
+        .args(["--users", "alice,bob"])
+        .args(["--expires-in", &ACCESS_TTL_SECS.to_string()])
+        .current_dir(&dir)
+        .output()
+        .expect("`node` must be installed (Node 20+) for the end-to-end tests");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.lines().any(|l| l == "OK"),
+        "matrix-js-sdk flow failed ({}):\n{stdout}\n{stderr}\ngateway log:\n{}",
+        out.status,
+        gw.logs()
+    );
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("STEP "))
+        .map(|l| {
+            let (name, json) = l.split_once(' ').expect("STEP name json");
+            let mut v: serde_json::Value = serde_json::from_str(json).expect("step json");
+            v["step"] = name.into();
+            v
+        })
+        .collect()
+}
+
+fn step<'a>(steps: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    steps
+        .iter()
+        .find(|s| s["step"] == name)
+        .unwrap_or_else(|| panic!("no `{name}` step in {steps:?}"))
+}
+
+async fn js_sdk_signs_in_messages_refreshes_and_signs_out(kind: HsKind) {
+    let (_op, hs, gw) = stack(kind);
+    let steps = tokio::task::block_in_place(|| js_flow(&gw));
+    let alice = step(&steps, "signed_in");
+    assert_eq!(alice["user_id"], "@alice:localhost");
+    assert!(alice["registration_endpoint"].as_str().is_some(), "{alice}");
+    assert_eq!(
+        alice["revocation_endpoint"],
+        gw.url("/_matrix-oidc-gateway/oauth2/revoke"),
+        "the SDK must revoke through the gateway"
+    );
+    assert_eq!(step(&steps, "message")["read_by"], "@bob:localhost");
+    assert!(step(&steps, "refreshed")["refreshes"].as_u64().unwrap_or(0) >= 1);
+    let out = step(&steps, "signed_out");
+    assert_eq!(out["old_token_status"], 401);
+    // Asked of the homeserver directly, not through the gateway.
+    let gone = out["device_id"].as_str().expect("device_id").to_owned();
+    let upstream = hs.device_ids("@alice:localhost").await;
+    assert!(
+        !upstream.contains(&gone),
+        "{gone} is still a device of alice at the homeserver: {upstream:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matrix_js_sdk_on_dendrite() {
+    js_sdk_signs_in_messages_refreshes_and_signs_out(HsKind::Dendrite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matrix_js_sdk_on_synapse() {
+    js_sdk_signs_in_messages_refreshes_and_signs_out(HsKind::Synapse).await;
+}
