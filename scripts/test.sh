@@ -10,6 +10,8 @@ scripts/setup.sh
 scripts/peers/install-synapse.sh
 scripts/peers/install-dendrite.sh
 scripts/peers/install-tools.sh
+# Element X's SDK as a test client (matrix-sdk, built once per version of its sources).
+scripts/peers/install-sdk-client.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
