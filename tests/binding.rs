@@ -354,6 +354,82 @@ async fn replacing_cross_signing_keys_needs_approval_at_the_op() {
     assert_eq!(r.json::<Value>().await.unwrap()["echo"], true);
 }
 
+/// With per-device tokens, an approved cross-signing replacement goes upstream as the
+/// application service on Synapse (which lets an appservice replace keys without asking the
+/// user for a password, MSC4190), carrying the gateway's own `user_id` / `device_id` and none a
+/// client added; on Dendrite it keeps the device's own token. An unapproved one never leaves.
+#[tokio::test]
+async fn an_approved_cross_signing_reset_is_sent_as_the_appservice_on_synapse() {
+    const ADMIN: &str = "admin-token-0123456789abcdef";
+    for (kind, as_appservice) in [("synapse", true), ("dendrite", false)] {
+        let f = Fakes::start().await;
+        f.introspection("alice", active("alice", &full_scope("ADEV")), 1)
+            .await;
+        mount_register(&f.hs, 1).await;
+        mount_login(&f.hs, "ADEV", "alice-device-token", 1).await;
+        Mock::given(method("POST"))
+            .and(path("/_matrix/client/v3/keys/query"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "device_keys": {}, "master_keys": {"@alice:example.org": {"keys": {}}}
+            })))
+            .with_priority(1)
+            .mount(&f.hs)
+            .await;
+        let gw = spawn(&f.config_hs(
+            &hs_cfg(kind, "appservice_login"),
+            &format!("\n[admin]\ntoken = \"{ADMIN}\""),
+        ))
+        .await;
+        let upload = || {
+            client()
+                .post(gw.url(
+                    "/_matrix/client/v3/keys/device_signing/upload?user_id=@victim:example.org&org.matrix.msc3202.device_id=X",
+                ))
+                .bearer_auth("alice")
+                .json(&json!({"master_key": {}}))
+                .send()
+        };
+        assert_eq!(
+            upload().await.unwrap().status(),
+            401,
+            "{kind}: not approved yet"
+        );
+        let approved = client()
+            .post(gw.admin_url("/admin/v1/users/@alice:example.org/cross_signing_reset"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(approved.status(), 200);
+        let r = upload().await.unwrap();
+        assert_eq!(r.status(), 200, "{kind}");
+        let echo: Value = r.json().await.unwrap();
+        let (auth, query) = if as_appservice {
+            (
+                format!("Bearer {AS}"),
+                json!("user_id=%40alice%3Aexample.org&device_id=ADEV"),
+            )
+        } else {
+            ("Bearer alice-device-token".to_owned(), Value::Null)
+        };
+        assert_eq!(echo["headers"]["authorization"], json!([auth]), "{kind}");
+        assert_eq!(echo["query"], query, "{kind}: the forwarded query");
+        // The approval was single-use: the next replacement needs another.
+        assert_eq!(
+            upload().await.unwrap().status(),
+            401,
+            "{kind}: approval reused"
+        );
+        // Other requests of the session keep the device's own token.
+        let echo: Value = get(&gw, SYNC, "alice").await.json().await.unwrap();
+        assert_eq!(
+            echo["headers"]["authorization"],
+            json!(["Bearer alice-device-token"]),
+            "{kind}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn versions_and_capabilities_are_rewritten() {
     let f = Fakes::start().await;

@@ -1,11 +1,21 @@
 //! request_filter, step 6: the cross-signing guard (MSC4312). Replacing a user's existing
 //! cross-signing master key needs a reset the user approved at the OP's account page; the
 //! first upload does not. A store failure here is a 503, never a user-interactive-auth answer.
+//!
+//! An approved replacement is the gateway's decision, and the homeserver must not ask the user
+//! for a password they do not have: on Synapse and tuwunel it is sent as the application
+//! service (which they let replace cross-signing keys without user-interactive auth, MSC4190),
+//! for that one request, with the gateway's own `user_id` and `device_id` and no client-supplied
+//! ones (`target`). Dendrite and Conduit ask every upload for a password; docs/clients.md.
+
+use std::sync::Arc;
 
 use super::classify::{Route, Special};
 use super::ctx::Ctx;
 use super::Gateway;
 use crate::auth::Identity;
+use crate::binding::{Bound, Credential};
+use crate::config::HomeserverKind;
 use crate::error::{BindingFailure, GatewayError};
 
 /// Refuses a cross-signing key upload that would replace a key without an approved reset.
@@ -13,12 +23,12 @@ pub async fn cross_signing(
     gw: &Gateway,
     route: &Route<'_>,
     identity: &Identity,
-    ctx: &Ctx,
+    ctx: &mut Ctx,
 ) -> Result<(), GatewayError> {
-    let Some(bound) = &ctx.bound else {
+    let Some(bound) = ctx.bound.clone() else {
         return Ok(());
     };
-    if route.special != Special::CrossSigningUpload || !gw.binder.has_master_key(bound).await? {
+    if route.special != Special::CrossSigningUpload || !gw.binder.has_master_key(&bound).await? {
         return Ok(());
     }
     let approved = gw
@@ -34,5 +44,15 @@ pub async fn cross_signing(
         return Err(GatewayError::CrossSigningResetRequired);
     }
     tracing::info!(user = %identity.user_id, "approved cross-signing reset used");
+    let appservice_may_replace = matches!(
+        gw.config.homeserver.kind,
+        HomeserverKind::Synapse | HomeserverKind::Tuwunel
+    );
+    if appservice_may_replace && matches!(bound.credential, Credential::DeviceToken(_)) {
+        ctx.bound = Some(Arc::new(Bound {
+            credential: Credential::Masquerade,
+            ..(*bound).clone()
+        }));
+    }
     Ok(())
 }
