@@ -36,6 +36,9 @@ pub struct Ctx {
     pub identity: Option<Arc<Identity>>,
     /// The caller's upstream binding.
     pub bound: Option<Arc<Bound>>,
+    /// This one request goes upstream as the application service (an approved cross-signing
+    /// reset, `guard`), whatever the binding's own credential is.
+    pub as_appservice: bool,
     /// Why the gateway answered itself, if it did.
     pub rejection: Option<GatewayError>,
     /// How the identity cache took part.
@@ -107,6 +110,7 @@ impl Ctx {
             special: Special::None,
             identity: None,
             bound: None,
+            as_appservice: false,
             rejection: None,
             cache: CacheOutcome::None,
             token: None,

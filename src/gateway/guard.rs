@@ -3,18 +3,18 @@
 //! first upload does not. A store failure here is a 503, never a user-interactive-auth answer.
 //!
 //! An approved replacement is the gateway's decision, and the homeserver must not ask the user
-//! for a password they do not have: on Synapse and tuwunel it is sent as the application
-//! service (which they let replace cross-signing keys without user-interactive auth, MSC4190),
-//! for that one request, with the gateway's own `user_id` and `device_id` and no client-supplied
-//! ones (`target`). Dendrite and Conduit ask every upload for a password; docs/clients.md.
-
-use std::sync::Arc;
+//! for a password they do not have: on Synapse it is sent as the application service (Synapse
+//! lets an appservice replace cross-signing keys without user-interactive auth, its MSC4190
+//! support), for that one request only (`Ctx::as_appservice`; the binding itself is untouched),
+//! with the gateway's own `user_id` and `device_id` and no client-supplied ones (`target`).
+//! Dendrite and Conduit ask every upload for a password, and tuwunel is not verified:
+//! docs/clients.md.
 
 use super::classify::{Route, Special};
 use super::ctx::Ctx;
 use super::Gateway;
 use crate::auth::Identity;
-use crate::binding::{Bound, Credential};
+use crate::binding::Credential;
 use crate::config::HomeserverKind;
 use crate::error::{BindingFailure, GatewayError};
 
@@ -44,15 +44,15 @@ pub async fn cross_signing(
         return Err(GatewayError::CrossSigningResetRequired);
     }
     tracing::info!(user = %identity.user_id, "approved cross-signing reset used");
-    let appservice_may_replace = matches!(
-        gw.config.homeserver.kind,
-        HomeserverKind::Synapse | HomeserverKind::Tuwunel
-    );
-    if appservice_may_replace && matches!(bound.credential, Credential::DeviceToken(_)) {
-        ctx.bound = Some(Arc::new(Bound {
-            credential: Credential::Masquerade,
-            ..(*bound).clone()
-        }));
+    if gw.config.homeserver.kind == HomeserverKind::Synapse
+        && matches!(bound.credential, Credential::DeviceToken(_))
+    {
+        ctx.as_appservice = true;
+        tracing::info!(
+            user = %identity.user_id,
+            device = bound.device_id.as_deref().unwrap_or(""),
+            "approved cross-signing replacement sent as the application service"
+        );
     }
     Ok(())
 }

@@ -44,7 +44,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::auth::Verifier;
-use crate::binding::{Binder, Credential};
+use crate::binding::{Binder, Bound, Credential};
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::error::GatewayError;
@@ -209,7 +209,19 @@ impl ProxyHttp for Gateway {
         let names = &self.config.identity_headers;
         let client_route = ctx.route != Some(RouteClass::Federation);
         headers::strip(req, names, client_route);
-        let assert = ctx.bound.as_deref().and_then(|b| match b.credential {
+        // The credential of this request: the binding's own, or the application service's for
+        // the one request `guard` admitted as such.
+        let upstream_as = ctx.bound.as_deref().map(|b| {
+            if ctx.as_appservice {
+                std::borrow::Cow::Owned(Bound {
+                    credential: Credential::Masquerade,
+                    ..b.clone()
+                })
+            } else {
+                std::borrow::Cow::Borrowed(b)
+            }
+        });
+        let assert = upstream_as.as_deref().and_then(|b| match b.credential {
             Credential::Masquerade => Some(target::Assert {
                 user_id: &b.user_id,
                 device_id: b.device_id.as_deref(),
@@ -219,7 +231,7 @@ impl ProxyHttp for Gateway {
         if let Some(t) = target::upstream(req.raw_path(), ctx.query.as_ref(), assert) {
             req.set_raw_path(t.as_bytes())?;
         }
-        if let Some(bound) = &ctx.bound {
+        if let Some(bound) = &upstream_as {
             headers::bind(req, bound, self.binder.as_token())?;
         }
         if let Some(identity) = &ctx.identity {
