@@ -14,7 +14,7 @@ use pingora::Result;
 use sha2::Sha256;
 
 use crate::auth::{Access, Identity};
-use crate::binding::{Bound, Credential};
+use crate::binding::Credential;
 use crate::config::{IdentityHeaders, Secret};
 
 /// The canonical string the identity signature covers.
@@ -128,10 +128,14 @@ pub fn inject(
     Ok(())
 }
 
-/// Applies the upstream binding's credential: the device's own token, or the AS token (the
-/// `user_id` / `device_id` assertion goes into the target, built by [`super::target`]).
-pub fn bind(req: &mut RequestHeader, bound: &Bound, as_token: Option<&Secret>) -> Result<()> {
-    let token = match &bound.credential {
+/// Applies an upstream credential: the device's own token, or the AS token (the `user_id` /
+/// `device_id` assertion goes into the target, built by [`super::target`]).
+pub fn bind(
+    req: &mut RequestHeader,
+    credential: &Credential,
+    as_token: Option<&Secret>,
+) -> Result<()> {
+    let token = match credential {
         Credential::DeviceToken(t) => t.as_str(),
         Credential::Masquerade => match as_token {
             Some(t) => t.expose(),
@@ -254,16 +258,16 @@ mod tests {
     #[test]
     fn masquerade_sends_the_as_token_and_device_tokens_their_own() {
         let mut r = RequestHeader::build("GET", b"/_matrix/client/v3/sync?since=1", None).unwrap();
-        let mut bound = Bound {
-            user_id: "@alice:example.org".into(),
-            device_id: Some("D/1".into()),
-            credential: Credential::Masquerade,
-        };
-        bind(&mut r, &bound, Some(&Secret::new("as-token"))).unwrap();
+        bind(
+            &mut r,
+            &Credential::Masquerade,
+            Some(&Secret::new("as-token")),
+        )
+        .unwrap();
         assert_eq!(r.headers["authorization"], "Bearer as-token");
         assert_eq!(r.raw_path(), b"/_matrix/client/v3/sync?since=1");
-        bound.credential = Credential::DeviceToken("dev-token".into());
-        bind(&mut r, &bound, Some(&Secret::new("as-token"))).unwrap();
+        let device = Credential::DeviceToken("dev-token".into());
+        bind(&mut r, &device, Some(&Secret::new("as-token"))).unwrap();
         assert_eq!(r.headers["authorization"], "Bearer dev-token");
     }
 

@@ -44,7 +44,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::auth::Verifier;
-use crate::binding::{Binder, Bound, Credential};
+use crate::binding::{Binder, Credential};
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::error::GatewayError;
@@ -211,18 +211,15 @@ impl ProxyHttp for Gateway {
         headers::strip(req, names, client_route);
         // The credential of this request: the binding's own, or the application service's for
         // the one request `guard` admitted as such.
-        let upstream_as = ctx.bound.as_deref().map(|b| {
+        let credential = ctx.bound.as_deref().map(|b| {
             if ctx.as_appservice {
-                std::borrow::Cow::Owned(Bound {
-                    credential: Credential::Masquerade,
-                    ..b.clone()
-                })
+                &Credential::Masquerade
             } else {
-                std::borrow::Cow::Borrowed(b)
+                &b.credential
             }
         });
-        let assert = upstream_as.as_deref().and_then(|b| match b.credential {
-            Credential::Masquerade => Some(target::Assert {
+        let assert = ctx.bound.as_deref().and_then(|b| match credential {
+            Some(Credential::Masquerade) => Some(target::Assert {
                 user_id: &b.user_id,
                 device_id: b.device_id.as_deref(),
             }),
@@ -231,8 +228,8 @@ impl ProxyHttp for Gateway {
         if let Some(t) = target::upstream(req.raw_path(), ctx.query.as_ref(), assert) {
             req.set_raw_path(t.as_bytes())?;
         }
-        if let Some(bound) = &upstream_as {
-            headers::bind(req, bound, self.binder.as_token())?;
+        if let Some(credential) = credential {
+            headers::bind(req, credential, self.binder.as_token())?;
         }
         if let Some(identity) = &ctx.identity {
             headers::inject(req, names, identity, self.clock.now_secs())?;
