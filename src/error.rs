@@ -159,6 +159,19 @@ pub enum GatewayError {
     /// homeserver skips for appservice requests, made by the gateway in masquerade mode).
     #[error("not joined to the room")]
     NotJoined,
+    /// A cross-signing key upload whose body the gateway must complete (Dendrite's password
+    /// stage) but cannot read: 400 `M_NOT_JSON`, or 413 `M_TOO_LARGE` past the limit.
+    #[error("cross-signing upload body unusable: {0:?}")]
+    UploadBody(UploadBodyFault),
+}
+
+/// Why the body of a cross-signing key upload could not be completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadBodyFault {
+    /// Not a JSON object (or not readable from the client).
+    NotJsonObject,
+    /// Larger than the gateway buffers.
+    TooLarge,
 }
 
 /// The Matrix standard error body
@@ -202,6 +215,10 @@ pub enum Errcode {
     UserDeactivated,
     /// The endpoint or request is not recognised.
     Unrecognized,
+    /// The request body is not valid JSON (or not the JSON object expected).
+    NotJson,
+    /// The request body is too large.
+    TooLarge,
     /// Anything else.
     Unknown,
 }
@@ -216,6 +233,8 @@ impl Errcode {
             Errcode::Forbidden => "M_FORBIDDEN",
             Errcode::UserDeactivated => "M_USER_DEACTIVATED",
             Errcode::Unrecognized => "M_UNRECOGNIZED",
+            Errcode::NotJson => "M_NOT_JSON",
+            Errcode::TooLarge => "M_TOO_LARGE",
             Errcode::Unknown => "M_UNKNOWN",
         }
     }
@@ -245,6 +264,8 @@ impl GatewayError {
             GatewayError::UserDeactivated => 403,
             GatewayError::FormBody => 415,
             GatewayError::NotJoined => 403,
+            GatewayError::UploadBody(UploadBodyFault::NotJsonObject) => 400,
+            GatewayError::UploadBody(UploadBodyFault::TooLarge) => 413,
         }
     }
 
@@ -265,6 +286,8 @@ impl GatewayError {
             | GatewayError::CrossSigningResetRequired => Errcode::Forbidden,
             GatewayError::BindingUnavailable(_) => Errcode::Unknown,
             GatewayError::UserDeactivated => Errcode::UserDeactivated,
+            GatewayError::UploadBody(UploadBodyFault::NotJsonObject) => Errcode::NotJson,
+            GatewayError::UploadBody(UploadBodyFault::TooLarge) => Errcode::TooLarge,
             GatewayError::OpUnavailable(_)
             | GatewayError::UpstreamUnavailable
             | GatewayError::UserMapping(_)
@@ -322,6 +345,12 @@ impl GatewayError {
             }
             GatewayError::NotJoined => {
                 "Getting joined members while not being a current member of the room is forbidden (gateway)"
+            }
+            GatewayError::UploadBody(UploadBodyFault::NotJsonObject) => {
+                "The cross-signing key upload must be a JSON object (gateway)"
+            }
+            GatewayError::UploadBody(UploadBodyFault::TooLarge) => {
+                "The cross-signing key upload is too large (gateway)"
             }
         }
     }
@@ -397,6 +426,8 @@ impl GatewayError {
             GatewayError::UserDeactivated => "user_deactivated",
             GatewayError::FormBody => "form_body",
             GatewayError::NotJoined => "not_joined",
+            GatewayError::UploadBody(UploadBodyFault::NotJsonObject) => "upload_not_json",
+            GatewayError::UploadBody(UploadBodyFault::TooLarge) => "upload_too_large",
         }
     }
 }

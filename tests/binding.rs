@@ -430,6 +430,137 @@ async fn an_approved_cross_signing_reset_is_sent_as_the_appservice_on_synapse() 
     }
 }
 
+/// Dendrite asks every cross-signing upload for the user's password. With an admin token, the
+/// gateway answers that stage for the uploads it admits: a fresh random password set through
+/// Dendrite's admin API just before, in place of whatever `auth` the client sent. Without the
+/// token the body passes untouched; a body that is not a JSON object, or too large, is
+/// refused before any password is set; a failed password reset is a 503 and nothing is sent.
+#[tokio::test]
+async fn dendrite_cross_signing_uploads_carry_a_fresh_gateway_set_password() {
+    const HS_ADMIN: &str = "dendrite-admin-token";
+    let reset_path = "/_dendrite/admin/resetPassword/%40alice%3Aexample.org";
+    let upload_path = "/_matrix/client/v3/keys/device_signing/upload";
+    let client_auth = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "@victim:example.org"}, "password": "guess"});
+    for with_admin_token in [true, false] {
+        let f = Fakes::start().await;
+        f.introspection("alice", active("alice", &full_scope("ADEV")), 1)
+            .await;
+        mount_register(&f.hs, 1).await;
+        mount_login(&f.hs, "ADEV", "alice-device-token", 1).await;
+        Mock::given(method("POST"))
+            .and(path("/_matrix/client/v3/keys/query"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"device_keys": {}})))
+            .with_priority(1)
+            .mount(&f.hs)
+            .await;
+        Mock::given(method("POST"))
+            .and(path(reset_path))
+            .and(header("authorization", format!("Bearer {HS_ADMIN}").as_str()))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"password_updated": true})))
+            .with_priority(1)
+            .mount(&f.hs)
+            .await;
+        let token = if with_admin_token {
+            format!("\nadmin_token = \"{HS_ADMIN}\"")
+        } else {
+            String::new()
+        };
+        let gw = spawn(&f.config_hs(
+            &format!("{}{token}", hs_cfg("dendrite", "appservice_login")),
+            "",
+        ))
+        .await;
+        let upload = |body: Vec<u8>| {
+            client()
+                .post(gw.url(upload_path))
+                .bearer_auth("alice")
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+        };
+        let keys = json!({"master_key": {"user_id": "@alice:example.org", "usage": ["master"], "keys": {"ed25519:K": "K"}}, "auth": client_auth});
+        let mut passwords = Vec::new();
+        for _ in 0..2 {
+            let r = upload(serde_json::to_vec(&keys).unwrap()).await.unwrap();
+            assert_eq!(r.status(), 200);
+            let echo: Value = r.json().await.unwrap();
+            let sent: Value = serde_json::from_str(echo["body"].as_str().unwrap()).unwrap();
+            assert_eq!(sent["master_key"], keys["master_key"], "the keys go up unchanged");
+            if !with_admin_token {
+                assert_eq!(sent, keys, "without an admin token the body is untouched");
+                continue;
+            }
+            let resets = f.hs.received_requests().await.unwrap();
+            let last_reset = resets
+                .iter()
+                .filter(|r| r.url.path() == reset_path)
+                .last()
+                .expect("a password was set before the upload");
+            let set: Value = serde_json::from_slice(&last_reset.body).unwrap();
+            assert_eq!(set["logout_devices"], false, "the user's devices stay signed in");
+            let password = set["password"].as_str().unwrap().to_owned();
+            assert!(password.len() >= 32, "a strong password");
+            assert_eq!(
+                sent["auth"],
+                json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "@alice:example.org"}, "password": password}),
+                "the client's auth is replaced by the gateway's"
+            );
+            passwords.push(password);
+        }
+        let resets = || async {
+            f.hs.received_requests()
+                .await
+                .unwrap()
+                .iter()
+                .filter(|r| r.url.path() == reset_path)
+                .count()
+        };
+        if with_admin_token {
+            assert_ne!(passwords[0], passwords[1], "every upload gets its own password");
+        }
+        assert_eq!(resets().await, passwords.len());
+        if !with_admin_token {
+            continue;
+        }
+        // Refused before any password is set: not a JSON object, too large.
+        for (body, status, errcode) in [
+            (b"not json".to_vec(), 400, "M_NOT_JSON"),
+            (b"[1, 2]".to_vec(), 400, "M_NOT_JSON"),
+            (Vec::new(), 400, "M_NOT_JSON"),
+            (
+                serde_json::to_vec(&json!({"pad": "x".repeat(70 * 1024)})).unwrap(),
+                413,
+                "M_TOO_LARGE",
+            ),
+        ] {
+            let r = upload(body).await.unwrap();
+            assert_eq!(r.status(), status);
+            let e: Value = r.json().await.unwrap();
+            assert_eq!(e["errcode"], errcode);
+        }
+        assert_eq!(resets().await, 2, "no password set for a refused upload");
+        // Dendrite refusing the reset: 503, and the upload never leaves.
+        f.hs.reset().await;
+        Mock::given(method("POST"))
+            .and(path("/_matrix/client/v3/keys/query"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"device_keys": {}})))
+            .mount(&f.hs)
+            .await;
+        Mock::given(method("POST"))
+            .and(path(reset_path))
+            .respond_with(ResponseTemplate::new(403).set_body_json(json!({"errcode": "M_FORBIDDEN"})))
+            .mount(&f.hs)
+            .await;
+        let r = upload(serde_json::to_vec(&keys).unwrap()).await.unwrap();
+        assert_eq!(r.status(), 503);
+        let sent = f.hs.received_requests().await.unwrap();
+        assert!(
+            !sent.iter().any(|r| r.url.path() == upload_path),
+            "the upload was forwarded without its password"
+        );
+    }
+}
+
 #[tokio::test]
 async fn versions_and_capabilities_are_rewritten() {
     let f = Fakes::start().await;

@@ -10,7 +10,10 @@
 //! matrix-rust-sdk (Element X's SDK, crates.io `matrix-sdk` 0.19, the client in
 //! `tests/e2e/sdk-rust`, built once by `scripts/peers/install-sdk-client.sh`): the same sign-in,
 //! then end-to-end encryption (device and one-time keys, a message the other user's SDK
-//! decrypts), refresh, and the SDK's logout. (Cross-signing is not run yet: docs/clients.md.)
+//! decrypts), cross-signing (the SDK's bootstrap, then Element X's identity reset, refused
+//! until approved through the gateway's `m.oauth` stage, after which the SDK's retry lands at
+//! the homeserver; on Dendrite the gateway answers its password stage with an admin token),
+//! refresh, and sign-out.
 //!
 //! Both run against Dendrite and Synapse, each in its default binding mode.
 
@@ -38,9 +41,15 @@ fn sdk_js_dir() -> PathBuf {
 
 /// The OP, a homeserver of `kind` in its default binding, and the gateway, whose discovery
 /// documents name the gateway itself as the homeserver's base URL.
-fn stack(kind: HsKind) -> (Op, Homeserver, GatewayProcess) {
+/// On Dendrite, with an admin token: the gateway answers Dendrite's password stage of
+/// cross-signing uploads.
+async fn stack(kind: HsKind) -> (Op, Homeserver, GatewayProcess) {
     let op = Op::start_with(&["--dcr-access-ttl", &ACCESS_TTL_SECS.to_string()]);
     let hs = Homeserver::start(kind);
+    let admin_token = match kind {
+        HsKind::Dendrite => format!("admin_token = \"{}\"", hs.admin_token().await),
+        HsKind::Synapse => String::new(),
+    };
     let port = free_port();
     let gw = GatewayProcess::start_on(
         port,
@@ -55,6 +64,7 @@ url = "{hs}"
 server_name = "localhost"
 kind = "{kind}"
 as_token = "{AS_TOKEN}"
+{admin_token}
 
 [store]
 path = "{{state_dir}}/state.sqlite3"
@@ -170,7 +180,7 @@ fn step<'a>(steps: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value
 }
 
 async fn js_sdk_signs_in_messages_refreshes_and_signs_out(kind: HsKind) {
-    let (_op, hs, gw) = stack(kind);
+    let (_op, hs, gw) = stack(kind).await;
     let steps = tokio::task::block_in_place(|| js_flow(&gw));
     let alice = step(&steps, "signed_in");
     assert_eq!(alice["user_id"], "@alice:localhost");
@@ -209,25 +219,28 @@ async fn matrix_js_sdk_on_synapse() {
 }
 
 async fn rust_sdk_signs_in_encrypts_refreshes_and_signs_out(kind: HsKind) {
-    // Dendrite asks every cross-signing upload for a password the gateway cannot give yet
-    // (docs/clients.md): cross-signing runs against Synapse only.
-    let cross_signing = kind == HsKind::Synapse;
-    let (_op, hs, gw) = stack(kind);
-    let steps = tokio::task::block_in_place(|| rust_flow(&gw, cross_signing));
+    let (_op, hs, gw) = stack(kind).await;
+    let steps = tokio::task::block_in_place(|| rust_flow(&gw, true));
     let alice = step(&steps, "signed_in");
     assert_eq!(alice["user_id"], "@alice:localhost");
     let message = step(&steps, "encrypted_message");
     assert_eq!(message["decrypted_by"], "@bob:localhost");
-    if cross_signing {
-        step(&steps, "cross_signing");
-        let reset = step(&steps, "cross_signing_reset");
-        assert!(
-            reset["approval_url"]
-                .as_str()
-                .is_some_and(|u| u.contains("action=org.matrix.cross_signing_reset")),
-            "{reset}"
-        );
-    }
+    // Cross-signing: the first upload, then the approved reset, each landed at the homeserver
+    // (asked directly): its master key for alice is the SDK's, and changed with the reset.
+    let first = step(&steps, "cross_signing")["master_key"].clone();
+    let reset = step(&steps, "cross_signing_reset");
+    assert!(
+        reset["approval_url"]
+            .as_str()
+            .is_some_and(|u| u.contains("action=org.matrix.cross_signing_reset")),
+        "{reset}"
+    );
+    assert!(first.is_string() && first != reset["master_key"], "{first} {reset}");
+    assert_eq!(
+        hs.master_key("@alice:localhost").await,
+        reset["master_key"].as_str().map(str::to_owned),
+        "the homeserver has the reset identity"
+    );
     refreshed_and_signed_out(&steps, &hs).await;
 }
 

@@ -23,6 +23,7 @@ enum Call {
     Whoami,
     Membership,
     KeysQuery,
+    SetPassword,
 }
 
 impl Call {
@@ -38,6 +39,7 @@ impl Call {
             Call::Whoami => "whoami",
             Call::Membership => "membership check",
             Call::KeysQuery => "keys/query",
+            Call::SetPassword => "dendrite password reset",
         }
     }
 
@@ -49,7 +51,11 @@ impl Call {
             Call::CreateDevice => Some("device"),
             Call::Logout | Call::DeleteDevice => Some("logout"),
             Call::Deactivate => Some("deactivate"),
-            Call::LogoutAll | Call::Whoami | Call::Membership | Call::KeysQuery => None,
+            Call::LogoutAll
+            | Call::Whoami
+            | Call::Membership
+            | Call::KeysQuery
+            | Call::SetPassword => None,
         }
     }
 
@@ -97,6 +103,34 @@ impl Homeserver {
             admin_token: config.homeserver.admin_token.clone(),
             http: crate::http_client::build(HOMESERVER_TIMEOUT)?,
         })
+    }
+
+    /// Whether this homeserver asks cross-signing uploads for a password the gateway can set
+    /// and give (Dendrite, with an admin token configured).
+    pub fn answers_password_stage(&self) -> bool {
+        self.kind == HomeserverKind::Dendrite && self.admin_token.is_some()
+    }
+
+    /// Sets `user_id`'s homeserver password to `password` through Dendrite's admin API
+    /// (`POST /_dendrite/admin/resetPassword/{userID}`), keeping its devices signed in. Any
+    /// answer but 200 is a 503.
+    pub async fn set_password(&self, user_id: &str, password: &str) -> Result<(), GatewayError> {
+        let Some(admin) = &self.admin_token else {
+            return Err(GatewayError::Internal);
+        };
+        let url = self.endpoint(&format!(
+            "/_dendrite/admin/resetPassword/{}",
+            utf8_percent_encode_segment(user_id)
+        ));
+        let req = self
+            .http
+            .post(url)
+            .bearer_auth(admin.expose())
+            .json(&json!({"password": password, "logout_devices": false}));
+        self.call(Call::SetPassword, user_id, req, |a| {
+            (a.status == 200).then_some(())
+        })
+        .await
     }
 
     /// The AS token (appservice modes).

@@ -153,6 +153,20 @@ impl Binder {
         self.hs.has_master_key(bound).await
     }
 
+    /// Whether cross-signing uploads get a homeserver password from the gateway (Dendrite with
+    /// an admin token, see `gateway::guard`).
+    pub fn answers_password_stage(&self) -> bool {
+        self.hs.answers_password_stage()
+    }
+
+    /// Gives `user_id` a fresh random homeserver password for one cross-signing upload and
+    /// returns it. Nothing keeps it: the next upload sets another.
+    pub async fn one_time_password(&self, user_id: &str) -> Result<String, GatewayError> {
+        let password = homeserver::random_secret();
+        self.hs.set_password(user_id, &password).await?;
+        Ok(password)
+    }
+
     /// The primary issuer (the admin API's default).
     pub fn primary_issuer(&self) -> &str {
         &self.primary_issuer

@@ -23,6 +23,19 @@ pub enum BodyEdit {
     Replace(bytes::Bytes),
 }
 
+/// How the request body goes to the homeserver.
+#[derive(Debug, Default)]
+pub enum RequestBody {
+    /// Streamed as the client sends it.
+    #[default]
+    Forwarded,
+    /// A cross-signing upload the gateway completes with Dendrite's password stage, once
+    /// `admit` has passed (`guard::password_stage`).
+    PasswordStage,
+    /// Replaced by this body, read whole before proxying.
+    Replaced(bytes::Bytes),
+}
+
 /// State of one request, created by `new_ctx` and read by later phases and `logging`.
 #[derive(Debug)]
 pub struct Ctx {
@@ -39,6 +52,8 @@ pub struct Ctx {
     /// This one request goes upstream as the application service (an approved cross-signing
     /// reset, `guard`), whatever the binding's own credential is.
     pub as_appservice: bool,
+    /// How the request body is forwarded.
+    pub request_body: RequestBody,
     /// Why the gateway answered itself, if it did.
     pub rejection: Option<GatewayError>,
     /// How the identity cache took part.
@@ -111,6 +126,7 @@ impl Ctx {
             identity: None,
             bound: None,
             as_appservice: false,
+            request_body: RequestBody::Forwarded,
             rejection: None,
             cache: CacheOutcome::None,
             token: None,

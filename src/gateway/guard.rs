@@ -7,16 +7,29 @@
 //! lets an appservice replace cross-signing keys without user-interactive auth, its MSC4190
 //! support), for that one request only (`Ctx::as_appservice`; the binding itself is untouched),
 //! with the gateway's own `user_id` and `device_id` and no client-supplied ones (`target`).
-//! Dendrite and Conduit ask every upload for a password, and tuwunel is not verified:
-//! docs/clients.md.
+//! Dendrite asks every upload, the first one too, for the user's password (its `m.login.password`
+//! stage), which users of an OP-fronted server do not have. With `homeserver.admin_token`
+//! configured, the gateway answers that stage itself for the uploads it admits: it reads the
+//! upload, sets a fresh random password through Dendrite's admin API, and forwards the upload
+//! with that password as its `auth` (whatever `auth` the client sent is replaced). The password
+//! is never stored or logged; the next upload sets another. Conduit also asks for a password
+//! and has no admin API to set one; tuwunel is not verified: docs/clients.md.
+
+use bytes::{Bytes, BytesMut};
+use pingora::proxy::Session;
+use serde_json::{json, Map, Value};
 
 use super::classify::{Route, Special};
-use super::ctx::Ctx;
+use super::ctx::{Ctx, RequestBody};
 use super::Gateway;
 use crate::auth::Identity;
 use crate::binding::Credential;
 use crate::config::HomeserverKind;
-use crate::error::{BindingFailure, GatewayError};
+use crate::error::{BindingFailure, GatewayError, UploadBodyFault};
+
+/// The largest cross-signing upload the gateway completes (Pingora buffers up to 64 KiB for a
+/// request body it forwards after reading it; an upload of three keys is about 2 KiB).
+pub const UPLOAD_BODY_LIMIT: usize = 64 * 1024;
 
 /// Refuses a cross-signing key upload that would replace a key without an approved reset.
 pub async fn cross_signing(
@@ -28,7 +41,13 @@ pub async fn cross_signing(
     let Some(bound) = ctx.bound.clone() else {
         return Ok(());
     };
-    if route.special != Special::CrossSigningUpload || !gw.binder.has_master_key(&bound).await? {
+    if route.special != Special::CrossSigningUpload {
+        return Ok(());
+    }
+    if gw.binder.answers_password_stage() {
+        ctx.request_body = RequestBody::PasswordStage;
+    }
+    if !gw.binder.has_master_key(&bound).await? {
         return Ok(());
     }
     let approved = gw
@@ -55,4 +74,58 @@ pub async fn cross_signing(
         );
     }
     Ok(())
+}
+
+/// Completes an admitted cross-signing upload with the password stage Dendrite asks for (see
+/// the module header): reads the body, sets a fresh password, and keeps the body to forward in
+/// `ctx.request_body`. Runs after `admit`, only when `cross_signing` asked for it.
+pub async fn password_stage(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut Ctx,
+) -> Result<(), GatewayError> {
+    let Some(bound) = ctx.bound.clone() else {
+        return Err(GatewayError::Internal);
+    };
+    let body = read_body(session).await?;
+    let mut upload: Map<String, Value> = serde_json::from_slice(&body)
+        .map_err(|_| GatewayError::UploadBody(UploadBodyFault::NotJsonObject))?;
+    let password = gw.binder.one_time_password(&bound.user_id).await?;
+    upload.insert(
+        "auth".into(),
+        json!({
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": bound.user_id},
+            "password": password,
+        }),
+    );
+    let body = serde_json::to_vec(&upload).map_err(|_| GatewayError::Internal)?;
+    tracing::info!(
+        user = %bound.user_id,
+        "cross-signing upload sent with a gateway-set homeserver password"
+    );
+    ctx.request_body = RequestBody::Replaced(Bytes::from(body));
+    Ok(())
+}
+
+/// The whole request body, kept by Pingora for forwarding (its retry buffer), at most
+/// [`UPLOAD_BODY_LIMIT`] bytes.
+async fn read_body(session: &mut Session) -> Result<Bytes, GatewayError> {
+    session.enable_retry_buffering();
+    let mut body = BytesMut::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > UPLOAD_BODY_LIMIT {
+                    return Err(GatewayError::UploadBody(UploadBodyFault::TooLarge));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body.freeze()),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read a cross-signing upload");
+                return Err(GatewayError::UploadBody(UploadBodyFault::NotJsonObject));
+            }
+        }
+    }
 }

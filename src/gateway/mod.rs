@@ -6,7 +6,9 @@
 //!            │ → authenticate (token → cache / OP)                   (device token or AS
 //!            │ → authorise (guest list, form body)                   masquerade), inject,
 //!            │ → bind (provision upstream)                           forwarded
-//!            │ → guard (cross-signing reset)
+//!            │ → guard (cross-signing reset;
+//!            │   Dendrite's password stage:     request_body_filter
+//!            │   the upload read and completed) replaced body
 //!            ├─ refusal ──────────► respond
 //!            ├─ preflight ────────► respond
 //!            ├─ discovery ────────► discovery + respond
@@ -185,6 +187,12 @@ impl ProxyHttp for Gateway {
             session.set_keepalive(None);
         }
         match self.admit(session.req_header(), ctx).await {
+            Ok(Decision::Proxy) if matches!(ctx.request_body, ctx::RequestBody::PasswordStage) => {
+                match guard::password_stage(self, session, ctx).await {
+                    Ok(()) => Ok(false),
+                    Err(err) => self.refuse(session, ctx, err).await,
+                }
+            }
             Ok(Decision::Proxy) => Ok(false),
             Ok(Decision::Preflight) => {
                 respond::json_response(session, 200, &respond::Empty {}, &[]).await?;
@@ -234,12 +242,35 @@ impl ProxyHttp for Gateway {
         if let Some(identity) = &ctx.identity {
             headers::inject(req, names, identity, self.clock.now_secs())?;
         }
+        if let ctx::RequestBody::Replaced(body) = &ctx.request_body {
+            req.remove_header(&http::header::TRANSFER_ENCODING);
+            req.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        }
         rewrite::prepare_request(req, ctx);
         let client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip().to_string());
         headers::forwarded(req, client_ip, self.config.listen.trust_forwarded_headers)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let ctx::RequestBody::Replaced(replacement) = &ctx.request_body {
+            // The client's body was read whole before proxying (Pingora replays it here at
+            // once); what goes upstream is the replacement, once, at the end.
+            *body = Some(if end_of_stream {
+                replacement.clone()
+            } else {
+                Bytes::new()
+            });
+        }
+        Ok(())
     }
 
     async fn upstream_response_filter(

@@ -202,6 +202,7 @@ impl Respond for Echo {
             "path": req.url.path(),
             "query": req.url.query(),
             "headers": headers,
+            "body": String::from_utf8_lossy(&req.body),
         }))
     }
 }

@@ -278,6 +278,63 @@ rc_presence:
         conn.query_row(sql, [media_id], |r| r.get(0)).ok()
     }
 
+    /// An access token of a fresh homeserver admin account, for the gateway's
+    /// `homeserver.admin_token`. Dendrite only: created with its shared-secret registration
+    /// (`/_synapse/admin/v1/register`, HMAC-SHA1 over nonce, user, password and "admin"), the
+    /// secret `dendrite-config.sh` wrote.
+    pub async fn admin_token(&self) -> String {
+        assert_eq!(self.kind, HsKind::Dendrite, "admin_token: Dendrite only");
+        let secret = std::fs::read(self._dir.path().join("registration_shared_secret"))
+            .expect("dendrite-config.sh wrote the shared secret");
+        let http = reqwest::Client::new();
+        let url = format!("{}/_synapse/admin/v1/register", self.url);
+        let nonce: serde_json::Value = http
+            .get(&url)
+            .send()
+            .await
+            .expect("the homeserver")
+            .json()
+            .await
+            .expect("a nonce");
+        let nonce = nonce["nonce"].as_str().expect("a nonce").to_owned();
+        let (user, password) = ("gateway-admin", "e2e-admin-password-0123456789");
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &secret);
+        let mac = aws_lc_rs::hmac::sign(
+            &key,
+            format!("{nonce}\0{user}\0{password}\0admin").as_bytes(),
+        );
+        let r = http
+            .post(&url)
+            .json(&serde_json::json!({
+                "nonce": nonce, "username": user, "password": password, "admin": true,
+                "mac": hex::encode(mac.as_ref()),
+            }))
+            .send()
+            .await
+            .expect("the homeserver");
+        let status = r.status();
+        let body: serde_json::Value = r.json().await.unwrap_or_default();
+        assert!(status.is_success(), "shared-secret registration: {status} {body}");
+        body["access_token"].as_str().expect("an access token").to_owned()
+    }
+
+    /// `user`'s cross-signing master key at the homeserver (asked directly with the AS token),
+    /// the unpadded base64 of its first key.
+    pub async fn master_key(&self, user: &str) -> Option<String> {
+        let v: serde_json::Value = reqwest::Client::new()
+            .post(format!("{}/_matrix/client/v3/keys/query", self.url))
+            .bearer_auth(AS_TOKEN)
+            .json(&serde_json::json!({"device_keys": {user: []}}))
+            .send()
+            .await
+            .expect("the homeserver")
+            .json()
+            .await
+            .ok()?;
+        let keys = v["master_keys"][user]["keys"].as_object()?;
+        keys.values().next()?.as_str().map(str::to_owned)
+    }
+
     /// The homeserver's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

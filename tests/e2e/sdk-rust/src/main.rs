@@ -236,7 +236,7 @@ async fn cross_signing_bootstrap(alice: &Session, bob: &Session) -> Result<()> {
     );
     out(
         "cross_signing",
-        json!({"users": [alice.user_id, bob.user_id]}),
+        json!({"users": [alice.user_id, bob.user_id], "master_key": master_key(alice).await?}),
     );
 
     Ok(())
@@ -276,10 +276,29 @@ async fn cross_signing_reset(a: &Args, alice: &Session) -> Result<()> {
     );
     out(
         "cross_signing_reset",
-        json!({"approval_url": approval_url, "completed_after_ms": retried.as_millis() as u64}),
+        json!({
+            "approval_url": approval_url,
+            "completed_after_ms": retried.as_millis() as u64,
+            "master_key": master_key(alice).await?,
+        }),
     );
 
     Ok(())
+}
+
+/// The user's own cross-signing master key as the SDK knows it (unpadded base64).
+async fn master_key(s: &Session) -> Result<String> {
+    let identity = s
+        .client
+        .encryption()
+        .get_user_identity(&s.user_id)
+        .await?
+        .context("no own identity")?;
+    identity
+        .master_key()
+        .get_first_key()
+        .map(|k| k.to_base64())
+        .context("no master key")
 }
 
 async fn run(a: &Args) -> Result<()> {
