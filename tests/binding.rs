@@ -455,8 +455,13 @@ async fn dendrite_cross_signing_uploads_carry_a_fresh_gateway_set_password() {
             .await;
         Mock::given(method("POST"))
             .and(path(reset_path))
-            .and(header("authorization", format!("Bearer {HS_ADMIN}").as_str()))
-            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"password_updated": true})))
+            .and(header(
+                "authorization",
+                format!("Bearer {HS_ADMIN}").as_str(),
+            ))
+            .respond_with(
+                ResponseTemplate::new(200).set_body_json(json!({"password_updated": true})),
+            )
             .with_priority(1)
             .mount(&f.hs)
             .await;
@@ -485,7 +490,10 @@ async fn dendrite_cross_signing_uploads_carry_a_fresh_gateway_set_password() {
             assert_eq!(r.status(), 200);
             let echo: Value = r.json().await.unwrap();
             let sent: Value = serde_json::from_str(echo["body"].as_str().unwrap()).unwrap();
-            assert_eq!(sent["master_key"], keys["master_key"], "the keys go up unchanged");
+            assert_eq!(
+                sent["master_key"], keys["master_key"],
+                "the keys go up unchanged"
+            );
             if !with_admin_token {
                 assert_eq!(sent, keys, "without an admin token the body is untouched");
                 continue;
@@ -497,7 +505,10 @@ async fn dendrite_cross_signing_uploads_carry_a_fresh_gateway_set_password() {
                 .last()
                 .expect("a password was set before the upload");
             let set: Value = serde_json::from_slice(&last_reset.body).unwrap();
-            assert_eq!(set["logout_devices"], false, "the user's devices stay signed in");
+            assert_eq!(
+                set["logout_devices"], false,
+                "the user's devices stay signed in"
+            );
             let password = set["password"].as_str().unwrap().to_owned();
             assert!(password.len() >= 32, "a strong password");
             assert_eq!(
@@ -516,7 +527,10 @@ async fn dendrite_cross_signing_uploads_carry_a_fresh_gateway_set_password() {
                 .count()
         };
         if with_admin_token {
-            assert_ne!(passwords[0], passwords[1], "every upload gets its own password");
+            assert_ne!(
+                passwords[0], passwords[1],
+                "every upload gets its own password"
+            );
         }
         assert_eq!(resets().await, passwords.len());
         if !with_admin_token {
@@ -548,7 +562,9 @@ async fn dendrite_cross_signing_uploads_carry_a_fresh_gateway_set_password() {
             .await;
         Mock::given(method("POST"))
             .and(path(reset_path))
-            .respond_with(ResponseTemplate::new(403).set_body_json(json!({"errcode": "M_FORBIDDEN"})))
+            .respond_with(
+                ResponseTemplate::new(403).set_body_json(json!({"errcode": "M_FORBIDDEN"})),
+            )
             .mount(&f.hs)
             .await;
         let r = upload(serde_json::to_vec(&keys).unwrap()).await.unwrap();

@@ -235,7 +235,10 @@ async fn rust_sdk_signs_in_encrypts_refreshes_and_signs_out(kind: HsKind) {
             .is_some_and(|u| u.contains("action=org.matrix.cross_signing_reset")),
         "{reset}"
     );
-    assert!(first.is_string() && first != reset["master_key"], "{first} {reset}");
+    assert!(
+        first.is_string() && first != reset["master_key"],
+        "{first} {reset}"
+    );
     assert_eq!(
         hs.master_key("@alice:localhost").await,
         reset["master_key"].as_str().map(str::to_owned),

@@ -298,7 +298,8 @@ rc_presence:
             .expect("a nonce");
         let nonce = nonce["nonce"].as_str().expect("a nonce").to_owned();
         let (user, password) = ("gateway-admin", "e2e-admin-password-0123456789");
-        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &secret);
+        let key =
+            aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &secret);
         let mac = aws_lc_rs::hmac::sign(
             &key,
             format!("{nonce}\0{user}\0{password}\0admin").as_bytes(),
@@ -314,8 +315,14 @@ rc_presence:
             .expect("the homeserver");
         let status = r.status();
         let body: serde_json::Value = r.json().await.unwrap_or_default();
-        assert!(status.is_success(), "shared-secret registration: {status} {body}");
-        body["access_token"].as_str().expect("an access token").to_owned()
+        assert!(
+            status.is_success(),
+            "shared-secret registration: {status} {body}"
+        );
+        body["access_token"]
+            .as_str()
+            .expect("an access token")
+            .to_owned()
     }
 
     /// `user`'s cross-signing master key at the homeserver (asked directly with the AS token),
