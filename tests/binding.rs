@@ -502,7 +502,7 @@ async fn dendrite_cross_signing_uploads_carry_a_fresh_gateway_set_password() {
             let last_reset = resets
                 .iter()
                 .filter(|r| r.url.path() == reset_path)
-                .last()
+                .next_back()
                 .expect("a password was set before the upload");
             let set: Value = serde_json::from_slice(&last_reset.body).unwrap();
             assert_eq!(

@@ -227,7 +227,8 @@ pub struct HomeserverFile {
     /// Let clients reach homeserver admin APIs (`/_synapse/admin`, `/_dendrite/admin`) through
     /// the public listener.
     pub expose_admin_api: bool,
-    /// A Synapse admin access token, for deactivation through the Synapse admin API.
+    /// A homeserver admin access token: deactivation through the Synapse admin API (Synapse,
+    /// tuwunel); the password stage of cross-signing uploads (Dendrite).
     pub admin_token: Option<String>,
     /// A file holding that admin token; its content is trimmed.
     pub admin_token_file: Option<String>,
