@@ -501,8 +501,7 @@ async fn dendrite_cross_signing_uploads_carry_a_fresh_gateway_set_password() {
             let resets = f.hs.received_requests().await.unwrap();
             let last_reset = resets
                 .iter()
-                .filter(|r| r.url.path() == reset_path)
-                .next_back()
+                .rfind(|r| r.url.path() == reset_path)
                 .expect("a password was set before the upload");
             let set: Value = serde_json::from_slice(&last_reset.body).unwrap();
             assert_eq!(
