@@ -50,6 +50,9 @@ pub enum BuildError {
     /// The configured key does not open the store's sealed secrets.
     #[error("store.encryption_key: {0}")]
     StoreKey(String),
+    /// The HTTPS listener's certificate or key could not be loaded.
+    #[error("listen.public_tls: {0}")]
+    Tls(String),
     /// The runtime directory is unusable or unsafe.
     #[error("listen.runtime_dir: {0}")]
     RuntimeDir(String),
@@ -298,6 +301,15 @@ pub fn start(config: Config, clock: SharedClock, upgrade: bool) -> Result<Proces
         "matrix-oidc-gateway",
     );
     proxy.add_tcp(&config.listen.public.to_string());
+    if let Some(tls) = &config.listen.tls {
+        proxy
+            .add_tls(
+                &tls.addr.to_string(),
+                &tls.cert.display().to_string(),
+                &tls.key.display().to_string(),
+            )
+            .map_err(|e| BuildError::Tls(e.to_string()))?;
+    }
     server.add_service(proxy);
     let mut admin_service = pingora::services::listening::Service::new("admin".to_owned(), admin);
     admin_service.add_tcp(&config.listen.admin.to_string());

@@ -924,3 +924,55 @@ async fn a_flood_of_new_tokens_is_bounded_and_shed_with_503() {
     );
     assert_eq!(shed + refused, 20);
 }
+
+/// The HTTPS listener (`listen.public_tls`) is the same gateway: a token is verified and bound
+/// as on the plain listener, a refusal is the same Matrix JSON, and the homeserver hears
+/// `X-Forwarded-Proto: https` there (`http` on the plain listener).
+#[tokio::test]
+async fn the_https_listener_serves_the_same_gateway() {
+    let f = Fakes::start().await;
+    f.introspection("tok-alice", active("alice", &full_scope("ALICEDEV01")), 1)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let issued = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, issued.cert.pem()).unwrap();
+    std::fs::write(&key, issued.signing_key.serialize_pem()).unwrap();
+    let tls_port = free_port();
+    let toml = f.config("").replacen(
+        "[listen]\n",
+        &format!(
+            "[listen]\npublic_tls = \"127.0.0.1:{tls_port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+        1,
+    );
+    let gw = spawn(&toml).await;
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(issued.cert.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let url = format!("https://127.0.0.1:{tls_port}{SYNC}");
+    let mut answer = None;
+    for _ in 0..100 {
+        match https.get(&url).bearer_auth("tok-alice").send().await {
+            Ok(r) => {
+                answer = Some(r);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let r = answer.expect("the HTTPS listener answers");
+    assert_eq!(r.status(), 200);
+    let echo: Value = r.json().await.unwrap();
+    assert_eq!(echo["headers"]["x-matrix-user-id"], json!(["@alice:example.org"]));
+    assert_eq!(echo["headers"]["x-forwarded-proto"], json!(["https"]));
+    let plain: Value = get(&gw, SYNC, Some("tok-alice")).await.json().await.unwrap();
+    assert_eq!(plain["headers"]["x-forwarded-proto"], json!(["http"]));
+    let refused = https.get(&url).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["errcode"], "M_MISSING_TOKEN");
+}

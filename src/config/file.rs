@@ -174,6 +174,13 @@ pub struct DiscoveryFile {
 pub struct ListenFile {
     /// Address of the public listener (client traffic).
     pub public: String,
+    /// Address of an HTTPS public listener (the same service as `public`, with TLS terminated
+    /// by the gateway); needs `tls_cert_file` and `tls_key_file`.
+    pub public_tls: Option<String>,
+    /// PEM certificate chain of the HTTPS listener.
+    pub tls_cert_file: Option<String>,
+    /// PEM private key of the HTTPS listener.
+    pub tls_key_file: Option<String>,
     /// Worker threads of the public listener.
     pub threads: usize,
     /// Trust `X-Forwarded-For` from the client (only behind a trusted load balancer).
@@ -194,6 +201,9 @@ impl Default for ListenFile {
     fn default() -> Self {
         Self {
             public: "0.0.0.0:8008".into(),
+            public_tls: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             threads: 1,
             trust_forwarded_headers: false,
             admin: "127.0.0.1:9090".into(),

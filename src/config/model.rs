@@ -145,6 +145,8 @@ impl BindingMode {
 pub struct Listen {
     /// Public listener address.
     pub public: SocketAddr,
+    /// The HTTPS public listener, if any.
+    pub tls: Option<TlsListener>,
     /// Worker threads of the public listener.
     pub threads: usize,
     /// Append to a client's `X-Forwarded-For` instead of replacing it.
@@ -159,6 +161,17 @@ pub struct Listen {
     /// Where the graceful upgrade's socket and the pid file live (graceful upgrade is off
     /// without it).
     pub runtime_dir: Option<PathBuf>,
+}
+
+/// An HTTPS public listener: its address and its PEM certificate chain and key.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    /// Address.
+    pub addr: SocketAddr,
+    /// Certificate chain file.
+    pub cert: PathBuf,
+    /// Private key file.
+    pub key: PathBuf,
 }
 
 /// `[homeserver]`

@@ -29,6 +29,37 @@ fn the_runtime_dir_must_be_absolute_and_the_stop_timings_parse() {
 }
 
 #[test]
+fn the_https_listener_needs_its_address_certificate_and_key() {
+    let problems = |listen: &str| match load_str(&format!("[listen]\n{listen}\n{MINIMAL}")) {
+        Err(p) => p.to_string(),
+        Ok(_) => String::new(),
+    };
+    let p = problems("public_tls = \"8448\"");
+    assert!(p.contains("listen.public_tls"), "{p}");
+    assert!(p.contains("listen.tls_cert_file: required"), "{p}");
+    assert!(p.contains("listen.tls_key_file: required"), "{p}");
+    let p = problems(
+        "public_tls = \"0.0.0.0:8008\"\ntls_cert_file = \"/nonexistent/cert.pem\"\ntls_key_file = \"/nonexistent/key.pem\"",
+    );
+    assert!(p.contains("must differ from listen.public"), "{p}");
+    assert!(p.contains("/nonexistent/cert.pem"), "{p}");
+    assert!(p.contains("/nonexistent/key.pem"), "{p}");
+    let p = problems("tls_cert_file = \"/x.pem\"");
+    assert!(p.contains("listen.tls_cert_file: only used with listen.public_tls"), "{p}");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::write(&cert, "pem").unwrap();
+    std::fs::write(&key, "pem").unwrap();
+    let text = format!(
+        "[listen]\npublic_tls = \"127.0.0.1:8448\"\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n{MINIMAL}"
+    );
+    let tls = load_str(&text).expect("valid").config.listen.tls.expect("tls");
+    assert_eq!(tls.addr.port(), 8448);
+    assert_eq!(tls.cert, cert);
+    assert!(load_str(MINIMAL).unwrap().config.listen.tls.is_none());
+}
+
+#[test]
 fn minimal_config_loads_with_defaults() {
     let c = load_str(MINIMAL).expect("valid").config;
     assert_eq!(c.cache.max_ttl, Duration::from_secs(120));

@@ -151,6 +151,7 @@ pub fn bind(
 pub fn forwarded(
     req: &mut RequestHeader,
     client_ip: Option<String>,
+    tls: bool,
     trust_incoming: bool,
 ) -> Result<()> {
     let incoming = req
@@ -171,7 +172,7 @@ pub fn forwarded(
     }
     if !trust_incoming {
         while req.remove_header("x-forwarded-proto").is_some() {}
-        req.insert_header("X-Forwarded-Proto", "http")?;
+        req.insert_header("X-Forwarded-Proto", if tls { "https" } else { "http" })?;
     }
     Ok(())
 }

@@ -251,7 +251,15 @@ impl ProxyHttp for Gateway {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip().to_string());
-        headers::forwarded(req, client_ip, self.config.listen.trust_forwarded_headers)
+        let tls = session
+            .digest()
+            .is_some_and(|d| d.ssl_digest.is_some());
+        headers::forwarded(
+            req,
+            client_ip,
+            tls,
+            self.config.listen.trust_forwarded_headers,
+        )
     }
 
     async fn request_body_filter(

@@ -1,11 +1,12 @@
-//! `[listen]`: the public and admin sockets, worker threads, and the stop and upgrade settings.
+//! `[listen]`: the public (and optional HTTPS) and admin sockets, worker threads, and the stop
+//! and upgrade settings.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use super::Check;
 use crate::config::parse::duration;
-use crate::config::{file, Listen};
+use crate::config::{file, Listen, TlsListener};
 
 /// Validates `[listen]`.
 pub(super) fn listen(f: &file::ListenFile, c: &mut Check) -> Option<Listen> {
@@ -32,6 +33,7 @@ pub(super) fn listen(f: &file::ListenFile, c: &mut Check) -> Option<Listen> {
     if admin == public {
         p.add("listen.admin", "must differ from listen.public");
     }
+    let tls = tls_listener(f, p, &[public, admin]);
     if f.threads == 0 {
         p.add("listen.threads", "must be at least 1");
     }
@@ -50,11 +52,69 @@ pub(super) fn listen(f: &file::ListenFile, c: &mut Check) -> Option<Listen> {
     };
     Some(Listen {
         public,
+        tls,
         threads: f.threads,
         trust_forwarded_headers: f.trust_forwarded_headers,
         admin,
         shutdown_grace,
         shutdown_delay,
         runtime_dir,
+    })
+}
+
+/// `listen.public_tls` with its certificate and key files: all three or none; the files must
+/// be readable (their PEM is parsed when the listener starts).
+fn tls_listener(
+    f: &file::ListenFile,
+    p: &mut crate::config::Problems,
+    taken: &[SocketAddr],
+) -> Option<TlsListener> {
+    let Some(addr) = f.public_tls.as_deref() else {
+        for (key, v) in [
+            ("listen.tls_cert_file", &f.tls_cert_file),
+            ("listen.tls_key_file", &f.tls_key_file),
+        ] {
+            if v.is_some() {
+                p.add(key, "only used with listen.public_tls");
+            }
+        }
+        return None;
+    };
+    let addr = match addr.parse::<SocketAddr>() {
+        Ok(a) if taken.contains(&a) => {
+            p.add(
+                "listen.public_tls",
+                "must differ from listen.public and listen.admin",
+            );
+            None
+        }
+        Ok(a) => Some(a),
+        Err(_) => {
+            p.add(
+                "listen.public_tls",
+                format!("{addr:?} is not an address like \"0.0.0.0:8448\""),
+            );
+            None
+        }
+    };
+    let mut file = |key: &str, v: &Option<String>| match v.as_deref() {
+        None | Some("") => {
+            p.add(key, "required with listen.public_tls");
+            None
+        }
+        Some(path) => match std::fs::File::open(path) {
+            Ok(_) => Some(PathBuf::from(path)),
+            Err(e) => {
+                p.add(key, format!("{path:?} cannot be read: {e}"));
+                None
+            }
+        },
+    };
+    let cert = file("listen.tls_cert_file", &f.tls_cert_file);
+    let key = file("listen.tls_key_file", &f.tls_key_file);
+    Some(TlsListener {
+        addr: addr?,
+        cert: cert?,
+        key: key?,
     })
 }
