@@ -967,9 +967,16 @@ async fn the_https_listener_serves_the_same_gateway() {
     let r = answer.expect("the HTTPS listener answers");
     assert_eq!(r.status(), 200);
     let echo: Value = r.json().await.unwrap();
-    assert_eq!(echo["headers"]["x-matrix-user-id"], json!(["@alice:example.org"]));
+    assert_eq!(
+        echo["headers"]["x-matrix-user-id"],
+        json!(["@alice:example.org"])
+    );
     assert_eq!(echo["headers"]["x-forwarded-proto"], json!(["https"]));
-    let plain: Value = get(&gw, SYNC, Some("tok-alice")).await.json().await.unwrap();
+    let plain: Value = get(&gw, SYNC, Some("tok-alice"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(plain["headers"]["x-forwarded-proto"], json!(["http"]));
     let refused = https.get(&url).send().await.unwrap();
     assert_eq!(refused.status(), 401);

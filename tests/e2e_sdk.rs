@@ -13,7 +13,8 @@
 //! decrypts), cross-signing (the SDK's bootstrap, then Element X's identity reset, refused
 //! until approved through the gateway's `m.oauth` stage, after which the SDK's retry lands at
 //! the homeserver; on Dendrite the gateway answers its password stage with an admin token),
-//! refresh, and sign-out.
+//! refresh, and the SDK's own logout (`OAuth::logout()`, which insists on an https revocation
+//! endpoint: the suite's gateway has an HTTPS listener and names it as the base URL).
 //!
 //! Both run against Dendrite and Synapse, each in its default binding mode.
 
@@ -41,23 +42,68 @@ fn sdk_js_dir() -> PathBuf {
 
 /// The OP, a homeserver of `kind` in its default binding, and the gateway, whose discovery
 /// documents name the gateway itself as the homeserver's base URL.
-/// On Dendrite, with an admin token: the gateway answers Dendrite's password stage of
+/// The gateway's HTTPS listener: its port and a self-signed certificate for 127.0.0.1, which
+/// the SDK clients trust as a root.
+struct Tls {
+    port: u16,
+    cert: PathBuf,
+    key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tls {
+    fn new() -> Tls {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let issued = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])
+            .expect("a certificate");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, issued.cert.pem()).unwrap();
+        std::fs::write(&key, issued.signing_key.serialize_pem()).unwrap();
+        Tls {
+            port: free_port(),
+            cert,
+            key,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// The gateway has an HTTPS listener, and its discovery documents name it as the homeserver's
+/// base URL: matrix-rust-sdk's own logout insists on an https revocation endpoint. On
+/// Dendrite, with an admin token: the gateway answers Dendrite's password stage of
 /// cross-signing uploads.
-async fn stack(kind: HsKind) -> (Op, Homeserver, GatewayProcess) {
-    let op = Op::start_with(&["--dcr-access-ttl", &ACCESS_TTL_SECS.to_string()]);
+async fn stack(kind: HsKind) -> (Op, Homeserver, GatewayProcess, Tls) {
+    let tls = Tls::new();
+    let op = Op::start_with(&[
+        "--dcr-access-ttl",
+        &ACCESS_TTL_SECS.to_string(),
+        "--tls-cert",
+        &tls.cert.display().to_string(),
+        "--tls-key",
+        &tls.key.display().to_string(),
+    ]);
     let hs = Homeserver::start(kind);
     let admin_token = match kind {
         HsKind::Dendrite => format!("admin_token = \"{}\"", hs.admin_token().await),
         HsKind::Synapse => String::new(),
     };
     let port = free_port();
-    let gw = GatewayProcess::start_on(
+    // The gateway trusts the suite's certificate for the OP through rustls' SSL_CERT_FILE.
+    let cert = tls.cert.display().to_string();
+    let gw = GatewayProcess::start_with_env(
         port,
         &format!(
             r#"
 [listen]
 public = "127.0.0.1:{{port}}"
 admin = "127.0.0.1:{{admin_port}}"
+public_tls = "127.0.0.1:{tls_port}"
+tls_cert_file = "{tls_cert}"
+tls_key_file = "{tls_key}"
 
 [homeserver]
 url = "{hs}"
@@ -71,7 +117,7 @@ path = "{{state_dir}}/state.sqlite3"
 encryption_key = "{STORE_KEY}"
 
 [discovery]
-public_base_url = "http://127.0.0.1:{{port}}"
+public_base_url = "{tls_base}"
 # The OP's account page (the e2e OP has none of its own): where a cross-signing reset is approved.
 account_management_uri = "{issuer}/account"
 
@@ -87,15 +133,20 @@ token = "{ADMIN_TOKEN}"
 level = "info"
 "#,
             hs = hs.url,
+            tls_port = tls.port,
+            tls_cert = tls.cert.display(),
+            tls_key = tls.key.display(),
+            tls_base = tls.url(""),
             kind = kind.config_name(),
             issuer = op.issuer,
         ),
+        &[("SSL_CERT_FILE", cert.as_str())],
     );
-    (op, hs, gw)
+    (op, hs, gw, tls)
 }
 
 /// Runs the matrix-js-sdk flow; its `STEP` lines.
-fn js_flow(gw: &GatewayProcess) -> Vec<serde_json::Value> {
+fn js_flow(gw: &GatewayProcess, tls: &Tls) -> Vec<serde_json::Value> {
     let dir = sdk_js_dir();
     assert!(
         dir.join("node_modules/matrix-js-sdk").is_dir(),
@@ -107,6 +158,7 @@ fn js_flow(gw: &GatewayProcess) -> Vec<serde_json::Value> {
         .args(["--server-name", "localhost", "--gateway", &gw.url("")])
         .args(["--users", "alice,bob"])
         .args(["--expires-in", &ACCESS_TTL_SECS.to_string()])
+        .env("NODE_EXTRA_CA_CERTS", &tls.cert)
         .current_dir(&dir)
         .output()
         .expect("`node` must be installed (Node 20+) for the end-to-end tests");
@@ -159,13 +211,15 @@ fn sdk_rust_bin() -> PathBuf {
 }
 
 /// Runs the matrix-rust-sdk flow (with cross-signing when `cross_signing`); its `STEP` lines.
-fn rust_flow(gw: &GatewayProcess, cross_signing: bool) -> Vec<serde_json::Value> {
+fn rust_flow(gw: &GatewayProcess, tls: &Tls, cross_signing: bool) -> Vec<serde_json::Value> {
     let server_name = gw.url("").trim_start_matches("http://").to_owned();
     let out = Command::new(sdk_rust_bin())
         .args(["--server-name", &server_name, "--users", "alice,bob"])
         .args(["--admin", &gw.admin, "--admin-token", ADMIN_TOKEN])
         .args(["--expires-in", &ACCESS_TTL_SECS.to_string()])
         .args(["--cross-signing", if cross_signing { "1" } else { "0" }])
+        .arg("--ca-cert")
+        .arg(&tls.cert)
         .env("RUST_LOG", "warn")
         .output()
         .expect("the matrix-rust-sdk client");
@@ -180,14 +234,14 @@ fn step<'a>(steps: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value
 }
 
 async fn js_sdk_signs_in_messages_refreshes_and_signs_out(kind: HsKind) {
-    let (_op, hs, gw) = stack(kind).await;
-    let steps = tokio::task::block_in_place(|| js_flow(&gw));
+    let (_op, hs, gw, tls) = stack(kind).await;
+    let steps = tokio::task::block_in_place(|| js_flow(&gw, &tls));
     let alice = step(&steps, "signed_in");
     assert_eq!(alice["user_id"], "@alice:localhost");
     assert!(alice["registration_endpoint"].as_str().is_some(), "{alice}");
     assert_eq!(
         alice["revocation_endpoint"],
-        gw.url("/_matrix-oidc-gateway/oauth2/revoke"),
+        tls.url("/_matrix-oidc-gateway/oauth2/revoke"),
         "the SDK must revoke through the gateway"
     );
     assert_eq!(step(&steps, "message")["read_by"], "@bob:localhost");
@@ -219,8 +273,8 @@ async fn matrix_js_sdk_on_synapse() {
 }
 
 async fn rust_sdk_signs_in_encrypts_refreshes_and_signs_out(kind: HsKind) {
-    let (_op, hs, gw) = stack(kind).await;
-    let steps = tokio::task::block_in_place(|| rust_flow(&gw, true));
+    let (_op, hs, gw, tls) = stack(kind).await;
+    let steps = tokio::task::block_in_place(|| rust_flow(&gw, &tls, true));
     let alice = step(&steps, "signed_in");
     assert_eq!(alice["user_id"], "@alice:localhost");
     let message = step(&steps, "encrypted_message");
@@ -243,6 +297,11 @@ async fn rust_sdk_signs_in_encrypts_refreshes_and_signs_out(kind: HsKind) {
         hs.master_key("@alice:localhost").await,
         reset["master_key"].as_str().map(str::to_owned),
         "the homeserver has the reset identity"
+    );
+    // The SDK's own logout, at the gateway's revocation endpoint on its HTTPS listener.
+    assert_eq!(
+        step(&steps, "signed_out")["revocation_endpoint"],
+        tls.url("/_matrix-oidc-gateway/oauth2/revoke")
     );
     refreshed_and_signed_out(&steps, &hs).await;
 }

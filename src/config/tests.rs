@@ -45,7 +45,10 @@ fn the_https_listener_needs_its_address_certificate_and_key() {
     assert!(p.contains("/nonexistent/cert.pem"), "{p}");
     assert!(p.contains("/nonexistent/key.pem"), "{p}");
     let p = problems("tls_cert_file = \"/x.pem\"");
-    assert!(p.contains("listen.tls_cert_file: only used with listen.public_tls"), "{p}");
+    assert!(
+        p.contains("listen.tls_cert_file: only used with listen.public_tls"),
+        "{p}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
     std::fs::write(&cert, "pem").unwrap();
@@ -53,7 +56,12 @@ fn the_https_listener_needs_its_address_certificate_and_key() {
     let text = format!(
         "[listen]\npublic_tls = \"127.0.0.1:8448\"\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n{MINIMAL}"
     );
-    let tls = load_str(&text).expect("valid").config.listen.tls.expect("tls");
+    let tls = load_str(&text)
+        .expect("valid")
+        .config
+        .listen
+        .tls
+        .expect("tls");
     assert_eq!(tls.addr.port(), 8448);
     assert_eq!(tls.cert, cert);
     assert!(load_str(MINIMAL).unwrap().config.listen.tls.is_none());

@@ -96,9 +96,19 @@ impl Op {
             .spawn()
             .expect("`node` must be installed (Node 20+) for the end-to-end tests");
         let stdout = child.stdout.take().expect("stdout");
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("OP output");
+        // The first line, READY, within 30 s: a stuck start fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let read = reader.read_line(&mut line).map(|_| line);
+            let _ = tx.send((read, reader));
+        });
+        let Ok((read, mut reader)) = rx.recv_timeout(std::time::Duration::from_secs(30)) else {
+            let _ = child.kill();
+            panic!("the OP did not print READY within 30 s (node op.mjs {extra:?})");
+        };
+        let line = read.expect("OP output");
         assert!(line.starts_with("READY "), "the OP did not start: {line:?}");
         // Keep draining (a closed pipe would kill the OP on its next write), and keep the lines.
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));

@@ -2,7 +2,11 @@
 // OpenID-certified) configured the way a Matrix deployment needs it.
 //
 //   node op.mjs --port 9400 [--host 127.0.0.1] [--issuer URL] [--gateway-secret S] [--bcl-uri URL]
-//               [--bcl-sub-only 1] [--dcr-access-ttl SECONDS]
+//               [--bcl-sub-only 1] [--dcr-access-ttl SECONDS] [--tls-cert PEM --tls-key PEM]
+//
+// With --tls-cert/--tls-key it serves HTTPS and the issuer is https:// (clients trust the
+// certificate themselves: matrix-rust-sdk wants every OP endpoint https unless the homeserver
+// is plain http).
 //
 // - `gateway` is the confidential client the gateway introspects with (client_secret_basic);
 //   only it may call the introspection endpoint.
@@ -24,6 +28,8 @@
 // - Test set-up only: the SSRF guard is lifted (a `fetch` that drops the dispatcher) so the OP
 //   can reach the gateway on loopback.
 import { generateKeyPairSync } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { createServer as createHttpsServer } from 'node:https';
 import Provider from 'oidc-provider';
 
 const args = Object.fromEntries(
@@ -31,7 +37,8 @@ const args = Object.fromEntries(
 );
 const port = Number(args.port || 9400);
 const host = args.host || '127.0.0.1';
-const issuer = args.issuer || `http://${host}:${port}`;
+const tls = args['tls-cert'] ? { cert: readFileSync(args['tls-cert']), key: readFileSync(args['tls-key']) } : null;
+const issuer = args.issuer || `${tls ? 'https' : 'http'}://${host}:${port}`;
 const gatewaySecret = args['gateway-secret'] || 'gateway-secret';
 const redirect = 'http://127.0.0.1/callback';
 const bclUri = args['bcl-uri'];
@@ -149,6 +156,9 @@ provider.use(async (ctx, next) => {
   }
 });
 
-provider.listen(port, host, () => {
-  process.stdout.write(`READY ${issuer}\n`);
-});
+const ready = () => process.stdout.write(`READY ${issuer}\n`);
+if (tls) {
+  createHttpsServer(tls, provider.callback()).listen(port, host, ready);
+} else {
+  provider.listen(port, host, ready);
+}

@@ -8,18 +8,16 @@
 //! - whoami on the device the SDK asked for;
 //! - end-to-end encryption: device and one-time keys uploaded by the SDK, an encrypted room where
 //!   the second user's SDK decrypts what the first one sent;
-//! - with `--cross-signing 1` (not yet run by the suite: stock Dendrite and Synapse demand a
-//!   password stage the gateway does not complete yet, see docs/clients.md): cross-signing
-//!   bootstrapped by the SDK, then Element X's "reset identity" through the gateway's `m.oauth`
+//! - with `--cross-signing 1`: cross-signing bootstrapped by the SDK, then Element X's "reset identity" through the gateway's `m.oauth`
 //!   stage and approval (its admin API, where the OP's account page would send it), after
 //!   which the SDK's retry succeeds;
 //! - refresh: an expired access token refreshed by the SDK, the session going on;
-//! - logout: the revocation `OAuth::logout()` makes, at the advertised endpoint (sent by this
-//!   client: the SDK refuses a non-https revocation endpoint, docs/clients.md); the old token
-//!   refused.
+//! - logout: the SDK's own `OAuth::logout()` (a revocation at the advertised endpoint, which
+//!   must be https: the gateway's HTTPS listener, its certificate trusted with `--ca-cert`); the
+//!   old token refused.
 //!
 //!   gateway-e2e-sdk-client --server-name 127.0.0.1:8008 --users alice,bob \
-//!       --admin http://127.0.0.1:9090 --admin-token TOKEN --expires-in 4
+//!       --admin http://127.0.0.1:9090 --admin-token TOKEN --expires-in 4 --ca-cert cert.pem
 //!
 //! Prints `STEP <name> <json>` lines and `OK`; exits 1 with the error otherwise.
 
@@ -55,6 +53,8 @@ struct Args {
     admin_token: String,
     expires_in: u64,
     cross_signing: bool,
+    /// PEM certificate the gateway's HTTPS listener presents, trusted as a root.
+    ca_cert: Option<reqwest::Certificate>,
 }
 
 fn args() -> Result<Args> {
@@ -66,6 +66,7 @@ fn args() -> Result<Args> {
         admin_token: String::new(),
         expires_in: 4,
         cross_signing: false,
+        ca_cert: None,
     };
     while let Some(k) = raw.next() {
         let v = raw.next().with_context(|| format!("{k} needs a value"))?;
@@ -76,6 +77,10 @@ fn args() -> Result<Args> {
             "--admin-token" => a.admin_token = v,
             "--expires-in" => a.expires_in = v.parse()?,
             "--cross-signing" => a.cross_signing = v == "1",
+            "--ca-cert" => {
+                let pem = std::fs::read(&v).with_context(|| format!("--ca-cert {v}"))?;
+                a.ca_cert = Some(reqwest::Certificate::from_pem(&pem)?);
+            }
             other => bail!("unknown argument {other}"),
         }
     }
@@ -90,8 +95,12 @@ fn out(name: &str, value: Value) {
 
 /// The OP's sign-in as a browser does it: follows redirects, fills the dev login form with
 /// `user` (any password) and the consent form; the callback URL it ends at.
-async fn browse(auth_url: &Url, user: &str) -> Result<Url> {
-    let browser = reqwest::Client::builder()
+async fn browse(a: &Args, auth_url: &Url, user: &str) -> Result<Url> {
+    let mut browser = reqwest::Client::builder();
+    if let Some(cert) = &a.ca_cert {
+        browser = browser.add_root_certificate(cert.clone());
+    }
+    let browser = browser
         .cookie_store(true)
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
@@ -136,9 +145,10 @@ struct Session {
 }
 
 /// Element X's sign-in: a client built from the server name, its OAuth 2.0 login.
-async fn sign_in(server_name: &str, user: &str) -> Result<Session> {
+async fn sign_in(a: &Args, user: &str) -> Result<Session> {
     let client = Client::builder()
-        .insecure_server_name_no_tls(&ServerName::parse(server_name)?)
+        .insecure_server_name_no_tls(&ServerName::parse(&a.server_name)?)
+        .add_root_certificates(a.ca_cert.iter().cloned().collect())
         .handle_refresh_tokens()
         .build()
         .await
@@ -168,7 +178,7 @@ async fn sign_in(server_name: &str, user: &str) -> Result<Session> {
         .build()
         .await
         .context("the OAuth 2.0 login URL (metadata, registration)")?;
-    let callback = browse(&auth.url, user).await?;
+    let callback = browse(a, &auth.url, user).await?;
     oauth
         .finish_login(UrlOrQuery::Url(callback))
         .await
@@ -302,8 +312,8 @@ async fn master_key(s: &Session) -> Result<String> {
 }
 
 async fn run(a: &Args) -> Result<()> {
-    let alice = sign_in(&a.server_name, &a.users[0]).await?;
-    let bob = sign_in(&a.server_name, &a.users[1]).await?;
+    let alice = sign_in(a, &a.users[0]).await?;
+    let bob = sign_in(a, &a.users[1]).await?;
 
     // Keys: the SDK uploads device and one-time keys on sync, and bootstraps cross-signing.
     sync(&alice).await?;
@@ -395,36 +405,24 @@ async fn run(a: &Args) -> Result<()> {
         .context("alice's tokens")?
         .access_token;
     let base = alice.client.homeserver();
-    // What `OAuth::logout()` sends, sent here: that method refuses a revocation endpoint that is
-    // not https (the oauth2 crate's check), and the suite runs on loopback http.
     let revocation = alice
         .client
         .oauth()
         .server_metadata()
         .await?
         .revocation_endpoint;
-    let client_id = alice
+    alice
         .client
         .oauth()
-        .client_id()
-        .context("alice's client ID")?
-        .as_str()
-        .to_owned();
-    let revoked = reqwest::Client::new()
-        .post(revocation.clone())
-        .form(&[
-            ("token", old.as_str()),
-            ("token_type_hint", "access_token"),
-            ("client_id", client_id.as_str()),
-        ])
-        .send()
-        .await?
-        .status();
-    ensure!(
-        revoked.is_success(),
-        "revocation at {revocation}: {revoked}"
-    );
-    let status = reqwest::Client::new()
+        .logout()
+        .await
+        .with_context(|| format!("the SDK's logout (revocation at {revocation})"))?;
+    let mut http = reqwest::Client::builder();
+    if let Some(cert) = &a.ca_cert {
+        http = http.add_root_certificate(cert.clone());
+    }
+    let status = http
+        .build()?
         .get(base.join("/_matrix/client/v3/account/whoami")?)
         .bearer_auth(&old)
         .send()
@@ -437,7 +435,8 @@ async fn run(a: &Args) -> Result<()> {
     );
     out(
         "signed_out",
-        json!({"user": alice.user, "device_id": alice.device_id, "old_token_status": status}),
+        json!({"user": alice.user, "device_id": alice.device_id, "old_token_status": status,
+               "revocation_endpoint": revocation}),
     );
     Ok(())
 }
