@@ -430,150 +430,266 @@ async fn an_approved_cross_signing_reset_is_sent_as_the_appservice_on_synapse() 
     }
 }
 
+const HS_ADMIN: &str = "dendrite-admin-token";
+const RESET_PATH: &str = "/_dendrite/admin/resetPassword/%40alice%3Aexample.org";
+const UPLOAD_PATH: &str = "/_matrix/client/v3/keys/device_signing/upload";
+
+/// A Dendrite fake for alice's device ADEV: keys/query answers `master` as alice's master
+/// keys (`null`: none), and the admin API's password reset answers `reset_status`.
+async fn dendrite_fake(master: Value, reset_status: u16) -> Fakes {
+    let f = Fakes::start().await;
+    f.introspection("alice", active("alice", &full_scope("ADEV")), 1)
+        .await;
+    mount_register(&f.hs, 1).await;
+    mount_login(&f.hs, "ADEV", "alice-device-token", 1).await;
+    let keys = if master.is_null() {
+        json!({"device_keys": {}})
+    } else {
+        json!({"device_keys": {}, "master_keys": {"@alice:example.org": master}})
+    };
+    Mock::given(method("POST"))
+        .and(path("/_matrix/client/v3/keys/query"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(keys))
+        .with_priority(1)
+        .mount(&f.hs)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(RESET_PATH))
+        .and(header(
+            "authorization",
+            format!("Bearer {HS_ADMIN}").as_str(),
+        ))
+        .respond_with(ResponseTemplate::new(reset_status).set_body_json(json!({})))
+        .with_priority(1)
+        .mount(&f.hs)
+        .await;
+    f
+}
+
+async fn dendrite_gateway(f: &Fakes, admin_token: bool) -> TestGateway {
+    let token = if admin_token {
+        format!("\nadmin_token = \"{HS_ADMIN}\"")
+    } else {
+        String::new()
+    };
+    spawn(&f.config_hs(
+        &format!("{}{token}", hs_cfg("dendrite", "appservice_login")),
+        &format!("\n[admin]\ntoken = \"{ADMIN}\""),
+    ))
+    .await
+}
+
+const ADMIN: &str = "gateway-admin-token-0123456789";
+
+fn keys_upload() -> Value {
+    json!({
+        "master_key": {"user_id": "@alice:example.org", "usage": ["master"], "keys": {"ed25519:K": "K"}},
+        "auth": {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "@victim:example.org"}, "password": "guess"},
+    })
+}
+
+async fn upload(gw: &TestGateway, body: Vec<u8>) -> reqwest::Response {
+    client()
+        .post(gw.url(UPLOAD_PATH))
+        .bearer_auth("alice")
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The password-reset requests the fake received, their bodies.
+async fn resets(f: &Fakes) -> Vec<Value> {
+    f.hs.received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.url.path() == RESET_PATH)
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .collect()
+}
+
+/// What the homeserver received as the upload's body, from the echo.
+async fn sent_upload(r: reqwest::Response) -> Value {
+    assert_eq!(r.status(), 200);
+    let echo: Value = r.json().await.unwrap();
+    serde_json::from_str(echo["body"].as_str().unwrap()).unwrap()
+}
+
+async fn approve(gw: &TestGateway) {
+    let approved = client()
+        .post(gw.admin_url("/admin/v1/users/@alice:example.org/cross_signing_reset"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(approved.status(), 200);
+}
+
 /// Dendrite asks every cross-signing upload for the user's password. With an admin token, the
 /// gateway answers that stage for the uploads it admits: a fresh random password set through
 /// Dendrite's admin API just before, in place of whatever `auth` the client sent. Without the
-/// token the body passes untouched; a body that is not a JSON object, or too large, is
-/// refused before any password is set; a failed password reset is a 503 and nothing is sent.
+/// token the body passes untouched.
 #[tokio::test]
 async fn dendrite_cross_signing_uploads_carry_a_fresh_gateway_set_password() {
-    const HS_ADMIN: &str = "dendrite-admin-token";
-    let reset_path = "/_dendrite/admin/resetPassword/%40alice%3Aexample.org";
-    let upload_path = "/_matrix/client/v3/keys/device_signing/upload";
-    let client_auth = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "@victim:example.org"}, "password": "guess"});
-    for with_admin_token in [true, false] {
-        let f = Fakes::start().await;
-        f.introspection("alice", active("alice", &full_scope("ADEV")), 1)
-            .await;
-        mount_register(&f.hs, 1).await;
-        mount_login(&f.hs, "ADEV", "alice-device-token", 1).await;
-        Mock::given(method("POST"))
-            .and(path("/_matrix/client/v3/keys/query"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"device_keys": {}})))
-            .with_priority(1)
-            .mount(&f.hs)
-            .await;
-        Mock::given(method("POST"))
-            .and(path(reset_path))
-            .and(header(
-                "authorization",
-                format!("Bearer {HS_ADMIN}").as_str(),
-            ))
-            .respond_with(
-                ResponseTemplate::new(200).set_body_json(json!({"password_updated": true})),
-            )
-            .with_priority(1)
-            .mount(&f.hs)
-            .await;
-        let token = if with_admin_token {
-            format!("\nadmin_token = \"{HS_ADMIN}\"")
-        } else {
-            String::new()
-        };
-        let gw = spawn(&f.config_hs(
-            &format!("{}{token}", hs_cfg("dendrite", "appservice_login")),
-            "",
-        ))
-        .await;
-        let upload = |body: Vec<u8>| {
-            client()
-                .post(gw.url(upload_path))
-                .bearer_auth("alice")
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-        };
-        let keys = json!({"master_key": {"user_id": "@alice:example.org", "usage": ["master"], "keys": {"ed25519:K": "K"}}, "auth": client_auth});
-        let mut passwords = Vec::new();
-        for _ in 0..2 {
-            let r = upload(serde_json::to_vec(&keys).unwrap()).await.unwrap();
-            assert_eq!(r.status(), 200);
-            let echo: Value = r.json().await.unwrap();
-            let sent: Value = serde_json::from_str(echo["body"].as_str().unwrap()).unwrap();
+    let keys = keys_upload();
+    // Without an admin token: untouched, no password set.
+    let f = dendrite_fake(Value::Null, 200).await;
+    let gw = dendrite_gateway(&f, false).await;
+    let sent = sent_upload(upload(&gw, serde_json::to_vec(&keys).unwrap()).await).await;
+    assert_eq!(sent, keys, "without an admin token the body is untouched");
+    assert!(resets(&f).await.is_empty());
+
+    let f = dendrite_fake(Value::Null, 200).await;
+    let gw = dendrite_gateway(&f, true).await;
+    let mut passwords = Vec::new();
+    for round in 0..2 {
+        if round == 1 {
+            // The first upload landed: the next one replaces the key and needs an approval,
+            // although this Dendrite's keys/query still leaves alice out (what it does when
+            // its own lookup fails).
+            let r = upload(&gw, serde_json::to_vec(&keys).unwrap()).await;
+            assert_eq!(r.status(), 401, "a replacement passed as a first upload");
             assert_eq!(
-                sent["master_key"], keys["master_key"],
-                "the keys go up unchanged"
+                resets(&f).await.len(),
+                1,
+                "a password was set for a refused upload"
             );
-            if !with_admin_token {
-                assert_eq!(sent, keys, "without an admin token the body is untouched");
-                continue;
-            }
-            let resets = f.hs.received_requests().await.unwrap();
-            let last_reset = resets
-                .iter()
-                .rfind(|r| r.url.path() == reset_path)
-                .expect("a password was set before the upload");
-            let set: Value = serde_json::from_slice(&last_reset.body).unwrap();
-            assert_eq!(
-                set["logout_devices"], false,
-                "the user's devices stay signed in"
-            );
-            let password = set["password"].as_str().unwrap().to_owned();
-            assert!(password.len() >= 32, "a strong password");
-            assert_eq!(
-                sent["auth"],
-                json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "@alice:example.org"}, "password": password}),
-                "the client's auth is replaced by the gateway's"
-            );
-            passwords.push(password);
+            approve(&gw).await;
         }
-        let resets = || async {
-            f.hs.received_requests()
-                .await
-                .unwrap()
-                .iter()
-                .filter(|r| r.url.path() == reset_path)
-                .count()
-        };
-        if with_admin_token {
-            assert_ne!(
-                passwords[0], passwords[1],
-                "every upload gets its own password"
-            );
-        }
-        assert_eq!(resets().await, passwords.len());
-        if !with_admin_token {
-            continue;
-        }
-        // Refused before any password is set: not a JSON object, too large.
-        for (body, status, errcode) in [
-            (b"not json".to_vec(), 400, "M_NOT_JSON"),
-            (b"[1, 2]".to_vec(), 400, "M_NOT_JSON"),
-            (Vec::new(), 400, "M_NOT_JSON"),
-            (
-                serde_json::to_vec(&json!({"pad": "x".repeat(70 * 1024)})).unwrap(),
-                413,
-                "M_TOO_LARGE",
-            ),
-        ] {
-            let r = upload(body).await.unwrap();
-            assert_eq!(r.status(), status);
-            let e: Value = r.json().await.unwrap();
-            assert_eq!(e["errcode"], errcode);
-        }
-        assert_eq!(resets().await, 2, "no password set for a refused upload");
-        // Dendrite refusing the reset: 503, and the upload never leaves.
-        f.hs.reset().await;
-        Mock::given(method("POST"))
-            .and(path("/_matrix/client/v3/keys/query"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"device_keys": {}})))
-            .mount(&f.hs)
-            .await;
-        Mock::given(method("POST"))
-            .and(path(reset_path))
-            .respond_with(
-                ResponseTemplate::new(403).set_body_json(json!({"errcode": "M_FORBIDDEN"})),
-            )
-            .mount(&f.hs)
-            .await;
-        let r = upload(serde_json::to_vec(&keys).unwrap()).await.unwrap();
-        assert_eq!(r.status(), 503);
-        let sent = f.hs.received_requests().await.unwrap();
-        assert!(
-            !sent.iter().any(|r| r.url.path() == upload_path),
-            "the upload was forwarded without its password"
+        let sent = sent_upload(upload(&gw, serde_json::to_vec(&keys).unwrap()).await).await;
+        assert_eq!(
+            sent["master_key"], keys["master_key"],
+            "the keys go up unchanged"
         );
+        let set = resets(&f)
+            .await
+            .pop()
+            .expect("a password was set before the upload");
+        assert_eq!(
+            set["logout_devices"], false,
+            "the user's devices stay signed in"
+        );
+        let password = set["password"].as_str().unwrap().to_owned();
+        assert!(password.len() >= 32, "a strong password");
+        assert_eq!(
+            sent["auth"],
+            json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "@alice:example.org"}, "password": password}),
+            "the client's auth is replaced by the gateway's"
+        );
+        passwords.push(password);
     }
+    assert_ne!(
+        passwords[0], passwords[1],
+        "every upload gets its own password"
+    );
+    assert_eq!(resets(&f).await.len(), 2);
+}
+
+/// A user with a master key at Dendrite: a replacement without approval is refused before any
+/// password is set; with one, one password is set and the approval is used up.
+#[tokio::test]
+async fn dendrite_key_replacement_needs_an_approval_before_any_password_is_set() {
+    let f = dendrite_fake(json!({"keys": {"ed25519:OLD": "OLD"}}), 200).await;
+    let gw = dendrite_gateway(&f, true).await;
+    let keys = serde_json::to_vec(&keys_upload()).unwrap();
+    assert_eq!(upload(&gw, keys.clone()).await.status(), 401);
+    assert!(resets(&f).await.is_empty());
+    approve(&gw).await;
+    sent_upload(upload(&gw, keys.clone()).await).await;
+    assert_eq!(resets(&f).await.len(), 1);
+    assert_eq!(upload(&gw, keys).await.status(), 401, "approval reused");
+    assert_eq!(resets(&f).await.len(), 1);
+}
+
+/// Refused before any password is set: a body that is not a JSON object, or uploads no key, or
+/// is too large. A first upload that does not land (the password reset fails: 503, the upload
+/// never leaves) gives its claim back: the next upload is a first upload again.
+#[tokio::test]
+async fn dendrite_uploads_fail_closed_and_a_failed_first_upload_is_not_counted() {
+    let f = dendrite_fake(Value::Null, 403).await;
+    let gw = dendrite_gateway(&f, true).await;
+    for (body, status, errcode) in [
+        (b"not json".to_vec(), 400, "M_NOT_JSON"),
+        (b"[1, 2]".to_vec(), 400, "M_NOT_JSON"),
+        (Vec::new(), 400, "M_NOT_JSON"),
+        (b"{}".to_vec(), 400, "M_NOT_JSON"),
+        (br#"{"master_key": "x"}"#.to_vec(), 400, "M_NOT_JSON"),
+        (
+            serde_json::to_vec(&json!({"master_key": {"pad": "x".repeat(70 * 1024)}})).unwrap(),
+            413,
+            "M_TOO_LARGE",
+        ),
+    ] {
+        let r = upload(&gw, body).await;
+        assert_eq!(r.status(), status);
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["errcode"], errcode);
+    }
+    assert!(
+        resets(&f).await.is_empty(),
+        "a password set for a refused upload"
+    );
+    // Dendrite refuses the reset: 503, nothing forwarded, twice (no approval asked the
+    // second time: the failed first upload was not counted).
+    for n in 1..=2 {
+        let r = upload(&gw, serde_json::to_vec(&keys_upload()).unwrap()).await;
+        assert_eq!(r.status(), 503);
+        assert_eq!(resets(&f).await.len(), n);
+    }
+    let sent = f.hs.received_requests().await.unwrap();
+    assert!(
+        !sent.iter().any(|r| r.url.path() == UPLOAD_PATH),
+        "the upload was forwarded without its password"
+    );
+}
+
+/// The replaced body is framed by Content-Length whatever the client's framing: a chunked
+/// upload with `Expect: 100-continue` gets its `100 Continue`, and the homeserver sees neither
+/// `Transfer-Encoding` nor `Expect`.
+#[tokio::test]
+async fn a_chunked_expecting_upload_is_reframed_for_dendrite() {
+    let f = dendrite_fake(Value::Null, 200).await;
+    let gw = dendrite_gateway(&f, true).await;
+    let body = serde_json::to_vec(&keys_upload()).unwrap();
+    let (a, b) = body.split_at(body.len() / 2);
+    let mut raw = format!(
+        "POST {UPLOAD_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\
+         Expect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for part in [a, b] {
+        raw.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        raw.extend_from_slice(part);
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw.extend_from_slice(b"0\r\n\r\n");
+    let answer = raw_exchange(gw.addr, &raw).await;
+    assert!(answer.starts_with("HTTP/1.1 100 Continue"), "{answer}");
+    assert!(answer.contains("HTTP/1.1 200"), "{answer}");
+    let upstream =
+        f.hs.received_requests()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|r| r.url.path() == UPLOAD_PATH)
+            .expect("the upload reached the homeserver");
+    assert!(upstream.headers.get("transfer-encoding").is_none());
+    assert!(upstream.headers.get("expect").is_none());
+    assert_eq!(
+        upstream
+            .headers
+            .get("content-length")
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        upstream.body.len().to_string()
+    );
+    let sent: Value = serde_json::from_slice(&upstream.body).unwrap();
+    assert_eq!(sent["auth"]["type"], "m.login.password");
+    assert_eq!(sent["master_key"], keys_upload()["master_key"]);
 }
 
 #[tokio::test]

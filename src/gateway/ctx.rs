@@ -24,7 +24,7 @@ pub enum BodyEdit {
 }
 
 /// How the request body goes to the homeserver.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub enum RequestBody {
     /// Streamed as the client sends it.
     #[default]
@@ -34,6 +34,17 @@ pub enum RequestBody {
     PasswordStage,
     /// Replaced by this body, read whole before proxying.
     Replaced(bytes::Bytes),
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestBody::Forwarded => f.write_str("Forwarded"),
+            RequestBody::PasswordStage => f.write_str("PasswordStage"),
+            // It holds a homeserver password.
+            RequestBody::Replaced(b) => write!(f, "Replaced(<{} bytes, redacted>)", b.len()),
+        }
+    }
 }
 
 /// State of one request, created by `new_ctx` and read by later phases and `logging`.
@@ -54,6 +65,8 @@ pub struct Ctx {
     pub as_appservice: bool,
     /// How the request body is forwarded.
     pub request_body: RequestBody,
+    /// `guard` claimed this user's first cross-signing upload (given back unless it lands).
+    pub cross_signing_claim: bool,
     /// Why the gateway answered itself, if it did.
     pub rejection: Option<GatewayError>,
     /// How the identity cache took part.
@@ -127,6 +140,7 @@ impl Ctx {
             bound: None,
             as_appservice: false,
             request_body: RequestBody::Forwarded,
+            cross_signing_claim: false,
             rejection: None,
             cache: CacheOutcome::None,
             token: None,

@@ -44,10 +44,26 @@ pub async fn cross_signing(
     if route.special != Special::CrossSigningUpload {
         return Ok(());
     }
+    let has_key = gw.binder.has_master_key(&bound).await?;
+    let mut replacing = has_key;
     if gw.binder.answers_password_stage() {
+        // The homeserver no longer checks anything itself (the gateway answers its password
+        // stage), so "first upload" must not rest on keys/query alone: Dendrite leaves a user
+        // out of its answer when its own lookup fails. A user counts as having keys once an
+        // upload was admitted for them (an atomic claim, so of two concurrent first uploads
+        // one is a replacement); a first upload that does not land gives the claim back
+        // (`release_claim`, from `logging`).
         ctx.request_body = RequestBody::PasswordStage;
+        let claimed = gw
+            .binder
+            .store()
+            .claim_cross_signing(&bound.user_id)
+            .await
+            .map_err(store_failed)?;
+        replacing = has_key || !claimed;
+        ctx.cross_signing_claim = claimed && !has_key;
     }
-    if !gw.binder.has_master_key(&bound).await? {
+    if !replacing {
         return Ok(());
     }
     let approved = gw
@@ -55,10 +71,7 @@ pub async fn cross_signing(
         .store()
         .take_cross_signing_reset(&identity.user_id, gw.clock.now_ms())
         .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "state store failed during the cross-signing guard");
-            GatewayError::BindingUnavailable(BindingFailure::Store)
-        })?;
+        .map_err(store_failed)?;
     if !approved {
         return Err(GatewayError::CrossSigningResetRequired);
     }
@@ -76,6 +89,31 @@ pub async fn cross_signing(
     Ok(())
 }
 
+fn store_failed(e: crate::store::StoreError) -> GatewayError {
+    tracing::error!(error = %e, "state store failed during the cross-signing guard");
+    GatewayError::BindingUnavailable(BindingFailure::Store)
+}
+
+/// After a first upload `cross_signing` claimed: gives the claim back unless the homeserver
+/// took the upload (200), so the user's next upload is a first upload again.
+pub async fn release_claim(gw: &Gateway, ctx: &Ctx, status: Option<u16>) {
+    let (true, Some(bound)) = (ctx.cross_signing_claim, ctx.bound.as_deref()) else {
+        return;
+    };
+    if status == Some(200) {
+        return;
+    }
+    if let Err(e) = gw
+        .binder
+        .store()
+        .release_cross_signing(&bound.user_id)
+        .await
+    {
+        // Fails closed: the user's next first upload needs an approved reset.
+        tracing::error!(user = %bound.user_id, error = %e, "could not release a cross-signing claim");
+    }
+}
+
 /// Completes an admitted cross-signing upload with the password stage Dendrite asks for (see
 /// the module header): reads the body, sets a fresh password, and keeps the body to forward in
 /// `ctx.request_body`. Runs after `admit`, only when `cross_signing` asked for it.
@@ -90,6 +128,14 @@ pub async fn password_stage(
     let body = read_body(session).await?;
     let mut upload: Map<String, Value> = serde_json::from_slice(&body)
         .map_err(|_| GatewayError::UploadBody(UploadBodyFault::NotJsonObject))?;
+    // Nothing to upload, nothing to set a password for (each reset costs the homeserver two
+    // bcrypt rounds).
+    if !["master_key", "self_signing_key", "user_signing_key"]
+        .iter()
+        .any(|k| upload.get(*k).is_some_and(Value::is_object))
+    {
+        return Err(GatewayError::UploadBody(UploadBodyFault::NotJsonObject));
+    }
     let password = gw.binder.one_time_password(&bound.user_id).await?;
     upload.insert(
         "auth".into(),
@@ -112,6 +158,17 @@ pub async fn password_stage(
 /// [`UPLOAD_BODY_LIMIT`] bytes.
 async fn read_body(session: &mut Session) -> Result<Bytes, GatewayError> {
     session.enable_retry_buffering();
+    if session
+        .req_header()
+        .headers
+        .contains_key(http::header::EXPECT)
+    {
+        // The client waits for this before sending the body (Pingora does not send it itself).
+        session
+            .write_continue_response()
+            .await
+            .map_err(|_| GatewayError::UploadBody(UploadBodyFault::NotJsonObject))?;
+    }
     let mut body = BytesMut::new();
     loop {
         match session.read_request_body().await {
@@ -120,6 +177,10 @@ async fn read_body(session: &mut Session) -> Result<Bytes, GatewayError> {
                     return Err(GatewayError::UploadBody(UploadBodyFault::TooLarge));
                 }
                 body.extend_from_slice(&chunk);
+            }
+            // What Pingora replays upstream is its retry buffer: it must hold the whole body.
+            Ok(None) if session.get_retry_buffer().is_none() && !body.is_empty() => {
+                return Err(GatewayError::UploadBody(UploadBodyFault::TooLarge));
             }
             Ok(None) => return Ok(body.freeze()),
             Err(e) => {

@@ -244,6 +244,7 @@ impl ProxyHttp for Gateway {
         }
         if let ctx::RequestBody::Replaced(body) = &ctx.request_body {
             req.remove_header(&http::header::TRANSFER_ENCODING);
+            req.remove_header(&http::header::EXPECT);
             req.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         }
         rewrite::prepare_request(req, ctx);
@@ -350,6 +351,8 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map(|r| r.status.as_u16());
+        guard::release_claim(self, ctx, status).await;
         observe::access_log(session, e, ctx);
     }
 

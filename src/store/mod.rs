@@ -122,6 +122,12 @@ pub trait Store: Send + Sync + 'static {
         user_id: &str,
         now_ms: u64,
     ) -> Result<bool, StoreError>;
+    /// Records that `user_id`'s cross-signing keys are (being) set up through the gateway's
+    /// password stage; `true` when this call recorded it, `false` when it was already there.
+    /// Atomic: of two concurrent first uploads, one gets `true`.
+    async fn claim_cross_signing(&self, user_id: &str) -> Result<bool, StoreError>;
+    /// Removes that record (a first upload that did not land).
+    async fn release_cross_signing(&self, user_id: &str) -> Result<(), StoreError>;
     /// The user ID pinned to `sub`, if any.
     async fn user_of_subject(&self, sub: &str) -> Result<Option<String>, StoreError>;
     /// Marks a user deactivated: never provisioned again until the tombstone is lifted.

@@ -18,7 +18,14 @@ pub struct SqliteStore {
 /// in one transaction. Append to the list; never edit an entry that has shipped. Version 1 is
 /// the schema of every file written before versioning began (its statements are idempotent, so
 /// such a file, at version 0, passes through it unchanged).
-const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+
+/// Version 2: users whose cross-signing keys the gateway's password stage let up (Dendrite).
+const SCHEMA_V2: &str = "
+CREATE TABLE cross_signing_claims (
+    user_id TEXT PRIMARY KEY
+);
+";
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS devices (
@@ -357,6 +364,30 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn claim_cross_signing(&self, user_id: &str) -> Result<bool, StoreError> {
+        let u = user_id.to_owned();
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO cross_signing_claims (user_id) VALUES (?1) ON CONFLICT DO NOTHING",
+                params![u],
+            )
+            .map(|n| n == 1)
+        })
+        .await
+    }
+
+    async fn release_cross_signing(&self, user_id: &str) -> Result<(), StoreError> {
+        let u = user_id.to_owned();
+        self.run(move |c| {
+            c.execute(
+                "DELETE FROM cross_signing_claims WHERE user_id = ?1",
+                params![u],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
     async fn user_of_subject(&self, sub: &str) -> Result<Option<String>, StoreError> {
         let s = sub.to_owned();
         self.run(move |c| {
@@ -564,6 +595,10 @@ mod approval_tests {
         assert!(!s.take_cross_signing_reset("@a:x", 1_000).await.unwrap());
         s.approve_cross_signing_reset("@a:x", 2_000).await.unwrap();
         assert!(!s.take_cross_signing_reset("@a:x", 3_000).await.unwrap());
+        assert!(s.claim_cross_signing("@a:x").await.unwrap());
+        assert!(!s.claim_cross_signing("@a:x").await.unwrap());
+        s.release_cross_signing("@a:x").await.unwrap();
+        assert!(s.claim_cross_signing("@a:x").await.unwrap());
     }
 }
 

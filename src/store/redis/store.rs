@@ -269,6 +269,23 @@ impl Store for RedisStore {
         Ok(until.is_some_and(|u| u > now_ms))
     }
 
+    async fn claim_cross_signing(&self, user_id: &str) -> Result<bool, StoreError> {
+        let r = &self.redis;
+        let set: Option<String> = r
+            .q(redis::cmd("SET")
+                .arg(r.key(&["xsc", user_id]))
+                .arg(1)
+                .arg("NX"))
+            .await?;
+        Ok(set.is_some())
+    }
+
+    async fn release_cross_signing(&self, user_id: &str) -> Result<(), StoreError> {
+        let r = &self.redis;
+        r.q::<()>(redis::cmd("DEL").arg(r.key(&["xsc", user_id])))
+            .await
+    }
+
     async fn user_of_subject(&self, sub: &str) -> Result<Option<String>, StoreError> {
         let r = &self.redis;
         let user: Option<String> = r
