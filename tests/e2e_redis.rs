@@ -572,3 +572,38 @@ async fn a_provisioning_that_lost_its_lock_does_not_overwrite_the_new_holder() {
         );
     }
 }
+
+/// The cross-signing claim on Redis is atomic and shared: of many concurrent claims (two
+/// replicas' first uploads) exactly one wins, and a released claim can be taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cross_signing_claim_on_redis_is_won_once() {
+    use matrix_oidc_gateway::config::{RedisMode, RedisSettings};
+    use matrix_oidc_gateway::store::redis::{Redis, RedisStore};
+    use matrix_oidc_gateway::store::Store;
+    let redis = RedisServer::start();
+    let settings = RedisSettings {
+        mode: RedisMode::Standalone,
+        urls: vec![redis.url()],
+        sentinel_service: None,
+        password: None,
+        key_prefix: "mog-test:".into(),
+        timeout: Duration::from_secs(2),
+    };
+    let stores: Vec<RedisStore> = (0..2)
+        .map(|_| RedisStore::new(Redis::new(&settings).expect("redis client")))
+        .collect();
+    let claims = futures_util::future::join_all(
+        (0..16).map(|i| stores[i % 2].claim_cross_signing("@alice:localhost")),
+    )
+    .await;
+    let won = claims.iter().filter(|c| *c.as_ref().unwrap()).count();
+    assert_eq!(won, 1, "{claims:?}");
+    stores[1]
+        .release_cross_signing("@alice:localhost")
+        .await
+        .unwrap();
+    assert!(stores[0]
+        .claim_cross_signing("@alice:localhost")
+        .await
+        .unwrap());
+}
