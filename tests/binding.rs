@@ -360,7 +360,6 @@ async fn replacing_cross_signing_keys_needs_approval_at_the_op() {
 /// client added; on Dendrite it keeps the device's own token. An unapproved one never leaves.
 #[tokio::test]
 async fn an_approved_cross_signing_reset_is_sent_as_the_appservice_on_synapse() {
-    const ADMIN: &str = "admin-token-0123456789abcdef";
     for (kind, as_appservice) in [("synapse", true), ("dendrite", false)] {
         let f = Fakes::start().await;
         f.introspection("alice", active("alice", &full_scope("ADEV")), 1)
@@ -394,13 +393,7 @@ async fn an_approved_cross_signing_reset_is_sent_as_the_appservice_on_synapse() 
             401,
             "{kind}: not approved yet"
         );
-        let approved = client()
-            .post(gw.admin_url("/admin/v1/users/@alice:example.org/cross_signing_reset"))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(approved.status(), 200);
+        approve(&gw).await;
         let r = upload().await.unwrap();
         assert_eq!(r.status(), 200, "{kind}");
         let echo: Value = r.json().await.unwrap();
