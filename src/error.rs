@@ -163,6 +163,13 @@ pub enum GatewayError {
     /// stage) but cannot read: 400 `M_NOT_JSON`, or 413 `M_TOO_LARGE` past the limit.
     #[error("cross-signing upload body unusable: {0:?}")]
     UploadBody(UploadBodyFault),
+    /// 429 `M_LIMIT_EXCEEDED` with `retry_after_ms` and `Retry-After`: the client address
+    /// presented more new tokens than its budget allows (`auth.new_tokens_per_address`).
+    #[error("too many new tokens from one address")]
+    RateLimited {
+        /// How long until the address may present a new token again.
+        retry_after_ms: u64,
+    },
 }
 
 /// Why the body of a cross-signing key upload could not be completed.
@@ -186,6 +193,9 @@ pub struct MatrixError {
     /// `false` on a refused access token: the client must sign in again (spec: soft logout).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub soft_logout: Option<bool>,
+    /// On `M_LIMIT_EXCEEDED`: how long the client should wait.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl MatrixError {
@@ -195,6 +205,7 @@ impl MatrixError {
             errcode,
             error: error.into(),
             soft_logout: None,
+            retry_after_ms: None,
         }
     }
 }
@@ -219,6 +230,8 @@ pub enum Errcode {
     NotJson,
     /// The request body is too large.
     TooLarge,
+    /// Too many requests.
+    LimitExceeded,
     /// Anything else.
     Unknown,
 }
@@ -235,6 +248,7 @@ impl Errcode {
             Errcode::Unrecognized => "M_UNRECOGNIZED",
             Errcode::NotJson => "M_NOT_JSON",
             Errcode::TooLarge => "M_TOO_LARGE",
+            Errcode::LimitExceeded => "M_LIMIT_EXCEEDED",
             Errcode::Unknown => "M_UNKNOWN",
         }
     }
@@ -266,6 +280,7 @@ impl GatewayError {
             GatewayError::NotJoined => 403,
             GatewayError::UploadBody(UploadBodyFault::NotJsonObject) => 400,
             GatewayError::UploadBody(UploadBodyFault::TooLarge) => 413,
+            GatewayError::RateLimited { .. } => 429,
         }
     }
 
@@ -288,6 +303,7 @@ impl GatewayError {
             GatewayError::UserDeactivated => Errcode::UserDeactivated,
             GatewayError::UploadBody(UploadBodyFault::NotJsonObject) => Errcode::NotJson,
             GatewayError::UploadBody(UploadBodyFault::TooLarge) => Errcode::TooLarge,
+            GatewayError::RateLimited { .. } => Errcode::LimitExceeded,
             GatewayError::OpUnavailable(_)
             | GatewayError::UpstreamUnavailable
             | GatewayError::UserMapping(_)
@@ -352,6 +368,9 @@ impl GatewayError {
             GatewayError::UploadBody(UploadBodyFault::TooLarge) => {
                 "The cross-signing key upload is too large (gateway)"
             }
+            GatewayError::RateLimited { .. } => {
+                "Too many new access tokens from this address, try again later (gateway)"
+            }
         }
     }
 
@@ -359,6 +378,10 @@ impl GatewayError {
     pub fn matrix_error(&self) -> MatrixError {
         MatrixError {
             soft_logout: self.soft_logout(),
+            retry_after_ms: match self {
+                GatewayError::RateLimited { retry_after_ms } => Some(*retry_after_ms),
+                _ => None,
+            },
             ..MatrixError::new(self.errcode().as_str(), self.client_message())
         }
     }
@@ -428,6 +451,7 @@ impl GatewayError {
             GatewayError::NotJoined => "not_joined",
             GatewayError::UploadBody(UploadBodyFault::NotJsonObject) => "upload_not_json",
             GatewayError::UploadBody(UploadBodyFault::TooLarge) => "upload_too_large",
+            GatewayError::RateLimited { .. } => "rate_limited",
         }
     }
 }

@@ -925,6 +925,96 @@ async fn a_flood_of_new_tokens_is_bounded_and_shed_with_503() {
     assert_eq!(shed + refused, 20);
 }
 
+/// The per-address budget of new tokens (`auth.new_tokens_per_address`): once one address has
+/// presented more tokens the gateway had not cached than its burst allows, the next new token
+/// gets 429 `M_LIMIT_EXCEEDED` (with `retry_after_ms` and `Retry-After`) and never reaches the
+/// OP, while tokens already cached, a refused token already judged, and other addresses are
+/// answered as before. Behind a trusted proxy the address is the last `X-Forwarded-For` hop;
+/// without that trust a client's own `X-Forwarded-For` does not buy it a fresh budget.
+#[tokio::test]
+async fn new_tokens_past_an_addresss_budget_get_429_without_an_op_call() {
+    let f = Fakes::start().await;
+    f.introspection("cached", active("alice", &full_scope("D1")), 1)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"active": false})))
+        .with_priority(10)
+        .mount(&f.op)
+        .await;
+    let budget = "\n[auth]\nnew_tokens_per_address = 1\nnew_tokens_burst = 3\n";
+    let gw = spawn(&f.config(budget)).await;
+    let forwarded = |r: reqwest::RequestBuilder, from: &str| r.header("X-Forwarded-For", from);
+    let send = |token: String, from: Option<&'static str>| {
+        let url = gw.url(SYNC);
+        async move {
+            let r = client().get(url).bearer_auth(token);
+            let r = match from {
+                Some(a) => forwarded(r, a),
+                None => r,
+            };
+            r.send().await.unwrap()
+        }
+    };
+    // The cached user's first request spends one unit of the burst.
+    assert_eq!(send("cached".into(), None).await.status(), 200);
+    let mut judged = 0;
+    let mut limited = None;
+    for i in 0..10 {
+        // Without `trust_forwarded_headers` the header the client sends changes nothing.
+        let r = send(format!("garbage-{i}"), Some("203.0.113.9")).await;
+        match r.status().as_u16() {
+            401 => judged += 1,
+            429 => {
+                limited = Some(r);
+                break;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    let limited = limited.expect("the address ran out of budget within ten new tokens");
+    assert!(judged >= 2, "the burst of 3 admitted only {judged} + 1 tokens");
+    let retry_after: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1);
+    let body: Value = limited.json().await.unwrap();
+    assert_eq!(body["errcode"], "M_LIMIT_EXCEEDED", "{body}");
+    assert!(body["retry_after_ms"].as_u64().unwrap() >= 1, "{body}");
+    assert_eq!(
+        introspections(&f.op).await,
+        1 + judged,
+        "the token refused for the budget was not sent to the OP"
+    );
+    // Known tokens are not charged: the cached user, and a refusal already judged.
+    assert_eq!(send("cached".into(), None).await.status(), 200);
+    assert_eq!(send("garbage-0".into(), None).await.status(), 401);
+    assert_eq!(introspections(&f.op).await, 1 + judged);
+
+    // Behind a trusted proxy each client address has its own budget.
+    let trusted = f
+        .config(budget)
+        .replacen("[listen]\n", "[listen]\ntrust_forwarded_headers = true\n", 1);
+    let gw = spawn(&trusted).await;
+    for (i, from) in ["198.51.100.1", "198.51.100.2", "10.0.0.1, 198.51.100.3"]
+        .into_iter()
+        .enumerate()
+    {
+        for j in 0..3 {
+            let r = client()
+                .get(gw.url(SYNC))
+                .bearer_auth(format!("proxied-{i}-{j}"))
+                .header("X-Forwarded-For", from)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 401, "new token {j} from {from}");
+        }
+    }
+}
+
 /// The HTTPS listener (`listen.public_tls`) is the same gateway: a token is verified and bound
 /// as on the plain listener, a refusal is the same Matrix JSON, and the homeserver hears
 /// `X-Forwarded-Proto: https` there (`http` on the plain listener).

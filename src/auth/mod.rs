@@ -5,6 +5,7 @@
 //! Both paths end in the MSC2967 rules of [`identity`]. Raw tokens are only held for the
 //! duration of the call: the cache is keyed by [`TokenHash`].
 
+pub mod budget;
 pub mod cache;
 pub mod identity;
 pub mod jwks;
@@ -12,6 +13,7 @@ pub mod jwt;
 pub mod op;
 pub mod revocations;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
@@ -20,6 +22,7 @@ use crate::clock::SharedClock;
 use crate::config::{Config, VerifyMode};
 use crate::error::{GatewayError, OpFailure, RejectReason};
 use crate::store::redis::Redis;
+use budget::AddressBudget;
 use cache::{CacheOutcome, CachedVerdict, IdentityCache, Verdict};
 use identity::{build_identity, Claims, IdentityError};
 pub use identity::{Access, Identity};
@@ -69,6 +72,8 @@ pub struct Verifier {
     revocations: Arc<Revocations>,
     shared: Option<Redis>,
     cache: IdentityCache,
+    /// Per-client-address budget of tokens not in the cache.
+    budget: Option<AddressBudget>,
     clock: SharedClock,
     user_id_claims: Vec<String>,
     server_name: String,
@@ -94,6 +99,10 @@ impl Verifier {
             op,
             jwt,
             cache: IdentityCache::new(config.cache.capacity, clock.clone()),
+            budget: AddressBudget::new(
+                config.auth.new_tokens_per_address,
+                config.auth.new_tokens_burst,
+            ),
             clock,
             user_id_claims: config.auth.user_id_claims.clone(),
             server_name: config.homeserver.server_name.clone(),
@@ -164,9 +173,11 @@ impl Verifier {
     }
 
     /// Verifies one token; revoked identities are refused whatever the cache or the JWT say.
-    pub async fn verify(&self, token: &str) -> Verified {
+    /// `client` is the address whose budget a token not in the cache is charged to (`None`:
+    /// no budget applies, as for a Unix-socket peer).
+    pub async fn verify(&self, token: &str, client: Option<IpAddr>) -> Verified {
         let key = TokenHash::of(token);
-        let mut verified = self.verify_uncached_revocations(token, key).await;
+        let mut verified = self.verify_uncached_revocations(token, key, client).await;
         if let Ok(identity) = &verified.result {
             if self
                 .revocations
@@ -178,7 +189,12 @@ impl Verifier {
         verified
     }
 
-    async fn verify_uncached_revocations(&self, token: &str, key: TokenHash) -> Verified {
+    async fn verify_uncached_revocations(
+        &self,
+        token: &str,
+        key: TokenHash,
+        client: Option<IpAddr>,
+    ) -> Verified {
         if token.len() > self.max_token_length {
             return Verified {
                 result: Err(GatewayError::UnknownToken(RejectReason::TooLong)),
@@ -187,6 +203,7 @@ impl Verifier {
         }
         let now = self.clock.now_ms();
         let mut outcome = CacheOutcome::Miss;
+        let mut known_valid = false;
         if let Some(hit) = self.cache.get(&key).await {
             match hit.check(now) {
                 Some(result) => {
@@ -203,7 +220,18 @@ impl Verifier {
                     // Our reuse window ended before the token did: ask the OP again.
                     self.cache.invalidate(&key).await;
                     outcome = CacheOutcome::Refresh;
+                    known_valid = matches!(hit.verdict, Verdict::Active(_));
                 }
+            }
+        }
+        // A token the gateway does not know to be valid is charged to its sender's address (the
+        // re-check of a valid one is not: only a valid token gets that far).
+        if let (false, Some(budget), Some(ip)) = (known_valid, &self.budget, client) {
+            if let Err(retry_after_ms) = budget.spend(ip, now.saturating_mul(1000)) {
+                return Verified {
+                    result: Err(GatewayError::RateLimited { retry_after_ms }),
+                    cache: outcome,
+                };
             }
         }
         let loaded = self

@@ -376,6 +376,11 @@ pub struct AuthFile {
     pub guest_endpoints: String,
     /// Seconds announced in `Retry-After` when the OP is unavailable.
     pub retry_after_secs: u32,
+    /// Tokens the gateway has not cached that one client address may present per second (0:
+    /// no budget).
+    pub new_tokens_per_address: u32,
+    /// How many such tokens one address may present at once before the rate applies.
+    pub new_tokens_burst: u32,
 }
 
 impl Default for AuthFile {
@@ -386,6 +391,8 @@ impl Default for AuthFile {
             user_id_claims: vec!["username".into(), "sub".into()],
             guest_endpoints: "spec".into(),
             retry_after_secs: 5,
+            new_tokens_per_address: 100,
+            new_tokens_burst: 1000,
         }
     }
 }

@@ -309,6 +309,10 @@ pub struct AuthPolicy {
     pub guest_endpoints: GuestEndpoints,
     /// `Retry-After` seconds on 503.
     pub retry_after_secs: u32,
+    /// New (uncached) tokens per second per client address; 0 turns the budget off.
+    pub new_tokens_per_address: u32,
+    /// Burst of new tokens per client address.
+    pub new_tokens_burst: u32,
 }
 
 /// `[cache]`

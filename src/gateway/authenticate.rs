@@ -1,12 +1,14 @@
 //! request_filter, steps 2 and 3: extract the token the client presented and verify it (cache,
 //! introspection or local JWT checks). Scope rules, binding and guards are later steps.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use pingora::http::RequestHeader;
 
 use super::classify::{Route, RouteClass};
 use super::ctx::Ctx;
+use super::headers;
 use super::token::{self, Presented};
 use super::Gateway;
 use crate::auth::{Identity, TokenHash};
@@ -17,6 +19,7 @@ use crate::error::{GatewayError, MissingTokenReason};
 pub async fn authenticate(
     gw: &Gateway,
     req: &RequestHeader,
+    peer: Option<IpAddr>,
     route: &Route<'_>,
     ctx: &mut Ctx,
 ) -> Result<Option<Arc<Identity>>, GatewayError> {
@@ -29,7 +32,8 @@ pub async fn authenticate(
         Presented::None => return Err(GatewayError::MissingToken(MissingTokenReason::Absent)),
     };
     ctx.token = Some(TokenHash::of(&token));
-    let verified = gw.verifier.verify(&token).await;
+    let client = headers::client_address(req, peer, gw.config.listen.trust_forwarded_headers);
+    let verified = gw.verifier.verify(&token, client).await;
     ctx.cache = verified.cache;
     let identity = verified.result?;
     ctx.identity = Some(identity.clone());

@@ -8,6 +8,8 @@
 //! `t=<unix seconds>,v1=<hex HMAC-SHA256>` over the canonical string documented in
 //! `docs/identity-headers.md`, so an upstream can check the headers came from the gateway.
 
+use std::net::{IpAddr, SocketAddr};
+
 use hmac::{Hmac, Mac};
 use pingora::http::RequestHeader;
 use pingora::Result;
@@ -145,6 +147,33 @@ pub fn bind(
     };
     req.insert_header(http::header::AUTHORIZATION, format!("Bearer {token}"))?;
     Ok(())
+}
+
+/// The address a request is charged to (the new-token budget): the peer's; behind a trusted
+/// proxy (`trust_incoming`), the last `X-Forwarded-For` hop, the one that proxy appended, when it
+/// parses (a bare address, or `address:port` as some proxies write it).
+pub fn client_address(
+    req: &RequestHeader,
+    peer: Option<IpAddr>,
+    trust_incoming: bool,
+) -> Option<IpAddr> {
+    if !trust_incoming {
+        return peer;
+    }
+    let last = req
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .map(str::trim);
+    last.and_then(|hop| {
+        hop.parse::<IpAddr>()
+            .ok()
+            .or_else(|| hop.parse::<SocketAddr>().ok().map(|a| a.ip()))
+    })
+    .or(peer)
 }
 
 /// Sets `X-Forwarded-For` / `X-Forwarded-Proto` for the homeserver.

@@ -35,6 +35,7 @@ pub mod target;
 pub mod token;
 pub mod upstream;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -136,7 +137,12 @@ impl Gateway {
     /// request_filter's steps in the order of the phase chart: classify → extract and verify
     /// → authorise → bind → guard. Each step returns early with what the gateway answers
     /// itself, or refuses.
-    async fn admit(&self, req: &RequestHeader, ctx: &mut Ctx) -> Result<Decision, GatewayError> {
+    async fn admit(
+        &self,
+        req: &RequestHeader,
+        peer: Option<IpAddr>,
+        ctx: &mut Ctx,
+    ) -> Result<Decision, GatewayError> {
         let route = classify::classify(
             &req.method,
             req.raw_path(),
@@ -151,7 +157,7 @@ impl Gateway {
             RouteClass::Served(s) => return Ok(Decision::Serve(s)),
             RouteClass::Public | RouteClass::Authenticated => {}
         }
-        let Some(identity) = authenticate::authenticate(self, req, &route, ctx).await? else {
+        let Some(identity) = authenticate::authenticate(self, req, peer, &route, ctx).await? else {
             return Ok(Decision::Proxy);
         };
         authorise::authorise(req, &route, &identity, self.config.auth.guest_endpoints)?;
@@ -159,6 +165,11 @@ impl Gateway {
         guard::cross_signing(self, &route, &identity, ctx).await?;
         Ok(Decision::Proxy)
     }
+}
+
+/// The TCP peer's address (`None` for a Unix-socket peer).
+fn peer_ip(session: &Session) -> Option<IpAddr> {
+    session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
 }
 
 /// What request_filter decided.
@@ -186,7 +197,8 @@ impl ProxyHttp for Gateway {
             // Stopping or handing over: this connection's next request goes to a new one.
             session.set_keepalive(None);
         }
-        match self.admit(session.req_header(), ctx).await {
+        let peer = peer_ip(session);
+        match self.admit(session.req_header(), peer, ctx).await {
             Ok(Decision::Proxy) if matches!(ctx.request_body, ctx::RequestBody::PasswordStage) => {
                 match guard::password_stage(self, session, ctx).await {
                     Ok(()) => Ok(false),
@@ -248,10 +260,7 @@ impl ProxyHttp for Gateway {
             req.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         }
         rewrite::prepare_request(req, ctx);
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string());
+        let client_ip = peer_ip(session).map(|ip| ip.to_string());
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         headers::forwarded(
             req,

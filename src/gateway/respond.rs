@@ -132,6 +132,9 @@ pub fn error_response(
         GatewayError::OpUnavailable(_) | GatewayError::BindingUnavailable(_) => {
             extra.push(("Retry-After", settings.retry_after_secs.to_string()))
         }
+        GatewayError::RateLimited { retry_after_ms } => {
+            extra.push(("Retry-After", retry_after_ms.div_ceil(1000).to_string()))
+        }
         GatewayError::GuestAccessForbidden => extra.push((
             "WWW-Authenticate",
             "Bearer error=\"insufficient_scope\", scope=\"urn:matrix:client:api:*\"".to_owned(),

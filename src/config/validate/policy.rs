@@ -14,6 +14,18 @@ pub(super) fn auth(f: &file::AuthFile, c: &mut Check) -> Option<AuthPolicy> {
     if f.max_token_length < 16 {
         p.add("auth.max_token_length", "must be at least 16");
     }
+    if f.new_tokens_per_address > 0 && f.new_tokens_burst == 0 {
+        p.add(
+            "auth.new_tokens_burst",
+            "must be at least 1 while auth.new_tokens_per_address is set",
+        );
+    }
+    if f.new_tokens_per_address > 1_000_000 {
+        p.add(
+            "auth.new_tokens_per_address",
+            "must be at most 1000000 (0 turns the budget off)",
+        );
+    }
     if f.user_id_claims.is_empty() {
         p.add("auth.user_id_claims", "must name at least one claim");
     }
@@ -34,6 +46,8 @@ pub(super) fn auth(f: &file::AuthFile, c: &mut Check) -> Option<AuthPolicy> {
         user_id_claims: f.user_id_claims.clone(),
         guest_endpoints,
         retry_after_secs: f.retry_after_secs,
+        new_tokens_per_address: f.new_tokens_per_address,
+        new_tokens_burst: f.new_tokens_burst,
     })
 }
 
