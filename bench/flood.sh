@@ -7,16 +7,19 @@
 #
 # On loopback: bench/op_stub.py as the OP (5 ms per introspection; it reports the most calls it
 # had in flight at once), nginx as the upstream, the release gateway with
-# `max_concurrent_introspections = 16` and `introspection_queue = 64`, one worker thread.
+# `max_concurrent_introspections = 16` and `introspection_queue = 64`, one worker thread, the
+# default per-address budget of new tokens (100/s, burst 1000) and `trust_forwarded_headers`.
 #   idle    wrk -c16 with one cached valid token: p50/p99 of a cached user alone
 #   flood   the same, while a second wrk (-c256) sends 5,000 distinct made-up tokens: paced
 #           (50 ms between a connection's requests, about 5,000 req/s: more than the OP
 #           stub can take at the bound, so some are shed) and flat out (the gateway's one
-#           worker saturated: then every request waits its turn, cached or not)
+#           worker saturated: then every request waits its turn, cached or not); each from
+#           one address (the budget answers 429 past it) and from 5,000 addresses (one per
+#           token through X-Forwarded-For: only the per-issuer bound holds those back)
 #   control the paced and flat-out loads again with the cached user's own valid token: what
 #           the volume alone costs, without a single made-up token
-# Prints both, their ratio, the flood's answers (401 once the OP judged a token, 503 when shed)
-# and the OP's peak concurrency against the configured bound.
+# Prints both, their ratio, the flood's answers (401 once the OP judged a token, 503 when shed,
+# 429 over the address's budget) and the OP's peak concurrency against the configured bound.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 smoke=false
@@ -42,6 +45,7 @@ cat >"$work/gateway.toml" <<TOML
 public = "127.0.0.1:$GW"
 admin = "127.0.0.1:$ADMIN"
 threads = 1
+trust_forwarded_headers = true
 [homeserver]
 url = "http://127.0.0.1:$UP"
 server_name = "example.org"
@@ -73,30 +77,45 @@ shed_total() {
   curl -s "http://127.0.0.1:$ADMIN/metrics" |
     awk '/^matrix_oidc_gateway_introspection_requests_total\{result="op_overloaded"\}/ {print $2}' | awk '{s+=$1} END {print s+0}'
 }
+limited_total() {
+  curl -s "http://127.0.0.1:$ADMIN/metrics" |
+    awk '/^matrix_oidc_gateway_requests_total\{.*outcome="M_LIMIT_EXCEEDED"/ {print $2}' | awk '{s+=$1} END {print s+0}'
+}
 rows="$work/rows"
 : >"$rows"
-# Each run floods with tokens the gateway has never seen; then the controls: the same paced and
-# flat-out loads with the cached user's own valid token (no OP call, no refusal), what the
-# volume alone costs a cached user on these cores. Control rows are labelled -1 - pace.
-for token in "" good-token; do
-for pace in 50 0; do
+# Scenarios: name, the flood's token (empty: made-up ones), pace (ms between a connection's
+# requests, 0: flat out), and whether each made-up token comes from its own address. The
+# one-address floods meet the per-address budget of new tokens (429 past it); the spread ones
+# (X-Forwarded-For through a trusted proxy) meet only the per-issuer introspection bound.
+# The controls send the cached user's own valid token at the same volume: what the volume alone
+# costs a cached user on these cores, without a single made-up token.
+scenarios=(
+  "paced,_one_address||50|0"
+  "paced,_5,000_addresses||50|1"
+  "flat_out,_one_address||0|0"
+  "flat_out,_5,000_addresses||0|1"
+  "control:_paced,_valid_token|good-token|50|0"
+  "control:_flat_out,_valid_token|good-token|0|0"
+)
+for scenario in "${scenarios[@]}"; do
+IFS='|' read -r label token pace spread <<<"$scenario"
 for run in $(seq 1 "$RUNS"); do
   idle=$(cached)
   shed0=$(shed_total)
+  limited0=$(limited_total)
   intro0=$(op_count "$OP" introspections)
-  env ${token:+FLOOD_TOKEN=$token} FLOOD_PREFIX="p$pace-r$run" FLOOD_TOKENS=$FLOOD_TOKENS \
-    FLOOD_DELAY_MS=$pace wrk -t1 -c256 -d"$DUR" -s bench/flood.lua "$U" >"$work/flood.out" 2>&1 &
+  env ${token:+FLOOD_TOKEN=$token} FLOOD_PREFIX="$run-${label//[^a-z0-9]/}" FLOOD_TOKENS=$FLOOD_TOKENS \
+    FLOOD_DELAY_MS=$pace FLOOD_SPREAD="$spread" \
+    wrk -t1 -c256 -d"$DUR" -s bench/flood.lua "$U" >"$work/flood.out" 2>&1 &
   flood_pid=$!
   sleep 0.3
   busy=$(cached)
   wait "$flood_pid" || true
   flood_rps=$(awk '/Requests\/sec/ {print $2}' "$work/flood.out")
-  label=$pace
-  [ -n "$token" ] && label=$(( -1 - pace ))
-  printf '%s %s %s %s %s %s %s %s\n' "$label" \
+  printf '%s %s %s %s %s %s %s %s %s\n' "$label" \
     "$(p 50% <<<"$idle")" "$(p 99% <<<"$idle")" "$(p 50% <<<"$busy")" "$(p 99% <<<"$busy")" \
-    "$flood_rps" "$(( $(op_count "$OP" introspections) - intro0 ))" "$(( $(shed_total) - shed0 ))" >>"$rows"
-done
+    "$flood_rps" "$(( $(op_count "$OP" introspections) - intro0 ))" "$(( $(shed_total) - shed0 ))" \
+    "$(( $(limited_total) - limited0 ))" >>"$rows"
 done
 done
 peak=$(op_count "$OP" max_in_flight)
@@ -105,9 +124,9 @@ echo
 echo "flood benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores$($smoke && echo ', SMOKE (not for conclusions)')"
 echo "max_concurrent_introspections = $MAXC, introspection_queue = $QUEUE, $FLOOD_TOKENS distinct made-up tokens"
 echo
-echo "| flood | cached idle p50/p99 ms | cached under flood p50/p99 ms | p99 ratio | flood req/s | OP calls | shed (503) |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
-awk '{printf "| %s | %.2f / %.2f | %.2f / %.2f | %.2f | %.0f | %d | %d |\n", ($1 > 0 ? "paced " $1 " ms" : ($1 == 0 ? "flat out" : ($1 == -1 ? "control: flat out, valid token" : "control: paced " (-1 - $1) " ms, valid token"))), $2, $3, $4, $5, ($3 > 0 ? $5/$3 : 0), $6, $7, $8}' "$rows"
+echo "| flood | cached idle p50/p99 ms | cached under flood p50/p99 ms | p99 ratio | flood req/s | OP calls | shed (503) | over budget (429) |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+awk '{l = $1; gsub(/_/, " ", l); printf "| %s | %.2f / %.2f | %.2f / %.2f | %.2f | %.0f | %d | %d | %d |\n", l, $2, $3, $4, $5, ($3 > 0 ? $5/$3 : 0), $6, $7, $8, $9}' "$rows"
 echo
 echo "- OP peak concurrency: $peak (bound: $MAXC)"
 if [ "$peak" -gt "$MAXC" ]; then

@@ -973,7 +973,10 @@ async fn new_tokens_past_an_addresss_budget_get_429_without_an_op_call() {
         }
     }
     let limited = limited.expect("the address ran out of budget within ten new tokens");
-    assert!(judged >= 2, "the burst of 3 admitted only {judged} + 1 tokens");
+    assert!(
+        judged >= 2,
+        "the burst of 3 admitted only {judged} + 1 tokens"
+    );
     let retry_after: u64 = limited.headers()["retry-after"]
         .to_str()
         .unwrap()
@@ -994,9 +997,11 @@ async fn new_tokens_past_an_addresss_budget_get_429_without_an_op_call() {
     assert_eq!(introspections(&f.op).await, 1 + judged);
 
     // Behind a trusted proxy each client address has its own budget.
-    let trusted = f
-        .config(budget)
-        .replacen("[listen]\n", "[listen]\ntrust_forwarded_headers = true\n", 1);
+    let trusted = f.config(budget).replacen(
+        "[listen]\n",
+        "[listen]\ntrust_forwarded_headers = true\n",
+        1,
+    );
     let gw = spawn(&trusted).await;
     for (i, from) in ["198.51.100.1", "198.51.100.2", "10.0.0.1, 198.51.100.3"]
         .into_iter()

@@ -29,6 +29,27 @@ fn the_runtime_dir_must_be_absolute_and_the_stop_timings_parse() {
 }
 
 #[test]
+fn the_new_token_budget_defaults_on_and_its_burst_must_admit_one() {
+    let c = load_str(MINIMAL).expect("valid").config;
+    assert_eq!(
+        (c.auth.new_tokens_per_address, c.auth.new_tokens_burst),
+        (100, 1000)
+    );
+    let problems = |auth: &str| match load_str(&format!("{MINIMAL}\n[auth]\n{auth}\n")) {
+        Err(p) => p.to_string(),
+        Ok(_) => String::new(),
+    };
+    let p = problems("new_tokens_per_address = 10\nnew_tokens_burst = 0");
+    assert!(p.contains("auth.new_tokens_burst"), "{p}");
+    let p = problems("new_tokens_per_address = 2000000");
+    assert!(p.contains("auth.new_tokens_per_address"), "{p}");
+    assert_eq!(
+        problems("new_tokens_per_address = 0\nnew_tokens_burst = 0"),
+        ""
+    );
+}
+
+#[test]
 fn the_https_listener_needs_its_address_certificate_and_key() {
     let problems = |listen: &str| match load_str(&format!("[listen]\n{listen}\n{MINIMAL}")) {
         Err(p) => p.to_string(),

@@ -169,7 +169,10 @@ impl Gateway {
 
 /// The TCP peer's address (`None` for a Unix-socket peer).
 fn peer_ip(session: &Session) -> Option<IpAddr> {
-    session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
 }
 
 /// What request_filter decided.
