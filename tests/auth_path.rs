@@ -960,9 +960,22 @@ async fn new_tokens_past_an_addresss_budget_get_429_without_an_op_call() {
     assert_eq!(send("cached".into(), None).await.status(), 200);
     let mut judged = 0;
     let mut limited = None;
-    for i in 0..10 {
-        // Without `trust_forwarded_headers` the header the client sends changes nothing.
-        let r = send(format!("garbage-{i}"), Some("203.0.113.9")).await;
+    const FORGED: [&str; 10] = [
+        "203.0.113.0",
+        "203.0.113.1",
+        "203.0.113.2",
+        "203.0.113.3",
+        "203.0.113.4",
+        "203.0.113.5",
+        "203.0.113.6",
+        "203.0.113.7",
+        "203.0.113.8",
+        "203.0.113.9",
+    ];
+    for (i, forged) in FORGED.into_iter().enumerate() {
+        // Without `trust_forwarded_headers` a new address in the client's own header each
+        // time changes nothing.
+        let r = send(format!("garbage-{i}"), Some(forged)).await;
         match r.status().as_u16() {
             401 => judged += 1,
             429 => {
@@ -996,28 +1009,61 @@ async fn new_tokens_past_an_addresss_budget_get_429_without_an_op_call() {
     assert_eq!(send("garbage-0".into(), None).await.status(), 401);
     assert_eq!(introspections(&f.op).await, 1 + judged);
 
-    // Behind a trusted proxy each client address has its own budget.
+    // Behind a trusted proxy the last hop (the proxy's entry) is charged, whatever the client
+    // put before it, and each such address has its own budget.
     let trusted = f.config(budget).replacen(
         "[listen]\n",
         "[listen]\ntrust_forwarded_headers = true\n",
         1,
     );
     let gw = spawn(&trusted).await;
-    for (i, from) in ["198.51.100.1", "198.51.100.2", "10.0.0.1, 198.51.100.3"]
-        .into_iter()
-        .enumerate()
-    {
-        for j in 0..3 {
-            let r = client()
-                .get(gw.url(SYNC))
-                .bearer_auth(format!("proxied-{i}-{j}"))
-                .header("X-Forwarded-For", from)
+    let proxied = |token: String, lines: [&'static str; 2]| {
+        let url = gw.url(SYNC);
+        async move {
+            client()
+                .get(url)
+                .bearer_auth(token)
+                .header("X-Forwarded-For", lines[0])
+                .header("X-Forwarded-For", lines[1])
                 .send()
                 .await
-                .unwrap();
-            assert_eq!(r.status(), 401, "new token {j} from {from}");
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let mut statuses = Vec::new();
+    for (j, forged) in FORGED.into_iter().enumerate() {
+        statuses.push(proxied(format!("proxied-a-{j}"), [forged, "198.51.100.1"]).await);
+        if statuses.last() == Some(&429) {
+            break;
         }
     }
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+    assert!(statuses.len() >= 4, "{statuses:?}");
+    // Another client address behind the same proxy still has its budget.
+    assert_eq!(
+        proxied("proxied-b-0".into(), ["203.0.113.0", "198.51.100.2"]).await,
+        401
+    );
+}
+
+/// An OP that fails does not spend the budget: a client with new tokens during an OP outage
+/// keeps getting 503 (retry, do not sign out), never 429, however many it presents.
+#[tokio::test]
+async fn new_tokens_during_an_op_outage_stay_503_past_the_budget() {
+    let f = Fakes::start().await;
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .respond_with(ResponseTemplate::new(500))
+        .mount(&f.op)
+        .await;
+    let gw = spawn(&f.config("\n[auth]\nnew_tokens_per_address = 1\nnew_tokens_burst = 2\n")).await;
+    for i in 0..6 {
+        let r = get(&gw, SYNC, Some(&format!("new-{i}"))).await;
+        assert_eq!(r.status(), 503, "new token {i} while the OP fails");
+    }
+    assert_eq!(introspections(&f.op).await, 6);
 }
 
 /// The HTTPS listener (`listen.public_tls`) is the same gateway: a token is verified and bound

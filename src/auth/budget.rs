@@ -11,16 +11,19 @@
 //!
 //! Addresses: IPv4 as they are; IPv6 by their /64 (what one subscriber is given); IPv4-mapped
 //! IPv6 as IPv4. Which address counts (the peer, or the last hop of `X-Forwarded-For` behind a
-//! trusted proxy) is the caller's choice.
+//! trusted proxy) is the caller's choice. Time is monotonic (a wall-clock step back must not
+//! lock addresses out).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 
+use std::time::Instant;
+
 use parking_lot::Mutex;
 
-/// Most addresses tracked at once. Past it (after a sweep), an address with no entry is
-/// admitted untracked: the per-issuer introspection bound still holds for a flood from more
-/// addresses than this.
+/// Most addresses tracked at once. Past it (after a sweep), addresses with no entry share one
+/// overflow budget, so filling the table (one IPv6 /48 holds 65,536 /64s) buys no one an
+/// unlimited budget.
 const MAX_TRACKED: usize = 65_536;
 
 /// The budget: `rate` uncached verifications per second per address, `burst` at once.
@@ -31,11 +34,15 @@ pub struct AddressBudget {
     /// How far ahead of now a TAT may be and still admit: `(burst - 1) * interval`.
     tolerance_us: u64,
     table: Mutex<Table>,
+    /// The origin of the monotonic microseconds [`AddressBudget::spend_now`] uses.
+    origin: Instant,
 }
 
 #[derive(Debug, Default)]
 struct Table {
     tat: HashMap<AddressKey, u64>,
+    /// The TAT shared by addresses that found the table full.
+    overflow: u64,
     /// When the table was last swept: at most one sweep a second, so a flood from ever new
     /// addresses cannot make every request walk a full table.
     swept_us: Option<u64>,
@@ -71,20 +78,40 @@ impl AddressBudget {
             interval_us,
             tolerance_us: interval_us.saturating_mul(u64::from(burst.max(1)) - 1),
             table: Mutex::new(Table::default()),
+            origin: Instant::now(),
         })
     }
 
-    /// Spends one unit of `ip`'s budget at `now_us` (microseconds, any monotonic-enough
-    /// origin). `Err(ms)`: over budget, with how long until one unit is back.
-    pub fn spend(&self, ip: IpAddr, now_us: u64) -> Result<(), u64> {
+    /// Spends one unit of `ip`'s budget now. `Err(ms)`: over budget, with how long until the
+    /// address may try again.
+    pub fn spend_now(&self, ip: IpAddr) -> Result<(), u64> {
+        self.spend(ip, self.now_us())
+    }
+
+    /// Gives back the unit [`AddressBudget::spend_now`] took, when the work it paid for did not
+    /// happen (the OP failed or shed the call: that answer is a 503, and must stay one).
+    pub fn refund_now(&self, ip: IpAddr) {
         let key = AddressKey::of(ip);
         let mut table = self.table.lock();
-        let tat = table.tat.get(&key).copied().unwrap_or(0).max(now_us);
-        let ahead = tat - now_us;
-        if ahead > self.tolerance_us {
-            let wait_us = ahead - self.tolerance_us;
-            return Err(wait_us.div_ceil(1000).max(1));
-        }
+        let slot = match table.tat.get_mut(&key) {
+            Some(t) => t,
+            None => &mut table.overflow,
+        };
+        // A TAT in the past means a full budget, so going below now is harmless.
+        *slot = slot.saturating_sub(self.interval_us);
+    }
+
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Spends one unit of `ip`'s budget at `now_us` (monotonic microseconds). `Err(ms)`: over
+    /// budget, with how long until the address may try again (at least a second: a client
+    /// told "1 ms" would only come back at once, with everyone behind the same address).
+    fn spend(&self, ip: IpAddr, now_us: u64) -> Result<(), u64> {
+        let key = AddressKey::of(ip);
+        let mut table = self.table.lock();
+        let table = &mut *table;
         if table.tat.len() >= MAX_TRACKED && !table.tat.contains_key(&key) {
             let due = table
                 .swept_us
@@ -93,11 +120,19 @@ impl AddressBudget {
                 table.swept_us = Some(now_us);
                 table.tat.retain(|_, t| *t > now_us);
             }
-            if table.tat.len() >= MAX_TRACKED {
-                return Ok(());
-            }
         }
-        table.tat.insert(key, tat.saturating_add(self.interval_us));
+        let slot = if table.tat.len() < MAX_TRACKED || table.tat.contains_key(&key) {
+            table.tat.entry(key).or_insert(0)
+        } else {
+            &mut table.overflow
+        };
+        let tat = (*slot).max(now_us);
+        let ahead = tat - now_us;
+        if ahead > self.tolerance_us {
+            let wait_us = ahead - self.tolerance_us;
+            return Err(wait_us.div_ceil(1000).max(1000));
+        }
+        *slot = tat.saturating_add(self.interval_us);
         Ok(())
     }
 
@@ -123,11 +158,38 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(b.spend(a, 1_000_000), Ok(()));
         }
-        // The fourth at the same instant waits one interval (100 ms).
-        assert_eq!(b.spend(a, 1_000_000), Err(100));
+        // The fourth at the same instant is refused (one interval, 100 ms, to wait; clients
+        // are told at least a second).
+        assert_eq!(b.spend(a, 1_000_000), Err(1000));
         // 100 ms later one unit is back, and only one.
         assert_eq!(b.spend(a, 1_100_000), Ok(()));
-        assert_eq!(b.spend(a, 1_100_000), Err(100));
+        assert!(b.spend(a, 1_100_000).is_err());
+    }
+
+    #[test]
+    fn the_wait_announced_is_how_long_until_a_unit_is_back() {
+        let b = AddressBudget::new(1, 1).unwrap();
+        let a = ip("192.0.2.1");
+        b.spend(a, 0).unwrap();
+        assert_eq!(b.spend(a, 0), Err(1000));
+        let b = AddressBudget::new(1, 1).unwrap();
+        b.spend(a, 0).unwrap();
+        b.spend(a, 1_000_000).unwrap();
+        // Spending ahead does not push the TAT further: refused answers cost nothing.
+        for _ in 0..10 {
+            assert_eq!(b.spend(a, 1_000_000), Err(1000));
+        }
+        assert_eq!(b.spend(a, 2_000_000), Ok(()));
+    }
+
+    #[test]
+    fn a_refund_gives_the_unit_back() {
+        let b = AddressBudget::new(1, 1).unwrap();
+        let a = ip("192.0.2.1");
+        b.spend_now(a).unwrap();
+        assert!(b.spend_now(a).is_err());
+        b.refund_now(a);
+        assert_eq!(b.spend_now(a), Ok(()));
     }
 
     #[test]
@@ -148,46 +210,51 @@ mod tests {
         assert!(b.spend(ip("::ffff:198.51.100.7"), 0).is_err());
     }
 
+    fn fill(b: &AddressBudget, at_us: u64) {
+        for i in 0..MAX_TRACKED as u32 {
+            b.spend(IpAddr::V4(i.into()), at_us).unwrap();
+        }
+        assert_eq!(b.tracked(), MAX_TRACKED);
+    }
+
     #[test]
     fn zero_is_off_and_a_full_table_forgets_spent_out_addresses_first() {
         assert!(AddressBudget::new(0, 10).is_none());
         let b = AddressBudget::new(1_000_000, 1).unwrap();
-        for i in 0..MAX_TRACKED as u32 {
-            b.spend(IpAddr::V4(i.into()), 0).unwrap();
-        }
-        assert_eq!(b.tracked(), MAX_TRACKED);
+        fill(&b, 0);
         // 1 µs later every entry is back to a full budget: the sweep empties the table.
         b.spend(ip("203.0.113.1"), 1).unwrap();
         assert_eq!(b.tracked(), 1);
     }
 
     #[test]
+    fn addresses_past_a_full_table_share_one_overflow_budget() {
+        let b = AddressBudget::new(1, 2).unwrap();
+        fill(&b, 0);
+        // Two new addresses use the overflow's burst of two; the third is refused, as is a
+        // fourth: filling the table bought nobody an unlimited budget.
+        b.spend(ip("203.0.113.1"), 0).unwrap();
+        b.spend(ip("2001:db8::1"), 0).unwrap();
+        assert!(b.spend(ip("203.0.113.2"), 0).is_err());
+        assert!(b.spend(ip("203.0.113.1"), 0).is_err());
+        assert_eq!(b.tracked(), MAX_TRACKED);
+        // A tracked one keeps its own budget.
+        assert_eq!(b.spend(IpAddr::V4(0u32.into()), 0), Ok(()));
+    }
+
+    #[test]
     fn a_full_table_is_swept_at_most_once_a_second() {
-        let b = AddressBudget::new(1, 1).unwrap();
-        for i in 0..MAX_TRACKED as u32 {
-            b.spend(IpAddr::V4(i.into()), 0).unwrap();
-        }
-        // Nothing has expired at 10 µs: the sweep finds nothing. At 1_000_005 µs every budget
-        // is back, but the last sweep was under a second ago: no sweep, admitted untracked.
+        let b = AddressBudget::new(1, 100).unwrap();
+        fill(&b, 0);
+        // Entries at 0 with a 1 s interval are spent out until 1 s. At 10 µs the sweep finds
+        // nothing; at 1_000_005 µs every budget is back, but the last sweep was under a second
+        // ago: no sweep (the new address goes to the overflow budget).
         b.spend(ip("203.0.113.1"), 10).unwrap();
         assert_eq!(b.tracked(), MAX_TRACKED);
         b.spend(ip("203.0.113.2"), 1_000_005).unwrap();
         assert_eq!(b.tracked(), MAX_TRACKED);
-        // A second after the last sweep, it sweeps: every budget is back by then.
+        // A second after the last sweep, it sweeps.
         b.spend(ip("203.0.113.3"), 1_000_011).unwrap();
         assert_eq!(b.tracked(), 1);
-    }
-
-    #[test]
-    fn an_untracked_address_past_the_limit_is_admitted() {
-        let b = AddressBudget::new(1, 1).unwrap();
-        for i in 0..MAX_TRACKED as u32 {
-            b.spend(IpAddr::V4(i.into()), 0).unwrap();
-        }
-        let late = ip("203.0.113.1");
-        assert_eq!(b.spend(late, 0), Ok(()));
-        assert_eq!(b.spend(late, 0), Ok(()));
-        // A tracked one is still held to its budget.
-        assert!(b.spend(IpAddr::V4(0u32.into()), 0).is_err());
     }
 }

@@ -15,7 +15,7 @@ use moka::Expiry;
 
 use super::{Identity, TokenHash};
 use crate::clock::SharedClock;
-use crate::error::{GatewayError, MappingFailure, OpFailure, RejectReason};
+use crate::error::{GatewayError, MappingFailure, RejectReason};
 
 /// A cached decision about one token.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -145,11 +145,11 @@ impl IdentityCache {
 
     /// Returns the cached verdict or runs `load` once for all concurrent callers of the same key.
     /// The flag is `true` for the caller whose `load` ran. Failures are not cached.
-    pub async fn get_or_load(
+    pub async fn get_or_load<E: Copy + Send + Sync + 'static>(
         &self,
         key: TokenHash,
-        load: impl Future<Output = Result<CachedVerdict, OpFailure>>,
-    ) -> Result<(CachedVerdict, bool), OpFailure> {
+        load: impl Future<Output = Result<CachedVerdict, E>>,
+    ) -> Result<(CachedVerdict, bool), E> {
         match self.inner.entry(key).or_try_insert_with(load).await {
             Ok(entry) => {
                 let fresh = entry.is_fresh();

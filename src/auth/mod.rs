@@ -61,6 +61,15 @@ pub struct Verified {
     pub cache: CacheOutcome,
 }
 
+/// Why a token could not be decided.
+#[derive(Debug, Clone, Copy)]
+enum LoadFailure {
+    /// The OP failed, or shed the call: 503.
+    Op(OpFailure),
+    /// The sender's address is over its budget of new tokens: 429, nobody was asked.
+    OverBudget { retry_after_ms: u64 },
+}
+
 /// Verifies tokens through the identity cache: JWTs locally at the issuer named by `iss`
 /// (modes `jwt`/`auto`), anything else by introspection at the primary issuer.
 pub struct Verifier {
@@ -224,19 +233,13 @@ impl Verifier {
                 }
             }
         }
-        // A token the gateway does not know to be valid is charged to its sender's address (the
-        // re-check of a valid one is not: only a valid token gets that far).
-        if let (false, Some(budget), Some(ip)) = (known_valid, &self.budget, client) {
-            if let Err(retry_after_ms) = budget.spend(ip, now.saturating_mul(1000)) {
-                return Verified {
-                    result: Err(GatewayError::RateLimited { retry_after_ms }),
-                    cache: outcome,
-                };
-            }
-        }
+        // A token the gateway does not know to be valid is charged to its sender's address
+        // when this replica decides it (the re-check of a valid one is not charged: only a
+        // valid token gets that far).
+        let charge = if known_valid { None } else { client };
         let loaded = self
             .cache
-            .get_or_load(key, async { self.load_shared(key, token).await })
+            .get_or_load(key, async { self.load_shared(key, token, charge).await })
             .await;
         match loaded {
             Ok((entry, fresh)) => Verified {
@@ -249,7 +252,11 @@ impl Verifier {
                     CacheOutcome::Coalesced
                 },
             },
-            Err(failure) => {
+            Err(LoadFailure::OverBudget { retry_after_ms }) => Verified {
+                result: Err(GatewayError::RateLimited { retry_after_ms }),
+                cache: outcome,
+            },
+            Err(LoadFailure::Op(failure)) => {
                 tracing::warn!(reason = ?failure, token = %key.short(), "introspection failed");
                 Verified {
                     result: Err(GatewayError::OpUnavailable(failure)),
@@ -262,9 +269,14 @@ impl Verifier {
     /// Decides a token this replica has not cached: from the shared cache when another replica
     /// already did, else under a shared lock so that one replica asks the OP. Redis trouble
     /// never fails a request: it falls back to deciding here.
-    async fn load_shared(&self, key: TokenHash, token: &str) -> Result<CachedVerdict, OpFailure> {
+    async fn load_shared(
+        &self,
+        key: TokenHash,
+        token: &str,
+        charge: Option<IpAddr>,
+    ) -> Result<CachedVerdict, LoadFailure> {
         let Some(redis) = &self.shared else {
-            return self.load(token).await;
+            return self.decide(token, charge).await;
         };
         let id = hex::encode(key.0);
         let read = |bytes: Vec<u8>| {
@@ -282,13 +294,13 @@ impl Verifier {
                 }
             }
             Ok(None) => {}
-            Err(_) => return self.load(token).await,
+            Err(_) => return self.decide(token, charge).await,
         }
         let wait = self.op.issuer().timeout + std::time::Duration::from_secs(1);
         let lock = format!("decide:{id}");
         match redis.lock(&lock, wait * 2).await {
             Ok(Some(fence)) => {
-                let decided = self.load(token).await;
+                let decided = self.decide(token, charge).await;
                 if let Ok(v) = &decided {
                     let ttl = v.fresh_until_ms.saturating_sub(self.clock.now_ms());
                     if ttl > 0 {
@@ -328,10 +340,33 @@ impl Verifier {
                         Err(_) => break,
                     }
                 }
-                self.load(token).await
+                self.decide(token, charge).await
             }
-            Err(_) => self.load(token).await,
+            Err(_) => self.decide(token, charge).await,
         }
+    }
+
+    /// Decides a token here (OP or JWT checks), charged to `charge`'s budget first; the unit is
+    /// given back when the OP failed or shed the call (that answer stays a 503).
+    async fn decide(
+        &self,
+        token: &str,
+        charge: Option<IpAddr>,
+    ) -> Result<CachedVerdict, LoadFailure> {
+        let charged = match (&self.budget, charge) {
+            (Some(budget), Some(ip)) => {
+                budget
+                    .spend_now(ip)
+                    .map_err(|retry_after_ms| LoadFailure::OverBudget { retry_after_ms })?;
+                Some((budget, ip))
+            }
+            _ => None,
+        };
+        let decided = self.load(token).await;
+        if let (Err(_), Some((budget, ip))) = (&decided, charged) {
+            budget.refund_now(ip);
+        }
+        decided.map_err(LoadFailure::Op)
     }
 
     /// Drops a token from the shared cache too.

@@ -160,13 +160,15 @@ pub fn client_address(
     if !trust_incoming {
         return peer;
     }
+    // The bytes of the last hop, not the whole header as text: a client's own non-ASCII entry
+    // earlier in the list must not make the proxy's entry unreadable.
     let last = req
         .headers
         .get_all("x-forwarded-for")
         .iter()
         .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
+        .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
+        .and_then(|hop| std::str::from_utf8(hop).ok())
         .map(str::trim);
     last.and_then(|hop| {
         hop.parse::<IpAddr>()
@@ -238,6 +240,38 @@ mod tests {
             token_id: None,
             issued_at_ms: 0,
         }
+    }
+
+    #[test]
+    fn the_budgeted_address_is_the_peer_or_the_trusted_proxys_last_hop() {
+        let peer: Option<IpAddr> = Some("192.0.2.10".parse().unwrap());
+        let with = |values: &[&[u8]]| {
+            let mut r = RequestHeader::build("GET", b"/_matrix/client/v3/sync", None).unwrap();
+            for v in values {
+                r.append_header("X-Forwarded-For", http::HeaderValue::from_bytes(v).unwrap())
+                    .unwrap();
+            }
+            r
+        };
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let r = with(&[b"198.51.100.1"]);
+        assert_eq!(client_address(&r, peer, false), peer, "not trusted");
+        assert_eq!(client_address(&r, peer, true), ip("198.51.100.1"));
+        let r = with(&[b"203.0.113.5, 198.51.100.2"]);
+        assert_eq!(client_address(&r, peer, true), ip("198.51.100.2"));
+        // Several header lines: the proxy's is the last; a client's non-ASCII entry before it
+        // does not hide it.
+        let r = with(&[b"\xff\xfe, 203.0.113.5", b"198.51.100.3"]);
+        assert_eq!(client_address(&r, peer, true), ip("198.51.100.3"));
+        let r = with(&[b"\xff, 198.51.100.4"]);
+        assert_eq!(client_address(&r, peer, true), ip("198.51.100.4"));
+        let r = with(&[b"198.51.100.5:4711"]);
+        assert_eq!(client_address(&r, peer, true), ip("198.51.100.5"));
+        let r = with(&[b"[2001:db8::7]:4711"]);
+        assert_eq!(client_address(&r, peer, true), ip("2001:db8::7"));
+        let r = with(&[b"unknown"]);
+        assert_eq!(client_address(&r, peer, true), peer, "unparsable: the peer");
+        assert_eq!(client_address(&with(&[]), peer, true), peer);
     }
 
     #[test]
