@@ -112,6 +112,12 @@ for run in $(seq 1 "$RUNS"); do
   busy=$(cached)
   wait "$flood_pid" || true
   flood_rps=$(awk '/Requests\/sec/ {print $2}' "$work/flood.out")
+  # The cached user's answers must all be 200s: a fast refusal would flatter its latency.
+  bad=$(awk '/Non-2xx/ {print $NF}' <<<"$idle"$'\n'"$busy" | awk '{s+=$1} END {print s+0}')
+  if [ "$bad" -gt 0 ]; then
+    echo "flood: the cached user got $bad non-2xx answers ($label)" >&2
+    exit 1
+  fi
   printf '%s %s %s %s %s %s %s %s %s\n' "$label" \
     "$(p 50% <<<"$idle")" "$(p 99% <<<"$idle")" "$(p 50% <<<"$busy")" "$(p 99% <<<"$busy")" \
     "$flood_rps" "$(( $(op_count "$OP" introspections) - intro0 ))" "$(( $(shed_total) - shed0 ))" \
