@@ -857,6 +857,78 @@ async fn the_revocation_proxy_records_only_what_it_can_attribute() {
     assert_eq!(status(&gw, "alice-token").await, 401);
 }
 
+/// The revocation proxy's lookups of tokens the gateway has not cached are charged to the
+/// caller's new-token budget like a request's: past it, 429 with `Retry-After`, nothing
+/// forwarded to the OP and no introspection; a cached token's revocation is not charged.
+#[tokio::test]
+async fn revocation_lookups_past_the_address_budget_get_429_and_nothing_is_forwarded() {
+    let (f, gw, _) = setup(
+        "[auth]\nnew_tokens_per_address = 1\nnew_tokens_burst = 2",
+        "",
+    )
+    .await;
+    Mock::given(method("POST"))
+        .and(path("/revoke"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&f.op)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"active": false})))
+        .with_priority(10)
+        .mount(&f.op)
+        .await;
+    // alice's token is cached by her own request (one unit of the burst of two).
+    assert_eq!(status(&gw, "alice-token").await, 200);
+    let revokes = || async {
+        f.op.received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r.url.path() == "/revoke")
+            .count()
+    };
+    let mut limited = None;
+    for i in 0..10 {
+        let token = format!("made-up-{i}");
+        let r = revoke_through_proxy(
+            &gw,
+            &[("token", token.as_str()), ("client_id", "matrix-client")],
+        )
+        .await;
+        if r.status() == 429 {
+            limited = Some((i, r));
+            break;
+        }
+        assert_eq!(r.status(), 200);
+    }
+    let (i, r) = limited.expect("the budget ran out within ten made-up tokens");
+    assert!(r.headers().contains_key("retry-after"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "temporarily_unavailable", "{body}");
+    let (introspected, forwarded) = (introspections(&f.op).await, revokes().await);
+    assert_eq!(
+        forwarded, i,
+        "the refused revocation was forwarded to the OP"
+    );
+    assert_eq!(introspected, 1 + i, "the refused lookup reached the OP");
+    // A cached token's revocation costs no budget: it is carried out.
+    let r = revoke_through_proxy(
+        &gw,
+        &[("token", "alice-token"), ("client_id", "matrix-client")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        revokes().await,
+        i + 1,
+        "the cached token's revocation was forwarded"
+    );
+    // Refused from now on (401 once judged; while this address is over its budget the purged
+    // token is new to the cache, so it may be a 429 first: never a 200).
+    assert_ne!(status(&gw, "alice-token").await, 200);
+}
+
 /// The revocation list is bounded (`notifications.max_revocations`). When it is full, a
 /// revocation the gateway could not record is not carried out at the OP either: 503, and the
 /// client retries later. Nothing is acknowledged that the gateway does not enforce.

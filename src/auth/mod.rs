@@ -346,6 +346,23 @@ impl Verifier {
         }
     }
 
+    /// Charges one new token to `client`'s budget (when there is a budget and an address);
+    /// returns the address charged, for [`Verifier::refund_new_token`]. `Err(ms)`: over budget.
+    pub fn charge_new_token(&self, client: Option<IpAddr>) -> Result<Option<IpAddr>, u64> {
+        match (&self.budget, client) {
+            (Some(budget), Some(ip)) => budget.spend_now(ip).map(|()| Some(ip)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Gives back what [`Verifier::charge_new_token`] took, when the OP failed or shed the
+    /// call it paid for.
+    pub fn refund_new_token(&self, charged: Option<IpAddr>) {
+        if let (Some(budget), Some(ip)) = (&self.budget, charged) {
+            budget.refund_now(ip);
+        }
+    }
+
     /// Decides a token here (OP or JWT checks), charged to `charge`'s budget first; the unit is
     /// given back when the OP failed or shed the call (that answer stays a 503).
     async fn decide(
@@ -353,18 +370,12 @@ impl Verifier {
         token: &str,
         charge: Option<IpAddr>,
     ) -> Result<CachedVerdict, LoadFailure> {
-        let charged = match (&self.budget, charge) {
-            (Some(budget), Some(ip)) => {
-                budget
-                    .spend_now(ip)
-                    .map_err(|retry_after_ms| LoadFailure::OverBudget { retry_after_ms })?;
-                Some((budget, ip))
-            }
-            _ => None,
-        };
+        let charged = self
+            .charge_new_token(charge)
+            .map_err(|retry_after_ms| LoadFailure::OverBudget { retry_after_ms })?;
         let decided = self.load(token).await;
-        if let (Err(_), Some((budget, ip))) = (&decided, charged) {
-            budget.refund_now(ip);
+        if decided.is_err() {
+            self.refund_new_token(charged);
         }
         decided.map_err(LoadFailure::Op)
     }

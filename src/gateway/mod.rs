@@ -119,7 +119,12 @@ impl Gateway {
                 notifications::backchannel_logout(session, &self.notifier, retry_after).await?;
             }
             Served::Revocation => {
-                notifications::revocation(session, &self.notifier, retry_after).await?;
+                let client = headers::client_address(
+                    session.req_header(),
+                    peer_ip(session),
+                    self.config.listen.trust_forwarded_headers,
+                );
+                notifications::revocation(session, &self.notifier, client, retry_after).await?;
             }
             Served::Discovery(doc) => {
                 match discovery::document(self.verifier.op(), &self.config, doc).await {

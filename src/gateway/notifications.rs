@@ -2,7 +2,10 @@
 //! Logout (the OP calls it) and the RFC 7009 revocation proxy (clients call it). Both read a
 //! small form body; the answers are OAuth-style, not Matrix JSON (the callers speak OAuth).
 
+use std::net::IpAddr;
+
 use super::respond::{self, Empty, OAuthError};
+use crate::error::GatewayError;
 use crate::notify::Notifier;
 use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
@@ -80,6 +83,7 @@ pub async fn backchannel_logout(
 pub async fn revocation(
     session: &mut Session,
     notifier: &Notifier,
+    client: Option<IpAddr>,
     retry_after: u64,
 ) -> Result<u16> {
     let content_type = header(session, "content-type");
@@ -90,12 +94,24 @@ pub async fn revocation(
         return Ok(400);
     };
     match notifier
-        .revoke_at_op(body, content_type.as_deref(), authorization.as_deref())
+        .revoke_at_op(
+            body,
+            content_type.as_deref(),
+            authorization.as_deref(),
+            client,
+        )
         .await
     {
         Ok((status, ct, body)) => {
             respond::raw_response(session, status, ct.as_deref(), body).await?;
             Ok(status)
+        }
+        Err(GatewayError::RateLimited { retry_after_ms }) => {
+            // Nothing was forwarded: the client retries later, as after a 503.
+            let retry = ("Retry-After", retry_after_ms.div_ceil(1000).to_string());
+            let body = unavailable("too many new tokens from this address");
+            respond::json_response(session, 429, &body, &[retry]).await?;
+            Ok(429)
         }
         Err(e) => {
             let retry = ("Retry-After", retry_after.to_string());

@@ -1,6 +1,8 @@
 //! The RFC 7009 revocation proxy: a client's revocation forwarded to the OP, and, once the OP
 //! acknowledged it, the token refused here and (for a refresh token) its device signed out.
 
+use std::net::IpAddr;
+
 use bytes::Bytes;
 
 use super::{Notifier, Source};
@@ -24,6 +26,7 @@ impl Notifier {
         body: Bytes,
         content_type: Option<&str>,
         authorization: Option<&str>,
+        client: Option<IpAddr>,
     ) -> Result<(u16, Option<String>, Bytes), GatewayError> {
         let mut token = None;
         let mut hint = None;
@@ -46,7 +49,7 @@ impl Notifier {
         // 503 before anything is forwarded: forwarding would have the OP revoke a token the
         // gateway could then not refuse.
         let learned = match &token {
-            Some(t) if authenticated => self.inspect(t, hint.as_deref()).await?,
+            Some(t) if authenticated => self.inspect(t, hint.as_deref(), client).await?,
             _ => None,
         };
         let answer = self
@@ -85,6 +88,7 @@ impl Notifier {
         &self,
         token: &str,
         hint: Option<&str>,
+        client: Option<IpAddr>,
     ) -> Result<Option<Learned>, GatewayError> {
         let owned = |issuer: &str, sub: &str, user: &str| {
             let (issuer, sub, user) = (issuer.to_owned(), sub.to_owned(), user.to_owned());
@@ -110,71 +114,84 @@ impl Notifier {
                 refresh: false,
             }));
         }
-        if looks_like_jwt(token) {
-            let Some(issuer) = unverified_issuer(token)
-                .and_then(|iss| self.verifier.jwt_issuers().get(&iss).cloned())
-            else {
+        // Not cached: this lookup is charged to the caller's new-token budget, like a request's
+        // (given back when the OP fails or sheds it).
+        let charged = self
+            .verifier
+            .charge_new_token(client)
+            .map_err(|retry_after_ms| GatewayError::RateLimited { retry_after_ms })?;
+        let learned = async {
+            if looks_like_jwt(token) {
+                let Some(issuer) = unverified_issuer(token)
+                    .and_then(|iss| self.verifier.jwt_issuers().get(&iss).cloned())
+                else {
+                    return Ok(None);
+                };
+                return match issuer.validate(token).await {
+                    JwtOutcome::Valid(claims, _) => {
+                        let Some(id) = self.map_identity(&claims) else {
+                            return Ok(None);
+                        };
+                        if !owned(&id.issuer, &id.subject, &id.user_id).await? {
+                            return Ok(None);
+                        }
+                        Ok(Some(Learned {
+                            user: id.user_id,
+                            device: id.device_id,
+                            refresh: false,
+                        }))
+                    }
+                    JwtOutcome::Unavailable(f) => Err(GatewayError::OpUnavailable(f)),
+                    JwtOutcome::Rejected(_) => Ok(None),
+                };
+            }
+            let op = self.verifier.op();
+            // One introspection: the hint only orders the OP's own search (RFC 7662 §2.1).
+            let hint = match hint {
+                Some("refresh_token") => "refresh_token",
+                _ => "access_token",
+            };
+            let answer = op
+                .introspect_as(token, hint)
+                .await
+                .map_err(GatewayError::OpUnavailable)?;
+            if !answer.active {
+                return Ok(None);
+            }
+            let access_types = &op.issuer().access_token_types;
+            let refresh = match answer.token_type.as_deref() {
+                Some(t) if t.eq_ignore_ascii_case("refresh_token") => true,
+                Some(t) => !access_types.iter().any(|a| a.eq_ignore_ascii_case(t)),
+                None => true,
+            };
+            let Some(sub) = answer.sub.clone() else {
                 return Ok(None);
             };
-            return match issuer.validate(token).await {
-                JwtOutcome::Valid(claims, _) => {
-                    let Some(id) = self.map_identity(&claims) else {
-                        return Ok(None);
-                    };
-                    if !owned(&id.issuer, &id.subject, &id.user_id).await? {
-                        return Ok(None);
-                    }
-                    Ok(Some(Learned {
-                        user: id.user_id,
-                        device: id.device_id,
-                        refresh: false,
-                    }))
-                }
-                JwtOutcome::Unavailable(f) => Err(GatewayError::OpUnavailable(f)),
-                JwtOutcome::Rejected(_) => Ok(None),
+            let user = self
+                .binder
+                .user_of_subject(&op.issuer().issuer, &sub)
+                .await
+                .map_err(|_| GatewayError::BindingUnavailable(BindingFailure::Store))?;
+            let Some(user) = user else {
+                return Ok(None);
             };
+            let device = answer.device_id.clone().or_else(|| {
+                parse_scope(answer.scope.as_deref().unwrap_or(""))
+                    .devices
+                    .into_iter()
+                    .next()
+            });
+            Ok(Some(Learned {
+                user,
+                device,
+                refresh,
+            }))
         }
-        let op = self.verifier.op();
-        // One introspection: the hint only orders the OP's own search (RFC 7662 §2.1).
-        let hint = match hint {
-            Some("refresh_token") => "refresh_token",
-            _ => "access_token",
-        };
-        let answer = op
-            .introspect_as(token, hint)
-            .await
-            .map_err(GatewayError::OpUnavailable)?;
-        if !answer.active {
-            return Ok(None);
+        .await;
+        if matches!(learned, Err(GatewayError::OpUnavailable(_))) {
+            self.verifier.refund_new_token(charged);
         }
-        let access_types = &op.issuer().access_token_types;
-        let refresh = match answer.token_type.as_deref() {
-            Some(t) if t.eq_ignore_ascii_case("refresh_token") => true,
-            Some(t) => !access_types.iter().any(|a| a.eq_ignore_ascii_case(t)),
-            None => true,
-        };
-        let Some(sub) = answer.sub.clone() else {
-            return Ok(None);
-        };
-        let user = self
-            .binder
-            .user_of_subject(&op.issuer().issuer, &sub)
-            .await
-            .map_err(|_| GatewayError::BindingUnavailable(BindingFailure::Store))?;
-        let Some(user) = user else {
-            return Ok(None);
-        };
-        let device = answer.device_id.clone().or_else(|| {
-            parse_scope(answer.scope.as_deref().unwrap_or(""))
-                .devices
-                .into_iter()
-                .next()
-        });
-        Ok(Some(Learned {
-            user,
-            device,
-            refresh,
-        }))
+        learned
     }
 
     fn map_identity(&self, claims: &crate::auth::identity::Claims) -> Option<Identity> {
