@@ -607,3 +607,75 @@ async fn a_cross_signing_claim_on_redis_is_won_once() {
         .await
         .unwrap());
 }
+
+/// Short-lived values on Redis: shared by replicas, single-use when taken (of many concurrent
+/// takes across two replicas exactly one gets a login token), and gone at their expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expiring_values_on_redis_are_shared_and_taken_once() {
+    use matrix_oidc_gateway::config::{RedisMode, RedisSettings};
+    use matrix_oidc_gateway::store::redis::{Redis, RedisStore};
+    use matrix_oidc_gateway::store::{Space, Store};
+    let redis = RedisServer::start();
+    let settings = RedisSettings {
+        mode: RedisMode::Standalone,
+        urls: vec![redis.url()],
+        sentinel_service: None,
+        password: None,
+        key_prefix: "mog-test:".into(),
+        timeout: Duration::from_secs(2),
+    };
+    let stores: Vec<RedisStore> = (0..2)
+        .map(|_| RedisStore::new(Redis::new(&settings).expect("redis client")))
+        .collect();
+    // Redis expires by its own clock: give it the real time.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    stores[0]
+        .put_expiring(Space::LoginToken, "t1", "grant", now + 60_000)
+        .await
+        .unwrap();
+    stores[0]
+        .put_expiring(Space::CompatAccess, "t1", "session", now + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        stores[1]
+            .get_expiring(Space::CompatAccess, "t1", now)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("session")
+    );
+    let takes = futures_util::future::join_all(
+        (0..16).map(|i| stores[i % 2].take_expiring(Space::LoginToken, "t1", now)),
+    )
+    .await;
+    let got: Vec<_> = takes.into_iter().filter_map(|t| t.unwrap()).collect();
+    assert_eq!(got, vec!["grant".to_owned()]);
+    // Another space kept its value; a delete removes it.
+    stores[1]
+        .delete_expiring(Space::CompatAccess, "t1")
+        .await
+        .unwrap();
+    assert_eq!(
+        stores[0]
+            .get_expiring(Space::CompatAccess, "t1", now)
+            .await
+            .unwrap(),
+        None
+    );
+    // A value past its expiry is gone.
+    stores[0]
+        .put_expiring(Space::SsoState, "s", "v", now.saturating_sub(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        stores[1]
+            .get_expiring(Space::SsoState, "s", now)
+            .await
+            .unwrap(),
+        None
+    );
+}

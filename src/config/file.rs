@@ -45,6 +45,50 @@ pub struct FileConfig {
     /// Redis, when `store.backend = "redis"`.
     #[serde(default)]
     pub redis: RedisFile,
+    /// Legacy login for clients without the OAuth 2.0 API (MSC3824 compatibility).
+    #[serde(default)]
+    pub compat: CompatFile,
+}
+
+/// `[compat]`
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompatFile {
+    /// Serve `/login`, the SSO redirect, `/logout` and `/refresh` for legacy clients.
+    pub enabled: bool,
+    /// The OP client the gateway signs users in with (default: the primary issuer's).
+    pub client_id: Option<String>,
+    /// Its secret (default: the primary issuer's).
+    pub client_secret: Option<String>,
+    /// Its secret, from a file.
+    pub client_secret_file: Option<String>,
+    /// Where a client may be sent back with its login token without a confirmation page:
+    /// URL prefixes (scheme, host, optional port and path).
+    pub redirect_allowlist: Vec<String>,
+    /// How long a login token is valid.
+    pub login_token_ttl: String,
+    /// How long a browser has to finish signing in at the OP.
+    pub sso_timeout: String,
+    /// Longest life of a compat session.
+    pub session_lifetime: String,
+    /// Access token lifetime for clients that asked for a refresh token.
+    pub access_token_ttl: String,
+}
+
+impl Default for CompatFile {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            client_id: None,
+            client_secret: None,
+            client_secret_file: None,
+            redirect_allowlist: Vec::new(),
+            login_token_ttl: "2m".into(),
+            sso_timeout: "10m".into(),
+            session_lifetime: "720h".into(),
+            access_token_ttl: "5m".into(),
+        }
+    }
 }
 
 /// `[notifications]`

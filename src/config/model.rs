@@ -35,6 +35,8 @@ pub struct Config {
     pub notifications: Notifications,
     /// Admin API bearer token (admin API off without one).
     pub admin_token: Option<Secret>,
+    /// Legacy login, when enabled.
+    pub compat: Option<Compat>,
 }
 
 /// `[notifications]`
@@ -90,6 +92,25 @@ pub struct RedisSettings {
     pub key_prefix: String,
     /// Command timeout.
     pub timeout: Duration,
+}
+
+/// `[compat]`: legacy login (MSC3824 compatibility), when enabled.
+#[derive(Debug, Clone)]
+pub struct Compat {
+    /// The OP client the gateway signs users in with.
+    pub client_id: String,
+    /// Its secret.
+    pub client_secret: Secret,
+    /// URL prefixes a login token may be sent to without a confirmation page.
+    pub redirect_allowlist: Vec<Url>,
+    /// Login token lifetime.
+    pub login_token_ttl: Duration,
+    /// Time a browser has to finish at the OP.
+    pub sso_timeout: Duration,
+    /// Longest compat session.
+    pub session_lifetime: Duration,
+    /// Access token lifetime when the client asked for a refresh token.
+    pub access_token_ttl: Duration,
 }
 
 /// `[discovery]`

@@ -350,3 +350,37 @@ fn durations_parse() {
     assert!(parse_duration("7d").is_err());
     assert!(parse_duration("").is_err());
 }
+
+#[test]
+fn compat_is_off_by_default_and_defaults_to_the_issuers_client() {
+    assert!(load_str(MINIMAL).unwrap().config.compat.is_none());
+    let c = load_str(&format!(
+        "{MINIMAL}\n[compat]\nenabled = true\nredirect_allowlist = [\"https://app.example.org/\", \"io.element.app:/callback\"]\n"
+    ))
+    .expect("valid")
+    .config
+    .compat
+    .expect("on");
+    assert_eq!(c.client_id, "gw");
+    assert_eq!(c.client_secret.expose(), "s3cret");
+    assert_eq!(c.redirect_allowlist.len(), 2);
+    assert_eq!(c.login_token_ttl, Duration::from_secs(120));
+    let problems = |compat: &str| match load_str(&format!("{MINIMAL}\n[compat]\n{compat}\n")) {
+        Err(p) => p.to_string(),
+        Ok(_) => String::new(),
+    };
+    let p = problems(
+        "enabled = true\nredirect_allowlist = [\"https://\", \"https://a.example/?x=1\", \"nope\"]\nlogin_token_ttl = \"0s\"\naccess_token_ttl = \"800h\"",
+    );
+    for key in [
+        "compat.redirect_allowlist[0]",
+        "compat.redirect_allowlist[1]",
+        "compat.redirect_allowlist[2]",
+        "compat.login_token_ttl",
+        "compat.access_token_ttl",
+    ] {
+        assert!(p.contains(key), "{key} missing in {p}");
+    }
+    let p = problems("enabled = true\nclient_id = \"legacy\"\nclient_secret = \"x\"\nclient_secret_file = \"/f\"");
+    assert!(p.contains("compat.client_secret"), "{p}");
+}

@@ -156,4 +156,57 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets a remembered `jti` (its logout could not be carried out: the OP's retry must
     /// not count as a replay).
     async fn forget_jti(&self, jti: &str) -> Result<(), StoreError>;
+    /// Stores `value` under (`space`, `key`) until `until_ms`, replacing what was there.
+    async fn put_expiring(
+        &self,
+        space: Space,
+        key: &str,
+        value: &str,
+        until_ms: u64,
+    ) -> Result<(), StoreError>;
+    /// The value under (`space`, `key`), unless it expired by `now_ms`.
+    async fn get_expiring(
+        &self,
+        space: Space,
+        key: &str,
+        now_ms: u64,
+    ) -> Result<Option<String>, StoreError>;
+    /// Removes and returns the value, atomically: of two callers at most one gets it (a
+    /// single-use value, such as a login token).
+    async fn take_expiring(
+        &self,
+        space: Space,
+        key: &str,
+        now_ms: u64,
+    ) -> Result<Option<String>, StoreError>;
+    /// Removes the value, if any.
+    async fn delete_expiring(&self, space: Space, key: &str) -> Result<(), StoreError>;
+}
+
+/// The namespaces of short-lived values ([`Store::put_expiring`]): each is its own key space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Space {
+    /// A browser's pending single sign-on (state → PKCE verifier, nonce, redirect URL).
+    SsoState,
+    /// A single-use login token (hash → the compat session it starts).
+    LoginToken,
+    /// A compat access token (hash → session ID).
+    CompatAccess,
+    /// A compat refresh token (hash → session ID).
+    CompatRefresh,
+    /// A compat session (ID → its record).
+    CompatSession,
+}
+
+impl Space {
+    /// The stored name (SQLite column value, Redis key part).
+    pub fn name(self) -> &'static str {
+        match self {
+            Space::SsoState => "sso",
+            Space::LoginToken => "login",
+            Space::CompatAccess => "cat",
+            Space::CompatRefresh => "crt",
+            Space::CompatSession => "cs",
+        }
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{DeviceRecord, Pin, Store, StoreError};
+use super::{DeviceRecord, Pin, Space, Store, StoreError};
 
 /// SQLite-backed [`Store`].
 #[derive(Clone)]
@@ -18,7 +18,19 @@ pub struct SqliteStore {
 /// in one transaction. Append to the list; never edit an entry that has shipped. Version 1 is
 /// the schema of every file written before versioning began (its statements are idempotent, so
 /// such a file, at version 0, passes through it unchanged).
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+
+/// Version 3: short-lived values (single sign-on state, login tokens, compat sessions).
+const SCHEMA_V3: &str = "
+CREATE TABLE expiring (
+    space TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    until_ms INTEGER NOT NULL,
+    PRIMARY KEY (space, key)
+);
+CREATE INDEX expiring_until ON expiring (until_ms);
+";
 
 /// Version 2: users whose cross-signing keys the gateway's password stage let up (Dendrite).
 const SCHEMA_V2: &str = "
@@ -537,6 +549,83 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn put_expiring(
+        &self,
+        space: Space,
+        key: &str,
+        value: &str,
+        until_ms: u64,
+    ) -> Result<(), StoreError> {
+        let (k, v) = (key.to_owned(), value.to_owned());
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO expiring (space, key, value, until_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (space, key) DO UPDATE SET value = ?3, until_ms = ?4",
+                params![space.name(), k, v, until_ms as i64],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn get_expiring(
+        &self,
+        space: Space,
+        key: &str,
+        now_ms: u64,
+    ) -> Result<Option<String>, StoreError> {
+        let k = key.to_owned();
+        self.run(move |c| {
+            c.query_row(
+                "SELECT value FROM expiring WHERE space = ?1 AND key = ?2 AND until_ms > ?3",
+                params![space.name(), k, now_ms as i64],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn take_expiring(
+        &self,
+        space: Space,
+        key: &str,
+        now_ms: u64,
+    ) -> Result<Option<String>, StoreError> {
+        let k = key.to_owned();
+        self.run(move |c| {
+            // Expired values are cleared whenever one is taken (indexed, so cheap).
+            c.execute(
+                "DELETE FROM expiring WHERE until_ms <= ?1",
+                params![now_ms as i64],
+            )?;
+            // One statement: of two takers, the second finds nothing to delete.
+            let taken: Option<(String, i64)> = c
+                .query_row(
+                    "DELETE FROM expiring WHERE space = ?1 AND key = ?2 RETURNING value, until_ms",
+                    params![space.name(), k],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            Ok(taken
+                .filter(|(_, until)| *until as u64 > now_ms)
+                .map(|(v, _)| v))
+        })
+        .await
+    }
+
+    async fn delete_expiring(&self, space: Space, key: &str) -> Result<(), StoreError> {
+        let k = key.to_owned();
+        self.run(move |c| {
+            c.execute(
+                "DELETE FROM expiring WHERE space = ?1 AND key = ?2",
+                params![space.name(), k],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -605,6 +694,56 @@ mod approval_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn expiring_values_expire_are_taken_once_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite3");
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.put_expiring(Space::LoginToken, "k", "v1", 1_000)
+                .await
+                .unwrap();
+            s.put_expiring(Space::LoginToken, "old", "x", 500)
+                .await
+                .unwrap();
+            // Spaces are apart.
+            s.put_expiring(Space::SsoState, "k", "other", 1_000)
+                .await
+                .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        let get = |space, k: &'static str, now| {
+            let s = &s;
+            async move { s.get_expiring(space, k, now).await.unwrap() }
+        };
+        assert_eq!(
+            get(Space::LoginToken, "k", 999).await.as_deref(),
+            Some("v1")
+        );
+        assert_eq!(get(Space::LoginToken, "k", 1_000).await, None, "expired");
+        assert_eq!(get(Space::SsoState, "k", 0).await.as_deref(), Some("other"));
+        // Replacing updates value and expiry.
+        s.put_expiring(Space::LoginToken, "k", "v2", 2_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            get(Space::LoginToken, "k", 1_500).await.as_deref(),
+            Some("v2")
+        );
+        // Taken once.
+        let take = |k: &'static str, now| {
+            let s = &s;
+            async move { s.take_expiring(Space::LoginToken, k, now).await.unwrap() }
+        };
+        assert_eq!(take("k", 1_500).await.as_deref(), Some("v2"));
+        assert_eq!(take("k", 1_500).await, None);
+        // An expired value is not handed out by take either, and is cleared.
+        assert_eq!(take("old", 600).await, None);
+        assert_eq!(get(Space::LoginToken, "old", 0).await, None);
+        s.delete_expiring(Space::SsoState, "k").await.unwrap();
+        assert_eq!(get(Space::SsoState, "k", 0).await, None);
+    }
 
     #[tokio::test]
     async fn state_survives_reopening_and_the_file_is_private() {

@@ -3,6 +3,7 @@
 //! `--check-config` lists them all at once. A validator returns `None` only where it cannot
 //! build its section at all; any problem fails the whole load.
 
+mod compat;
 mod discovery;
 mod homeserver;
 mod issuers;
@@ -38,6 +39,7 @@ pub(super) fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
     let notifications = notifications::notifications(&f.notifications, &mut c);
     let store = store::store(&f.store, &f.redis, binding, &mut c);
     let log = policy::log(&f.log, &mut c);
+    let compat = compat::compat(&f.compat, f.issuers.first(), &mut c);
     if !c.p.is_empty() {
         return Err(c.p);
     }
@@ -56,6 +58,7 @@ pub(super) fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
             discovery: discovery.ok_or_else(missing)?,
             notifications: notifications.ok_or_else(missing)?,
             admin_token,
+            compat,
         },
         warnings: c.warnings,
     })

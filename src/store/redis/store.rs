@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 
 use super::client::{eval, Redis};
-use crate::store::{DeviceRecord, Fence, Pin, Store, StoreError};
+use crate::store::{DeviceRecord, Fence, Pin, Space, Store, StoreError};
 
 /// [`Store`] on Redis.
 pub struct RedisStore {
@@ -402,5 +402,53 @@ impl Store for RedisStore {
                 .arg(ttl))
             .await?;
         Ok(set.is_some())
+    }
+
+    async fn put_expiring(
+        &self,
+        space: Space,
+        key: &str,
+        value: &str,
+        until_ms: u64,
+    ) -> Result<(), StoreError> {
+        let r = &self.redis;
+        // Absolute expiry (Redis 6.2+): the value lives exactly as long on every replica.
+        r.q::<()>(
+            redis::cmd("SET")
+                .arg(r.key(&["x", space.name(), key]))
+                .arg(value)
+                .arg("PXAT")
+                .arg(until_ms.max(1)),
+        )
+        .await
+    }
+
+    async fn get_expiring(
+        &self,
+        space: Space,
+        key: &str,
+        _now_ms: u64,
+    ) -> Result<Option<String>, StoreError> {
+        let r = &self.redis;
+        r.q(redis::cmd("GET").arg(r.key(&["x", space.name(), key])))
+            .await
+    }
+
+    async fn take_expiring(
+        &self,
+        space: Space,
+        key: &str,
+        _now_ms: u64,
+    ) -> Result<Option<String>, StoreError> {
+        let r = &self.redis;
+        // GETDEL is atomic: of two replicas taking one login token, one gets it.
+        r.q(redis::cmd("GETDEL").arg(r.key(&["x", space.name(), key])))
+            .await
+    }
+
+    async fn delete_expiring(&self, space: Space, key: &str) -> Result<(), StoreError> {
+        let r = &self.redis;
+        r.q::<()>(redis::cmd("DEL").arg(r.key(&["x", space.name(), key])))
+            .await
     }
 }
