@@ -165,6 +165,13 @@ pub enum GatewayError {
     UploadBody(UploadBodyFault),
     /// 429 `M_LIMIT_EXCEEDED` with `retry_after_ms` and `Retry-After`: the client address
     /// presented more new tokens than its budget allows (`auth.new_tokens_per_address`).
+    /// 403 `M_FORBIDDEN`: a login token (`m.login.token`) that is unknown, used or expired.
+    #[error("login token refused")]
+    LoginRefused,
+    /// 400 `M_UNKNOWN`: a `/login` or `/refresh` request the gateway does not support or
+    /// cannot read (not JSON, another login type, no token).
+    #[error("unsupported login request")]
+    BadLogin,
     #[error("too many new tokens from one address")]
     RateLimited {
         /// How long until the address may present a new token again.
@@ -281,6 +288,8 @@ impl GatewayError {
             GatewayError::UploadBody(UploadBodyFault::NotJsonObject) => 400,
             GatewayError::UploadBody(UploadBodyFault::TooLarge) => 413,
             GatewayError::RateLimited { .. } => 429,
+            GatewayError::LoginRefused => 403,
+            GatewayError::BadLogin => 400,
         }
     }
 
@@ -304,6 +313,8 @@ impl GatewayError {
             GatewayError::UploadBody(UploadBodyFault::NotJsonObject) => Errcode::NotJson,
             GatewayError::UploadBody(UploadBodyFault::TooLarge) => Errcode::TooLarge,
             GatewayError::RateLimited { .. } => Errcode::LimitExceeded,
+            GatewayError::LoginRefused => Errcode::Forbidden,
+            GatewayError::BadLogin => Errcode::Unknown,
             GatewayError::OpUnavailable(_)
             | GatewayError::UpstreamUnavailable
             | GatewayError::UserMapping(_)
@@ -370,6 +381,10 @@ impl GatewayError {
             }
             GatewayError::RateLimited { .. } => {
                 "Too many new access tokens from this address, try again later (gateway)"
+            }
+            GatewayError::LoginRefused => "Invalid or expired login token (gateway)",
+            GatewayError::BadLogin => {
+                "Unsupported login request: use m.login.token after single sign-on (gateway)"
             }
         }
     }
@@ -452,6 +467,8 @@ impl GatewayError {
             GatewayError::UploadBody(UploadBodyFault::NotJsonObject) => "upload_not_json",
             GatewayError::UploadBody(UploadBodyFault::TooLarge) => "upload_too_large",
             GatewayError::RateLimited { .. } => "rate_limited",
+            GatewayError::LoginRefused => "login_refused",
+            GatewayError::BadLogin => "bad_login",
         }
     }
 }

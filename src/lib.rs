@@ -9,6 +9,7 @@ pub mod background;
 pub mod binding;
 pub mod cli;
 pub mod clock;
+pub mod compat;
 pub mod config;
 pub mod error;
 pub mod gateway;

@@ -925,6 +925,53 @@ async fn a_flood_of_new_tokens_is_bounded_and_shed_with_503() {
     assert_eq!(shed + refused, 20);
 }
 
+/// A flood that fills the introspection queue must not sign known users out: when a cached
+/// user's reuse window ends during the flood, the re-check waits for a slot (the OP's bound
+/// holds) instead of being shed with 503 like the flood's new tokens. Found by the flood
+/// benchmark, whose cached user got 503s once its window ended mid-run.
+#[tokio::test]
+async fn a_known_users_recheck_is_not_shed_by_a_full_queue() {
+    let f = Fakes::start().await;
+    f.introspection("cached", active("alice", &full_scope("D1")), 2)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"active": false}))
+                .set_delay(Duration::from_millis(400)),
+        )
+        .with_priority(10)
+        .mount(&f.op)
+        .await;
+    let gw = spawn(&f.config("max_concurrent_introspections = 1\nintrospection_queue = 1")).await;
+    assert_eq!(get(&gw, SYNC, Some("cached")).await.status(), 200);
+    gw.clock.advance(Duration::from_secs(121)); // past max_ttl: the next request re-checks
+                                                // One new token holds the only slot, a second waits in the one queue place.
+    let mut flood = Vec::new();
+    for i in 0..2 {
+        let url = gw.url(SYNC);
+        flood.push(tokio::spawn(async move {
+            client()
+                .get(url)
+                .bearer_auth(format!("new-{i}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The queue is full: a third new token is shed at once...
+    assert_eq!(get(&gw, SYNC, Some("new-2")).await.status(), 503);
+    // ...but the known user's re-check waits its turn and passes.
+    assert_eq!(get(&gw, SYNC, Some("cached")).await.status(), 200);
+    for t in flood {
+        assert_eq!(t.await.unwrap(), 401);
+    }
+}
+
 /// The per-address budget of new tokens (`auth.new_tokens_per_address`): once one address has
 /// presented more tokens the gateway had not cached than its burst allows, the next new token
 /// gets 429 `M_LIMIT_EXCEEDED` (with `retry_after_ms` and `Retry-After`) and never reaches the

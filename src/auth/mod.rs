@@ -61,6 +61,14 @@ pub struct Verified {
     pub cache: CacheOutcome,
 }
 
+/// How a token is to be decided: whose budget pays, and whether it is the re-check of a token
+/// known valid (never shed for a full queue).
+#[derive(Debug, Clone, Copy)]
+struct Ask {
+    charge: Option<IpAddr>,
+    priority: bool,
+}
+
 /// Why a token could not be decided.
 #[derive(Debug, Clone, Copy)]
 enum LoadFailure {
@@ -83,6 +91,9 @@ pub struct Verifier {
     cache: IdentityCache,
     /// Per-client-address budget of tokens not in the cache.
     budget: Option<AddressBudget>,
+    /// The compat layer, whose access tokens are looked up in the store (set once at start
+    /// when `[compat]` is on).
+    compat: std::sync::OnceLock<Arc<crate::compat::Compat>>,
     clock: SharedClock,
     user_id_claims: Vec<String>,
     server_name: String,
@@ -112,6 +123,7 @@ impl Verifier {
                 config.auth.new_tokens_per_address,
                 config.auth.new_tokens_burst,
             ),
+            compat: std::sync::OnceLock::new(),
             clock,
             user_id_claims: config.auth.user_id_claims.clone(),
             server_name: config.homeserver.server_name.clone(),
@@ -236,10 +248,16 @@ impl Verifier {
         // A token the gateway does not know to be valid is charged to its sender's address
         // when this replica decides it (the re-check of a valid one is not charged: only a
         // valid token gets that far).
-        let charge = if known_valid { None } else { client };
+        // The re-check of a token known valid is not charged, and is not shed for a full
+        // introspection queue: a flood of new tokens must not sign known users out (it still
+        // takes one of the bounded slots, so the OP's bound holds).
+        let ask = Ask {
+            charge: if known_valid { None } else { client },
+            priority: known_valid,
+        };
         let loaded = self
             .cache
-            .get_or_load(key, async { self.load_shared(key, token, charge).await })
+            .get_or_load(key, async { self.load_shared(key, token, ask).await })
             .await;
         match loaded {
             Ok((entry, fresh)) => Verified {
@@ -273,10 +291,10 @@ impl Verifier {
         &self,
         key: TokenHash,
         token: &str,
-        charge: Option<IpAddr>,
+        ask: Ask,
     ) -> Result<CachedVerdict, LoadFailure> {
         let Some(redis) = &self.shared else {
-            return self.decide(token, charge).await;
+            return self.decide(token, ask).await;
         };
         let id = hex::encode(key.0);
         let read = |bytes: Vec<u8>| {
@@ -294,13 +312,13 @@ impl Verifier {
                 }
             }
             Ok(None) => {}
-            Err(_) => return self.decide(token, charge).await,
+            Err(_) => return self.decide(token, ask).await,
         }
         let wait = self.op.issuer().timeout + std::time::Duration::from_secs(1);
         let lock = format!("decide:{id}");
         match redis.lock(&lock, wait * 2).await {
             Ok(Some(fence)) => {
-                let decided = self.decide(token, charge).await;
+                let decided = self.decide(token, ask).await;
                 if let Ok(v) = &decided {
                     let ttl = v.fresh_until_ms.saturating_sub(self.clock.now_ms());
                     if ttl > 0 {
@@ -340,10 +358,15 @@ impl Verifier {
                         Err(_) => break,
                     }
                 }
-                self.decide(token, charge).await
+                self.decide(token, ask).await
             }
-            Err(_) => self.decide(token, charge).await,
+            Err(_) => self.decide(token, ask).await,
         }
+    }
+
+    /// Turns on the compat layer's tokens (once, at start).
+    pub fn set_compat(&self, compat: Arc<crate::compat::Compat>) {
+        let _ = self.compat.set(compat);
     }
 
     /// Charges one new token to `client`'s budget (when there is a budget and an address);
@@ -365,15 +388,11 @@ impl Verifier {
 
     /// Decides a token here (OP or JWT checks), charged to `charge`'s budget first; the unit is
     /// given back when the OP failed or shed the call (that answer stays a 503).
-    async fn decide(
-        &self,
-        token: &str,
-        charge: Option<IpAddr>,
-    ) -> Result<CachedVerdict, LoadFailure> {
+    async fn decide(&self, token: &str, ask: Ask) -> Result<CachedVerdict, LoadFailure> {
         let charged = self
-            .charge_new_token(charge)
+            .charge_new_token(ask.charge)
             .map_err(|retry_after_ms| LoadFailure::OverBudget { retry_after_ms })?;
-        let decided = self.load(token).await;
+        let decided = self.load(token, ask.priority).await;
         if decided.is_err() {
             self.refund_new_token(charged);
         }
@@ -390,21 +409,47 @@ impl Verifier {
 
     /// Decides a token that is not cached: locally for a JWT of a JWT issuer, otherwise by
     /// introspection at the primary issuer.
-    async fn load(&self, token: &str) -> Result<CachedVerdict, OpFailure> {
+    async fn load(&self, token: &str, priority: bool) -> Result<CachedVerdict, OpFailure> {
+        if let Some(compat) = self
+            .compat
+            .get()
+            .filter(|_| crate::compat::is_compat_access(token))
+        {
+            // A gateway-issued compat token: the store knows it, the OP does not.
+            let now = self.clock.now_ms();
+            return Ok(match compat.identity_of(token).await? {
+                Some(identity) => CachedVerdict {
+                    fresh_until_ms: identity
+                        .expires_at_ms
+                        .map_or(now + self.max_ttl_ms, |e| e.min(now + self.max_ttl_ms)),
+                    verdict: Verdict::Active(Arc::new(identity)),
+                    decided_at_ms: now,
+                },
+                None => self.negative(RejectReason::Inactive, now),
+            });
+        }
         if jwt::looks_like_jwt(token) {
             if let Some(issuer) = jwt::unverified_issuer(token).and_then(|iss| self.jwt.get(&iss)) {
-                return self.load_jwt(issuer, token).await;
+                return self.load_jwt(issuer, token, priority).await;
             }
         }
         if self.primary_introspects {
-            let answer = self.op.introspect(token).await?;
+            let answer = self
+                .op
+                .introspect_as(token, "access_token", priority)
+                .await?;
             Ok(self.judge(&self.op, answer, self.clock.now_ms()))
         } else {
             Ok(self.negative(RejectReason::NoVerifier, self.clock.now_ms()))
         }
     }
 
-    async fn load_jwt(&self, issuer: &JwtIssuer, token: &str) -> Result<CachedVerdict, OpFailure> {
+    async fn load_jwt(
+        &self,
+        issuer: &JwtIssuer,
+        token: &str,
+        priority: bool,
+    ) -> Result<CachedVerdict, OpFailure> {
         let now = self.clock.now_ms();
         let outcome = issuer.validate(token).await;
         let label = match &outcome {
@@ -425,7 +470,10 @@ impl Verifier {
                     .is_some_and(|j| j.introspect);
                 if introspect {
                     // Revocation gap: the OP must still call the token active.
-                    let answer = issuer.op().introspect(token).await?;
+                    let answer = issuer
+                        .op()
+                        .introspect_as(token, "access_token", priority)
+                        .await?;
                     if !answer.active {
                         return Ok(self.negative(RejectReason::Inactive, now));
                     }

@@ -31,6 +31,30 @@ pub struct OpMetadata {
     pub document: Map<String, Value>,
 }
 
+/// A token endpoint answer (RFC 6749 §5.1; `id_token` from OIDC Core §3.1.3.3).
+#[derive(Clone, Deserialize)]
+pub struct TokenResponse {
+    /// The access token.
+    pub access_token: String,
+    /// The refresh token, when the OP issued one.
+    #[serde(default)]
+    pub refresh_token: Option<String>,
+    /// Seconds until the access token expires.
+    #[serde(default)]
+    pub expires_in: Option<i64>,
+    /// The ID token, when `openid` was granted.
+    #[serde(default)]
+    pub id_token: Option<String>,
+}
+
+impl std::fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
+}
+
 /// An RFC 7662 introspection answer. Types are strict: a field of the wrong JSON type makes the
 /// whole answer an OP failure. `null` counts as absent (MAS sends `"aud": null`).
 #[derive(Debug, Clone, Deserialize)]
@@ -171,6 +195,61 @@ impl OpClient {
             .ok_or(OpFailure::BadMetadata)
     }
 
+    /// A URL of the discovery document (`authorization_endpoint`, `token_endpoint`).
+    pub async fn endpoint(&self, name: &str) -> Result<Url, OpFailure> {
+        let meta = match self.metadata() {
+            Some(m) => m,
+            None => self.refresh_metadata().await?,
+        };
+        meta.document
+            .get(name)
+            .and_then(Value::as_str)
+            .and_then(|s| Url::parse(s).ok())
+            .ok_or(OpFailure::BadMetadata)
+    }
+
+    /// A grant at the token endpoint (RFC 6749 §4.1.3, §6), authenticated with
+    /// `client_secret_basic` as `client_id`. `Ok(Err(error))`: the OP refused the grant (its
+    /// OAuth `error` code); `Err`: the OP could not be asked or answered nonsense.
+    pub async fn token_grant(
+        &self,
+        client_id: &str,
+        client_secret: &str,
+        form: &[(&str, &str)],
+    ) -> Result<Result<TokenResponse, String>, OpFailure> {
+        let endpoint = self.endpoint("token_endpoint").await?;
+        let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        let resp = self
+            .http
+            .post(endpoint)
+            .basic_auth(enc(client_id), Some(enc(client_secret)))
+            .header("Accept", "application/json")
+            .form(form)
+            .send()
+            .await
+            .map_err(classify)?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(classify)?;
+        if body.len() > self.issuer.max_response_bytes {
+            return Err(OpFailure::TooLarge);
+        }
+        if status.is_success() {
+            return serde_json::from_slice::<TokenResponse>(&body)
+                .map(Ok)
+                .map_err(|_| OpFailure::InvalidBody);
+        }
+        if status.is_client_error() {
+            #[derive(Deserialize)]
+            struct Refusal {
+                error: String,
+            }
+            if let Ok(r) = serde_json::from_slice::<Refusal>(&body) {
+                return Ok(Err(r.error));
+            }
+        }
+        Err(OpFailure::Status)
+    }
+
     /// Forwards an RFC 7009 request unchanged; returns the OP's status, content type and body.
     pub async fn forward_revocation(
         &self,
@@ -215,17 +294,20 @@ impl OpClient {
 
     /// RFC 7662 introspection of an access token.
     pub async fn introspect(&self, token: &str) -> Result<IntrospectionResponse, OpFailure> {
-        self.introspect_as(token, "access_token").await
+        self.introspect_as(token, "access_token", false).await
     }
 
     /// RFC 7662 introspection with an explicit `token_type_hint` (measured: count, latency,
     /// OP availability).
+    /// `priority`: the re-check of a token known valid. It waits for a slot like any other
+    /// (the bound holds) but is never shed because the queue is full.
     pub async fn introspect_as(
         &self,
         token: &str,
         hint: &str,
+        priority: bool,
     ) -> Result<IntrospectionResponse, OpFailure> {
-        let Ok(_slot) = self.slot().await else {
+        let Ok(_slot) = self.slot(priority).await else {
             // Shed before asking: says nothing of the OP's health or latency.
             metrics::INTROSPECTIONS
                 .with_label_values(&["op_overloaded"])
@@ -248,9 +330,16 @@ impl OpClient {
     /// An introspection slot: at once when one is free; else after waiting in a bounded queue
     /// (at most the OP timeout). A full queue, or no slot in time, sheds the request: the OP is
     /// not asked and the client gets 503 with `Retry-After`.
-    async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, OpFailure> {
+    async fn slot(&self, priority: bool) -> Result<tokio::sync::SemaphorePermit<'_>, OpFailure> {
         if let Ok(permit) = self.slots.try_acquire() {
             return Ok(permit);
+        }
+        if priority {
+            // Not counted against the queue: only tokens the gateway vouched for come here.
+            return match tokio::time::timeout(self.issuer.timeout, self.slots.acquire()).await {
+                Ok(Ok(permit)) => Ok(permit),
+                _ => Err(OpFailure::Overloaded),
+            };
         }
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.issuer.introspection_queue {
             self.waiting.fetch_sub(1, Ordering::AcqRel);

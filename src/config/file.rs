@@ -69,7 +69,7 @@ pub struct CompatFile {
     pub login_token_ttl: String,
     /// How long a browser has to finish signing in at the OP.
     pub sso_timeout: String,
-    /// Longest life of a compat session.
+    /// Longest life of a compat session (at most `notifications.revocation_retention`).
     pub session_lifetime: String,
     /// Access token lifetime for clients that asked for a refresh token.
     pub access_token_ttl: String,
@@ -85,7 +85,7 @@ impl Default for CompatFile {
             redirect_allowlist: Vec::new(),
             login_token_ttl: "2m".into(),
             sso_timeout: "10m".into(),
-            session_lifetime: "720h".into(),
+            session_lifetime: "24h".into(),
             access_token_ttl: "5m".into(),
         }
     }

@@ -370,7 +370,7 @@ fn compat_is_off_by_default_and_defaults_to_the_issuers_client() {
         Ok(_) => String::new(),
     };
     let p = problems(
-        "enabled = true\nredirect_allowlist = [\"https://\", \"https://a.example/?x=1\", \"nope\"]\nlogin_token_ttl = \"0s\"\naccess_token_ttl = \"800h\"",
+        "enabled = true\nredirect_allowlist = [\"https://\", \"https://a.example/?x=1\", \"nope\"]\nlogin_token_ttl = \"0s\"\naccess_token_ttl = \"25h\"",
     );
     for key in [
         "compat.redirect_allowlist[0]",
@@ -383,4 +383,10 @@ fn compat_is_off_by_default_and_defaults_to_the_issuers_client() {
     }
     let p = problems("enabled = true\nclient_id = \"legacy\"\nclient_secret = \"x\"\nclient_secret_file = \"/f\"");
     assert!(p.contains("compat.client_secret"), "{p}");
+    // A session must not outlive the revocations that end it.
+    let p = problems("enabled = true\nsession_lifetime = \"48h\"");
+    assert!(
+        p.contains("compat.session_lifetime: must not exceed notifications.revocation_retention"),
+        "{p}"
+    );
 }

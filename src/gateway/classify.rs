@@ -39,6 +39,25 @@ pub enum Served {
     BackchannelLogout,
     /// `POST <notifications.revocation_path>` (RFC 7009, forwarded to the OP).
     Revocation,
+    /// Legacy login (`[compat]` on).
+    Compat(CompatRoute),
+}
+
+/// The legacy-login endpoints (MSC3824 compatibility).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompatRoute {
+    /// `GET /login`: the flows.
+    Flows,
+    /// `POST /login`: `m.login.token`.
+    Login,
+    /// `GET /login/sso/redirect[/{idp}]`: starts the sign-in at the OP.
+    SsoRedirect,
+    /// `GET /_matrix/gateway/compat/callback`: the OP sends the browser back.
+    Callback,
+    /// `POST /logout`.
+    Logout,
+    /// `POST /refresh`.
+    Refresh,
 }
 
 /// Discovery documents the gateway serves, built from the OP's metadata.
@@ -77,6 +96,8 @@ pub struct Options<'a> {
     pub backchannel_logout_path: &'a str,
     /// Path of the revocation proxy (`POST`), when enabled.
     pub revocation_path: Option<&'a str>,
+    /// Serve the legacy-login endpoints.
+    pub compat: bool,
 }
 
 impl<'a> Options<'a> {
@@ -87,6 +108,7 @@ impl<'a> Options<'a> {
             expose_admin_api: config.homeserver.expose_admin_api,
             backchannel_logout_path: &n.backchannel_logout_path,
             revocation_path: n.revocation_proxy.then_some(n.revocation_path.as_str()),
+            compat: config.compat.is_some(),
         }
     }
 }
@@ -260,6 +282,12 @@ pub fn classify<'a>(
         RouteClass::Served(Served::BackchannelLogout)
     } else if method == "POST" && Some(path) == options.revocation_path {
         RouteClass::Served(Served::Revocation)
+    } else if let Some(route) = options
+        .compat
+        .then(|| compat_route(method, path, endpoint))
+        .flatten()
+    {
+        RouteClass::Served(Served::Compat(route))
     } else if let Some(refused) = endpoint.and_then(|e| refused(method, e)) {
         RouteClass::Refused(refused)
     } else if path.starts_with("/_matrix/static/client/login") {
@@ -301,6 +329,26 @@ fn refused(method: &str, endpoint: &str) -> Option<Refused> {
         .iter()
         .find(|(m, pattern, _)| (*m == "*" || *m == method) && matches(pattern, endpoint))
         .map(|(_, _, r)| *r)
+}
+
+fn compat_route(method: &str, path: &str, endpoint: Option<&str>) -> Option<CompatRoute> {
+    if path == crate::compat::CALLBACK_PATH {
+        return (method == "GET").then_some(CompatRoute::Callback);
+    }
+    Some(match (method, endpoint?) {
+        ("GET", "login") => CompatRoute::Flows,
+        ("POST", "login") => CompatRoute::Login,
+        ("GET", "login/sso/redirect") => CompatRoute::SsoRedirect,
+        ("GET", e)
+            if e.strip_prefix("login/sso/redirect/")
+                .is_some_and(|idp| !idp.is_empty() && !idp.contains('/')) =>
+        {
+            CompatRoute::SsoRedirect
+        }
+        ("POST", "logout") => CompatRoute::Logout,
+        ("POST", "refresh") => CompatRoute::Refresh,
+        _ => return None,
+    })
 }
 
 fn served(method: &str, endpoint: &str) -> Option<Served> {

@@ -23,6 +23,7 @@ pub mod authenticate;
 pub mod authorise;
 pub mod bind;
 pub mod classify;
+pub mod compat;
 pub mod ctx;
 pub mod discovery;
 pub mod guard;
@@ -49,8 +50,9 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use crate::auth::Verifier;
 use crate::binding::{Binder, Credential};
 use crate::clock::SharedClock;
+use crate::compat::Compat;
 use crate::config::Config;
-use crate::error::GatewayError;
+use crate::error::{GatewayError, Refused};
 use crate::notify::Notifier;
 use classify::{RouteClass, Served};
 use ctx::Ctx;
@@ -66,6 +68,8 @@ pub struct Gateway {
     pub(crate) clock: SharedClock,
     pub(crate) notifier: Arc<Notifier>,
     pub(crate) in_flight: ctx::InFlight,
+    /// Legacy login, when `[compat]` is on.
+    pub(crate) compat: Option<Arc<Compat>>,
 }
 
 impl Gateway {
@@ -79,6 +83,17 @@ impl Gateway {
         notifier: Arc<Notifier>,
         in_flight: ctx::InFlight,
     ) -> Self {
+        let compat = config.compat.clone().map(|c| {
+            let compat = Arc::new(Compat::new(
+                c,
+                &config.discovery.public_base_url,
+                binder.store().clone(),
+                verifier.op().clone(),
+                clock.clone(),
+            ));
+            verifier.set_compat(compat.clone());
+            compat
+        });
         Self {
             config,
             verifier,
@@ -87,6 +102,7 @@ impl Gateway {
             clock,
             notifier,
             in_flight,
+            compat,
         }
     }
 
@@ -125,6 +141,15 @@ impl Gateway {
                     self.config.listen.trust_forwarded_headers,
                 );
                 notifications::revocation(session, &self.notifier, client, retry_after).await?;
+            }
+            Served::Compat(route) => {
+                let Some(compat) = &self.compat else {
+                    // Classified as compat only when it is on.
+                    return self
+                        .refuse(session, ctx, GatewayError::Refused(Refused::OwnedByOp))
+                        .await;
+                };
+                return compat::serve(self, session, ctx, compat, route).await;
             }
             Served::Discovery(doc) => {
                 match discovery::document(self.verifier.op(), &self.config, doc).await {

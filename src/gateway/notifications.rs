@@ -14,7 +14,7 @@ use pingora::Result;
 /// Largest form body accepted on these endpoints.
 const MAX_BODY: usize = 64 * 1024;
 
-async fn read_body(session: &mut Session) -> Result<Option<Bytes>> {
+pub(super) async fn read_body(session: &mut Session) -> Result<Option<Bytes>> {
     let mut body = BytesMut::new();
     while let Some(chunk) = session.read_request_body().await? {
         if body.len() + chunk.len() > MAX_BODY {

@@ -222,6 +222,80 @@ pub async fn raw_response(
     write(session, h, body).await
 }
 
+/// A redirect (302) for a browser, setting `cookies`; never cached.
+pub async fn redirect(session: &mut Session, location: &str, cookies: &[String]) -> Result<()> {
+    let mut h = ResponseHeader::build(302, Some(4 + cookies.len()))?;
+    h.insert_header("Location", location)?;
+    h.insert_header("Content-Length", "0")?;
+    h.insert_header("Cache-Control", "no-store")?;
+    h.insert_header("Referrer-Policy", "no-referrer")?;
+    for c in cookies {
+        h.append_header("Set-Cookie", c.as_str())?;
+    }
+    write(session, h, Bytes::new()).await
+}
+
+/// A small HTML page for a browser (the legacy-login confirmation and errors): no scripts,
+/// no framing, no referrer, never cached. `paragraphs` are escaped here; `link` is a button
+/// to follow.
+pub async fn html_page(
+    session: &mut Session,
+    status: u16,
+    title: &str,
+    paragraphs: &[&str],
+    link: Option<(&str, &str)>,
+    cookies: &[String],
+) -> Result<()> {
+    let mut page = format!(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\"><title>{}</title></head><body><h1>{}</h1>",
+        escape(title),
+        escape(title)
+    );
+    for p in paragraphs {
+        page.push_str(&format!("<p>{}</p>", escape(p)));
+    }
+    if let Some((href, text)) = link {
+        page.push_str(&format!(
+            "<p><a href=\"{}\">{}</a></p>",
+            escape(href),
+            escape(text)
+        ));
+    }
+    page.push_str("</body></html>");
+    let body = Bytes::from(page);
+    let mut h = ResponseHeader::build(status, Some(8 + cookies.len()))?;
+    h.insert_header("Content-Type", "text/html; charset=utf-8")?;
+    h.insert_header("Content-Length", body.len().to_string())?;
+    h.insert_header("Cache-Control", "no-store")?;
+    h.insert_header(
+        "Content-Security-Policy",
+        "default-src 'none'; frame-ancestors 'none'; form-action 'none'",
+    )?;
+    h.insert_header("X-Frame-Options", "DENY")?;
+    h.insert_header("Referrer-Policy", "no-referrer")?;
+    h.insert_header("X-Content-Type-Options", "nosniff")?;
+    for c in cookies {
+        h.append_header("Set-Cookie", c.as_str())?;
+    }
+    write(session, h, body).await
+}
+
+/// HTML-escapes text for an element or a double-quoted attribute.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Writes a JSON response with the CORS headers and any `extra` headers.
 pub async fn json_response(
     session: &mut Session,

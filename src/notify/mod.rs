@@ -31,6 +31,8 @@ pub enum Source {
     Revocation,
     /// The admin API.
     Admin,
+    /// A legacy client's `/logout` (compat session).
+    Logout,
 }
 
 impl Source {
@@ -40,6 +42,7 @@ impl Source {
             Source::BackchannelLogout => "backchannel_logout",
             Source::Revocation => "revocation",
             Source::Admin => "admin",
+            Source::Logout => "logout",
         }
     }
 }

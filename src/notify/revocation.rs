@@ -152,7 +152,7 @@ impl Notifier {
                 _ => "access_token",
             };
             let answer = op
-                .introspect_as(token, hint)
+                .introspect_as(token, hint, false)
                 .await
                 .map_err(GatewayError::OpUnavailable)?;
             if !answer.active {

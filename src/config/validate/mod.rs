@@ -40,6 +40,19 @@ pub(super) fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
     let store = store::store(&f.store, &f.redis, binding, &mut c);
     let log = policy::log(&f.log, &mut c);
     let compat = compat::compat(&f.compat, f.issuers.first(), &mut c);
+    if let (Some(cp), Some(n)) = (&compat, &notifications) {
+        // A sign-out is enforced by a revocation; a compat session that outlived it would
+        // come back.
+        if cp.session_lifetime > n.revocation_retention {
+            c.p.add(
+                "compat.session_lifetime",
+                format!(
+                    "must not exceed notifications.revocation_retention ({}s): a sign-out must outlive the sessions it ends",
+                    n.revocation_retention.as_secs()
+                ),
+            );
+        }
+    }
     if !c.p.is_empty() {
         return Err(c.p);
     }

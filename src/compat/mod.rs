@@ -1,0 +1,680 @@
+//! Legacy login (MSC3824 compatibility, issue #15): clients that predate the OAuth 2.0 API sign
+//! in with `m.login.sso` and `m.login.token`, and get a **compat session**: a gateway-issued
+//! access token (stored hashed) for a device the OP granted.
+//!
+//! The flow:
+//! 1. `GET /login/sso/redirect?redirectUrl=…` ([`Compat::start`]): the gateway, a confidential
+//!    client of the OP, starts an authorization-code + PKCE flow for `openid`, the full API
+//!    scope and a fresh device scope. Its `state` is bound to the browser by an HttpOnly,
+//!    SameSite=Lax cookie.
+//! 2. The OP sends the browser back to the callback ([`Compat::finish`]): the state is taken
+//!    (single use), the cookie compared, the code exchanged, and the OP's access token verified
+//!    like any other (so scopes, user mapping and device rules are the same). A single-use,
+//!    short-lived login token is then handed to `redirectUrl` (allow-listed) or shown on a
+//!    confirmation page that names where it goes.
+//! 3. `POST /login` with `m.login.token` ([`Compat::redeem`], then [`Compat::open_session`]):
+//!    the login token is taken once, and the session's tokens are issued.
+//!
+//! A compat session's identity is the OP's (issuer, subject, device, OP session `sid`), so the
+//! revocations, back-channel logouts, pins and tombstones that apply to OAuth tokens apply to it.
+//! This module holds no HTTP: `gateway::compat` reads requests and writes answers.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use url::Url;
+
+use crate::auth::op::OpClient;
+use crate::auth::{Identity, TokenHash};
+use crate::clock::SharedClock;
+use crate::config;
+use crate::error::{BindingFailure, GatewayError, OpFailure};
+use crate::store::{Space, Store};
+
+/// Login tokens (`m.login.token`) start with this.
+pub const LOGIN_PREFIX: &str = "mgl_";
+/// Compat access tokens start with this: the verifier looks them up in the store, never at
+/// the OP.
+pub const ACCESS_PREFIX: &str = "mgc_";
+/// Compat refresh tokens start with this.
+pub const REFRESH_PREFIX: &str = "mgr_";
+/// Where the OP sends the browser back.
+pub const CALLBACK_PATH: &str = "/_matrix/gateway/compat/callback";
+/// The browser cookie that binds a pending sign-in to the browser that started it.
+pub const COOKIE_PREFIX: &str = "mog_sso_";
+
+/// A random token: `prefix` and 32 bytes, URL-safe base64.
+fn new_token(prefix: &str) -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+/// The stored key of a token: its SHA-256, hex.
+fn stored_key(token: &str) -> String {
+    hex::encode(TokenHash::of(token).0)
+}
+
+/// A device ID as MAS generates them for compat sessions: 10 upper-case letters and digits.
+fn new_device_id() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let bytes: [u8; 10] = rand::random();
+    bytes
+        .iter()
+        .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
+        .collect()
+}
+
+/// Whether `token` is a compat access token (by its prefix).
+pub fn is_compat_access(token: &str) -> bool {
+    token.starts_with(ACCESS_PREFIX)
+}
+
+/// What went wrong in the browser part of the flow: shown on an HTML page, never as Matrix
+/// JSON (the caller is a browser).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrowserFault {
+    /// No `redirectUrl`, or not a URL.
+    BadRedirect,
+    /// The state is unknown, used or expired.
+    UnknownState,
+    /// The browser is not the one that started the sign-in (cookie missing or different).
+    StateMismatch,
+    /// The OP reported an error (the user cancelled, consent refused…).
+    Denied,
+    /// The OP's answer was refused: no access token for the device asked for, a wrong
+    /// `nonce`.
+    BadGrant,
+    /// The OP or the store cannot be reached now.
+    Unavailable,
+}
+
+impl BrowserFault {
+    /// HTTP status of the page.
+    pub fn status(self) -> u16 {
+        match self {
+            BrowserFault::BadRedirect | BrowserFault::UnknownState => 400,
+            BrowserFault::StateMismatch | BrowserFault::Denied | BrowserFault::BadGrant => 403,
+            BrowserFault::Unavailable => 503,
+        }
+    }
+
+    /// The page's message.
+    pub fn message(self) -> &'static str {
+        match self {
+            BrowserFault::BadRedirect => "The client did not say where to return (redirectUrl).",
+            BrowserFault::UnknownState => {
+                "This sign-in has expired or was already used. Start again from your Matrix client."
+            }
+            BrowserFault::StateMismatch => {
+                "This sign-in was started in another browser. Start again from your Matrix client."
+            }
+            BrowserFault::Denied => "Sign-in was cancelled at the identity provider.",
+            BrowserFault::BadGrant => "The identity provider's answer could not be used.",
+            BrowserFault::Unavailable => {
+                "The identity provider cannot be reached right now. Try again in a moment."
+            }
+        }
+    }
+
+    /// A bounded label for logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            BrowserFault::BadRedirect => "bad_redirect",
+            BrowserFault::UnknownState => "unknown_state",
+            BrowserFault::StateMismatch => "state_mismatch",
+            BrowserFault::Denied => "denied",
+            BrowserFault::BadGrant => "bad_grant",
+            BrowserFault::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A pending sign-in, stored under its `state`.
+#[derive(Serialize, Deserialize)]
+struct Pending {
+    verifier: String,
+    nonce: String,
+    redirect_url: String,
+    device_id: String,
+    /// SHA-256 of the browser cookie's value.
+    browser: String,
+}
+
+/// What a login token stands for.
+#[derive(Serialize, Deserialize)]
+struct Grant {
+    identity: Identity,
+}
+
+/// A compat session, stored under its ID.
+#[derive(Serialize, Deserialize)]
+struct Session {
+    identity: Identity,
+    /// When the session ends whatever happens (`compat.session_lifetime`).
+    ends_ms: u64,
+    /// The stored key of its current access token.
+    access: String,
+    /// The stored key of its current refresh token, when the client asked for one.
+    refresh: Option<String>,
+}
+
+/// The start of a sign-in: where to send the browser, and the cookie to set.
+#[derive(Debug)]
+pub struct Started {
+    /// The OP's authorization URL.
+    pub location: Url,
+    /// The cookie's name.
+    pub cookie_name: String,
+    /// The cookie's value.
+    pub cookie_value: String,
+}
+
+/// The end of a sign-in at the OP: where the login token goes.
+#[derive(Debug)]
+pub struct Finished {
+    /// `redirectUrl` with `loginToken` added.
+    pub redirect: Url,
+    /// Whether `redirectUrl` is on the allow-list (else the user confirms on a page).
+    pub allowed: bool,
+    /// The cookie to clear.
+    pub cookie_name: String,
+}
+
+/// A compat session's tokens.
+#[derive(Debug)]
+pub struct Issued {
+    /// The access token.
+    pub access_token: String,
+    /// The refresh token, when asked for.
+    pub refresh_token: Option<String>,
+    /// The access token's lifetime, when it has one (only with a refresh token).
+    pub expires_in_ms: Option<u64>,
+}
+
+/// The compat layer.
+pub struct Compat {
+    cfg: config::Compat,
+    callback: Url,
+    store: Arc<dyn Store>,
+    op: Arc<OpClient>,
+    clock: SharedClock,
+}
+
+impl std::fmt::Debug for Compat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compat")
+            .field("callback", &self.callback.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_failure(e: crate::store::StoreError) -> GatewayError {
+    tracing::error!(error = %e, "compat: state store failed");
+    GatewayError::BindingUnavailable(BindingFailure::Store)
+}
+
+impl Compat {
+    /// The compat layer of `cfg`; the callback is under `public_base_url`.
+    pub fn new(
+        cfg: config::Compat,
+        public_base_url: &Url,
+        store: Arc<dyn Store>,
+        op: Arc<OpClient>,
+        clock: SharedClock,
+    ) -> Self {
+        let mut callback = public_base_url.clone();
+        callback.set_path(CALLBACK_PATH);
+        callback.set_query(None);
+        Self {
+            cfg,
+            callback,
+            store,
+            op,
+            clock,
+        }
+    }
+
+    /// How long the browser cookie of a pending sign-in lives.
+    pub fn sso_timeout_secs(&self) -> u64 {
+        self.cfg.sso_timeout.as_secs().max(1)
+    }
+
+    /// Whether a `redirectUrl` is on the allow-list: same scheme, host and port as an entry,
+    /// and a path under the entry's (at a `/` boundary).
+    pub fn allowed(&self, redirect: &Url) -> bool {
+        self.cfg.redirect_allowlist.iter().any(|entry| {
+            entry.scheme() == redirect.scheme()
+                && entry.host_str() == redirect.host_str()
+                && entry.port_or_known_default() == redirect.port_or_known_default()
+                && under(entry.path(), redirect.path())
+        })
+    }
+
+    /// Starts a sign-in for a browser that will come back to `redirect_url`; `register` asks
+    /// the OP to show its sign-up page (`prompt=create`, MSC3824 `action=register`).
+    pub async fn start(&self, redirect_url: &str, register: bool) -> Result<Started, BrowserFault> {
+        let redirect = Url::parse(redirect_url).map_err(|_| BrowserFault::BadRedirect)?;
+        let state = new_token("");
+        let verifier = new_token("");
+        let nonce = new_token("");
+        let cookie_value = new_token("");
+        let device_id = new_device_id();
+        let pending = Pending {
+            verifier: verifier.clone(),
+            nonce: nonce.clone(),
+            redirect_url: redirect.to_string(),
+            device_id: device_id.clone(),
+            browser: stored_key(&cookie_value),
+        };
+        let mut location = self
+            .op
+            .endpoint("authorization_endpoint")
+            .await
+            .map_err(|_| BrowserFault::Unavailable)?;
+        let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(Sha256::digest(verifier.as_bytes()));
+        let scope = format!("openid urn:matrix:client:api:* urn:matrix:client:device:{device_id}");
+        {
+            let mut q = location.query_pairs_mut();
+            q.append_pair("response_type", "code")
+                .append_pair("client_id", &self.cfg.client_id)
+                .append_pair("redirect_uri", self.callback.as_str())
+                .append_pair("scope", &scope)
+                .append_pair("state", &state)
+                .append_pair("nonce", &nonce)
+                .append_pair("code_challenge", &challenge)
+                .append_pair("code_challenge_method", "S256");
+            if register {
+                q.append_pair("prompt", "create");
+            }
+        }
+        let value = serde_json::to_string(&pending).map_err(|_| BrowserFault::Unavailable)?;
+        let until = self.clock.now_ms() + self.cfg.sso_timeout.as_millis() as u64;
+        self.store
+            .put_expiring(Space::SsoState, &stored_key(&state), &value, until)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "compat: state store failed");
+                BrowserFault::Unavailable
+            })?;
+        Ok(Started {
+            location,
+            cookie_name: cookie_name(&state),
+            cookie_value,
+        })
+    }
+
+    /// The browser came back from the OP with `state` and `code` (or `error`); `cookie` is
+    /// the value of the browser's cookie for that state. The OP's access token is verified by
+    /// `verify` (the verifier every request goes through).
+    pub async fn finish<F, Fut>(
+        &self,
+        state: &str,
+        code: Option<&str>,
+        error: Option<&str>,
+        cookie: Option<&str>,
+        verify: F,
+    ) -> Result<Finished, BrowserFault>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: std::future::Future<Output = Result<Arc<Identity>, GatewayError>>,
+    {
+        let now = self.clock.now_ms();
+        let stored = self
+            .store
+            .take_expiring(Space::SsoState, &stored_key(state), now)
+            .await
+            .map_err(|_| BrowserFault::Unavailable)?
+            .ok_or(BrowserFault::UnknownState)?;
+        let pending: Pending =
+            serde_json::from_str(&stored).map_err(|_| BrowserFault::UnknownState)?;
+        // The state was taken first: a mismatch uses it up, so it cannot be tried again.
+        if cookie.map(stored_key).as_deref() != Some(pending.browser.as_str()) {
+            return Err(BrowserFault::StateMismatch);
+        }
+        if let Some(e) = error {
+            tracing::info!(error = %e.chars().take(64).collect::<String>(), "compat: the OP refused the sign-in");
+            return Err(BrowserFault::Denied);
+        }
+        let code = code.ok_or(BrowserFault::BadGrant)?;
+        let granted = self
+            .op
+            .token_grant(
+                &self.cfg.client_id,
+                self.cfg.client_secret.expose(),
+                &[
+                    ("grant_type", "authorization_code"),
+                    ("code", code),
+                    ("redirect_uri", self.callback.as_str()),
+                    ("code_verifier", &pending.verifier),
+                ],
+            )
+            .await
+            .map_err(|f| {
+                tracing::warn!(reason = ?f, "compat: code exchange failed");
+                BrowserFault::Unavailable
+            })?
+            .map_err(|e| {
+                tracing::warn!(error = %e.chars().take(64).collect::<String>(), "compat: the OP refused the code");
+                BrowserFault::BadGrant
+            })?;
+        if let Some(id_token) = &granted.id_token {
+            // Received straight from the token endpoint over the connection the gateway
+            // opened (OIDC Core §3.1.3.7 6.): the nonce binds it to this sign-in.
+            if id_token_claim(id_token, "nonce").as_deref() != Some(pending.nonce.as_str()) {
+                tracing::warn!("compat: ID token nonce mismatch");
+                return Err(BrowserFault::BadGrant);
+            }
+        }
+        let identity = match verify(granted.access_token).await {
+            Ok(identity) => identity,
+            Err(GatewayError::OpUnavailable(_)) => return Err(BrowserFault::Unavailable),
+            Err(e) => {
+                tracing::warn!(
+                    reason = e.reason_label(),
+                    "compat: the OP's access token was refused"
+                );
+                return Err(BrowserFault::BadGrant);
+            }
+        };
+        if identity.device_id.as_deref() != Some(pending.device_id.as_str())
+            || identity.access != crate::auth::Access::Full
+        {
+            tracing::warn!("compat: the OP granted another device or no full API scope");
+            return Err(BrowserFault::BadGrant);
+        }
+        let login_token = new_token(LOGIN_PREFIX);
+        let grant = Grant {
+            identity: (*identity).clone(),
+        };
+        let value = serde_json::to_string(&grant).map_err(|_| BrowserFault::Unavailable)?;
+        let until = now + self.cfg.login_token_ttl.as_millis() as u64;
+        self.store
+            .put_expiring(Space::LoginToken, &stored_key(&login_token), &value, until)
+            .await
+            .map_err(|_| BrowserFault::Unavailable)?;
+        let mut redirect =
+            Url::parse(&pending.redirect_url).map_err(|_| BrowserFault::BadRedirect)?;
+        let allowed = self.allowed(&redirect);
+        redirect
+            .query_pairs_mut()
+            .append_pair("loginToken", &login_token);
+        tracing::info!(user = %identity.user_id, device = %pending.device_id, allowed, "compat: login token issued");
+        Ok(Finished {
+            redirect,
+            allowed,
+            cookie_name: cookie_name(state),
+        })
+    }
+
+    /// Takes a login token (once): the identity it stands for, or 403 `M_FORBIDDEN` when it is
+    /// unknown, used or expired.
+    pub async fn redeem(&self, login_token: &str) -> Result<Identity, GatewayError> {
+        let taken = self
+            .store
+            .take_expiring(
+                Space::LoginToken,
+                &stored_key(login_token),
+                self.clock.now_ms(),
+            )
+            .await
+            .map_err(store_failure)?
+            .ok_or(GatewayError::LoginRefused)?;
+        let grant: Grant = serde_json::from_str(&taken).map_err(|_| GatewayError::LoginRefused)?;
+        Ok(grant.identity)
+    }
+
+    /// Opens a compat session for `identity` (already provisioned upstream) and issues its
+    /// tokens. Without a refresh token the access token lives as long as the session.
+    pub async fn open_session(
+        &self,
+        identity: Identity,
+        want_refresh: bool,
+    ) -> Result<Issued, GatewayError> {
+        // `issued_at_ms` stays the OP token's: a sign-out of its OP session or device recorded
+        // since then (say between the callback and this login) applies to this session too.
+        let now = self.clock.now_ms();
+        let ends_ms = now + self.cfg.session_lifetime.as_millis() as u64;
+        let id = new_token("");
+        self.issue(&id, identity, ends_ms, want_refresh).await
+    }
+
+    async fn issue(
+        &self,
+        id: &str,
+        mut identity: Identity,
+        ends_ms: u64,
+        want_refresh: bool,
+    ) -> Result<Issued, GatewayError> {
+        let now = self.clock.now_ms();
+        let access_token = new_token(ACCESS_PREFIX);
+        let refresh_token = want_refresh.then(|| new_token(REFRESH_PREFIX));
+        let access_until = match &refresh_token {
+            Some(_) => (now + self.cfg.access_token_ttl.as_millis() as u64).min(ends_ms),
+            None => ends_ms,
+        };
+        identity.expires_at_ms = Some(access_until);
+        let session = Session {
+            identity,
+            ends_ms,
+            access: stored_key(&access_token),
+            refresh: refresh_token.as_deref().map(stored_key),
+        };
+        let value = serde_json::to_string(&session).map_err(|_| GatewayError::Internal)?;
+        let s = &self.store;
+        s.put_expiring(Space::CompatSession, id, &value, ends_ms)
+            .await
+            .map_err(store_failure)?;
+        s.put_expiring(Space::CompatAccess, &session.access, id, access_until)
+            .await
+            .map_err(store_failure)?;
+        if let Some(r) = &session.refresh {
+            s.put_expiring(Space::CompatRefresh, r, id, ends_ms)
+                .await
+                .map_err(store_failure)?;
+        }
+        Ok(Issued {
+            access_token,
+            refresh_token,
+            expires_in_ms: want_refresh.then(|| access_until.saturating_sub(now)),
+        })
+    }
+
+    /// The identity of a compat access token: `Ok(None)` when it is unknown, expired or its
+    /// session ended. `Err` only when the store cannot answer (the caller answers 503).
+    pub async fn identity_of(&self, access_token: &str) -> Result<Option<Identity>, OpFailure> {
+        let now = self.clock.now_ms();
+        let key = stored_key(access_token);
+        let Some((_, session)) = self.session_of(Space::CompatAccess, &key, now).await? else {
+            return Ok(None);
+        };
+        Ok((session.access == key).then_some(session.identity))
+    }
+
+    async fn session_of(
+        &self,
+        space: Space,
+        key: &str,
+        now: u64,
+    ) -> Result<Option<(String, Session)>, OpFailure> {
+        let unavailable = |e: crate::store::StoreError| {
+            tracing::error!(error = %e, "compat: state store failed");
+            OpFailure::Unreachable
+        };
+        let Some(id) = self
+            .store
+            .get_expiring(space, key, now)
+            .await
+            .map_err(unavailable)?
+        else {
+            return Ok(None);
+        };
+        let Some(value) = self
+            .store
+            .get_expiring(Space::CompatSession, &id, now)
+            .await
+            .map_err(unavailable)?
+        else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_str::<Session>(&value)
+            .ok()
+            .map(|s| (id, s)))
+    }
+
+    /// Ends the session of a compat access token (`/logout`): its tokens are gone from the
+    /// store. Returns its identity, or `None` when the token is not a live compat token.
+    pub async fn end_session(&self, access_token: &str) -> Result<Option<Identity>, GatewayError> {
+        let now = self.clock.now_ms();
+        let key = stored_key(access_token);
+        let Some((id, session)) = self
+            .session_of(Space::CompatAccess, &key, now)
+            .await
+            .map_err(GatewayError::OpUnavailable)?
+        else {
+            return Ok(None);
+        };
+        self.forget(&id, &session).await?;
+        Ok(Some(session.identity))
+    }
+
+    async fn forget(&self, id: &str, session: &Session) -> Result<(), GatewayError> {
+        let s = &self.store;
+        s.delete_expiring(Space::CompatAccess, &session.access)
+            .await
+            .map_err(store_failure)?;
+        if let Some(r) = &session.refresh {
+            s.delete_expiring(Space::CompatRefresh, r)
+                .await
+                .map_err(store_failure)?;
+        }
+        s.delete_expiring(Space::CompatSession, id)
+            .await
+            .map_err(store_failure)
+    }
+
+    /// `/refresh` with a compat refresh token: new tokens for the same session (the old ones
+    /// stop working; the old access token's hash is returned for purging it from caches), or
+    /// `None` when the refresh token is unknown, used or its session ended.
+    pub async fn refresh(
+        &self,
+        refresh_token: &str,
+    ) -> Result<Option<(Issued, TokenHash)>, GatewayError> {
+        let now = self.clock.now_ms();
+        let key = stored_key(refresh_token);
+        // Taken, not read: of two refreshes with one token, one wins.
+        let Some(id) = self
+            .store
+            .take_expiring(Space::CompatRefresh, &key, now)
+            .await
+            .map_err(store_failure)?
+        else {
+            return Ok(None);
+        };
+        let Some(value) = self
+            .store
+            .get_expiring(Space::CompatSession, &id, now)
+            .await
+            .map_err(store_failure)?
+        else {
+            return Ok(None);
+        };
+        let Ok(session) = serde_json::from_str::<Session>(&value) else {
+            return Ok(None);
+        };
+        if session.refresh.as_deref() != Some(key.as_str()) {
+            return Ok(None);
+        }
+        self.store
+            .delete_expiring(Space::CompatAccess, &session.access)
+            .await
+            .map_err(store_failure)?;
+        let mut old = [0u8; 32];
+        hex::decode_to_slice(&session.access, &mut old).map_err(|_| GatewayError::Internal)?;
+        let issued = self
+            .issue(&id, session.identity, session.ends_ms, true)
+            .await?;
+        Ok(Some((issued, TokenHash(old))))
+    }
+}
+
+/// The cookie of one pending sign-in (one per state, so two sign-ins in one browser do not
+/// overwrite each other).
+pub fn cookie_name(state: &str) -> String {
+    format!("{COOKIE_PREFIX}{}", &stored_key(state)[..16])
+}
+
+/// Whether `path` is `prefix` or below it at a `/` boundary.
+fn under(prefix: &str, path: &str) -> bool {
+    path == prefix
+        || (path.starts_with(prefix)
+            && (prefix.ends_with('/') || path.as_bytes().get(prefix.len()) == Some(&b'/')))
+}
+
+/// One string claim of a JWT's payload, unverified (the caller knows where the JWT came from).
+fn id_token_claim(jwt: &str, claim: &str) -> Option<String> {
+    let payload = jwt.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    value.get(claim)?.as_str().map(str::to_owned)
+}
+
+/// `GET /login`'s flows (MSC3824: SSO flagged as the OAuth-aware choice, in the stable and
+/// unstable spellings MAS sends; `m.login.token` to finish it).
+pub fn flows() -> serde_json::Value {
+    serde_json::json!({
+        "flows": [
+            {
+                "type": "m.login.sso",
+                "oauth_aware_preferred": true,
+                "org.matrix.msc3824.delegated_oidc_compatibility": true,
+            },
+            {"type": "m.login.token"},
+        ]
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_under_a_prefix_only_at_a_slash() {
+        assert!(under("/", "/anything"));
+        assert!(under("/app", "/app"));
+        assert!(under("/app", "/app/x"));
+        assert!(under("/app/", "/app/x"));
+        assert!(!under("/app", "/application"));
+        assert!(!under("/app/x", "/app"));
+    }
+
+    #[test]
+    fn tokens_are_long_random_and_prefixed_and_device_ids_look_like_mass() {
+        let a = new_token(ACCESS_PREFIX);
+        assert!(a.starts_with("mgc_") && a.len() == 4 + 43, "{a}");
+        assert_ne!(a, new_token(ACCESS_PREFIX));
+        let d = new_device_id();
+        assert_eq!(d.len(), 10);
+        assert!(d
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()));
+        assert!(is_compat_access(&a) && !is_compat_access("mat_x"));
+    }
+
+    #[test]
+    fn an_id_token_claim_is_read_from_the_payload() {
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(br#"{"nonce":"n-1","sid":"s"}"#);
+        let jwt = format!("e30.{payload}.sig");
+        assert_eq!(id_token_claim(&jwt, "nonce").as_deref(), Some("n-1"));
+        assert_eq!(id_token_claim(&jwt, "missing"), None);
+        assert_eq!(id_token_claim("garbage", "nonce"), None);
+    }
+}

@@ -1,0 +1,325 @@
+//! request_filter, served endpoints: the legacy-login endpoints (`[compat]`, MSC3824). Reads
+//! the request, calls [`crate::compat::Compat`], writes the answer: Matrix JSON for clients,
+//! redirects and small HTML pages for the browser part of single sign-on.
+
+use std::sync::Arc;
+
+use pingora::proxy::Session;
+use pingora::Result;
+use serde::{Deserialize, Serialize};
+
+use super::classify::CompatRoute;
+use super::ctx::Ctx;
+use super::notifications::read_body;
+use super::token::{self, Presented};
+use super::{respond, Gateway};
+use crate::compat::{self, BrowserFault, Compat, Issued};
+use crate::error::{GatewayError, Refused, RejectReason};
+use crate::notify::Source;
+
+/// Answers one legacy-login endpoint.
+pub async fn serve(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    compat: &Arc<Compat>,
+    route: CompatRoute,
+) -> Result<bool> {
+    let answered = match route {
+        CompatRoute::Flows => {
+            respond::json_response(session, 200, &compat::flows(), &[]).await?;
+            Ok(())
+        }
+        CompatRoute::SsoRedirect => return sso_redirect(gw, session, compat).await,
+        CompatRoute::Callback => return callback(gw, session, compat).await,
+        CompatRoute::Login => login(gw, session, compat).await?,
+        CompatRoute::Logout => logout(gw, session, compat).await?,
+        CompatRoute::Refresh => refresh(gw, session, compat).await?,
+    };
+    match answered {
+        Ok(()) => Ok(true),
+        Err(err) => gw.refuse(session, ctx, err).await,
+    }
+}
+
+fn query_param(session: &Session, name: &str) -> Option<String> {
+    let query = session.req_header().uri.query()?;
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn cookie(session: &Session, name: &str) -> Option<String> {
+    session
+        .req_header()
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+fn secure(gw: &Gateway) -> &'static str {
+    if gw.config.discovery.public_base_url.scheme() == "https" {
+        "; Secure"
+    } else {
+        ""
+    }
+}
+
+async fn fault_page(session: &mut Session, fault: BrowserFault) -> Result<bool> {
+    tracing::info!(fault = fault.label(), "compat: single sign-on refused");
+    respond::html_page(
+        session,
+        fault.status(),
+        "Sign-in failed",
+        &[fault.message()],
+        None,
+        &[],
+    )
+    .await?;
+    Ok(true)
+}
+
+/// `GET /login/sso/redirect?redirectUrl=…[&action=register]`.
+async fn sso_redirect(gw: &Gateway, session: &mut Session, compat: &Compat) -> Result<bool> {
+    let Some(redirect_url) = query_param(session, "redirectUrl") else {
+        return fault_page(session, BrowserFault::BadRedirect).await;
+    };
+    let register = ["action", "org.matrix.msc3824.action"]
+        .iter()
+        .any(|k| query_param(session, k).as_deref() == Some("register"));
+    match compat.start(&redirect_url, register).await {
+        Ok(started) => {
+            let cookie = format!(
+                "{}={}; Path=/_matrix/gateway/compat/; HttpOnly; SameSite=Lax; Max-Age={}{}",
+                started.cookie_name,
+                started.cookie_value,
+                compat.sso_timeout_secs(),
+                secure(gw)
+            );
+            respond::redirect(session, started.location.as_str(), &[cookie]).await?;
+            Ok(true)
+        }
+        Err(fault) => fault_page(session, fault).await,
+    }
+}
+
+/// `GET /_matrix/gateway/compat/callback?state=…&code=…` (or `error=…`).
+async fn callback(gw: &Gateway, session: &mut Session, compat: &Compat) -> Result<bool> {
+    let Some(state) = query_param(session, "state") else {
+        return fault_page(session, BrowserFault::UnknownState).await;
+    };
+    let code = query_param(session, "code");
+    let error = query_param(session, "error");
+    let browser = cookie(session, &compat::cookie_name(&state));
+    let verifier = gw.verifier.clone();
+    let finished = compat
+        .finish(
+            &state,
+            code.as_deref(),
+            error.as_deref(),
+            browser.as_deref(),
+            |access_token| async move { verifier.verify(&access_token, None).await.result },
+        )
+        .await;
+    let finished = match finished {
+        Ok(f) => f,
+        Err(fault) => return fault_page(session, fault).await,
+    };
+    let clear = format!(
+        "{}=; Path=/_matrix/gateway/compat/; HttpOnly; SameSite=Lax; Max-Age=0{}",
+        finished.cookie_name,
+        secure(gw)
+    );
+    if finished.allowed {
+        respond::redirect(session, finished.redirect.as_str(), &[clear]).await?;
+    } else {
+        // Not on the allow-list: the user sees where the login goes and decides (as Synapse's
+        // SSO redirect confirmation). The page cannot be framed, so it cannot be clicked for
+        // the user.
+        let target = match finished.redirect.host_str() {
+            Some(host) => format!("{}://{host}", finished.redirect.scheme()),
+            None => format!("{}:", finished.redirect.scheme()),
+        };
+        let question = format!("Continue to {target}?");
+        respond::html_page(
+            session,
+            200,
+            "Continue to your client",
+            &[
+                &question,
+                "A Matrix client asked to sign you in. Continue only if you started this \
+                 sign-in in that client: it will get access to your account.",
+            ],
+            Some((finished.redirect.as_str(), "Continue")),
+            &[clear],
+        )
+        .await?;
+    }
+    Ok(true)
+}
+
+/// The body of `POST /login`.
+#[derive(Deserialize)]
+struct LoginRequest {
+    #[serde(rename = "type")]
+    kind: String,
+    token: Option<String>,
+    #[serde(default)]
+    refresh_token: bool,
+}
+
+/// The answer to a login or a refresh.
+#[derive(Serialize)]
+struct LoginResponse<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    home_server: Option<&'a str>,
+    access_token: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_in_ms: Option<u64>,
+}
+
+async fn json_body<T: for<'de> Deserialize<'de>>(
+    session: &mut Session,
+) -> Result<std::result::Result<T, GatewayError>> {
+    Ok(match read_body(session).await? {
+        Some(body) => serde_json::from_slice(&body).map_err(|_| GatewayError::BadLogin),
+        None => Err(GatewayError::BadLogin),
+    })
+}
+
+/// `POST /login` with `m.login.token`: the login token is taken once, the device provisioned
+/// upstream, the session's tokens issued.
+async fn login(
+    gw: &Gateway,
+    session: &mut Session,
+    compat: &Compat,
+) -> Result<std::result::Result<(), GatewayError>> {
+    let req: LoginRequest = match json_body(session).await? {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    let (true, Some(token)) = (req.kind == "m.login.token", req.token) else {
+        return Ok(Err(GatewayError::BadLogin));
+    };
+    let identity = match compat.redeem(&token).await {
+        Ok(i) => i,
+        Err(e) => return Ok(Err(e)),
+    };
+    // The same binding as an OAuth token's first request: pin, tombstone, provisioning.
+    if let Err(e) = gw.binder.bind(&identity).await {
+        return Ok(Err(e));
+    }
+    let issued = match compat
+        .open_session(identity.clone(), req.refresh_token)
+        .await
+    {
+        Ok(i) => i,
+        Err(e) => return Ok(Err(e)),
+    };
+    tracing::info!(user = %identity.user_id, device = ?identity.device_id, "compat: session opened");
+    write_tokens(gw, session, Some(&identity), &issued).await?;
+    Ok(Ok(()))
+}
+
+async fn write_tokens(
+    gw: &Gateway,
+    session: &mut Session,
+    identity: Option<&crate::auth::Identity>,
+    issued: &Issued,
+) -> Result<()> {
+    let body = LoginResponse {
+        user_id: identity.map(|i| i.user_id.as_str()),
+        device_id: identity.and_then(|i| i.device_id.as_deref()),
+        home_server: identity.map(|_| gw.config.homeserver.server_name.as_str()),
+        access_token: &issued.access_token,
+        refresh_token: issued.refresh_token.as_deref(),
+        expires_in_ms: issued.expires_in_ms,
+    };
+    respond::json_response(session, 200, &body, &[]).await
+}
+
+/// `POST /logout` with a compat access token: the session ends, its device is signed out
+/// upstream. OAuth sessions end at the OP: their tokens get the usual 404.
+async fn logout(
+    gw: &Gateway,
+    session: &mut Session,
+    compat: &Compat,
+) -> Result<std::result::Result<(), GatewayError>> {
+    let token = match token::extract(session.req_header(), gw.config.auth.allow_query_token) {
+        Ok(e) => match e.presented {
+            Presented::Token(t) => t,
+            Presented::None => {
+                return Ok(Err(GatewayError::MissingToken(
+                    crate::error::MissingTokenReason::Absent,
+                )))
+            }
+        },
+        Err(r) => return Ok(Err(GatewayError::MissingToken(r))),
+    };
+    if !compat::is_compat_access(&token) {
+        return Ok(Err(GatewayError::Refused(Refused::OwnedByOp)));
+    }
+    let identity = match compat.end_session(&token).await {
+        Ok(Some(i)) => i,
+        Ok(None) => return Ok(Err(GatewayError::UnknownToken(RejectReason::Inactive))),
+        Err(e) => return Ok(Err(e)),
+    };
+    gw.verifier
+        .purge_token_everywhere(&crate::auth::TokenHash::of(&token))
+        .await;
+    if let Some(device) = &identity.device_id {
+        // Refuses the device's tokens from now on and signs it out upstream.
+        if let Err(e) = gw
+            .notifier
+            .revoke_device(&identity.user_id, device, Source::Logout)
+            .await
+        {
+            return Ok(Err(e));
+        }
+    }
+    tracing::info!(user = %identity.user_id, device = ?identity.device_id, "compat: session ended by /logout");
+    respond::json_response(session, 200, &respond::Empty {}, &[]).await?;
+    Ok(Ok(()))
+}
+
+/// The body of `POST /refresh`.
+#[derive(Deserialize)]
+struct RefreshRequest {
+    refresh_token: String,
+}
+
+/// `POST /refresh` with a compat refresh token. Other refresh tokens are the OP's business:
+/// the usual 404.
+async fn refresh(
+    gw: &Gateway,
+    session: &mut Session,
+    compat: &Compat,
+) -> Result<std::result::Result<(), GatewayError>> {
+    let req: RefreshRequest = match json_body(session).await? {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    if !req.refresh_token.starts_with(compat::REFRESH_PREFIX) {
+        return Ok(Err(GatewayError::Refused(Refused::OwnedByOp)));
+    }
+    match compat.refresh(&req.refresh_token).await {
+        Ok(Some((issued, old))) => {
+            gw.verifier.purge_token_everywhere(&old).await;
+            write_tokens(gw, session, None, &issued).await?;
+            Ok(Ok(()))
+        }
+        Ok(None) => Ok(Err(GatewayError::UnknownToken(RejectReason::Inactive))),
+        Err(e) => Ok(Err(e)),
+    }
+}

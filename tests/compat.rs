@@ -1,0 +1,443 @@
+//! Legacy login (`[compat]`, MSC3824) in-process: the real gateway, a wiremock OP (discovery,
+//! authorization, token endpoint, introspection) and an echoing homeserver. The browser is this
+//! test: it follows the redirects by hand. Each attack case of issue #15 the in-process set-up
+//! can show is here: a reused and an expired login token, a `redirectUrl` off the list, a state
+//! used from another browser, and `/refresh` with a token the gateway did not issue.
+
+// A client of the gateway: its own HTTP clients and clock reads (clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use base64::Engine;
+use common::*;
+use serde_json::{json, Value};
+use wiremock::matchers::{body_string_contains, method, path};
+use wiremock::{Mock, ResponseTemplate};
+
+const SYNC: &str = "/_matrix/client/v3/sync";
+
+/// `url` with `pairs` appended as its query.
+fn with_query(url: String, pairs: &[(&str, &str)]) -> String {
+    let mut u = url::Url::parse(&url).unwrap();
+    u.query_pairs_mut().extend_pairs(pairs);
+    u.to_string()
+}
+
+/// The fakes and a gateway with `[compat]` on (`extra` goes into `[compat]`).
+async fn setup(extra: &str) -> (Fakes, TestGateway) {
+    let f = Fakes::start().await;
+    let op = f.op.uri();
+    Mock::given(method("GET"))
+        .and(path("/.well-known/openid-configuration"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "issuer": format!("{op}/"),
+            "authorization_endpoint": format!("{op}/authorize"),
+            "token_endpoint": format!("{op}/token"),
+            "introspection_endpoint": format!("{op}/introspect"),
+        })))
+        .mount(&f.op)
+        .await;
+    let toml = f.config(&format!(
+        "\n[discovery]\npublic_base_url = \"https://matrix.example.org\"\n\n[compat]\nenabled = true\nredirect_allowlist = [\"https://client.example/app\"]\n{extra}\n"
+    ));
+    let gw = spawn(&toml).await;
+    (f, gw)
+}
+
+/// What a started sign-in gave the browser.
+struct Started {
+    state: String,
+    nonce: String,
+    device: String,
+    cookie: String,
+}
+
+async fn start(gw: &TestGateway, redirect_url: &str) -> Started {
+    let r = client()
+        .get(with_query(
+            gw.url("/_matrix/client/v3/login/sso/redirect"),
+            &[("redirectUrl", redirect_url), ("action", "login")],
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    let location = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+    assert!(location.path().ends_with("/authorize"), "{location}");
+    let q: HashMap<String, String> = location.query_pairs().into_owned().collect();
+    assert_eq!(q["response_type"], "code");
+    assert_eq!(q["client_id"], "gateway");
+    assert_eq!(
+        q["redirect_uri"],
+        "https://matrix.example.org/_matrix/gateway/compat/callback"
+    );
+    assert_eq!(q["code_challenge_method"], "S256");
+    assert_eq!(q["code_challenge"].len(), 43);
+    let scopes: Vec<&str> = q["scope"].split(' ').collect();
+    assert!(scopes.contains(&"openid") && scopes.contains(&"urn:matrix:client:api:*"));
+    let device = scopes
+        .iter()
+        .find_map(|s| s.strip_prefix("urn:matrix:client:device:"))
+        .expect("a device scope")
+        .to_owned();
+    let set_cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for attr in [
+        "HttpOnly",
+        "SameSite=Lax",
+        "Secure",
+        "Path=/_matrix/gateway/compat/",
+    ] {
+        assert!(set_cookie.contains(attr), "{attr} missing: {set_cookie}");
+    }
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    Started {
+        state: q["state"].clone(),
+        nonce: q["nonce"].clone(),
+        device,
+        cookie,
+    }
+}
+
+/// The OP's token endpoint for `code` and its introspection of the access token it issues.
+async fn op_grants(f: &Fakes, s: &Started, code: &str, access_token: &str) {
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(json!({"nonce": s.nonce, "sub": "sub-alice"}).to_string());
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains(format!("code={code}")))
+        .and(body_string_contains("grant_type=authorization_code"))
+        .and(body_string_contains("code_verifier="))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "access_token": access_token,
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "id_token": format!("eyJhbGciOiJSUzI1NiJ9.{payload}.c2ln"),
+        })))
+        .mount(&f.op)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .and(body_string_contains(format!("token={access_token}&")))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(active("alice", &full_scope(&s.device))),
+        )
+        .mount(&f.op)
+        .await;
+}
+
+async fn callback(
+    gw: &TestGateway,
+    s: &Started,
+    code: &str,
+    cookie: Option<&str>,
+) -> reqwest::Response {
+    let mut r = client().get(with_query(
+        gw.url("/_matrix/gateway/compat/callback"),
+        &[("state", s.state.as_str()), ("code", code)],
+    ));
+    if let Some(c) = cookie {
+        r = r.header("Cookie", c);
+    }
+    r.send().await.unwrap()
+}
+
+async fn login(gw: &TestGateway, body: Value) -> reqwest::Response {
+    client()
+        .post(gw.url("/_matrix/client/v3/login"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn sync(gw: &TestGateway, token: &str) -> reqwest::Response {
+    client()
+        .get(gw.url(SYNC))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The whole flow of a legacy client: flows, SSO redirect, the OP, the callback back to an
+/// allow-listed client with a login token, `m.login.token`, requests with the compat token
+/// (verified locally: the OP never sees it), and `/logout`.
+#[tokio::test]
+async fn a_legacy_client_signs_in_with_sso_and_a_login_token_and_logs_out() {
+    let (f, gw) = setup("").await;
+    let flows: Value = client()
+        .get(gw.url("/_matrix/client/v3/login"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(flows["flows"][0]["type"], "m.login.sso");
+    assert_eq!(flows["flows"][0]["oauth_aware_preferred"], true);
+    assert_eq!(
+        flows["flows"][0]["org.matrix.msc3824.delegated_oidc_compatibility"],
+        true
+    );
+    assert_eq!(flows["flows"][1]["type"], "m.login.token");
+    assert_eq!(flows["flows"].as_array().unwrap().len(), 2, "{flows}");
+
+    let s = start(&gw, "https://client.example/app/sso?x=1").await;
+    op_grants(&f, &s, "code-1", "op-access-1").await;
+    let r = callback(&gw, &s, "code-1", Some(&s.cookie)).await;
+    assert_eq!(r.status(), 302);
+    let back = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+    assert_eq!(back.host_str(), Some("client.example"));
+    assert_eq!(back.path(), "/app/sso");
+    let q: HashMap<String, String> = back.query_pairs().into_owned().collect();
+    assert_eq!(q["x"], "1", "the client's own query is kept");
+    let login_token = q["loginToken"].clone();
+    assert!(r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+
+    let r = login(&gw, json!({"type": "m.login.token", "token": login_token})).await;
+    assert_eq!(r.status(), 200);
+    let session: Value = r.json().await.unwrap();
+    assert_eq!(session["user_id"], "@alice:example.org");
+    assert_eq!(session["device_id"], s.device.as_str());
+    assert_eq!(session["home_server"], "example.org");
+    assert!(session.get("refresh_token").is_none());
+    let access = session["access_token"].as_str().unwrap().to_owned();
+    assert!(access.starts_with("mgc_"));
+
+    let introspected = introspections(&f.op).await;
+    let r = sync(&gw, &access).await;
+    assert_eq!(r.status(), 200);
+    let echoed: Value = r.json().await.unwrap();
+    assert_eq!(
+        echoed["headers"]["x-matrix-user-id"],
+        json!(["@alice:example.org"])
+    );
+    assert_eq!(echoed["headers"]["x-matrix-device-id"], json!([s.device]));
+    assert_eq!(
+        introspections(&f.op).await,
+        introspected,
+        "the compat token was sent to the OP"
+    );
+
+    // The login token was single-use.
+    let r = login(&gw, json!({"type": "m.login.token", "token": login_token})).await;
+    let body = assert_matrix_error(r, 403, "M_FORBIDDEN").await;
+    drop(body);
+
+    let r = client()
+        .post(gw.url("/_matrix/client/v3/logout"))
+        .bearer_auth(&access)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = sync(&gw, &access).await;
+    assert_matrix_error(r, 401, "M_UNKNOWN_TOKEN").await;
+}
+
+/// A client that asks for a refresh token gets an expiring access token; `/refresh` rotates
+/// both (the old ones stop working at once); an OAuth refresh token at `/refresh` stays the
+/// OP's business (404).
+#[tokio::test]
+async fn compat_refresh_rotates_and_oauth_refresh_tokens_are_still_refused() {
+    let (f, gw) = setup("access_token_ttl = \"60s\"").await;
+    let s = start(&gw, "https://client.example/app").await;
+    op_grants(&f, &s, "code-r", "op-access-r").await;
+    let r = callback(&gw, &s, "code-r", Some(&s.cookie)).await;
+    let back = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+    let token = back
+        .query_pairs()
+        .find(|(k, _)| k == "loginToken")
+        .unwrap()
+        .1
+        .into_owned();
+    let session: Value = login(
+        &gw,
+        json!({"type": "m.login.token", "token": token, "refresh_token": true}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let expires = session["expires_in_ms"].as_u64().unwrap();
+    assert!(expires > 0 && expires <= 60_000, "{session}");
+    let (access, refresh) = (
+        session["access_token"].as_str().unwrap().to_owned(),
+        session["refresh_token"].as_str().unwrap().to_owned(),
+    );
+    assert!(refresh.starts_with("mgr_"));
+    assert_eq!(sync(&gw, &access).await.status(), 200);
+
+    let refresh_with = |t: String| {
+        let url = gw.url("/_matrix/client/v3/refresh");
+        async move {
+            client()
+                .post(url)
+                .json(&json!({"refresh_token": t}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = refresh_with(refresh.clone()).await;
+    assert_eq!(r.status(), 200);
+    let rotated: Value = r.json().await.unwrap();
+    let new_access = rotated["access_token"].as_str().unwrap().to_owned();
+    assert_ne!(new_access, access);
+    assert!(rotated["refresh_token"].as_str().unwrap() != refresh);
+    assert_eq!(sync(&gw, &new_access).await.status(), 200);
+    assert_matrix_error(sync(&gw, &access).await, 401, "M_UNKNOWN_TOKEN").await;
+    assert_matrix_error(refresh_with(refresh).await, 401, "M_UNKNOWN_TOKEN").await;
+    // An OAuth refresh token: not the gateway's to refresh.
+    assert_matrix_error(
+        refresh_with("op-refresh-token".into()).await,
+        404,
+        "M_UNRECOGNIZED",
+    )
+    .await;
+    // The OAuth access token cannot log out at /logout either: that is the OP's.
+    let r = client()
+        .post(gw.url("/_matrix/client/v3/logout"))
+        .bearer_auth("op-access-r")
+        .send()
+        .await
+        .unwrap();
+    assert_matrix_error(r, 404, "M_UNRECOGNIZED").await;
+}
+
+/// A `redirectUrl` off the allow-list never receives the login token by redirect: the user
+/// gets a page that names where it would go, which cannot be framed.
+#[tokio::test]
+async fn a_redirect_url_off_the_list_gets_a_confirmation_page_not_a_redirect() {
+    let (f, gw) = setup("").await;
+    for off_list in [
+        "https://evil.example/app",
+        "https://client.example/application",
+        "https://client.example:8443/app",
+        "http://client.example/app",
+    ] {
+        let s = start(&gw, off_list).await;
+        let code = format!("code-{}", s.device);
+        op_grants(&f, &s, &code, &format!("op-{}", s.device)).await;
+        let r = callback(&gw, &s, &code, Some(&s.cookie)).await;
+        assert_eq!(r.status(), 200, "{off_list} was redirected to");
+        assert!(r.headers().get("location").is_none());
+        assert_eq!(r.headers()["x-frame-options"], "DENY");
+        assert!(r.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("frame-ancestors 'none'"));
+        let page = r.text().await.unwrap();
+        let host = url::Url::parse(off_list).unwrap();
+        assert!(
+            page.contains(&format!(
+                "Continue to {}://{}",
+                host.scheme(),
+                host.host_str().unwrap()
+            )),
+            "{page}"
+        );
+        assert!(page.contains("loginToken=mgl_"), "{page}");
+    }
+}
+
+/// The state is bound to the browser that started the sign-in: the callback without its
+/// cookie (or with another's) is refused, and that uses the state up. An unknown state, an
+/// expired login token and an OP error are refused too.
+#[tokio::test]
+async fn state_login_token_and_op_errors_fail_closed() {
+    let (f, gw) = setup("login_token_ttl = \"30s\"").await;
+    let s = start(&gw, "https://client.example/app").await;
+    op_grants(&f, &s, "code-s", "op-access-s").await;
+    let other = start(&gw, "https://client.example/app").await;
+    let r = callback(&gw, &s, "code-s", Some(&other.cookie)).await;
+    assert_eq!(r.status(), 403, "another browser's cookie was accepted");
+    assert!(r.text().await.unwrap().contains("another browser"));
+    // The state is used up: the right cookie now finds nothing.
+    let r = callback(&gw, &s, "code-s", Some(&s.cookie)).await;
+    assert_eq!(r.status(), 400);
+    assert!(
+        !f.op
+            .received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.url.path() == "/token"),
+        "a code was exchanged for a refused callback"
+    );
+    // No cookie at all.
+    let s = start(&gw, "https://client.example/app").await;
+    assert_eq!(callback(&gw, &s, "code-x", None).await.status(), 403);
+    // The OP says no.
+    let s = start(&gw, "https://client.example/app").await;
+    let r = client()
+        .get(with_query(
+            gw.url("/_matrix/gateway/compat/callback"),
+            &[("state", s.state.as_str()), ("error", "access_denied")],
+        ))
+        .header("Cookie", &s.cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // An expired login token.
+    let s = start(&gw, "https://client.example/app").await;
+    op_grants(&f, &s, "code-e", "op-access-e").await;
+    let r = callback(&gw, &s, "code-e", Some(&s.cookie)).await;
+    let back = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+    let token = back
+        .query_pairs()
+        .find(|(k, _)| k == "loginToken")
+        .unwrap()
+        .1
+        .into_owned();
+    gw.clock.advance(Duration::from_secs(31));
+    let r = login(&gw, json!({"type": "m.login.token", "token": token})).await;
+    assert_matrix_error(r, 403, "M_FORBIDDEN").await;
+    // Other login types and garbage.
+    let r = login(&gw, json!({"type": "m.login.password", "password": "x"})).await;
+    assert_matrix_error(r, 400, "M_UNKNOWN").await;
+    let r = client()
+        .post(gw.url("/_matrix/client/v3/login"))
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_matrix_error(r, 400, "M_UNKNOWN").await;
+}
+
+/// With `[compat]` off (the default) every legacy endpoint stays refused as before.
+#[tokio::test]
+async fn without_compat_the_legacy_endpoints_stay_refused() {
+    let f = Fakes::start().await;
+    let gw = spawn(&f.config("")).await;
+    for (m, p) in [
+        ("GET", "/_matrix/client/v3/login"),
+        (
+            "GET",
+            "/_matrix/client/v3/login/sso/redirect?redirectUrl=https://x",
+        ),
+        ("POST", "/_matrix/client/v3/refresh"),
+    ] {
+        let r = client()
+            .request(m.parse().unwrap(), gw.url(p))
+            .send()
+            .await
+            .unwrap();
+        assert_matrix_error(r, 404, "M_UNRECOGNIZED").await;
+    }
+    let r = client()
+        .get(gw.url("/_matrix/gateway/compat/callback?state=x"))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.status(), 200);
+}
