@@ -163,8 +163,6 @@ pub enum GatewayError {
     /// stage) but cannot read: 400 `M_NOT_JSON`, or 413 `M_TOO_LARGE` past the limit.
     #[error("cross-signing upload body unusable: {0:?}")]
     UploadBody(UploadBodyFault),
-    /// 429 `M_LIMIT_EXCEEDED` with `retry_after_ms` and `Retry-After`: the client address
-    /// presented more new tokens than its budget allows (`auth.new_tokens_per_address`).
     /// 403 `M_FORBIDDEN`: a login token (`m.login.token`) that is unknown, used or expired.
     #[error("login token refused")]
     LoginRefused,
@@ -172,6 +170,8 @@ pub enum GatewayError {
     /// cannot read (not JSON, another login type, no token).
     #[error("unsupported login request")]
     BadLogin,
+    /// 429 `M_LIMIT_EXCEEDED` with `retry_after_ms` and `Retry-After`: the client address
+    /// presented more new tokens than its budget allows (`auth.new_tokens_per_address`).
     #[error("too many new tokens from one address")]
     RateLimited {
         /// How long until the address may present a new token again.

@@ -1095,6 +1095,48 @@ async fn new_tokens_past_an_addresss_budget_get_429_without_an_op_call() {
     );
 }
 
+/// A new token the gateway sheds itself (full queue) still spends its sender's budget: under a
+/// flood the address runs out and gets cheap 429s instead of costing a queue place each time.
+#[tokio::test]
+async fn new_tokens_shed_for_a_full_queue_still_spend_the_budget() {
+    let f = Fakes::start().await;
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"active": false}))
+                .set_delay(Duration::from_millis(500)),
+        )
+        .mount(&f.op)
+        .await;
+    let gw = spawn(&f.config(
+        "max_concurrent_introspections = 1\nintrospection_queue = 1\n\n[auth]\nnew_tokens_per_address = 1\nnew_tokens_burst = 3\n",
+    ))
+    .await;
+    let mut flood = Vec::new();
+    for i in 0..6 {
+        let url = gw.url(SYNC);
+        flood.push(tokio::spawn(async move {
+            client()
+                .get(url)
+                .bearer_auth(format!("new-{i}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in flood {
+        statuses.push(t.await.unwrap());
+    }
+    statuses.sort_unstable();
+    // One holds the slot, one waits in the queue (both judged: 401), one is shed (503); the
+    // burst of three is spent, so the other three are over budget.
+    assert_eq!(statuses, vec![401, 401, 429, 429, 429, 503], "{statuses:?}");
+}
+
 /// An OP that fails does not spend the budget: a client with new tokens during an OP outage
 /// keeps getting 503 (retry, do not sign out), never 429, however many it presents.
 #[tokio::test]

@@ -104,8 +104,27 @@ async fn start(gw: &TestGateway, redirect_url: &str) -> Started {
 
 /// The OP's token endpoint for `code` and its introspection of the access token it issues.
 async fn op_grants(f: &Fakes, s: &Started, code: &str, access_token: &str) {
-    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .encode(json!({"nonce": s.nonce, "sub": "sub-alice"}).to_string());
+    let claims = json!({
+        "iss": format!("{}/", f.op.uri()),
+        "aud": "gateway",
+        "nonce": s.nonce,
+        "sub": "sub-alice",
+        "sid": "op-session-1",
+    });
+    op_grants_with(f, s, code, access_token, claims, &s.device).await;
+}
+
+/// [`op_grants`] with the ID token's claims and the granted device given.
+async fn op_grants_with(
+    f: &Fakes,
+    s: &Started,
+    code: &str,
+    access_token: &str,
+    claims: Value,
+    device: &str,
+) {
+    let _ = s;
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string());
     Mock::given(method("POST"))
         .and(path("/token"))
         .and(body_string_contains(format!("code={code}")))
@@ -123,7 +142,7 @@ async fn op_grants(f: &Fakes, s: &Started, code: &str, access_token: &str) {
         .and(path("/introspect"))
         .and(body_string_contains(format!("token={access_token}&")))
         .respond_with(
-            ResponseTemplate::new(200).set_body_json(active("alice", &full_scope(&s.device))),
+            ResponseTemplate::new(200).set_body_json(active("alice", &full_scope(device))),
         )
         .mount(&f.op)
         .await;
@@ -296,6 +315,19 @@ async fn compat_refresh_rotates_and_oauth_refresh_tokens_are_still_refused() {
     assert_eq!(sync(&gw, &new_access).await.status(), 200);
     assert_matrix_error(sync(&gw, &access).await, 401, "M_UNKNOWN_TOKEN").await;
     assert_matrix_error(refresh_with(refresh).await, 401, "M_UNKNOWN_TOKEN").await;
+    // Once the access token has expired, /logout still ends the session: its refresh token
+    // is dead afterwards.
+    let new_refresh = rotated["refresh_token"].as_str().unwrap().to_owned();
+    gw.clock.advance(Duration::from_secs(61));
+    assert_matrix_error(sync(&gw, &new_access).await, 401, "M_UNKNOWN_TOKEN").await;
+    let r = client()
+        .post(gw.url("/_matrix/client/v3/logout"))
+        .bearer_auth(&new_access)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_matrix_error(refresh_with(new_refresh).await, 401, "M_UNKNOWN_TOKEN").await;
     // An OAuth refresh token: not the gateway's to refresh.
     assert_matrix_error(
         refresh_with("op-refresh-token".into()).await,
@@ -336,15 +368,8 @@ async fn a_redirect_url_off_the_list_gets_a_confirmation_page_not_a_redirect() {
             .unwrap()
             .contains("frame-ancestors 'none'"));
         let page = r.text().await.unwrap();
-        let host = url::Url::parse(off_list).unwrap();
-        assert!(
-            page.contains(&format!(
-                "Continue to {}://{}",
-                host.scheme(),
-                host.host_str().unwrap()
-            )),
-            "{page}"
-        );
+        // The whole destination is named (scheme, host, port, path), not only the host.
+        assert!(page.contains(&format!("Continue to {off_list}?")), "{page}");
         assert!(page.contains("loginToken=mgl_"), "{page}");
     }
 }
@@ -412,6 +437,51 @@ async fn state_login_token_and_op_errors_fail_closed() {
         .await
         .unwrap();
     assert_matrix_error(r, 400, "M_UNKNOWN").await;
+}
+
+/// The OP's answer is bound to this sign-in: an ID token with another nonce, issuer or
+/// audience, or an access token for another device than the one asked for, is refused (403
+/// page, no login token).
+#[tokio::test]
+async fn an_op_answer_for_another_sign_in_is_refused() {
+    let (f, gw) = setup("").await;
+    let iss = format!("{}/", f.op.uri());
+    let cases = [
+        (
+            "nonce",
+            json!({"iss": iss, "aud": "gateway", "nonce": "someone-elses"}),
+            None,
+        ),
+        (
+            "issuer",
+            json!({"iss": "https://other.example/", "aud": "gateway"}),
+            None,
+        ),
+        (
+            "audience",
+            json!({"iss": iss, "aud": ["another-client"]}),
+            None,
+        ),
+        (
+            "device",
+            json!({"iss": iss, "aud": "gateway"}),
+            Some("OTHERDEV01"),
+        ),
+    ];
+    for (i, (what, mut claims, device)) in cases.into_iter().enumerate() {
+        let s = start(&gw, "https://client.example/app").await;
+        if claims.get("nonce").is_none() {
+            claims["nonce"] = json!(s.nonce);
+        }
+        let code = format!("code-bad-{i}");
+        let device = device
+            .map(str::to_owned)
+            .unwrap_or_else(|| s.device.clone());
+        op_grants_with(&f, &s, &code, &format!("op-bad-{i}"), claims, &device).await;
+        let r = callback(&gw, &s, &code, Some(&s.cookie)).await;
+        assert_eq!(r.status(), 403, "a wrong {what} was accepted");
+        assert!(r.headers().get("location").is_none());
+    }
 }
 
 /// With `[compat]` off (the default) every legacy endpoint stays refused as before.

@@ -378,22 +378,25 @@ impl Verifier {
         }
     }
 
-    /// Gives back what [`Verifier::charge_new_token`] took, when the OP failed or shed the
-    /// call it paid for.
+    /// Gives back what [`Verifier::charge_new_token`] took, when the OP failed the call it
+    /// paid for.
     pub fn refund_new_token(&self, charged: Option<IpAddr>) {
         if let (Some(budget), Some(ip)) = (&self.budget, charged) {
             budget.refund_now(ip);
         }
     }
 
-    /// Decides a token here (OP or JWT checks), charged to `charge`'s budget first; the unit is
-    /// given back when the OP failed or shed the call (that answer stays a 503).
+    /// Decides a token here (OP or JWT checks), charged to the sender's budget first; the unit
+    /// is given back when the OP failed (that answer stays a 503), not when the gateway shed
+    /// the call.
     async fn decide(&self, token: &str, ask: Ask) -> Result<CachedVerdict, LoadFailure> {
         let charged = self
             .charge_new_token(ask.charge)
             .map_err(|retry_after_ms| LoadFailure::OverBudget { retry_after_ms })?;
         let decided = self.load(token, ask.priority).await;
-        if decided.is_err() {
+        // An OP that failed gives the unit back (an outage stays a 503 for everyone); a call
+        // the gateway shed itself does not: under a flood the address's budget must run out.
+        if matches!(decided, Err(f) if f != OpFailure::Overloaded) {
             self.refund_new_token(charged);
         }
         decided.map_err(LoadFailure::Op)

@@ -258,7 +258,7 @@ impl Compat {
     /// Starts a sign-in for a browser that will come back to `redirect_url`; `register` asks
     /// the OP to show its sign-up page (`prompt=create`, MSC3824 `action=register`).
     pub async fn start(&self, redirect_url: &str, register: bool) -> Result<Started, BrowserFault> {
-        let redirect = Url::parse(redirect_url).map_err(|_| BrowserFault::BadRedirect)?;
+        let redirect = checked_redirect(redirect_url)?;
         let state = new_token("");
         let verifier = new_token("");
         let nonce = new_token("");
@@ -363,13 +363,28 @@ impl Compat {
                 tracing::warn!(error = %e.chars().take(64).collect::<String>(), "compat: the OP refused the code");
                 BrowserFault::BadGrant
             })?;
+        // Received straight from the token endpoint over the connection the gateway opened
+        // (OIDC Core §3.1.3.7 6.): issuer, audience and nonce bind it to this sign-in. Its
+        // `sid` names the OP session, for the OP's back-channel logout of it.
+        let mut sid = None;
         if let Some(id_token) = &granted.id_token {
-            // Received straight from the token endpoint over the connection the gateway
-            // opened (OIDC Core §3.1.3.7 6.): the nonce binds it to this sign-in.
-            if id_token_claim(id_token, "nonce").as_deref() != Some(pending.nonce.as_str()) {
-                tracing::warn!("compat: ID token nonce mismatch");
+            let claims = jwt_payload(id_token).unwrap_or_default();
+            let audience_ok = match claims.get("aud") {
+                Some(serde_json::Value::String(a)) => *a == self.cfg.client_id,
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .any(|a| a.as_str() == Some(self.cfg.client_id.as_str())),
+                _ => false,
+            };
+            let str_claim = |name: &str| claims.get(name).and_then(|v| v.as_str());
+            if str_claim("nonce") != Some(pending.nonce.as_str())
+                || str_claim("iss") != Some(self.op.issuer().issuer.as_str())
+                || !audience_ok
+            {
+                tracing::warn!("compat: ID token nonce, issuer or audience mismatch");
                 return Err(BrowserFault::BadGrant);
             }
+            sid = str_claim("sid").map(str::to_owned);
         }
         let identity = match verify(granted.access_token).await {
             Ok(identity) => identity,
@@ -388,9 +403,13 @@ impl Compat {
             tracing::warn!("compat: the OP granted another device or no full API scope");
             return Err(BrowserFault::BadGrant);
         }
+        let mut identity = (*identity).clone();
+        if identity.session_id.is_none() {
+            identity.session_id = sid;
+        }
         let login_token = new_token(LOGIN_PREFIX);
         let grant = Grant {
-            identity: (*identity).clone(),
+            identity: identity.clone(),
         };
         let value = serde_json::to_string(&grant).map_err(|_| BrowserFault::Unavailable)?;
         let until = now + self.cfg.login_token_ttl.as_millis() as u64;
@@ -470,7 +489,9 @@ impl Compat {
         s.put_expiring(Space::CompatSession, id, &value, ends_ms)
             .await
             .map_err(store_failure)?;
-        s.put_expiring(Space::CompatAccess, &session.access, id, access_until)
+        // Kept until the session ends, so /logout finds the session by an expired access
+        // token too (the identity's expiry refuses it for requests).
+        s.put_expiring(Space::CompatAccess, &session.access, id, ends_ms)
             .await
             .map_err(store_failure)?;
         if let Some(r) = &session.refresh {
@@ -527,20 +548,61 @@ impl Compat {
             .map(|s| (id, s)))
     }
 
-    /// Ends the session of a compat access token (`/logout`): its tokens are gone from the
-    /// store. Returns its identity, or `None` when the token is not a live compat token.
-    pub async fn end_session(&self, access_token: &str) -> Result<Option<Identity>, GatewayError> {
-        let now = self.clock.now_ms();
+    /// The identity of the live session of a compat access token, expired or not (what
+    /// `/logout` ends), or `None`.
+    pub async fn session_identity(
+        &self,
+        access_token: &str,
+    ) -> Result<Option<Identity>, GatewayError> {
         let key = stored_key(access_token);
-        let Some((id, session)) = self
-            .session_of(Space::CompatAccess, &key, now)
+        Ok(self
+            .session_of(Space::CompatAccess, &key, self.clock.now_ms())
             .await
             .map_err(GatewayError::OpUnavailable)?
-        else {
-            return Ok(None);
-        };
-        self.forget(&id, &session).await?;
-        Ok(Some(session.identity))
+            .filter(|(_, s)| s.access == key)
+            .map(|(_, s)| s.identity))
+    }
+
+    /// Ends the session of a compat access token (`/logout`, after its device was revoked):
+    /// its tokens are gone from the store.
+    pub async fn end_session(&self, access_token: &str) -> Result<(), GatewayError> {
+        let key = stored_key(access_token);
+        if let Some((id, session)) = self
+            .session_of(Space::CompatAccess, &key, self.clock.now_ms())
+            .await
+            .map_err(GatewayError::OpUnavailable)?
+        {
+            self.forget(&id, &session).await?;
+        }
+        Ok(())
+    }
+
+    /// The identity of the session a compat refresh token belongs to, without using the
+    /// token up (checked for revocations and tombstones before a refresh).
+    pub async fn refresh_identity(
+        &self,
+        refresh_token: &str,
+    ) -> Result<Option<Identity>, GatewayError> {
+        let key = stored_key(refresh_token);
+        Ok(self
+            .session_of(Space::CompatRefresh, &key, self.clock.now_ms())
+            .await
+            .map_err(GatewayError::OpUnavailable)?
+            .filter(|(_, s)| s.refresh.as_deref() == Some(key.as_str()))
+            .map(|(_, s)| s.identity))
+    }
+
+    /// Ends the session a compat refresh token belongs to (it was revoked meanwhile).
+    pub async fn end_refresh_session(&self, refresh_token: &str) -> Result<(), GatewayError> {
+        let key = stored_key(refresh_token);
+        if let Some((id, session)) = self
+            .session_of(Space::CompatRefresh, &key, self.clock.now_ms())
+            .await
+            .map_err(GatewayError::OpUnavailable)?
+        {
+            self.forget(&id, &session).await?;
+        }
+        Ok(())
     }
 
     async fn forget(&self, id: &str, session: &Session) -> Result<(), GatewayError> {
@@ -609,6 +671,36 @@ pub fn cookie_name(state: &str) -> String {
     format!("{COOKIE_PREFIX}{}", &stored_key(state)[..16])
 }
 
+/// Longest `redirectUrl` accepted (each pending sign-in stores it).
+const MAX_REDIRECT_URL: usize = 2048;
+
+/// A `redirectUrl` the gateway will send a login token to: a URL of at most 2 KiB, not a
+/// scheme that runs or reads something in the browser itself, without a `loginToken` of its own.
+fn checked_redirect(redirect_url: &str) -> Result<Url, BrowserFault> {
+    if redirect_url.len() > MAX_REDIRECT_URL {
+        return Err(BrowserFault::BadRedirect);
+    }
+    let mut url = Url::parse(redirect_url).map_err(|_| BrowserFault::BadRedirect)?;
+    if matches!(
+        url.scheme(),
+        "javascript" | "data" | "vbscript" | "file" | "blob" | "about"
+    ) {
+        return Err(BrowserFault::BadRedirect);
+    }
+    if url.query_pairs().any(|(k, _)| k == "loginToken") {
+        let kept: Vec<(String, String)> = url
+            .query_pairs()
+            .filter(|(k, _)| k != "loginToken")
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        url.set_query(None);
+        if !kept.is_empty() {
+            url.query_pairs_mut().extend_pairs(kept);
+        }
+    }
+    Ok(url)
+}
+
 /// Whether `path` is `prefix` or below it at a `/` boundary.
 fn under(prefix: &str, path: &str) -> bool {
     path == prefix
@@ -616,14 +708,16 @@ fn under(prefix: &str, path: &str) -> bool {
             && (prefix.ends_with('/') || path.as_bytes().get(prefix.len()) == Some(&b'/')))
 }
 
-/// One string claim of a JWT's payload, unverified (the caller knows where the JWT came from).
-fn id_token_claim(jwt: &str, claim: &str) -> Option<String> {
+/// A JWT's payload, unverified (the caller knows where the JWT came from).
+fn jwt_payload(jwt: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
     let payload = jwt.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    value.get(claim)?.as_str().map(str::to_owned)
+    match serde_json::from_slice(&bytes).ok()? {
+        serde_json::Value::Object(m) => Some(m),
+        _ => None,
+    }
 }
 
 /// `GET /login`'s flows (MSC3824: SSO flagged as the OAuth-aware choice, in the stable and
@@ -669,12 +763,40 @@ mod tests {
     }
 
     #[test]
-    fn an_id_token_claim_is_read_from_the_payload() {
+    fn an_id_tokens_payload_is_read() {
         let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(br#"{"nonce":"n-1","sid":"s"}"#);
         let jwt = format!("e30.{payload}.sig");
-        assert_eq!(id_token_claim(&jwt, "nonce").as_deref(), Some("n-1"));
-        assert_eq!(id_token_claim(&jwt, "missing"), None);
-        assert_eq!(id_token_claim("garbage", "nonce"), None);
+        let claims = jwt_payload(&jwt).unwrap();
+        assert_eq!(claims["nonce"], "n-1");
+        assert!(jwt_payload("garbage").is_none());
+        assert!(
+            jwt_payload("a.W10.c").is_none(),
+            "an array is not a payload"
+        );
+    }
+
+    #[test]
+    fn redirect_urls_that_run_in_the_browser_or_are_huge_are_refused_and_a_login_token_is_dropped()
+    {
+        for bad in [
+            "javascript:alert(1)",
+            "data:text/html,x",
+            "file:///etc/passwd",
+            "not a url",
+        ] {
+            assert_eq!(
+                checked_redirect(bad).unwrap_err(),
+                BrowserFault::BadRedirect,
+                "{bad}"
+            );
+        }
+        let long = format!("https://c.example/{}", "a".repeat(MAX_REDIRECT_URL));
+        assert!(checked_redirect(&long).is_err());
+        let u = checked_redirect("https://c.example/cb?a=1&loginToken=planted&b=2").unwrap();
+        assert_eq!(u.query(), Some("a=1&b=2"));
+        let u = checked_redirect("https://c.example/cb?loginToken=planted").unwrap();
+        assert_eq!(u.query(), None);
+        assert!(checked_redirect("io.element.app:/callback").is_ok());
     }
 }

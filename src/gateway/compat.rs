@@ -62,6 +62,24 @@ fn cookie(session: &Session, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
+/// Charges one store lookup or write a client can cause without a session to its address's
+/// new-token budget.
+fn charge(gw: &Gateway, session: &Session) -> std::result::Result<(), GatewayError> {
+    let peer = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip());
+    let client = super::headers::client_address(
+        session.req_header(),
+        peer,
+        gw.config.listen.trust_forwarded_headers,
+    );
+    gw.verifier
+        .charge_new_token(client)
+        .map(|_| ())
+        .map_err(|retry_after_ms| GatewayError::RateLimited { retry_after_ms })
+}
+
 fn secure(gw: &Gateway) -> &'static str {
     if gw.config.discovery.public_base_url.scheme() == "https" {
         "; Secure"
@@ -89,6 +107,19 @@ async fn sso_redirect(gw: &Gateway, session: &mut Session, compat: &Compat) -> R
     let Some(redirect_url) = query_param(session, "redirectUrl") else {
         return fault_page(session, BrowserFault::BadRedirect).await;
     };
+    // Each start stores a pending sign-in: charged like a new token.
+    if charge(gw, session).is_err() {
+        respond::html_page(
+            session,
+            429,
+            "Sign-in failed",
+            &["Too many sign-ins from this address. Try again in a minute."],
+            None,
+            &[],
+        )
+        .await?;
+        return Ok(true);
+    }
     let register = ["action", "org.matrix.msc3824.action"]
         .iter()
         .any(|k| query_param(session, k).as_deref() == Some("register"));
@@ -141,9 +172,14 @@ async fn callback(gw: &Gateway, session: &mut Session, compat: &Compat) -> Resul
         // Not on the allow-list: the user sees where the login goes and decides (as Synapse's
         // SSO redirect confirmation). The page cannot be framed, so it cannot be clicked for
         // the user.
-        let target = match finished.redirect.host_str() {
-            Some(host) => format!("{}://{host}", finished.redirect.scheme()),
-            None => format!("{}:", finished.redirect.scheme()),
+        // The whole destination but the login token: scheme, host, port and path.
+        let r = &finished.redirect;
+        let target = match r.host_str() {
+            Some(host) => match r.port() {
+                Some(port) => format!("{}://{host}:{port}{}", r.scheme(), r.path()),
+                None => format!("{}://{host}{}", r.scheme(), r.path()),
+            },
+            None => format!("{}:{}", r.scheme(), r.path()),
         };
         let question = format!("Continue to {target}?");
         respond::html_page(
@@ -212,6 +248,9 @@ async fn login(
     let (true, Some(token)) = (req.kind == "m.login.token", req.token) else {
         return Ok(Err(GatewayError::BadLogin));
     };
+    if let Err(e) = charge(gw, session) {
+        return Ok(Err(e));
+    }
     let identity = match compat.redeem(&token).await {
         Ok(i) => i,
         Err(e) => return Ok(Err(e)),
@@ -270,16 +309,14 @@ async fn logout(
     if !compat::is_compat_access(&token) {
         return Ok(Err(GatewayError::Refused(Refused::OwnedByOp)));
     }
-    let identity = match compat.end_session(&token).await {
+    let identity = match compat.session_identity(&token).await {
         Ok(Some(i)) => i,
         Ok(None) => return Ok(Err(GatewayError::UnknownToken(RejectReason::Inactive))),
         Err(e) => return Ok(Err(e)),
     };
-    gw.verifier
-        .purge_token_everywhere(&crate::auth::TokenHash::of(&token))
-        .await;
     if let Some(device) = &identity.device_id {
-        // Refuses the device's tokens from now on and signs it out upstream.
+        // First refuse the device's tokens and sign it out upstream: if that fails the client
+        // gets 503 and its retry finds the session still there to end.
         if let Err(e) = gw
             .notifier
             .revoke_device(&identity.user_id, device, Source::Logout)
@@ -288,6 +325,12 @@ async fn logout(
             return Ok(Err(e));
         }
     }
+    if let Err(e) = compat.end_session(&token).await {
+        return Ok(Err(e));
+    }
+    gw.verifier
+        .purge_token_everywhere(&crate::auth::TokenHash::of(&token))
+        .await;
     tracing::info!(user = %identity.user_id, device = ?identity.device_id, "compat: session ended by /logout");
     respond::json_response(session, 200, &respond::Empty {}, &[]).await?;
     Ok(Ok(()))
@@ -312,6 +355,33 @@ async fn refresh(
     };
     if !req.refresh_token.starts_with(compat::REFRESH_PREFIX) {
         return Ok(Err(GatewayError::Refused(Refused::OwnedByOp)));
+    }
+    if let Err(e) = charge(gw, session) {
+        return Ok(Err(e));
+    }
+    // A session signed out meanwhile (its device, user, subject or OP session revoked, the
+    // user deactivated) gets no new tokens: it ends here.
+    let identity = match compat.refresh_identity(&req.refresh_token).await {
+        Ok(Some(i)) => i,
+        Ok(None) => return Ok(Err(GatewayError::UnknownToken(RejectReason::Inactive))),
+        Err(e) => return Ok(Err(e)),
+    };
+    let hash = crate::auth::TokenHash::of(&req.refresh_token);
+    let revoked = gw
+        .verifier
+        .revocations()
+        .is_revoked(&identity, &hash, gw.clock.now_ms());
+    let refused = match gw.binder.check_user(&identity).await {
+        Ok(()) if !revoked => None,
+        Ok(()) => Some(GatewayError::UnknownToken(RejectReason::Revoked)),
+        Err(e @ (GatewayError::UserDeactivated | GatewayError::SubjectMismatch)) => Some(e),
+        Err(e) => return Ok(Err(e)),
+    };
+    if let Some(err) = refused {
+        if let Err(e) = compat.end_refresh_session(&req.refresh_token).await {
+            return Ok(Err(e));
+        }
+        return Ok(Err(err));
     }
     match compat.refresh(&req.refresh_token).await {
         Ok(Some((issued, old))) => {

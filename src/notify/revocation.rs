@@ -10,7 +10,7 @@ use crate::auth::identity::{build_identity, parse_scope};
 use crate::auth::jwt::{looks_like_jwt, unverified_issuer, JwtOutcome};
 use crate::auth::revocations::Selector;
 use crate::auth::{Identity, TokenHash};
-use crate::error::{BindingFailure, GatewayError};
+use crate::error::{BindingFailure, GatewayError, OpFailure};
 
 impl Notifier {
     /// The RFC 7009 revocation proxy: learns what the token belongs to, forwards the request
@@ -188,7 +188,7 @@ impl Notifier {
             }))
         }
         .await;
-        if matches!(learned, Err(GatewayError::OpUnavailable(_))) {
+        if matches!(learned, Err(GatewayError::OpUnavailable(f)) if f != OpFailure::Overloaded) {
             self.verifier.refund_new_token(charged);
         }
         learned
