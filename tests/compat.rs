@@ -439,6 +439,44 @@ async fn state_login_token_and_op_errors_fail_closed() {
     assert_matrix_error(r, 400, "M_UNKNOWN").await;
 }
 
+/// A compat token sent to the gateway's RFC 7009 revocation endpoint ends its session there:
+/// 200, the token refused from then on, and nothing sent to the OP (which never issued it).
+#[tokio::test]
+async fn revoking_a_compat_token_ends_its_session_without_asking_the_op() {
+    let (f, gw) = setup("").await;
+    let s = start(&gw, "https://client.example/app").await;
+    op_grants(&f, &s, "code-v", "op-access-v").await;
+    let r = callback(&gw, &s, "code-v", Some(&s.cookie)).await;
+    let back = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+    let token = back
+        .query_pairs()
+        .find(|(k, _)| k == "loginToken")
+        .unwrap()
+        .1
+        .into_owned();
+    let session: Value = login(&gw, json!({"type": "m.login.token", "token": token}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let access = session["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(sync(&gw, &access).await.status(), 200);
+    let before = f.op.received_requests().await.unwrap().len();
+    let r = client()
+        .post(gw.url("/_matrix-oidc-gateway/oauth2/revoke"))
+        .form(&[("token", access.as_str()), ("client_id", "legacy-client")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        f.op.received_requests().await.unwrap().len(),
+        before,
+        "the compat token went to the OP"
+    );
+    assert_matrix_error(sync(&gw, &access).await, 401, "M_UNKNOWN_TOKEN").await;
+}
+
 /// The OP's answer is bound to this sign-in: an ID token with another nonce, issuer or
 /// audience, or an access token for another device than the one asked for, is refused (403
 /// page, no login token).

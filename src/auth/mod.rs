@@ -364,6 +364,11 @@ impl Verifier {
         }
     }
 
+    /// The compat layer, when `[compat]` is on.
+    pub fn compat(&self) -> Option<&Arc<crate::compat::Compat>> {
+        self.compat.get()
+    }
+
     /// Turns on the compat layer's tokens (once, at start).
     pub fn set_compat(&self, compat: Arc<crate::compat::Compat>) {
         let _ = self.compat.set(compat);

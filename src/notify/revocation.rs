@@ -44,6 +44,11 @@ impl Notifier {
             tracing::error!("revocation proxy: the revocation list is full; answering 503 without asking the OP (raise notifications.max_revocations)");
             return Err(GatewayError::BindingUnavailable(BindingFailure::Store));
         }
+        if let Some(t) = &token {
+            if let Some(answer) = self.revoke_compat(t).await? {
+                return Ok(answer);
+            }
+        }
         let authenticated = client_id || authorization.is_some();
         // A lookup that failed (OP or keys unavailable, introspection shed, store down) is a
         // 503 before anything is forwarded: forwarding would have the OP revoke a token the
@@ -79,6 +84,48 @@ impl Notifier {
             }
         }
         Ok(answer)
+    }
+
+    /// A compat token (gateway-issued, `[compat]`) is the gateway's to revoke: its session
+    /// ends here (device refused and signed out upstream first, then the session's tokens
+    /// deleted), and it is never sent to the OP, which does not know it. `None` for any other
+    /// token. Like any RFC 7009 revocation, an unknown token is answered 200 too.
+    async fn revoke_compat(
+        &self,
+        token: &str,
+    ) -> Result<Option<(u16, Option<String>, Bytes)>, GatewayError> {
+        let Some(compat) = self.verifier.compat() else {
+            return Ok(None);
+        };
+        let access = token.starts_with(crate::compat::ACCESS_PREFIX);
+        if !access && !token.starts_with(crate::compat::REFRESH_PREFIX) {
+            return Ok(None);
+        }
+        let identity = if access {
+            compat.session_identity(token).await?
+        } else {
+            compat.refresh_identity(token).await?
+        };
+        if let Some(identity) = identity {
+            if let Some(device) = &identity.device_id {
+                self.revoke_device(&identity.user_id, device, Source::Revocation)
+                    .await?;
+            }
+            if access {
+                compat.end_session(token).await?;
+            } else {
+                compat.end_refresh_session(token).await?;
+            }
+            self.verifier
+                .purge_token_everywhere(&TokenHash::of(token))
+                .await;
+            tracing::info!(user = %identity.user_id, device = ?identity.device_id, "compat: session ended by revocation");
+        }
+        Ok(Some((
+            200,
+            Some("application/json".to_owned()),
+            Bytes::from_static(b"{}"),
+        )))
     }
 
     /// Who a token belongs to: the identity cached for it, a verified JWT, or what one
