@@ -164,6 +164,20 @@ async fn callback(
     r.send().await.unwrap()
 }
 
+/// A whole browser sign-in to the allow-listed client: the login token it brings back.
+async fn login_token_for(f: &Fakes, gw: &TestGateway, code: &str, op_token: &str) -> String {
+    let s = start(gw, "https://client.example/app").await;
+    op_grants(f, &s, code, op_token).await;
+    let r = callback(gw, &s, code, Some(&s.cookie)).await;
+    assert_eq!(r.status(), 302);
+    let back = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+    back.query_pairs()
+        .find(|(k, _)| k == "loginToken")
+        .expect("a login token")
+        .1
+        .into_owned()
+}
+
 async fn login(gw: &TestGateway, body: Value) -> reqwest::Response {
     client()
         .post(gw.url("/_matrix/client/v3/login"))
@@ -268,16 +282,7 @@ async fn a_legacy_client_signs_in_with_sso_and_a_login_token_and_logs_out() {
 #[tokio::test]
 async fn compat_refresh_rotates_and_oauth_refresh_tokens_are_still_refused() {
     let (f, gw) = setup("access_token_ttl = \"60s\"").await;
-    let s = start(&gw, "https://client.example/app").await;
-    op_grants(&f, &s, "code-r", "op-access-r").await;
-    let r = callback(&gw, &s, "code-r", Some(&s.cookie)).await;
-    let back = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
-    let token = back
-        .query_pairs()
-        .find(|(k, _)| k == "loginToken")
-        .unwrap()
-        .1
-        .into_owned();
+    let token = login_token_for(&f, &gw, "code-r", "op-access-r").await;
     let session: Value = login(
         &gw,
         json!({"type": "m.login.token", "token": token, "refresh_token": true}),
@@ -414,16 +419,7 @@ async fn state_login_token_and_op_errors_fail_closed() {
         .unwrap();
     assert_eq!(r.status(), 403);
     // An expired login token.
-    let s = start(&gw, "https://client.example/app").await;
-    op_grants(&f, &s, "code-e", "op-access-e").await;
-    let r = callback(&gw, &s, "code-e", Some(&s.cookie)).await;
-    let back = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
-    let token = back
-        .query_pairs()
-        .find(|(k, _)| k == "loginToken")
-        .unwrap()
-        .1
-        .into_owned();
+    let token = login_token_for(&f, &gw, "code-e", "op-access-e").await;
     gw.clock.advance(Duration::from_secs(31));
     let r = login(&gw, json!({"type": "m.login.token", "token": token})).await;
     assert_matrix_error(r, 403, "M_FORBIDDEN").await;
@@ -444,16 +440,7 @@ async fn state_login_token_and_op_errors_fail_closed() {
 #[tokio::test]
 async fn revoking_a_compat_token_ends_its_session_without_asking_the_op() {
     let (f, gw) = setup("").await;
-    let s = start(&gw, "https://client.example/app").await;
-    op_grants(&f, &s, "code-v", "op-access-v").await;
-    let r = callback(&gw, &s, "code-v", Some(&s.cookie)).await;
-    let back = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
-    let token = back
-        .query_pairs()
-        .find(|(k, _)| k == "loginToken")
-        .unwrap()
-        .1
-        .into_owned();
+    let token = login_token_for(&f, &gw, "code-v", "op-access-v").await;
     let session: Value = login(&gw, json!({"type": "m.login.token", "token": token}))
         .await
         .json()

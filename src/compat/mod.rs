@@ -69,6 +69,28 @@ fn new_device_id() -> String {
         .collect()
 }
 
+/// Which of a compat session's tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// Its access token (`mgc_`).
+    Access,
+    /// Its refresh token (`mgr_`).
+    Refresh,
+}
+
+impl TokenKind {
+    /// The kind of a compat token, by its prefix; `None` for any other token.
+    pub fn of(token: &str) -> Option<TokenKind> {
+        if token.starts_with(ACCESS_PREFIX) {
+            Some(TokenKind::Access)
+        } else if token.starts_with(REFRESH_PREFIX) {
+            Some(TokenKind::Refresh)
+        } else {
+            None
+        }
+    }
+}
+
 /// Whether `token` is a compat access token (by its prefix).
 pub fn is_compat_access(token: &str) -> bool {
     token.starts_with(ACCESS_PREFIX)
@@ -548,61 +570,47 @@ impl Compat {
             .map(|s| (id, s)))
     }
 
-    /// The identity of the live session of a compat access token, expired or not (what
-    /// `/logout` ends), or `None`.
+    /// The identity of the live session a compat token belongs to (an access token, expired
+    /// or not, as `/logout` takes it; or a refresh token, read without using it up, to check
+    /// revocations before a refresh), or `None`.
     pub async fn session_identity(
         &self,
-        access_token: &str,
+        kind: TokenKind,
+        token: &str,
     ) -> Result<Option<Identity>, GatewayError> {
-        let key = stored_key(access_token);
         Ok(self
-            .session_of(Space::CompatAccess, &key, self.clock.now_ms())
-            .await
-            .map_err(GatewayError::OpUnavailable)?
-            .filter(|(_, s)| s.access == key)
+            .live_session(kind, token)
+            .await?
             .map(|(_, s)| s.identity))
     }
 
-    /// Ends the session of a compat access token (`/logout`, after its device was revoked):
-    /// its tokens are gone from the store.
-    pub async fn end_session(&self, access_token: &str) -> Result<(), GatewayError> {
-        let key = stored_key(access_token);
-        if let Some((id, session)) = self
-            .session_of(Space::CompatAccess, &key, self.clock.now_ms())
-            .await
-            .map_err(GatewayError::OpUnavailable)?
-        {
+    /// Ends the session a compat token belongs to (after its device was revoked): its tokens
+    /// are gone from the store.
+    pub async fn end_session(&self, kind: TokenKind, token: &str) -> Result<(), GatewayError> {
+        if let Some((id, session)) = self.live_session(kind, token).await? {
             self.forget(&id, &session).await?;
         }
         Ok(())
     }
 
-    /// The identity of the session a compat refresh token belongs to, without using the
-    /// token up (checked for revocations and tombstones before a refresh).
-    pub async fn refresh_identity(
+    async fn live_session(
         &self,
-        refresh_token: &str,
-    ) -> Result<Option<Identity>, GatewayError> {
-        let key = stored_key(refresh_token);
+        kind: TokenKind,
+        token: &str,
+    ) -> Result<Option<(String, Session)>, GatewayError> {
+        let key = stored_key(token);
+        let space = match kind {
+            TokenKind::Access => Space::CompatAccess,
+            TokenKind::Refresh => Space::CompatRefresh,
+        };
         Ok(self
-            .session_of(Space::CompatRefresh, &key, self.clock.now_ms())
+            .session_of(space, &key, self.clock.now_ms())
             .await
             .map_err(GatewayError::OpUnavailable)?
-            .filter(|(_, s)| s.refresh.as_deref() == Some(key.as_str()))
-            .map(|(_, s)| s.identity))
-    }
-
-    /// Ends the session a compat refresh token belongs to (it was revoked meanwhile).
-    pub async fn end_refresh_session(&self, refresh_token: &str) -> Result<(), GatewayError> {
-        let key = stored_key(refresh_token);
-        if let Some((id, session)) = self
-            .session_of(Space::CompatRefresh, &key, self.clock.now_ms())
-            .await
-            .map_err(GatewayError::OpUnavailable)?
-        {
-            self.forget(&id, &session).await?;
-        }
-        Ok(())
+            .filter(|(_, s)| match kind {
+                TokenKind::Access => s.access == key,
+                TokenKind::Refresh => s.refresh.as_deref() == Some(key.as_str()),
+            }))
     }
 
     async fn forget(&self, id: &str, session: &Session) -> Result<(), GatewayError> {

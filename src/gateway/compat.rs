@@ -13,7 +13,7 @@ use super::ctx::Ctx;
 use super::notifications::read_body;
 use super::token::{self, Presented};
 use super::{respond, Gateway};
-use crate::compat::{self, BrowserFault, Compat, Issued};
+use crate::compat::{self, BrowserFault, Compat, Issued, TokenKind};
 use crate::error::{GatewayError, Refused, RejectReason};
 use crate::notify::Source;
 
@@ -309,7 +309,7 @@ async fn logout(
     if !compat::is_compat_access(&token) {
         return Ok(Err(GatewayError::Refused(Refused::OwnedByOp)));
     }
-    let identity = match compat.session_identity(&token).await {
+    let identity = match compat.session_identity(TokenKind::Access, &token).await {
         Ok(Some(i)) => i,
         Ok(None) => return Ok(Err(GatewayError::UnknownToken(RejectReason::Inactive))),
         Err(e) => return Ok(Err(e)),
@@ -325,7 +325,7 @@ async fn logout(
             return Ok(Err(e));
         }
     }
-    if let Err(e) = compat.end_session(&token).await {
+    if let Err(e) = compat.end_session(TokenKind::Access, &token).await {
         return Ok(Err(e));
     }
     gw.verifier
@@ -361,7 +361,10 @@ async fn refresh(
     }
     // A session signed out meanwhile (its device, user, subject or OP session revoked, the
     // user deactivated) gets no new tokens: it ends here.
-    let identity = match compat.refresh_identity(&req.refresh_token).await {
+    let identity = match compat
+        .session_identity(TokenKind::Refresh, &req.refresh_token)
+        .await
+    {
         Ok(Some(i)) => i,
         Ok(None) => return Ok(Err(GatewayError::UnknownToken(RejectReason::Inactive))),
         Err(e) => return Ok(Err(e)),
@@ -378,7 +381,10 @@ async fn refresh(
         Err(e) => return Ok(Err(e)),
     };
     if let Some(err) = refused {
-        if let Err(e) = compat.end_refresh_session(&req.refresh_token).await {
+        if let Err(e) = compat
+            .end_session(TokenKind::Refresh, &req.refresh_token)
+            .await
+        {
             return Ok(Err(e));
         }
         return Ok(Err(err));

@@ -97,25 +97,15 @@ impl Notifier {
         let Some(compat) = self.verifier.compat() else {
             return Ok(None);
         };
-        let access = token.starts_with(crate::compat::ACCESS_PREFIX);
-        if !access && !token.starts_with(crate::compat::REFRESH_PREFIX) {
+        let Some(kind) = crate::compat::TokenKind::of(token) else {
             return Ok(None);
-        }
-        let identity = if access {
-            compat.session_identity(token).await?
-        } else {
-            compat.refresh_identity(token).await?
         };
-        if let Some(identity) = identity {
+        if let Some(identity) = compat.session_identity(kind, token).await? {
             if let Some(device) = &identity.device_id {
                 self.revoke_device(&identity.user_id, device, Source::Revocation)
                     .await?;
             }
-            if access {
-                compat.end_session(token).await?;
-            } else {
-                compat.end_refresh_session(token).await?;
-            }
+            compat.end_session(kind, token).await?;
             self.verifier
                 .purge_token_everywhere(&TokenHash::of(token))
                 .await;
