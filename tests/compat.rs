@@ -27,6 +27,8 @@ fn with_query(url: String, pairs: &[(&str, &str)]) -> String {
     u.to_string()
 }
 
+const ADMIN_TOKEN: &str = "compat-admin-token-0123456789";
+
 /// The fakes and a gateway with `[compat]` on (`extra` goes into `[compat]`).
 async fn setup(extra: &str) -> (Fakes, TestGateway) {
     let f = Fakes::start().await;
@@ -42,7 +44,7 @@ async fn setup(extra: &str) -> (Fakes, TestGateway) {
         .mount(&f.op)
         .await;
     let toml = f.config(&format!(
-        "\n[discovery]\npublic_base_url = \"https://matrix.example.org\"\n\n[compat]\nenabled = true\nredirect_allowlist = [\"https://client.example/app\"]\n{extra}\n"
+        "\n[discovery]\npublic_base_url = \"https://matrix.example.org\"\n\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\n[compat]\nenabled = true\nredirect_allowlist = [\"https://client.example/app\"]\n{extra}\n"
     ));
     let gw = spawn(&toml).await;
     (f, gw)
@@ -462,6 +464,25 @@ async fn revoking_a_compat_token_ends_its_session_without_asking_the_op() {
         "the compat token went to the OP"
     );
     assert_matrix_error(sync(&gw, &access).await, 401, "M_UNKNOWN_TOKEN").await;
+}
+
+/// A user signed out between the callback and `m.login.token` (here by the admin API; the
+/// OP's back-channel logout of the session records the same kind of revocation) gets no
+/// session: 403, and the login token is used up.
+#[tokio::test]
+async fn a_login_token_of_a_user_signed_out_since_gets_no_session() {
+    let (f, gw) = setup("").await;
+    let token = login_token_for(&f, &gw, "code-o", "op-access-o").await;
+    let r = client()
+        .post(gw.admin_url("/admin/v1/users/@alice:example.org/logout"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let r = login(&gw, json!({"type": "m.login.token", "token": token})).await;
+    assert_matrix_error(r, 403, "M_FORBIDDEN").await;
 }
 
 /// The OP's answer is bound to this sign-in: an ID token with another nonce, issuer or

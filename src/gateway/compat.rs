@@ -255,6 +255,16 @@ async fn login(
         Ok(i) => i,
         Err(e) => return Ok(Err(e)),
     };
+    // Signed out since the callback (its OP session, device, user or subject revoked): no
+    // device is provisioned for it.
+    let hash = crate::auth::TokenHash::of(&token);
+    if gw
+        .verifier
+        .revocations()
+        .is_revoked(&identity, &hash, gw.clock.now_ms())
+    {
+        return Ok(Err(GatewayError::LoginRefused));
+    }
     // The same binding as an OAuth token's first request: pin, tombstone, provisioning.
     if let Err(e) = gw.binder.bind(&identity).await {
         return Ok(Err(e));
