@@ -40,11 +40,18 @@ async fn setup(extra: &str) -> (Fakes, TestGateway) {
             "authorization_endpoint": format!("{op}/authorize"),
             "token_endpoint": format!("{op}/token"),
             "introspection_endpoint": format!("{op}/introspect"),
+            "jwks_uri": format!("{op}/jwks"),
         })))
         .mount(&f.op)
         .await;
+    let jwk: Value = serde_json::from_str(&fixture("rsa1.jwk.json")).unwrap();
+    Mock::given(method("GET"))
+        .and(path("/jwks"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"keys": [jwk]})))
+        .mount(&f.op)
+        .await;
     let toml = f.config(&format!(
-        "\n[discovery]\npublic_base_url = \"https://matrix.example.org\"\n\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\n[compat]\nenabled = true\nredirect_allowlist = [\"https://client.example/app\"]\n{extra}\n"
+        "logout_audiences = [\"gateway\"]\n\n[discovery]\npublic_base_url = \"https://matrix.example.org\"\n\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\n[compat]\nenabled = true\nredirect_allowlist = [\"https://client.example/app\"]\n{extra}\n"
     ));
     let gw = spawn(&toml).await;
     (f, gw)
@@ -483,6 +490,48 @@ async fn a_login_token_of_a_user_signed_out_since_gets_no_session() {
     assert_eq!(r.status(), 200, "{:?}", r.text().await);
     let r = login(&gw, json!({"type": "m.login.token", "token": token})).await;
     assert_matrix_error(r, 403, "M_FORBIDDEN").await;
+}
+
+/// The OP's back-channel logout of the OP session a compat session came from ends it: the
+/// session's `sid` comes from the ID token (the introspection answer here has none).
+#[tokio::test]
+async fn the_ops_backchannel_logout_of_the_session_ends_the_compat_session() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let (f, gw) = setup("").await;
+    let token = login_token_for(&f, &gw, "code-b", "op-access-b").await;
+    let session: Value = login(&gw, json!({"type": "m.login.token", "token": token}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let access = session["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(sync(&gw, &access).await.status(), 200);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = json!({
+        "iss": format!("{}/", f.op.uri()),
+        "aud": "gateway",
+        "iat": now,
+        "exp": now + 120,
+        "jti": "compat-bcl-1",
+        "sid": "op-session-1",
+        "events": {"http://schemas.openid.net/event/backchannel-logout": {}},
+    });
+    let mut h = Header::new(Algorithm::RS256);
+    h.kid = Some("rsa-1".into());
+    h.typ = Some("logout+jwt".into());
+    let key = EncodingKey::from_rsa_pem(fixture("rsa1.pem").as_bytes()).unwrap();
+    let logout_token = encode(&h, &claims, &key).unwrap();
+    let r = client()
+        .post(gw.url("/_matrix-oidc-gateway/oidc/backchannel-logout"))
+        .form(&[("logout_token", logout_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    assert_matrix_error(sync(&gw, &access).await, 401, "M_UNKNOWN_TOKEN").await;
 }
 
 /// The OP's answer is bound to this sign-in: an ID token with another nonce, issuer or

@@ -20,14 +20,6 @@ use wiremock::{Mock, ResponseTemplate};
 const AUD: &str = "urn:matrix:homeserver";
 const SYNC: &str = "/_matrix/client/v3/sync";
 
-fn fixture(name: &str) -> String {
-    std::fs::read_to_string(format!(
-        "{}/tests/fixtures/keys/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
-}
-
 fn jwk(name: &str) -> Value {
     serde_json::from_str(&fixture(&format!("{name}.jwk.json"))).unwrap()
 }

@@ -17,14 +17,6 @@ const SYNC: &str = "/_matrix/client/v3/sync";
 const BCL: &str = "/_matrix-oidc-gateway/oidc/backchannel-logout";
 const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
 
-fn fixture(name: &str) -> String {
-    std::fs::read_to_string(format!(
-        "{}/tests/fixtures/keys/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
-}
-
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

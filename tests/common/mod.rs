@@ -176,6 +176,15 @@ pub fn active(username: &str, scope: &str) -> Value {
 }
 
 /// The full-API scope with a device.
+/// A key file of `tests/fixtures/keys/`.
+pub fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/tests/fixtures/keys/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
 pub fn full_scope(device: &str) -> String {
     format!("urn:matrix:client:api:* urn:matrix:client:device:{device}")
 }
