@@ -360,7 +360,7 @@ impl Compat {
             return Err(BrowserFault::StateMismatch);
         }
         if let Some(e) = error {
-            tracing::info!(error = %e.chars().take(64).collect::<String>(), "compat: the OP refused the sign-in");
+            tracing::info!(error = %oauth_code(e), "compat: the OP refused the sign-in");
             return Err(BrowserFault::Denied);
         }
         let code = code.ok_or(BrowserFault::BadGrant)?;
@@ -382,7 +382,7 @@ impl Compat {
                 BrowserFault::Unavailable
             })?
             .map_err(|e| {
-                tracing::warn!(error = %e.chars().take(64).collect::<String>(), "compat: the OP refused the code");
+                tracing::warn!(error = %oauth_code(&e), "compat: the OP refused the code");
                 BrowserFault::BadGrant
             })?;
         // Received straight from the token endpoint over the connection the gateway opened
@@ -679,6 +679,15 @@ pub fn cookie_name(state: &str) -> String {
     format!("{COOKIE_PREFIX}{}", &stored_key(state)[..16])
 }
 
+/// An OAuth error code as it may be logged: the browser brings it, so only its first 64
+/// letters, digits and underscores (RFC 6749 codes are such).
+fn oauth_code(e: &str) -> String {
+    e.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .take(64)
+        .collect()
+}
+
 /// Longest `redirectUrl` accepted (each pending sign-in stores it).
 const MAX_REDIRECT_URL: usize = 2048;
 
@@ -768,6 +777,13 @@ mod tests {
             .bytes()
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()));
         assert!(is_compat_access(&a) && !is_compat_access("mat_x"));
+    }
+
+    #[test]
+    fn logged_oauth_codes_cannot_forge_log_lines() {
+        assert_eq!(oauth_code("access_denied"), "access_denied");
+        assert_eq!(oauth_code("x\nINFO forged=1"), "xINFOforged1");
+        assert_eq!(oauth_code(&"a".repeat(100)).len(), 64);
     }
 
     #[test]
