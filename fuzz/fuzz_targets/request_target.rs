@@ -52,6 +52,8 @@ fuzz_target!(|data: &[u8]| {
         expose_admin_api: false,
         backchannel_logout_path: "/_matrix-oidc-gateway/oidc/backchannel-logout",
         revocation_path: Some("/_matrix-oidc-gateway/oauth2/revoke"),
+        // Both ways: the legacy-login routes classified as served, and refused.
+        compat: method_byte & 4 != 0,
     };
     let _ = classify(&method, raw_target, options);
 
