@@ -61,6 +61,15 @@ pub static CACHE_LOOKUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
     .expect("metric")
 });
+/// Background re-checks of cached valid tokens ahead of their window's end, by result.
+pub static CACHE_RECHECKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        name!("auth_cache_rechecks_total"),
+        "Background re-checks of cached valid tokens before their reuse window ends: renewed, refused, failed",
+        &["result"]
+    )
+    .expect("metric")
+});
 /// Identity cache entries.
 pub static CACHE_ENTRIES: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(name!("auth_cache_entries"), "Cached verdicts (approximate)")
@@ -210,6 +219,7 @@ pub fn init() {
         LazyLock::force(&UPSTREAM_DURATION);
         LazyLock::force(&CACHE_LOOKUPS);
         LazyLock::force(&CACHE_ENTRIES);
+        LazyLock::force(&CACHE_RECHECKS);
         LazyLock::force(&INTROSPECTIONS);
         LazyLock::force(&REVOCATIONS);
         LazyLock::force(&INTROSPECTION_DURATION);
@@ -240,6 +250,7 @@ pub fn descriptors() -> Vec<String> {
         (&*UPSTREAM_DURATION, "histogram"),
         (&*CACHE_LOOKUPS, "counter"),
         (&*CACHE_ENTRIES, "gauge"),
+        (&*CACHE_RECHECKS, "counter"),
         (&*INTROSPECTIONS, "counter"),
         (&*REVOCATIONS, "gauge"),
         (&*INTROSPECTION_DURATION, "histogram"),

@@ -972,6 +972,106 @@ async fn a_known_users_recheck_is_not_shed_by_a_full_queue() {
     }
 }
 
+/// A busy known user never waits for its own re-check: in the last quarter of its reuse
+/// window the cached identity still answers at once, and one re-check runs in the background.
+/// Found by the flood benchmark: at the end of the window every request of the cached user
+/// waited for the re-check, which queued behind the flood's introspections (a 125-260 ms
+/// stall). What the re-check brings back applies from the next request (here the OP has
+/// revoked the token: 401 before the window ends).
+#[tokio::test]
+async fn a_known_users_recheck_runs_ahead_in_the_background_and_its_refusal_applies() {
+    let f = Fakes::start().await;
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(active("alice", &full_scope("D1"))))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&f.op)
+        .await;
+    // The re-check: slow, and the token has been revoked at the OP meanwhile.
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"active": false}))
+                .set_delay(Duration::from_millis(1500)),
+        )
+        .with_priority(2)
+        .mount(&f.op)
+        .await;
+    let gw = spawn(&f.config("")).await;
+    assert_eq!(get(&gw, SYNC, Some("busy")).await.status(), 200);
+    gw.clock.advance(Duration::from_secs(100)); // max_ttl = 120 s: in the last quarter
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        assert_eq!(get(&gw, SYNC, Some("busy")).await.status(), 200);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the requests waited for the re-check: {:?}",
+        started.elapsed()
+    );
+    // One re-check, in the background.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while introspections(&f.op).await < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no re-check started before the window's end"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Its answer (after the OP's 1.5 s; the OP timeout is 2 s) applies to the next request, inside the old window.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = get(&gw, SYNC, Some("busy")).await.status();
+        if status == 401 {
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the re-check's refusal never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(introspections(&f.op).await, 2, "one re-check per token");
+}
+
+/// A background re-check never stretches a reuse window: when it fails (the OP is down), the
+/// cached identity still ends at the window's end, and the next request waits for the OP and
+/// gets its 503, as any re-check would.
+#[tokio::test]
+async fn a_failed_background_recheck_does_not_stretch_the_window() {
+    let f = Fakes::start().await;
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(active("alice", &full_scope("D1"))))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&f.op)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .respond_with(ResponseTemplate::new(500))
+        .with_priority(2)
+        .mount(&f.op)
+        .await;
+    let gw = spawn(&f.config("")).await;
+    assert_eq!(get(&gw, SYNC, Some("busy")).await.status(), 200);
+    gw.clock.advance(Duration::from_secs(100));
+    assert_eq!(get(&gw, SYNC, Some("busy")).await.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while introspections(&f.op).await < 2 {
+        assert!(std::time::Instant::now() < deadline, "no re-check started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Still inside the window: the cached identity answers.
+    assert_eq!(get(&gw, SYNC, Some("busy")).await.status(), 200);
+    gw.clock.advance(Duration::from_secs(21)); // past the window's end
+    assert_matrix_error(get(&gw, SYNC, Some("busy")).await, 503, "M_UNKNOWN").await;
+}
+
 /// The per-address budget of new tokens (`auth.new_tokens_per_address`): once one address has
 /// presented more tokens the gateway had not cached than its burst allows, the next new token
 /// gets 429 `M_LIMIT_EXCEEDED` (with `retry_after_ms` and `Retry-After`) and never reaches the

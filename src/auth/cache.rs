@@ -61,6 +61,20 @@ impl CachedVerdict {
         }
         (now < self.fresh_until_ms).then(|| self.verdict.to_result())
     }
+
+    /// Whether a re-check should start in the background at `now`: an active verdict in the
+    /// last quarter of its reuse window, whose token outlives the window (else a re-check
+    /// could not extend it). The verdict itself still ends at `fresh_until_ms`.
+    pub fn refresh_due(&self, now: u64) -> bool {
+        let Verdict::Active(id) = &self.verdict else {
+            return false;
+        };
+        if id.expires_at_ms.is_some_and(|e| e <= self.fresh_until_ms) {
+            return false;
+        }
+        let window = self.fresh_until_ms.saturating_sub(self.decided_at_ms);
+        now >= self.fresh_until_ms - window / 4
+    }
 }
 
 /// How the cache took part in one verification (a bounded label).

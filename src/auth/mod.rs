@@ -61,12 +61,14 @@ pub struct Verified {
     pub cache: CacheOutcome,
 }
 
-/// How a token is to be decided: whose budget pays, and whether it is the re-check of a token
-/// known valid (never shed for a full queue).
+/// How a token is to be decided: whose budget pays, whether it is the re-check of a token
+/// known valid (never shed for a full queue), and whether it is a re-check ahead of the end
+/// of a reuse window (then a shared verdict due for its own re-check is not taken).
 #[derive(Debug, Clone, Copy)]
 struct Ask {
     charge: Option<IpAddr>,
     priority: bool,
+    ahead: bool,
 }
 
 /// Why a token could not be decided.
@@ -76,6 +78,16 @@ enum LoadFailure {
     Op(OpFailure),
     /// The sender's address is over its budget of new tokens: 429, nobody was asked.
     OverBudget { retry_after_ms: u64 },
+}
+
+/// Marks a token's background re-check as running; the mark goes when the re-check ends,
+/// however it ends.
+struct Rechecking<'a>(&'a parking_lot::Mutex<std::collections::HashSet<TokenHash>>, TokenHash);
+
+impl Drop for Rechecking<'_> {
+    fn drop(&mut self) {
+        self.0.lock().remove(&self.1);
+    }
 }
 
 /// Verifies tokens through the identity cache: JWTs locally at the issuer named by `iss`
@@ -100,6 +112,8 @@ pub struct Verifier {
     max_token_length: usize,
     negative_ttl_ms: u64,
     max_ttl_ms: u64,
+    /// Tokens whose re-check is running in the background (one at a time per token).
+    rechecking: parking_lot::Mutex<std::collections::HashSet<TokenHash>>,
 }
 
 impl Verifier {
@@ -130,6 +144,7 @@ impl Verifier {
             max_token_length: config.auth.max_token_length,
             negative_ttl_ms: config.cache.negative_ttl.as_millis() as u64,
             max_ttl_ms: config.cache.max_ttl.as_millis() as u64,
+            rechecking: parking_lot::Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -196,7 +211,7 @@ impl Verifier {
     /// Verifies one token; revoked identities are refused whatever the cache or the JWT say.
     /// `client` is the address whose budget a token not in the cache is charged to (`None`:
     /// no budget applies, as for a Unix-socket peer).
-    pub async fn verify(&self, token: &str, client: Option<IpAddr>) -> Verified {
+    pub async fn verify(self: &Arc<Self>, token: &str, client: Option<IpAddr>) -> Verified {
         let key = TokenHash::of(token);
         let mut verified = self.verify_uncached_revocations(token, key, client).await;
         if let Ok(identity) = &verified.result {
@@ -211,7 +226,7 @@ impl Verifier {
     }
 
     async fn verify_uncached_revocations(
-        &self,
+        self: &Arc<Self>,
         token: &str,
         key: TokenHash,
         client: Option<IpAddr>,
@@ -228,6 +243,9 @@ impl Verifier {
         if let Some(hit) = self.cache.get(&key).await {
             match hit.check(now) {
                 Some(result) => {
+                    if hit.refresh_due(now) {
+                        self.recheck_ahead(key, token);
+                    }
                     return Verified {
                         result,
                         cache: if matches!(hit.verdict, Verdict::Active(_)) {
@@ -254,6 +272,7 @@ impl Verifier {
         let ask = Ask {
             charge: if known_valid { None } else { client },
             priority: known_valid,
+            ahead: false,
         };
         let loaded = self
             .cache
@@ -284,6 +303,48 @@ impl Verifier {
         }
     }
 
+    /// Re-checks a cached valid token in the background, ahead of the end of its reuse window,
+    /// so that its requests never wait for the OP while it stays in use (a slow or flooded OP
+    /// would otherwise stall every request of a busy user at each window's end). The verdict
+    /// it brings back replaces the cached one: a refusal applies from the next request. A
+    /// failure changes nothing: the cached verdict still ends with its window, and then the
+    /// request waits for the OP as for any re-check. One re-check per token at a time; it is
+    /// not charged to any budget and not shed for a full queue (only a token known valid gets
+    /// here), but takes one of the bounded introspection slots.
+    fn recheck_ahead(self: &Arc<Self>, key: TokenHash, token: &str) {
+        if !self.rechecking.lock().insert(key) {
+            return;
+        }
+        let this = Arc::clone(self);
+        let token = token.to_owned();
+        tokio::spawn(async move {
+            let _done = Rechecking(&this.rechecking, key);
+            let ask = Ask {
+                charge: None,
+                priority: true,
+                ahead: true,
+            };
+            let result = match this.load_shared(key, &token, ask).await {
+                Ok(verdict) => {
+                    let label = if matches!(verdict.verdict, Verdict::Active(_)) {
+                        "renewed"
+                    } else {
+                        "refused"
+                    };
+                    this.cache.insert(key, verdict).await;
+                    label
+                }
+                Err(failure) => {
+                    tracing::warn!(reason = ?failure, token = %key.short(), "background re-check failed");
+                    "failed"
+                }
+            };
+            crate::metrics::CACHE_RECHECKS
+                .with_label_values(&[result])
+                .inc();
+        });
+    }
+
     /// Decides a token this replica has not cached: from the shared cache when another replica
     /// already did, else under a shared lock so that one replica asks the OP. Redis trouble
     /// never fails a request: it falls back to deciding here.
@@ -301,6 +362,8 @@ impl Verifier {
             serde_json::from_slice::<CachedVerdict>(&bytes)
                 .ok()
                 .filter(|v| self.clock.now_ms() < v.fresh_until_ms)
+                // A re-check ahead of the window's end wants a verdict newer than its own.
+                .filter(|v| !(ask.ahead && v.refresh_due(self.clock.now_ms())))
                 // An identity cached by a version that did not record its issuer cannot be
                 // matched against issuer-scoped pins and revocations: decide it again.
                 .filter(|v| !matches!(&v.verdict, Verdict::Active(i) if i.issuer.is_empty()))
