@@ -82,7 +82,10 @@ enum LoadFailure {
 
 /// Marks a token's background re-check as running; the mark goes when the re-check ends,
 /// however it ends.
-struct Rechecking<'a>(&'a parking_lot::Mutex<std::collections::HashSet<TokenHash>>, TokenHash);
+struct Rechecking<'a>(
+    &'a parking_lot::Mutex<std::collections::HashSet<TokenHash>>,
+    TokenHash,
+);
 
 impl Drop for Rechecking<'_> {
     fn drop(&mut self) {
