@@ -478,9 +478,10 @@ async fn active_entries_are_reintrospected_after_max_ttl() {
         .await;
     let gw = spawn(&f.config("")).await;
     assert_eq!(get(&gw, SYNC, Some("m")).await.status(), 200);
-    gw.clock.advance(Duration::from_secs(100));
+    // Before the last quarter of the window (which would start a background re-check).
+    gw.clock.advance(Duration::from_secs(80));
     assert_eq!(get(&gw, SYNC, Some("m")).await.status(), 200);
-    gw.clock.advance(Duration::from_secs(21)); // past max_ttl = 120s
+    gw.clock.advance(Duration::from_secs(41)); // past max_ttl = 120s
     assert_eq!(get(&gw, SYNC, Some("m")).await.status(), 200);
 }
 
@@ -1066,10 +1067,98 @@ async fn a_failed_background_recheck_does_not_stretch_the_window() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // Still inside the window: the cached identity answers.
+    // Still inside the window: the cached identity answers, and a failed re-check is not
+    // tried again at once (a sixteenth of the window later: 7.5 s here).
+    for _ in 0..5 {
+        assert_eq!(get(&gw, SYNC, Some("busy")).await.status(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        introspections(&f.op).await,
+        2,
+        "a failed re-check backs off"
+    );
+    gw.clock.advance(Duration::from_secs(8));
     assert_eq!(get(&gw, SYNC, Some("busy")).await.status(), 200);
-    gw.clock.advance(Duration::from_secs(21)); // past the window's end
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while introspections(&f.op).await < 3 {
+        assert!(std::time::Instant::now() < deadline, "no second re-check");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.clock.advance(Duration::from_secs(13)); // past the window's end
     assert_matrix_error(get(&gw, SYNC, Some("busy")).await, 503, "M_UNKNOWN").await;
+}
+
+/// A late background re-check never overwrites a newer decision: here its OP answer
+/// ("active", from before the OP revoked the token) arrives after a request at the window's
+/// end was refused by the OP. The refusal stays.
+#[tokio::test]
+async fn a_late_background_recheck_never_overwrites_a_newer_refusal() {
+    let f = Fakes::start().await;
+    for (i, delay_ms) in [(1u8, 0u64), (2, 1_000)] {
+        Mock::given(method("POST"))
+            .and(path("/introspect"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(active("alice", &full_scope("D1")))
+                    .set_delay(Duration::from_millis(delay_ms)),
+            )
+            .up_to_n_times(1)
+            .with_priority(i)
+            .mount(&f.op)
+            .await;
+    }
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"active": false})))
+        .with_priority(3)
+        .mount(&f.op)
+        .await;
+    let gw = spawn(&f.config("")).await;
+    assert_eq!(get(&gw, SYNC, Some("busy")).await.status(), 200);
+    gw.clock.advance(Duration::from_secs(119));
+    // Starts the background re-check (its answer takes a second).
+    assert_eq!(get(&gw, SYNC, Some("busy")).await.status(), 200);
+    gw.clock.advance(Duration::from_secs(2)); // the window has ended
+    assert_matrix_error(get(&gw, SYNC, Some("busy")).await, 401, "M_UNKNOWN_TOKEN").await;
+    // The background answer lands...
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while f.op.received_requests().await.unwrap_or_default().len() < 3 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    // ...and the refusal stays.
+    assert_matrix_error(get(&gw, SYNC, Some("busy")).await, 401, "M_UNKNOWN_TOKEN").await;
+}
+
+/// A renewed verdict lives by its own window, in real time too: the cache's memory bound
+/// (moka, on the real clock) must not drop it at the old window's end, or the busy user
+/// waits for the OP after all (and pays for it from its address's budget).
+#[tokio::test]
+async fn a_renewed_verdict_outlives_the_old_window_in_real_time() {
+    let f = Fakes::start().await;
+    f.introspection("busy", active("alice", &full_scope("D1")), 2)
+        .await;
+    let gw = spawn(&f.config("\n[cache]\nmax_ttl = \"4s\"\nnegative_ttl = \"1s\"")).await;
+    let started = std::time::Instant::now();
+    assert_eq!(get(&gw, SYNC, Some("busy")).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(3_200)).await; // the last quarter
+    assert_eq!(get(&gw, SYNC, Some("busy")).await.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while introspections(&f.op).await < 2 {
+        assert!(std::time::Instant::now() < deadline, "no re-check");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Past the old window's end plus the cache's second of slack (5 s), before the new
+    // window's last quarter (about 6.2 s).
+    tokio::time::sleep(Duration::from_millis(5_600).saturating_sub(started.elapsed())).await;
+    assert_eq!(get(&gw, SYNC, Some("busy")).await.status(), 200);
+    assert_eq!(
+        introspections(&f.op).await,
+        2,
+        "the renewed verdict was dropped"
+    );
 }
 
 /// The per-address budget of new tokens (`auth.new_tokens_per_address`): once one address has

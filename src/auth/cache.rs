@@ -62,6 +62,26 @@ impl CachedVerdict {
         (now < self.fresh_until_ms).then(|| self.verdict.to_result())
     }
 
+    /// The same verdict, its identity's issue time no later than `earliest` (a re-check of a
+    /// token already vouched for: a token without `iat` was issued no later than the first
+    /// verdict, so revocations recorded since still apply to it).
+    pub fn issued_no_later_than(mut self, earliest: Option<u64>) -> Self {
+        if let (Verdict::Active(id), Some(earliest)) = (&mut self.verdict, earliest) {
+            if earliest < id.issued_at_ms {
+                Arc::make_mut(id).issued_at_ms = earliest;
+            }
+        }
+        self
+    }
+
+    /// The issue time of an active verdict's identity.
+    pub fn issued_at_ms(&self) -> Option<u64> {
+        match &self.verdict {
+            Verdict::Active(id) => Some(id.issued_at_ms),
+            _ => None,
+        }
+    }
+
     /// Whether a re-check should start in the background at `now`: an active verdict in the
     /// last quarter of its reuse window, whose token outlives the window (else a re-check
     /// could not extend it). The verdict itself still ends at `fresh_until_ms`.
@@ -116,6 +136,15 @@ struct FreshnessExpiry {
     clock: SharedClock,
 }
 
+impl FreshnessExpiry {
+    /// Memory bound only; correctness comes from `CachedVerdict::check` against the gateway's
+    /// clock. One second of slack keeps entries readable at their edge.
+    fn life(&self, value: &CachedVerdict) -> Duration {
+        let left = value.fresh_until_ms.saturating_sub(self.clock.now_ms());
+        Duration::from_millis(left) + Duration::from_secs(1)
+    }
+}
+
 impl Expiry<TokenHash, CachedVerdict> for FreshnessExpiry {
     fn expire_after_create(
         &self,
@@ -123,17 +152,28 @@ impl Expiry<TokenHash, CachedVerdict> for FreshnessExpiry {
         value: &CachedVerdict,
         _created_at: Instant,
     ) -> Option<Duration> {
-        // Memory bound only; correctness comes from `CachedVerdict::check` against the
-        // gateway's clock. One second of slack keeps entries readable at their edge.
-        let now = self.clock.now_ms();
-        let left = value.fresh_until_ms.saturating_sub(now);
-        Some(Duration::from_millis(left) + Duration::from_secs(1))
+        Some(self.life(value))
+    }
+
+    /// A replaced verdict (a background re-check's) lives by its own window, not the old one's
+    /// (moka keeps the old expiry by default).
+    fn expire_after_update(
+        &self,
+        _key: &TokenHash,
+        value: &CachedVerdict,
+        _updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(self.life(value))
     }
 }
 
 /// The cache itself.
 pub struct IdentityCache {
     inner: Cache<TokenHash, CachedVerdict>,
+    /// Bumped before every purge (a sign-out, a revocation, a rotation): a background re-check
+    /// that overlapped one drops what it inserted.
+    purges: std::sync::atomic::AtomicU64,
 }
 
 impl IdentityCache {
@@ -144,7 +184,62 @@ impl IdentityCache {
                 .max_capacity(capacity)
                 .expire_after(FreshnessExpiry { clock })
                 .build(),
+            purges: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many purges have started: read before a background re-check, compared after it.
+    pub fn purges(&self) -> u64 {
+        self.purges.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn purge_starts(&self) {
+        self.purges
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Drops one entry because it must not be used any more (not merely because its window
+    /// ended): a background re-check in flight will not put it back.
+    pub async fn purge(&self, key: &TokenHash) {
+        self.purge_starts();
+        self.inner.invalidate(key).await;
+    }
+
+    /// Replaces the verdict a background re-check started from with what it brought back, only
+    /// if that verdict is still the one cached (not purged, not replaced by a newer decision in
+    /// the meantime) and no purge ran meanwhile (`purges_before`: [`IdentityCache::purges`] when
+    /// the re-check started). Returns whether the new verdict stayed.
+    pub async fn replace_if_unchanged(
+        &self,
+        key: TokenHash,
+        seen: &CachedVerdict,
+        new: CachedVerdict,
+        purges_before: u64,
+    ) -> bool {
+        use moka::ops::compute::{CompResult, Op};
+        let same = |v: &CachedVerdict| {
+            v.decided_at_ms == seen.decided_at_ms && v.fresh_until_ms == seen.fresh_until_ms
+        };
+        let result = self
+            .inner
+            .entry(key)
+            .and_compute_with(|current| {
+                let op = match current {
+                    Some(entry) if same(entry.value()) => Op::Put(new),
+                    _ => Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+        if !matches!(result, CompResult::ReplacedWith(_)) {
+            return false;
+        }
+        if self.purges() != purges_before {
+            // A purge may have run between the comparison and the write: be safe.
+            self.inner.invalidate(&key).await;
+            return false;
+        }
+        true
     }
 
     /// The cached verdict, if any.
@@ -176,6 +271,7 @@ impl IdentityCache {
     /// Drops every entry decided before `before_ms` (after a shared-state outage: those may
     /// have missed revocations).
     pub async fn purge_decided_before(&self, before_ms: u64) -> usize {
+        self.purge_starts();
         let mut n = 0;
         for (key, entry) in self.inner.iter() {
             if entry.decided_at_ms < before_ms {
@@ -186,14 +282,10 @@ impl IdentityCache {
         n
     }
 
-    /// Inserts a verdict decided elsewhere (another replica, through the shared cache).
-    pub async fn insert(&self, key: TokenHash, verdict: CachedVerdict) {
-        self.inner.insert(key, verdict).await;
-    }
-
     /// Drops every active entry whose identity `matches` selects; returns those identities.
     /// Complete when it returns: the next lookup of any of them misses.
     pub async fn purge_where(&self, matches: impl Fn(&Identity) -> bool) -> Vec<Arc<Identity>> {
+        self.purge_starts();
         let mut purged = Vec::new();
         for (key, entry) in self.inner.iter() {
             if let Verdict::Active(id) = &entry.verdict {
@@ -216,6 +308,109 @@ impl IdentityCache {
 mod tests {
     use super::*;
     use crate::clock::OffsetClock;
+
+    fn active_until(decided: u64, fresh_until: u64, expires: Option<u64>) -> CachedVerdict {
+        CachedVerdict {
+            verdict: Verdict::Active(Arc::new(Identity {
+                user_id: "@alice:example.org".into(),
+                device_id: None,
+                scope: String::new(),
+                access: super::super::Access::Full,
+                issuer: Arc::from("https://op.example/"),
+                subject: "alice".into(),
+                session_id: None,
+                expires_at_ms: expires,
+                token_id: None,
+                issued_at_ms: decided,
+            })),
+            fresh_until_ms: fresh_until,
+            decided_at_ms: decided,
+        }
+    }
+
+    #[test]
+    fn a_recheck_is_due_in_the_last_quarter_of_a_window_the_token_outlives() {
+        let v = active_until(1_000, 121_000, None);
+        assert!(!v.refresh_due(90_999));
+        assert!(v.refresh_due(91_000));
+        assert!(v.refresh_due(130_000));
+        // The token ends with the window: a re-check could not extend it.
+        assert!(!active_until(1_000, 121_000, Some(121_000)).refresh_due(100_000));
+        assert!(active_until(1_000, 121_000, Some(121_001)).refresh_due(100_000));
+        // Refusals are never re-checked ahead.
+        let refused = CachedVerdict {
+            verdict: Verdict::Rejected(RejectReason::Inactive),
+            fresh_until_ms: 121_000,
+            decided_at_ms: 1_000,
+        };
+        assert!(!refused.refresh_due(120_000));
+        // A verdict that did not record when it was decided (an older replica's) is due at
+        // once.
+        assert!(active_until(0, 1_780_000_120_000, None).refresh_due(1_780_000_000_000));
+    }
+
+    #[test]
+    fn a_recheck_keeps_the_first_issue_time() {
+        let mut v = active_until(1_000, 121_000, None);
+        if let Verdict::Active(id) = &mut v.verdict {
+            Arc::make_mut(id).issued_at_ms = 50_000;
+        }
+        assert_eq!(
+            v.clone().issued_no_later_than(Some(1_000)).issued_at_ms(),
+            Some(1_000)
+        );
+        assert_eq!(
+            v.clone().issued_no_later_than(Some(90_000)).issued_at_ms(),
+            Some(50_000)
+        );
+        assert_eq!(v.issued_no_later_than(None).issued_at_ms(), Some(50_000));
+    }
+
+    #[tokio::test]
+    async fn a_replaced_verdict_lives_by_its_own_window_and_only_replaces_what_was_seen() {
+        let clock: SharedClock = Arc::new(OffsetClock::new());
+        let cache = IdentityCache::new(10, clock.clone());
+        let now = clock.now_ms();
+        let key = TokenHash([7; 32]);
+        let old = active_until(now, now, None); // memory bound: 1 s of slack
+        let (_, loaded) = cache
+            .get_or_load::<()>(key, async { Ok(old.clone()) })
+            .await
+            .unwrap();
+        assert!(loaded);
+        let new = active_until(now, now + 60_000, None);
+        // Not what was seen: nothing changes.
+        let other = active_until(now + 1, now, None);
+        assert!(
+            !cache
+                .replace_if_unchanged(key, &other, new.clone(), cache.purges())
+                .await
+        );
+        // A purge since the re-check started: nothing stays.
+        let before = cache.purges();
+        cache.purge(&TokenHash([8; 32])).await;
+        assert!(
+            !cache
+                .replace_if_unchanged(key, &old, new.clone(), before)
+                .await
+        );
+        assert!(cache.get(&key).await.is_none());
+        let (_, _) = cache
+            .get_or_load::<()>(key, async { Ok(old.clone()) })
+            .await
+            .unwrap();
+        assert!(
+            cache
+                .replace_if_unchanged(key, &old, new, cache.purges())
+                .await
+        );
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert_eq!(
+            cache.get(&key).await.map(|v| v.fresh_until_ms),
+            Some(now + 60_000),
+            "the replaced verdict kept the old expiry"
+        );
+    }
 
     #[test]
     fn moka_expiry_counts_from_the_gateway_clock() {

@@ -61,14 +61,12 @@ pub struct Verified {
     pub cache: CacheOutcome,
 }
 
-/// How a token is to be decided: whose budget pays, whether it is the re-check of a token
-/// known valid (never shed for a full queue), and whether it is a re-check ahead of the end
-/// of a reuse window (then a shared verdict due for its own re-check is not taken).
+/// How a token is to be decided: whose budget pays, and whether it is the re-check of a token
+/// known valid (never shed for a full queue).
 #[derive(Debug, Clone, Copy)]
 struct Ask {
     charge: Option<IpAddr>,
     priority: bool,
-    ahead: bool,
 }
 
 /// Why a token could not be decided.
@@ -80,17 +78,42 @@ enum LoadFailure {
     OverBudget { retry_after_ms: u64 },
 }
 
-/// Marks a token's background re-check as running; the mark goes when the re-check ends,
-/// however it ends.
-struct Rechecking<'a>(
-    &'a parking_lot::Mutex<std::collections::HashSet<TokenHash>>,
-    TokenHash,
-);
+/// A token's background re-check, marked as running until it ends, however it ends (also
+/// when its task never runs); then not to be tried again before `not_before`, unless it
+/// renewed the verdict (which removes the mark).
+struct Recheck {
+    verifier: Arc<Verifier>,
+    key: TokenHash,
+    not_before: u64,
+}
 
-impl Drop for Rechecking<'_> {
-    fn drop(&mut self) {
-        self.0.lock().remove(&self.1);
+impl Recheck {
+    /// The verdict was renewed: the next re-check is due in the new window's last quarter.
+    fn renewed(&mut self) {
+        self.not_before = 0;
     }
+}
+
+impl Drop for Recheck {
+    fn drop(&mut self) {
+        let mut rechecks = self.verifier.rechecks.lock();
+        let Rechecks { marks, running } = &mut *rechecks;
+        *running = running.saturating_sub(1);
+        if self.not_before == 0 {
+            marks.remove(&self.key);
+        } else if let Some(v) = marks.get_mut(&self.key) {
+            *v = self.not_before;
+        }
+    }
+}
+
+/// The background re-checks of one verifier.
+#[derive(Default)]
+struct Rechecks {
+    /// Per token: [`RECHECK_RUNNING`], or not to be tried again before this Unix ms time.
+    marks: std::collections::HashMap<TokenHash, u64>,
+    /// How many are running.
+    running: usize,
 }
 
 /// Verifies tokens through the identity cache: JWTs locally at the issuer named by `iss`
@@ -115,9 +138,17 @@ pub struct Verifier {
     max_token_length: usize,
     negative_ttl_ms: u64,
     max_ttl_ms: u64,
-    /// Tokens whose re-check is running in the background (one at a time per token).
-    rechecking: parking_lot::Mutex<std::collections::HashSet<TokenHash>>,
+    /// Background re-checks: per token, running ([`RECHECK_RUNNING`]) or not to be tried
+    /// again before a Unix ms time (after a re-check that did not renew the verdict).
+    rechecks: parking_lot::Mutex<Rechecks>,
+    /// Most background re-checks running at once (the primary issuer's introspection bound).
+    max_rechecks: usize,
 }
+
+/// A background re-check is running for the token.
+const RECHECK_RUNNING: u64 = u64::MAX;
+/// Most tokens whose background re-checks are remembered (running or backing off).
+const MAX_RECHECK_ENTRIES: usize = 65_536;
 
 impl Verifier {
     /// Builds the verifier: `op` is the primary issuer's client, `jwt` the JWT issuers.
@@ -128,7 +159,9 @@ impl Verifier {
         revocations: Arc<Revocations>,
         clock: SharedClock,
     ) -> Self {
+        let max_rechecks = op.issuer().max_concurrent_introspections.max(1);
         Self {
+            max_rechecks,
             revocations,
             shared: None,
             primary_introspects: op.issuer().mode != VerifyMode::Jwt,
@@ -147,7 +180,7 @@ impl Verifier {
             max_token_length: config.auth.max_token_length,
             negative_ttl_ms: config.cache.negative_ttl.as_millis() as u64,
             max_ttl_ms: config.cache.max_ttl.as_millis() as u64,
-            rechecking: parking_lot::Mutex::new(std::collections::HashSet::new()),
+            rechecks: parking_lot::Mutex::new(Rechecks::default()),
         }
     }
 
@@ -203,7 +236,7 @@ impl Verifier {
 
     /// Drops one token's cached verdict.
     pub async fn purge_token(&self, key: &TokenHash) {
-        self.cache.invalidate(key).await;
+        self.cache.purge(key).await;
     }
 
     /// Number of cached verdicts (approximate).
@@ -243,11 +276,12 @@ impl Verifier {
         let now = self.clock.now_ms();
         let mut outcome = CacheOutcome::Miss;
         let mut known_valid = false;
+        let mut first_vouched = None;
         if let Some(hit) = self.cache.get(&key).await {
             match hit.check(now) {
                 Some(result) => {
                     if hit.refresh_due(now) {
-                        self.recheck_ahead(key, token);
+                        self.recheck_ahead(key, token, &hit);
                     }
                     return Verified {
                         result,
@@ -263,6 +297,7 @@ impl Verifier {
                     self.cache.invalidate(&key).await;
                     outcome = CacheOutcome::Refresh;
                     known_valid = matches!(hit.verdict, Verdict::Active(_));
+                    first_vouched = hit.issued_at_ms();
                 }
             }
         }
@@ -275,11 +310,14 @@ impl Verifier {
         let ask = Ask {
             charge: if known_valid { None } else { client },
             priority: known_valid,
-            ahead: false,
         };
         let loaded = self
             .cache
-            .get_or_load(key, async { self.load_shared(key, token, ask).await })
+            .get_or_load(key, async {
+                self.load_shared(key, token, ask)
+                    .await
+                    .map(|v| v.issued_no_later_than(first_vouched))
+            })
             .await;
         match loaded {
             Ok((entry, fresh)) => Verified {
@@ -308,35 +346,69 @@ impl Verifier {
 
     /// Re-checks a cached valid token in the background, ahead of the end of its reuse window,
     /// so that its requests never wait for the OP while it stays in use (a slow or flooded OP
-    /// would otherwise stall every request of a busy user at each window's end). The verdict
-    /// it brings back replaces the cached one: a refusal applies from the next request. A
-    /// failure changes nothing: the cached verdict still ends with its window, and then the
-    /// request waits for the OP as for any re-check. One re-check per token at a time; it is
-    /// not charged to any budget and not shed for a full queue (only a token known valid gets
-    /// here), but takes one of the bounded introspection slots.
-    fn recheck_ahead(self: &Arc<Self>, key: TokenHash, token: &str) {
-        if !self.rechecking.lock().insert(key) {
-            return;
+    /// would otherwise stall every request of a busy user at each window's end).
+    ///
+    /// What it brings back replaces `seen` only if `seen` is still the cached verdict and no
+    /// purge ran meanwhile: a sign-out, or a newer decision (say a refusal reached by a request
+    /// at the window's end), always wins over a late re-check. A re-check that does not renew
+    /// the verdict changes nothing: the cached verdict still ends with its window, and then the
+    /// request waits for the OP as for any re-check. One re-check per token at a time, none for
+    /// a while after one that did not renew, at most the issuer's introspection bound running
+    /// at once; not charged to any budget and not shed for a full queue (only a token cached as
+    /// valid gets here), but each takes one of the bounded introspection slots. The raw token
+    /// lives in the task until it ends (at most about twice the OP timeout); it is never
+    /// logged or stored.
+    fn recheck_ahead(self: &Arc<Self>, key: TokenHash, token: &str, seen: &CachedVerdict) {
+        let now = self.clock.now_ms();
+        {
+            let mut rechecks = self.rechecks.lock();
+            let Rechecks { marks, running } = &mut *rechecks;
+            if marks.get(&key).is_some_and(|&not_before| now < not_before)
+                || *running >= self.max_rechecks
+            {
+                return;
+            }
+            if marks.len() >= MAX_RECHECK_ENTRIES {
+                marks.retain(|_, v| *v == RECHECK_RUNNING || now < *v);
+                if marks.len() >= MAX_RECHECK_ENTRIES {
+                    return;
+                }
+            }
+            marks.insert(key, RECHECK_RUNNING);
+            *running += 1;
         }
-        let this = Arc::clone(self);
+        // Tried again after a sixteenth of the window (7.5 s of the default 120 s), so about
+        // four times in the last quarter, when a re-check does not renew the verdict.
+        let window = seen.fresh_until_ms.saturating_sub(seen.decided_at_ms);
+        let backoff = (window / 16).max(1_000);
+        let mut mark = Recheck {
+            verifier: Arc::clone(self),
+            key,
+            not_before: now.saturating_add(backoff),
+        };
         let token = token.to_owned();
+        let seen = seen.clone();
         tokio::spawn(async move {
-            let _done = Rechecking(&this.rechecking, key);
-            let ask = Ask {
-                charge: None,
-                priority: true,
-                ahead: true,
-            };
-            let result = match this.load_shared(key, &token, ask).await {
-                Ok(verdict) => {
-                    let label = if matches!(verdict.verdict, Verdict::Active(_)) {
+            let this = Arc::clone(&mark.verifier);
+            let purges = this.cache.purges();
+            let result = match this.recheck(key, &token).await {
+                Ok(Some(verdict)) => {
+                    let active = matches!(verdict.verdict, Verdict::Active(_));
+                    let verdict = verdict.issued_no_later_than(seen.issued_at_ms());
+                    if !this
+                        .cache
+                        .replace_if_unchanged(key, &seen, verdict, purges)
+                        .await
+                    {
+                        "superseded"
+                    } else if active {
+                        mark.renewed();
                         "renewed"
                     } else {
                         "refused"
-                    };
-                    this.cache.insert(key, verdict).await;
-                    label
+                    }
                 }
+                Ok(None) => "skipped",
                 Err(failure) => {
                     tracing::warn!(reason = ?failure, token = %key.short(), "background re-check failed");
                     "failed"
@@ -346,6 +418,57 @@ impl Verifier {
                 .with_label_values(&[result])
                 .inc();
         });
+    }
+
+    /// The decision of a background re-check: a new verdict, or `None` when there is nothing
+    /// to do (the shared cache no longer holds the token, so it was purged or has expired; or
+    /// another replica is deciding it, and will share its verdict).
+    async fn recheck(
+        &self,
+        key: TokenHash,
+        token: &str,
+    ) -> Result<Option<CachedVerdict>, LoadFailure> {
+        let ask = Ask {
+            charge: None,
+            priority: true,
+        };
+        let Some(redis) = &self.shared else {
+            return self.decide(token, ask).await.map(Some);
+        };
+        let id = hex::encode(key.0);
+        let shared = match redis.cache_get(&id).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Ok(None),
+            // Redis trouble never fails a request: decide here, share nothing.
+            Err(_) => return self.decide(token, ask).await.map(Some),
+        };
+        let now = self.clock.now_ms();
+        if let Some(newer) = serde_json::from_slice::<CachedVerdict>(&shared)
+            .ok()
+            .filter(|v| now < v.fresh_until_ms && !v.refresh_due(now))
+            .filter(|v| !matches!(&v.verdict, Verdict::Active(i) if i.issuer.is_empty()))
+        {
+            // Another replica re-checked it already.
+            return Ok(Some(newer));
+        }
+        let wait = self.op.issuer().timeout + std::time::Duration::from_secs(1);
+        let lock = format!("decide:{id}");
+        let Ok(Some(fence)) = redis.lock(&lock, wait * 2).await else {
+            return Ok(None);
+        };
+        let decided = self.decide(token, ask).await;
+        if let Ok(v) = &decided {
+            let ttl = v.fresh_until_ms.saturating_sub(self.clock.now_ms());
+            if let (true, Ok(bytes)) = (ttl > 0, serde_json::to_vec(v)) {
+                // Only over the verdict this re-check started from: a purge (the key is
+                // gone) or a newer decision stays.
+                let _ = redis
+                    .cache_swap(&id, &shared, &bytes, std::time::Duration::from_millis(ttl))
+                    .await;
+            }
+        }
+        let _ = redis.unlock(&lock, &fence).await;
+        decided.map(Some)
     }
 
     /// Decides a token this replica has not cached: from the shared cache when another replica
@@ -365,8 +488,6 @@ impl Verifier {
             serde_json::from_slice::<CachedVerdict>(&bytes)
                 .ok()
                 .filter(|v| self.clock.now_ms() < v.fresh_until_ms)
-                // A re-check ahead of the window's end wants a verdict newer than its own.
-                .filter(|v| !(ask.ahead && v.refresh_due(self.clock.now_ms())))
                 // An identity cached by a version that did not record its issuer cannot be
                 // matched against issuer-scoped pins and revocations: decide it again.
                 .filter(|v| !matches!(&v.verdict, Verdict::Active(i) if i.issuer.is_empty()))
@@ -475,7 +596,7 @@ impl Verifier {
 
     /// Drops a token from the shared cache too.
     pub async fn purge_token_everywhere(&self, key: &TokenHash) {
-        self.cache.invalidate(key).await;
+        self.cache.purge(key).await;
         if let Some(redis) = &self.shared {
             let _ = redis.cache_del(&hex::encode(key.0)).await;
         }

@@ -27,6 +27,27 @@ impl Redis {
         .await
     }
 
+    /// Replaces a value in the shared cache only if it still is `expected` (compare-and-set);
+    /// returns whether it did.
+    pub async fn cache_swap(
+        &self,
+        id: &str,
+        expected: &[u8],
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let script = "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 else return 0 end";
+        let ms = ttl.as_millis().max(1).to_string();
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(script)
+            .arg(1)
+            .arg(self.key(&["id", id]))
+            .arg(expected)
+            .arg(value)
+            .arg(ms);
+        self.q::<i64>(&cmd).await.map(|n| n == 1)
+    }
+
     /// Drops a value from the shared cache.
     pub async fn cache_del(&self, id: &str) -> Result<(), StoreError> {
         self.q::<()>(redis::cmd("DEL").arg(self.key(&["id", id])))
