@@ -48,8 +48,8 @@ fn main() {
                 fresh_until_ms: u64::MAX / 2,
                 decided_at_ms: 0,
             };
-            cache
-                .insert(TokenHash::of(&format!("token-{i}")), verdict)
+            let _ = cache
+                .get_or_load::<()>(TokenHash::of(&format!("token-{i}")), async { Ok(verdict) })
                 .await;
         }
     });

@@ -22,6 +22,11 @@ fn replica(op: &Op, hs: &Homeserver, redis: &RedisServer) -> GatewayProcess {
 
 /// A replica whose `[redis]` section holds `redis` (plus a short command timeout).
 fn replica_on(op: &Op, hs: &str, redis: &str) -> GatewayProcess {
+    replica_reusing(op, hs, redis, "120s")
+}
+
+/// Like [`replica_on`], reusing a valid verdict for `max_ttl`.
+fn replica_reusing(op: &Op, hs: &str, redis: &str, max_ttl: &str) -> GatewayProcess {
     GatewayProcess::start(&format!(
         r#"
 [listen]
@@ -48,7 +53,8 @@ client_id = "gateway"
 client_secret = "gateway-secret"
 
 [cache]
-max_ttl = "120s"
+max_ttl = "{max_ttl}"
+negative_ttl = "1s"
 
 [admin]
 token = "{ADMIN}"
@@ -677,5 +683,51 @@ async fn expiring_values_on_redis_are_shared_and_taken_once() {
             .await
             .unwrap(),
         None
+    );
+}
+
+/// Two replicas re-check a busy token ahead of its window's end once between them: one asks
+/// the OP and replaces the shared verdict (compare-and-set), the other takes it from Redis.
+/// Neither drops the renewed verdict at the old window's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_recheck_a_busy_token_once_between_them() {
+    let op = Op::start();
+    let hs = Homeserver::start(HsKind::Dendrite);
+    let redis = RedisServer::start();
+    let conf = format!("urls = [\"{}\"]", redis.url());
+    let gws = [
+        replica_reusing(&op, &hs.url, &conf, "4s"),
+        replica_reusing(&op, &hs.url, &conf, "4s"),
+    ];
+    let alice = op.mint(
+        "alice",
+        "urn:matrix:client:api:* urn:matrix:client:device:ALICEDEV01",
+    );
+    let before = introspections(&op);
+    let started = Instant::now();
+    for gw in &gws {
+        assert_eq!(whoami(gw, &alice.access_token).await.0, 200);
+    }
+    op.settle().await;
+    assert_eq!(introspections(&op) - before, 1);
+    // In the last quarter of the 4 s window: both replicas answer from their caches and start
+    // their re-checks; one asks the OP.
+    tokio::time::sleep(Duration::from_millis(3_200).saturating_sub(started.elapsed())).await;
+    for _ in 0..3 {
+        for gw in &gws {
+            assert_eq!(whoami(gw, &alice.access_token).await.0, 200);
+        }
+    }
+    // Past the old window's end and the cache's second of slack, before the new window's last
+    // quarter: both replicas still answer from their renewed verdicts.
+    tokio::time::sleep(Duration::from_millis(5_600).saturating_sub(started.elapsed())).await;
+    for gw in &gws {
+        assert_eq!(whoami(gw, &alice.access_token).await.0, 200);
+    }
+    op.settle().await;
+    assert_eq!(
+        introspections(&op) - before,
+        2,
+        "one re-check between two replicas"
     );
 }

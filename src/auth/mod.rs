@@ -3,7 +3,8 @@
 //! [`Verifier::verify`] consults the [`cache`] first; otherwise a JWT of a configured JWT issuer
 //! is validated locally ([`jwt`]) and anything else is introspected at the primary OP ([`op`]).
 //! Both paths end in the MSC2967 rules of [`identity`]. Raw tokens are only held for the
-//! duration of the call: the cache is keyed by [`TokenHash`].
+//! duration of the call, or of the background re-check a call starts: the cache is keyed by
+//! [`TokenHash`].
 
 pub mod budget;
 pub mod cache;
