@@ -65,7 +65,7 @@ pub static CACHE_LOOKUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static CACHE_RECHECKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         name!("auth_cache_rechecks_total"),
-        "Background re-checks of cached valid tokens before their reuse window ends: renewed, refused, failed",
+        "Background re-checks of cached valid tokens before their reuse window ends: renewed, refused, superseded, skipped, failed",
         &["result"]
     )
     .expect("metric")

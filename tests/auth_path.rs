@@ -1119,15 +1119,15 @@ async fn a_late_background_recheck_never_overwrites_a_newer_refusal() {
     gw.clock.advance(Duration::from_secs(119));
     // Starts the background re-check (its answer takes a second).
     assert_eq!(get(&gw, SYNC, Some("busy")).await.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while introspections(&f.op).await < 2 {
+        assert!(std::time::Instant::now() < deadline, "no re-check");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     gw.clock.advance(Duration::from_secs(2)); // the window has ended
     assert_matrix_error(get(&gw, SYNC, Some("busy")).await, 401, "M_UNKNOWN_TOKEN").await;
-    // The background answer lands...
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while f.op.received_requests().await.unwrap_or_default().len() < 3 {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    // The background answer lands, finds a newer verdict...
+    wait_for_rechecks(&gw, "superseded", 1).await;
     // ...and the refusal stays.
     assert_matrix_error(get(&gw, SYNC, Some("busy")).await, 401, "M_UNKNOWN_TOKEN").await;
 }
@@ -1140,24 +1140,133 @@ async fn a_renewed_verdict_outlives_the_old_window_in_real_time() {
     let f = Fakes::start().await;
     f.introspection("busy", active("alice", &full_scope("D1")), 2)
         .await;
-    let gw = spawn(&f.config("\n[cache]\nmax_ttl = \"4s\"\nnegative_ttl = \"1s\"")).await;
+    let gw = spawn(&f.config("\n[cache]\nmax_ttl = \"10s\"\nnegative_ttl = \"1s\"")).await;
     let started = std::time::Instant::now();
     assert_eq!(get(&gw, SYNC, Some("busy")).await.status(), 200);
-    tokio::time::sleep(Duration::from_millis(3_200)).await; // the last quarter
+    tokio::time::sleep(Duration::from_millis(8_000)).await; // the last quarter (from 7.5 s)
     assert_eq!(get(&gw, SYNC, Some("busy")).await.status(), 200);
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     while introspections(&f.op).await < 2 {
         assert!(std::time::Instant::now() < deadline, "no re-check");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Past the old window's end plus the cache's second of slack (5 s), before the new
-    // window's last quarter (about 6.2 s).
-    tokio::time::sleep(Duration::from_millis(5_600).saturating_sub(started.elapsed())).await;
+    // Past the old window's end plus the cache's second of slack (11 s), before the new
+    // window's last quarter (about 15.5 s).
+    tokio::time::sleep(Duration::from_millis(12_000).saturating_sub(started.elapsed())).await;
     assert_eq!(get(&gw, SYNC, Some("busy")).await.status(), 200);
     assert_eq!(
         introspections(&f.op).await,
         2,
         "the renewed verdict was dropped"
+    );
+}
+
+/// Waits until the gateway's metrics count at least `n` background re-checks with `result`.
+async fn wait_for_rechecks(gw: &TestGateway, result: &str, n: u64) {
+    let series = format!("matrix_oidc_gateway_auth_cache_rechecks_total{{result=\"{result}\"}} ");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = client()
+            .get(gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let seen = text
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if seen >= n as f64 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{result} re-checks: {seen}, want {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A purge during a background re-check wins for its own token only: the purged token's
+/// re-check puts nothing back (its next request asks the OP again), while a busy token whose
+/// re-check overlapped a purge of another token keeps its renewed verdict (no extra OP call).
+#[tokio::test]
+async fn a_purge_during_a_background_recheck_wins_for_its_own_token_only() {
+    let f = Fakes::start().await;
+    for token in ["busy", "gone"] {
+        Mock::given(method("POST"))
+            .and(path("/introspect"))
+            .and(wiremock::matchers::body_string_contains(format!(
+                "token={token}&"
+            )))
+            .respond_with(
+                ResponseTemplate::new(200).set_body_json(active("alice", &full_scope("D1"))),
+            )
+            .up_to_n_times(1)
+            .with_priority(1)
+            .mount(&f.op)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/introspect"))
+            .and(wiremock::matchers::body_string_contains(format!(
+                "token={token}&"
+            )))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(active("alice", &full_scope("D1")))
+                    .set_delay(Duration::from_millis(800)),
+            )
+            .with_priority(2)
+            .mount(&f.op)
+            .await;
+    }
+    f.introspection("other", active("bob", &full_scope("D2")), 1)
+        .await;
+    let gw = spawn(&f.config("\n[admin]\ntoken = \"admin-token-0123456789abcdef\"")).await;
+    for token in ["busy", "gone", "other"] {
+        assert_eq!(get(&gw, SYNC, Some(token)).await.status(), 200);
+    }
+    gw.clock.advance(Duration::from_secs(100));
+    for token in ["busy", "gone"] {
+        assert_eq!(get(&gw, SYNC, Some(token)).await.status(), 200);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while introspections(&f.op).await < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the re-checks did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // While both re-checks wait for the OP: an unrelated purge, and a purge of `gone`.
+    for token in ["other", "gone"] {
+        let r = client()
+            .post(gw.admin_url("/admin/v1/cache/purge"))
+            .bearer_auth("admin-token-0123456789abcdef")
+            .json(&json!({ "token": token }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    wait_for_rechecks(&gw, "renewed", 1).await;
+    wait_for_rechecks(&gw, "superseded", 1).await;
+    assert_eq!(get(&gw, SYNC, Some("busy")).await.status(), 200);
+    assert_eq!(
+        introspections(&f.op).await,
+        5,
+        "busy kept its renewed verdict"
+    );
+    // The admin purge also revokes `gone` (401 whatever the cache says); that its re-check put
+    // nothing back shows as the OP being asked about it again.
+    assert_matrix_error(get(&gw, SYNC, Some("gone")).await, 401, "M_UNKNOWN_TOKEN").await;
+    assert_eq!(
+        introspections(&f.op).await,
+        6,
+        "the purged token's re-check put its verdict back"
     );
 }
 

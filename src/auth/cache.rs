@@ -168,12 +168,22 @@ impl Expiry<TokenHash, CachedVerdict> for FreshnessExpiry {
     }
 }
 
+/// What [`IdentityCache::change`] does to an entry.
+enum Change {
+    Keep,
+    Remove,
+    Put(CachedVerdict),
+}
+
 /// The cache itself.
 pub struct IdentityCache {
     inner: Cache<TokenHash, CachedVerdict>,
-    /// Bumped before every purge (a sign-out, a revocation, a rotation): a background re-check
-    /// that overlapped one drops what it inserted.
-    purges: std::sync::atomic::AtomicU64,
+}
+
+/// Whether `v` is the verdict `seen` (the same decision: decided at the same time for the same
+/// window).
+fn same_decision(v: &CachedVerdict, seen: &CachedVerdict) -> bool {
+    v.decided_at_ms == seen.decided_at_ms && v.fresh_until_ms == seen.fresh_until_ms
 }
 
 impl IdentityCache {
@@ -184,72 +194,75 @@ impl IdentityCache {
                 .max_capacity(capacity)
                 .expire_after(FreshnessExpiry { clock })
                 .build(),
-            purges: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    /// How many purges have started: read before a background re-check, compared after it.
-    pub fn purges(&self) -> u64 {
-        self.purges.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    fn purge_starts(&self) {
-        self.purges
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    /// Changes one entry by `decide` (given its current verdict), serialised with every other
+    /// such change of the same key: purges and background replacements never interleave.
+    /// Returns the verdict removed, if `decide` removed one.
+    async fn change(
+        &self,
+        key: TokenHash,
+        decide: impl FnOnce(Option<&CachedVerdict>) -> Change,
+    ) -> Option<CachedVerdict> {
+        use moka::ops::compute::{CompResult, Op};
+        let result = self
+            .inner
+            .entry(key)
+            .and_compute_with(|current| {
+                let op = match decide(current.as_ref().map(|e| e.value())) {
+                    Change::Keep => Op::Nop,
+                    Change::Remove => Op::Remove,
+                    Change::Put(v) => Op::Put(v),
+                };
+                std::future::ready(op)
+            })
+            .await;
+        match result {
+            CompResult::Removed(entry) => Some(entry.into_value()),
+            _ => None,
+        }
     }
 
     /// Drops one entry because it must not be used any more (not merely because its window
     /// ended): a background re-check in flight will not put it back.
     pub async fn purge(&self, key: &TokenHash) {
-        self.purge_starts();
-        self.inner.invalidate(key).await;
+        self.change(*key, |_| Change::Remove).await;
     }
 
-    /// Replaces the verdict a background re-check started from with what it brought back, only
-    /// if that verdict is still the one cached (not purged, not replaced by a newer decision in
-    /// the meantime) and no purge ran meanwhile (`purges_before`: [`IdentityCache::purges`] when
-    /// the re-check started). Returns whether the new verdict stayed.
+    /// Replaces the verdict a background re-check started from (`seen`) with what it brought
+    /// back, only if `seen` is still the one cached: not purged, not replaced by a newer
+    /// decision in the meantime. Returns whether it did.
     pub async fn replace_if_unchanged(
         &self,
         key: TokenHash,
         seen: &CachedVerdict,
         new: CachedVerdict,
-        purges_before: u64,
     ) -> bool {
-        use moka::ops::compute::{CompResult, Op};
-        let same = |v: &CachedVerdict| {
-            v.decided_at_ms == seen.decided_at_ms && v.fresh_until_ms == seen.fresh_until_ms
-        };
-        let result = self
-            .inner
-            .entry(key)
-            .and_compute_with(|current| {
-                let op = match current {
-                    Some(entry) if same(entry.value()) => Op::Put(new),
-                    _ => Op::Nop,
-                };
-                std::future::ready(op)
-            })
-            .await;
-        if !matches!(result, CompResult::ReplacedWith(_)) {
-            return false;
-        }
-        if self.purges() != purges_before {
-            // A purge may have run between the comparison and the write: be safe.
-            self.inner.invalidate(&key).await;
-            return false;
-        }
-        true
+        let mut replaced = false;
+        self.change(key, |current| match current {
+            Some(v) if same_decision(v, seen) => {
+                replaced = true;
+                Change::Put(new)
+            }
+            _ => Change::Keep,
+        })
+        .await;
+        replaced
+    }
+
+    /// Drops `seen` when its window has ended, unless something newer replaced it meanwhile.
+    pub async fn drop_ended(&self, key: TokenHash, seen: &CachedVerdict) {
+        self.change(key, |current| match current {
+            Some(v) if same_decision(v, seen) => Change::Remove,
+            _ => Change::Keep,
+        })
+        .await;
     }
 
     /// The cached verdict, if any.
     pub async fn get(&self, key: &TokenHash) -> Option<CachedVerdict> {
         self.inner.get(key).await
-    }
-
-    /// Drops one entry.
-    pub async fn invalidate(&self, key: &TokenHash) {
-        self.inner.invalidate(key).await;
     }
 
     /// Returns the cached verdict or runs `load` once for all concurrent callers of the same key.
@@ -271,28 +284,45 @@ impl IdentityCache {
     /// Drops every entry decided before `before_ms` (after a shared-state outage: those may
     /// have missed revocations).
     pub async fn purge_decided_before(&self, before_ms: u64) -> usize {
-        self.purge_starts();
         let mut n = 0;
-        for (key, entry) in self.inner.iter() {
-            if entry.decided_at_ms < before_ms {
-                self.inner.invalidate(&*key).await;
-                n += 1;
-            }
+        let keys: Vec<TokenHash> = self.inner.iter().map(|(k, _)| *k).collect();
+        for key in keys {
+            let removed = self
+                .change(key, |current| match current {
+                    Some(v) if v.decided_at_ms < before_ms => Change::Remove,
+                    _ => Change::Keep,
+                })
+                .await;
+            n += usize::from(removed.is_some());
         }
         n
     }
 
     /// Drops every active entry whose identity `matches` selects; returns those identities.
-    /// Complete when it returns: the next lookup of any of them misses.
+    /// Complete when it returns: the next lookup of any of them misses, and no background
+    /// re-check puts one back.
     pub async fn purge_where(&self, matches: impl Fn(&Identity) -> bool) -> Vec<Arc<Identity>> {
-        self.purge_starts();
+        let selected = |v: &CachedVerdict| matches!(&v.verdict, Verdict::Active(id) if matches(id));
+        let keys: Vec<TokenHash> = self
+            .inner
+            .iter()
+            .filter(|(_, v)| selected(v))
+            .map(|(k, _)| *k)
+            .collect();
         let mut purged = Vec::new();
-        for (key, entry) in self.inner.iter() {
-            if let Verdict::Active(id) = &entry.verdict {
-                if matches(id) {
-                    self.inner.invalidate(&*key).await;
-                    purged.push(id.clone());
-                }
+        for key in keys {
+            let removed = self
+                .change(key, |current| match current {
+                    Some(v) if selected(v) => Change::Remove,
+                    _ => Change::Keep,
+                })
+                .await;
+            if let Some(CachedVerdict {
+                verdict: Verdict::Active(id),
+                ..
+            }) = removed
+            {
+                purged.push(id);
             }
         }
         purged
@@ -381,29 +411,18 @@ mod tests {
         let new = active_until(now, now + 60_000, None);
         // Not what was seen: nothing changes.
         let other = active_until(now + 1, now, None);
-        assert!(
-            !cache
-                .replace_if_unchanged(key, &other, new.clone(), cache.purges())
-                .await
-        );
-        // A purge since the re-check started: nothing stays.
-        let before = cache.purges();
-        cache.purge(&TokenHash([8; 32])).await;
-        assert!(
-            !cache
-                .replace_if_unchanged(key, &old, new.clone(), before)
-                .await
-        );
+        assert!(!cache.replace_if_unchanged(key, &other, new.clone()).await);
+        // Purged since the re-check started: nothing comes back.
+        cache.purge(&key).await;
+        assert!(!cache.replace_if_unchanged(key, &old, new.clone()).await);
         assert!(cache.get(&key).await.is_none());
+        // An unrelated purge changes nothing.
         let (_, _) = cache
             .get_or_load::<()>(key, async { Ok(old.clone()) })
             .await
             .unwrap();
-        assert!(
-            cache
-                .replace_if_unchanged(key, &old, new, cache.purges())
-                .await
-        );
+        cache.purge(&TokenHash([8; 32])).await;
+        assert!(cache.replace_if_unchanged(key, &old, new).await);
         tokio::time::sleep(Duration::from_millis(1_500)).await;
         assert_eq!(
             cache.get(&key).await.map(|v| v.fresh_until_ms),

@@ -62,12 +62,15 @@ pub struct Verified {
     pub cache: CacheOutcome,
 }
 
-/// How a token is to be decided: whose budget pays, and whether it is the re-check of a token
-/// known valid (never shed for a full queue).
+/// How a token is to be decided: whose budget pays, whether it is the re-check of a token
+/// known valid (never shed for a full queue), and the earliest issue time the gateway already
+/// knows for it (a re-check keeps it, locally and in the shared cache: a token without `iat`
+/// was issued no later than its first verdict).
 #[derive(Debug, Clone, Copy)]
 struct Ask {
     charge: Option<IpAddr>,
     priority: bool,
+    earliest: Option<u64>,
 }
 
 /// Why a token could not be decided.
@@ -80,30 +83,31 @@ enum LoadFailure {
 }
 
 /// A token's background re-check, marked as running until it ends, however it ends (also
-/// when its task never runs); then not to be tried again before `not_before`, unless it
-/// renewed the verdict (which removes the mark).
+/// when its task never runs); then not to be tried again for `backoff_ms` from its end,
+/// unless it renewed the verdict (which removes the mark).
 struct Recheck {
     verifier: Arc<Verifier>,
     key: TokenHash,
-    not_before: u64,
+    backoff_ms: u64,
 }
 
 impl Recheck {
     /// The verdict was renewed: the next re-check is due in the new window's last quarter.
     fn renewed(&mut self) {
-        self.not_before = 0;
+        self.backoff_ms = 0;
     }
 }
 
 impl Drop for Recheck {
     fn drop(&mut self) {
+        let now = self.verifier.clock.now_ms();
         let mut rechecks = self.verifier.rechecks.lock();
-        let Rechecks { marks, running } = &mut *rechecks;
+        let Rechecks { marks, running, .. } = &mut *rechecks;
         *running = running.saturating_sub(1);
-        if self.not_before == 0 {
+        if self.backoff_ms == 0 {
             marks.remove(&self.key);
         } else if let Some(v) = marks.get_mut(&self.key) {
-            *v = self.not_before;
+            *v = now.saturating_add(self.backoff_ms);
         }
     }
 }
@@ -115,6 +119,8 @@ struct Rechecks {
     marks: std::collections::HashMap<TokenHash, u64>,
     /// How many are running.
     running: usize,
+    /// When ended marks were last swept out of a full table (at most once a second).
+    swept_ms: u64,
 }
 
 /// Verifies tokens through the identity cache: JWTs locally at the issuer named by `iss`
@@ -142,7 +148,8 @@ pub struct Verifier {
     /// Background re-checks: per token, running ([`RECHECK_RUNNING`]) or not to be tried
     /// again before a Unix ms time (after a re-check that did not renew the verdict).
     rechecks: parking_lot::Mutex<Rechecks>,
-    /// Most background re-checks running at once (the primary issuer's introspection bound).
+    /// Most background re-checks running at once: a quarter of the primary issuer's
+    /// introspection bound (at least one), so they never hold every slot.
     max_rechecks: usize,
 }
 
@@ -160,7 +167,7 @@ impl Verifier {
         revocations: Arc<Revocations>,
         clock: SharedClock,
     ) -> Self {
-        let max_rechecks = op.issuer().max_concurrent_introspections.max(1);
+        let max_rechecks = (op.issuer().max_concurrent_introspections / 4).max(1);
         Self {
             max_rechecks,
             revocations,
@@ -295,7 +302,7 @@ impl Verifier {
                 }
                 None => {
                     // Our reuse window ended before the token did: ask the OP again.
-                    self.cache.invalidate(&key).await;
+                    self.cache.drop_ended(key, &hit).await;
                     outcome = CacheOutcome::Refresh;
                     known_valid = matches!(hit.verdict, Verdict::Active(_));
                     first_vouched = hit.issued_at_ms();
@@ -311,14 +318,11 @@ impl Verifier {
         let ask = Ask {
             charge: if known_valid { None } else { client },
             priority: known_valid,
+            earliest: first_vouched,
         };
         let loaded = self
             .cache
-            .get_or_load(key, async {
-                self.load_shared(key, token, ask)
-                    .await
-                    .map(|v| v.issued_no_later_than(first_vouched))
-            })
+            .get_or_load(key, async { self.load_shared(key, token, ask).await })
             .await;
         match loaded {
             Ok((entry, fresh)) => Verified {
@@ -363,13 +367,21 @@ impl Verifier {
         let now = self.clock.now_ms();
         {
             let mut rechecks = self.rechecks.lock();
-            let Rechecks { marks, running } = &mut *rechecks;
+            let Rechecks {
+                marks,
+                running,
+                swept_ms,
+            } = &mut *rechecks;
             if marks.get(&key).is_some_and(|&not_before| now < not_before)
                 || *running >= self.max_rechecks
             {
                 return;
             }
             if marks.len() >= MAX_RECHECK_ENTRIES {
+                if now.saturating_sub(*swept_ms) < 1_000 {
+                    return;
+                }
+                *swept_ms = now;
                 marks.retain(|_, v| *v == RECHECK_RUNNING || now < *v);
                 if marks.len() >= MAX_RECHECK_ENTRIES {
                     return;
@@ -378,29 +390,21 @@ impl Verifier {
             marks.insert(key, RECHECK_RUNNING);
             *running += 1;
         }
-        // Tried again after a sixteenth of the window (7.5 s of the default 120 s), so about
-        // four times in the last quarter, when a re-check does not renew the verdict.
-        let window = seen.fresh_until_ms.saturating_sub(seen.decided_at_ms);
-        let backoff = (window / 16).max(1_000);
+        // Tried again a sixteenth of `cache.max_ttl` (7.5 s of the default 120 s) after a
+        // re-check that did not renew the verdict ended: about four times in the last quarter.
         let mut mark = Recheck {
             verifier: Arc::clone(self),
             key,
-            not_before: now.saturating_add(backoff),
+            backoff_ms: (self.max_ttl_ms / 16).max(1_000),
         };
         let token = token.to_owned();
         let seen = seen.clone();
         tokio::spawn(async move {
             let this = Arc::clone(&mark.verifier);
-            let purges = this.cache.purges();
-            let result = match this.recheck(key, &token).await {
+            let result = match this.recheck(key, &token, &seen).await {
                 Ok(Some(verdict)) => {
                     let active = matches!(verdict.verdict, Verdict::Active(_));
-                    let verdict = verdict.issued_no_later_than(seen.issued_at_ms());
-                    if !this
-                        .cache
-                        .replace_if_unchanged(key, &seen, verdict, purges)
-                        .await
-                    {
+                    if !this.cache.replace_if_unchanged(key, &seen, verdict).await {
                         "superseded"
                     } else if active {
                         mark.renewed();
@@ -421,55 +425,92 @@ impl Verifier {
         });
     }
 
-    /// The decision of a background re-check: a new verdict, or `None` when there is nothing
-    /// to do (the shared cache no longer holds the token, so it was purged or has expired; or
-    /// another replica is deciding it, and will share its verdict).
+    /// The decision of a background re-check of `seen`: a new verdict (its issue time no
+    /// later than `seen`'s), or `None` when there is nothing to do: the shared cache no longer
+    /// holds the verdict this re-check started from (a purge, a rotation, or another replica's
+    /// newer decision that this one could not take), or another replica is deciding it and
+    /// will share its verdict.
     async fn recheck(
         &self,
         key: TokenHash,
         token: &str,
+        seen: &CachedVerdict,
     ) -> Result<Option<CachedVerdict>, LoadFailure> {
         let ask = Ask {
             charge: None,
             priority: true,
+            earliest: seen.issued_at_ms(),
         };
         let Some(redis) = &self.shared else {
             return self.decide(token, ask).await.map(Some);
         };
         let id = hex::encode(key.0);
+        let newer = |bytes: &[u8]| {
+            let now = self.clock.now_ms();
+            serde_json::from_slice::<CachedVerdict>(bytes)
+                .ok()
+                .filter(|v| now < v.fresh_until_ms && !v.refresh_due(now))
+                .filter(|v| !matches!(&v.verdict, Verdict::Active(i) if i.issuer.is_empty()))
+                .map(|v| v.issued_no_later_than(ask.earliest))
+        };
         let shared = match redis.cache_get(&id).await {
             Ok(Some(bytes)) => bytes,
             Ok(None) => return Ok(None),
             // Redis trouble never fails a request: decide here, share nothing.
             Err(_) => return self.decide(token, ask).await.map(Some),
         };
-        let now = self.clock.now_ms();
-        if let Some(newer) = serde_json::from_slice::<CachedVerdict>(&shared)
-            .ok()
-            .filter(|v| now < v.fresh_until_ms && !v.refresh_due(now))
-            .filter(|v| !matches!(&v.verdict, Verdict::Active(i) if i.issuer.is_empty()))
-        {
+        if let Some(v) = newer(&shared) {
             // Another replica re-checked it already.
-            return Ok(Some(newer));
+            return Ok(Some(v));
         }
         let wait = self.op.issuer().timeout + std::time::Duration::from_secs(1);
         let lock = format!("decide:{id}");
         let Ok(Some(fence)) = redis.lock(&lock, wait * 2).await else {
             return Ok(None);
         };
-        let decided = self.decide(token, ask).await;
-        if let Ok(v) = &decided {
-            let ttl = v.fresh_until_ms.saturating_sub(self.clock.now_ms());
-            if let (true, Ok(bytes)) = (ttl > 0, serde_json::to_vec(v)) {
-                // Only over the verdict this re-check started from: a purge (the key is
-                // gone) or a newer decision stays.
-                let _ = redis
-                    .cache_swap(&id, &shared, &bytes, std::time::Duration::from_millis(ttl))
-                    .await;
-            }
-        }
+        let outcome = match redis.cache_get(&id).await {
+            // Another replica finished between the first read and the lock.
+            Ok(Some(bytes)) if bytes != shared => Ok(newer(&bytes)),
+            Ok(Some(_)) => self.decide_shared(&id, token, ask, &shared).await,
+            Ok(None) => Ok(None),
+            Err(_) => self.decide(token, ask).await.map(Some),
+        };
         let _ = redis.unlock(&lock, &fence).await;
-        decided.map(Some)
+        outcome
+    }
+
+    /// Decides a token for a background re-check and replaces the shared verdict it started
+    /// from (`shared`) with the result; `None` when that verdict is no longer there (it was
+    /// purged or replaced meanwhile: the result is dropped, here too).
+    async fn decide_shared(
+        &self,
+        id: &str,
+        token: &str,
+        ask: Ask,
+        shared: &[u8],
+    ) -> Result<Option<CachedVerdict>, LoadFailure> {
+        let Some(redis) = &self.shared else {
+            return self.decide(token, ask).await.map(Some);
+        };
+        let v = self.decide(token, ask).await?;
+        let ttl = v.fresh_until_ms.saturating_sub(self.clock.now_ms());
+        let Ok(bytes) = serde_json::to_vec(&v) else {
+            return Ok(Some(v));
+        };
+        match redis
+            .cache_swap(
+                id,
+                shared,
+                &bytes,
+                std::time::Duration::from_millis(ttl.max(1)),
+            )
+            .await
+        {
+            Ok(true) => Ok(Some(v)),
+            Ok(false) => Ok(None),
+            // Redis trouble: this replica keeps what it decided, nothing is shared.
+            Err(_) => Ok(Some(v)),
+        }
     }
 
     /// Decides a token this replica has not cached: from the shared cache when another replica
@@ -492,6 +533,7 @@ impl Verifier {
                 // An identity cached by a version that did not record its issuer cannot be
                 // matched against issuer-scoped pins and revocations: decide it again.
                 .filter(|v| !matches!(&v.verdict, Verdict::Active(i) if i.issuer.is_empty()))
+                .map(|v| v.issued_no_later_than(ask.earliest))
         };
         match redis.cache_get(&id).await {
             Ok(Some(bytes)) => {
@@ -586,7 +628,10 @@ impl Verifier {
         let charged = self
             .charge_new_token(ask.charge)
             .map_err(|retry_after_ms| LoadFailure::OverBudget { retry_after_ms })?;
-        let decided = self.load(token, ask.priority).await;
+        let decided = self
+            .load(token, ask.priority)
+            .await
+            .map(|v| v.issued_no_later_than(ask.earliest));
         // An OP that failed gives the unit back (an outage stays a 503 for everyone); a call
         // the gateway shed itself does not: under a flood the address's budget must run out.
         if matches!(decided, Err(f) if f != OpFailure::Overloaded) {
