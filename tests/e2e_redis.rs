@@ -686,9 +686,27 @@ async fn expiring_values_on_redis_are_shared_and_taken_once() {
     );
 }
 
+/// A replica's count of identity-cache lookups that had to decide a token (`miss`, `refresh`).
+async fn decided_lookups(gw: &GatewayProcess) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", gw.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("matrix_oidc_gateway_auth_cache_lookups_total{result=\"miss\"}")
+                || l.starts_with("matrix_oidc_gateway_auth_cache_lookups_total{result=\"refresh\"}")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 /// Two replicas re-check a busy token ahead of its window's end once between them: one asks
 /// the OP and replaces the shared verdict (compare-and-set), the other takes it from Redis.
-/// Neither drops the renewed verdict at the old window's end.
+/// Neither drops the renewed verdict at the old window's end (no lookup there decides the
+/// token again, on either replica).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_recheck_a_busy_token_once_between_them() {
     let op = Op::start();
@@ -696,8 +714,8 @@ async fn replicas_recheck_a_busy_token_once_between_them() {
     let redis = RedisServer::start();
     let conf = format!("urls = [\"{}\"]", redis.url());
     let gws = [
-        replica_reusing(&op, &hs.url, &conf, "4s"),
-        replica_reusing(&op, &hs.url, &conf, "4s"),
+        replica_reusing(&op, &hs.url, &conf, "8s"),
+        replica_reusing(&op, &hs.url, &conf, "8s"),
     ];
     let alice = op.mint(
         "alice",
@@ -710,20 +728,30 @@ async fn replicas_recheck_a_busy_token_once_between_them() {
     }
     op.settle().await;
     assert_eq!(introspections(&op) - before, 1);
-    // In the last quarter of the 4 s window: both replicas answer from their caches and start
-    // their re-checks; one asks the OP.
-    tokio::time::sleep(Duration::from_millis(3_200).saturating_sub(started.elapsed())).await;
+    // In the last quarter of the 8 s window (from 6 s): both replicas answer from their caches
+    // and start their re-checks; one asks the OP.
+    tokio::time::sleep(Duration::from_millis(6_600).saturating_sub(started.elapsed())).await;
     for _ in 0..3 {
         for gw in &gws {
             assert_eq!(whoami(gw, &alice.access_token).await.0, 200);
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Past the old window's end and the cache's second of slack, before the new window's last
-    // quarter: both replicas still answer from their renewed verdicts.
-    tokio::time::sleep(Duration::from_millis(5_600).saturating_sub(started.elapsed())).await;
+    // Past the old window's end and the cache's second of slack (9 s), before the new
+    // window's last quarter (about 12.6 s): both replicas answer from their renewed verdicts.
+    tokio::time::sleep(Duration::from_millis(10_000).saturating_sub(started.elapsed())).await;
+    let decided = [
+        decided_lookups(&gws[0]).await,
+        decided_lookups(&gws[1]).await,
+    ];
     for gw in &gws {
         assert_eq!(whoami(gw, &alice.access_token).await.0, 200);
     }
+    let after = [
+        decided_lookups(&gws[0]).await,
+        decided_lookups(&gws[1]).await,
+    ];
+    assert_eq!(decided, after, "a replica dropped its renewed verdict");
     op.settle().await;
     assert_eq!(
         introspections(&op) - before,
