@@ -29,7 +29,7 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 
 use e2e_support::homeserver::{Homeserver, HsKind, AS_TOKEN};
-use e2e_support::{free_port, GatewayProcess, Op};
+use e2e_support::{free_port, step, steps, GatewayProcess, Op};
 
 const STORE_KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
 /// Access tokens of dynamically registered clients live this long at the test OP.
@@ -165,28 +165,6 @@ fn js_flow(gw: &GatewayProcess, tls: &Tls) -> Vec<serde_json::Value> {
     steps("matrix-js-sdk", &out, gw)
 }
 
-/// The `STEP` lines of an SDK client's output, or a panic with everything it printed.
-fn steps(which: &str, out: &std::process::Output, gw: &GatewayProcess) -> Vec<serde_json::Value> {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.lines().any(|l| l == "OK"),
-        "{which} flow failed ({}):\n{stdout}\n{stderr}\ngateway log:\n{}",
-        out.status,
-        gw.logs()
-    );
-    stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("STEP "))
-        .map(|l| {
-            let (name, json) = l.split_once(' ').expect("STEP name json");
-            let mut v: serde_json::Value = serde_json::from_str(json).expect("step json");
-            v["step"] = name.into();
-            v
-        })
-        .collect()
-}
-
 /// The matrix-rust-sdk client built by `scripts/peers/install-sdk-client.sh` for the current
 /// sources (the same hash the script computes).
 fn sdk_rust_bin() -> PathBuf {
@@ -224,13 +202,6 @@ fn rust_flow(gw: &GatewayProcess, tls: &Tls, cross_signing: bool) -> Vec<serde_j
         .output()
         .expect("the matrix-rust-sdk client");
     steps("matrix-rust-sdk", &out, gw)
-}
-
-fn step<'a>(steps: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
-    steps
-        .iter()
-        .find(|s| s["step"] == name)
-        .unwrap_or_else(|| panic!("no `{name}` step in {steps:?}"))
 }
 
 async fn js_sdk_signs_in_messages_refreshes_and_signs_out(kind: HsKind) {

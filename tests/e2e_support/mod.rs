@@ -578,3 +578,37 @@ impl Drop for Sentinel {
         let _ = self.child.wait();
     }
 }
+
+/// The `STEP` lines of an SDK client's output, or a panic with everything it printed.
+pub fn steps(
+    which: &str,
+    out: &std::process::Output,
+    gw: &GatewayProcess,
+) -> Vec<serde_json::Value> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.lines().any(|l| l == "OK"),
+        "{which} flow failed ({}):\n{stdout}\n{stderr}\ngateway log:\n{}",
+        out.status,
+        gw.logs()
+    );
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("STEP "))
+        .map(|l| {
+            let (name, json) = l.split_once(' ').expect("STEP name json");
+            let mut v: serde_json::Value = serde_json::from_str(json).expect("step json");
+            v["step"] = name.into();
+            v
+        })
+        .collect()
+}
+
+/// The step called `name` (a panic naming the steps when there is none).
+pub fn step<'a>(steps: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    steps
+        .iter()
+        .find(|s| s["step"] == name)
+        .unwrap_or_else(|| panic!("no `{name}` step in {steps:?}"))
+}

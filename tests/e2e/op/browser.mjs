@@ -25,13 +25,15 @@ export async function step(jar, url, init = {}) {
 
 // Signs `user` in at the OP (any password) and consents; the callback URL (a string).
 export async function authorize(authUrl, { user, redirect, jar = new Jar() }) {
-  const start = new URL(authUrl);
-  let res = await step(jar, start);
-  for (let i = 0; i < 12; i += 1) {
+  let here = new URL(authUrl);
+  let res = await step(jar, here);
+  for (let i = 0; i < 16; i += 1) {
     const location = res.headers.get('location');
     if (!location) throw new Error(`no redirect (status ${res.status}): ${await res.text()}`);
-    const next = new URL(location, start);
+    // Relative to the page that redirected (the OP's, or a gateway's in front of it).
+    const next = new URL(location, here);
     if (next.href.startsWith(redirect)) return next.href;
+    here = next;
     if (next.pathname.startsWith('/interaction/')) {
       const page = await step(jar, next);
       const html = await page.text();

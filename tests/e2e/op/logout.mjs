@@ -1,5 +1,5 @@
 // RP-initiated logout (OpenID Connect RP-Initiated Logout 1.0) in the browser session mint.mjs
-// saved: GET /session/end with the id_token_hint, then the confirmation form, as a user would.
+// (or sso.mjs) saved: GET /session/end with the id_token_hint, then the confirmation form, as a user would.
 // The OP ends the session and, before it answers, posts logout tokens to every client's
 // back-channel logout URI.
 //
@@ -22,7 +22,9 @@ const take = (res) => {
 };
 
 const end = new URL(`${issuer}/session/end`);
-end.searchParams.set('id_token_hint', saved.id_token);
+// Without an ID token (a sign-in another client made, e.g. the gateway's legacy login), the
+// OP ends the session its cookie names.
+if (saved.id_token) end.searchParams.set('id_token_hint', saved.id_token);
 let res = await fetch(end, { redirect: 'manual', headers: { cookie: cookieHeader() } });
 take(res);
 const html = await res.text();

@@ -3,13 +3,17 @@
 //
 //   node op.mjs --port 9400 [--host 127.0.0.1] [--issuer URL] [--gateway-secret S] [--bcl-uri URL]
 //               [--bcl-sub-only 1] [--dcr-access-ttl SECONDS] [--tls-cert PEM --tls-key PEM]
+//               [--compat-callback URL]
 //
 // With --tls-cert/--tls-key it serves HTTPS and the issuer is https:// (clients trust the
 // certificate themselves: matrix-rust-sdk wants every OP endpoint https unless the homeserver
 // is plain http).
 //
 // - `gateway` is the confidential client the gateway introspects with (client_secret_basic);
-//   only it may call the introspection endpoint.
+//   only it may call the introspection endpoint. With --compat-callback it also signs users in
+//   for the gateway's legacy login (docs/compat.md): the authorization-code grant with that
+//   redirect URI (the gateway's `/_matrix/gateway/compat/callback`), and back-channel logout to
+//   --bcl-uri when given.
 // - `e2e-client` is a public native client (code + PKCE) that test drivers use to mint tokens
 //   (see mint.mjs); `e2e-short` is the same with 3-second access tokens.
 // - Dynamic client registration (RFC 7591) is open, as a Matrix client expects of its OP; clients
@@ -44,6 +48,7 @@ const redirect = 'http://127.0.0.1/callback';
 const bclUri = args['bcl-uri'];
 const bclSessionRequired = !args['bcl-sub-only'];
 const dcrAccessTtl = Number(args['dcr-access-ttl'] || 600);
+const compatCallback = args['compat-callback'];
 const STATIC_CLIENTS = new Set(['gateway', 'e2e-client', 'e2e-short']);
 
 const API_SCOPES = [
@@ -72,10 +77,11 @@ const provider = new Provider(issuer, {
     {
       client_id: 'gateway',
       client_secret: gatewaySecret,
-      grant_types: [],
-      response_types: [],
-      redirect_uris: [],
+      grant_types: compatCallback ? ['authorization_code', 'refresh_token'] : [],
+      response_types: compatCallback ? ['code'] : [],
+      redirect_uris: compatCallback ? [compatCallback] : [],
       token_endpoint_auth_method: 'client_secret_basic',
+      ...(compatCallback && bclUri ? { backchannel_logout_uri: bclUri, backchannel_logout_session_required: bclSessionRequired } : {}),
     },
     ...['e2e-client', 'e2e-short'].map((id) => ({
       client_id: id,
