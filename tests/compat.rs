@@ -113,14 +113,20 @@ async fn start(gw: &TestGateway, redirect_url: &str) -> Started {
 
 /// The OP's token endpoint for `code` and its introspection of the access token it issues.
 async fn op_grants(f: &Fakes, s: &Started, code: &str, access_token: &str) {
+    op_grants_as(f, s, code, access_token, "alice").await;
+}
+
+/// [`op_grants`] for another user.
+async fn op_grants_as(f: &Fakes, s: &Started, code: &str, access_token: &str, user: &str) {
     let claims = json!({
         "iss": format!("{}/", f.op.uri()),
         "aud": "gateway",
         "nonce": s.nonce,
-        "sub": "sub-alice",
-        "sid": "op-session-1",
+        "sub": format!("sub-{user}"),
+        // Alice's OP session is the one the back-channel logout test ends.
+        "sid": if user == "alice" { "op-session-1".to_owned() } else { format!("op-session-{user}") },
     });
-    op_grants_with(f, s, code, access_token, claims, &s.device).await;
+    op_grants_with(f, s, code, access_token, claims, &s.device, user).await;
 }
 
 /// [`op_grants`] with the ID token's claims and the granted device given.
@@ -131,6 +137,7 @@ async fn op_grants_with(
     access_token: &str,
     claims: Value,
     device: &str,
+    user: &str,
 ) {
     let _ = s;
     let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string());
@@ -150,9 +157,7 @@ async fn op_grants_with(
     Mock::given(method("POST"))
         .and(path("/introspect"))
         .and(body_string_contains(format!("token={access_token}&")))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(active("alice", &full_scope(device))),
-        )
+        .respond_with(ResponseTemplate::new(200).set_body_json(active(user, &full_scope(device))))
         .mount(&f.op)
         .await;
 }
@@ -175,8 +180,19 @@ async fn callback(
 
 /// A whole browser sign-in to the allow-listed client: the login token it brings back.
 async fn login_token_for(f: &Fakes, gw: &TestGateway, code: &str, op_token: &str) -> String {
+    login_token_as(f, gw, code, op_token, "alice").await
+}
+
+/// [`login_token_for`] another user.
+async fn login_token_as(
+    f: &Fakes,
+    gw: &TestGateway,
+    code: &str,
+    op_token: &str,
+    user: &str,
+) -> String {
     let s = start(gw, "https://client.example/app").await;
-    op_grants(f, &s, code, op_token).await;
+    op_grants_as(f, &s, code, op_token, user).await;
     let r = callback(gw, &s, code, Some(&s.cookie)).await;
     assert_eq!(r.status(), 302);
     let back = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
@@ -572,7 +588,16 @@ async fn an_op_answer_for_another_sign_in_is_refused() {
         let device = device
             .map(str::to_owned)
             .unwrap_or_else(|| s.device.clone());
-        op_grants_with(&f, &s, &code, &format!("op-bad-{i}"), claims, &device).await;
+        op_grants_with(
+            &f,
+            &s,
+            &code,
+            &format!("op-bad-{i}"),
+            claims,
+            &device,
+            "alice",
+        )
+        .await;
         let r = callback(&gw, &s, &code, Some(&s.cookie)).await;
         assert_eq!(r.status(), 403, "a wrong {what} was accepted");
         assert!(r.headers().get("location").is_none());
@@ -580,6 +605,97 @@ async fn an_op_answer_for_another_sign_in_is_refused() {
 }
 
 /// With `[compat]` off (the default) every legacy endpoint stays refused as before.
+/// A compat session of `user` (signed in through the browser flow): its access token.
+async fn compat_session(f: &Fakes, gw: &TestGateway, n: u32, user: &str) -> String {
+    let token = login_token_as(
+        f,
+        gw,
+        &format!("code-all-{n}"),
+        &format!("op-all-{n}"),
+        user,
+    )
+    .await;
+    let r = login(gw, json!({"type": "m.login.token", "token": token})).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    v["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn logout_all(gw: &TestGateway, token: &str, body: Option<Value>) -> reqwest::Response {
+    let mut r = client()
+        .post(gw.url("/_matrix/client/v3/logout/all"))
+        .bearer_auth(token);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    r.send().await.unwrap()
+}
+
+/// `/logout/all` with a compat token ends every compat session of its user and no one
+/// else's, once the client says that only compat sessions ending is fine (MAS's
+/// `io.element.only_compat_is_fine`). Without that, or with an OAuth token, it stays 404:
+/// signing out everywhere is the OP's.
+#[tokio::test]
+async fn logout_all_ends_every_compat_session_of_the_user_only() {
+    let (f, gw) = setup("").await;
+    let alice = [
+        compat_session(&f, &gw, 1, "alice").await,
+        compat_session(&f, &gw, 2, "alice").await,
+    ];
+    let bob = compat_session(&f, &gw, 3, "bob").await;
+    f.introspection("oauth-alice", active("alice", &full_scope("OAUTHDEV")), 1)
+        .await;
+    assert_eq!(sync(&gw, "oauth-alice").await.status(), 200);
+
+    for body in [
+        None,
+        Some(json!({})),
+        Some(json!({"io.element.only_compat_is_fine": false})),
+    ] {
+        let r = logout_all(&gw, &alice[0], body).await;
+        assert_matrix_error(r, 404, "M_UNRECOGNIZED").await;
+    }
+    let r = logout_all(
+        &gw,
+        "oauth-alice",
+        Some(json!({"io.element.only_compat_is_fine": true})),
+    )
+    .await;
+    assert_matrix_error(r, 404, "M_UNRECOGNIZED").await;
+    for t in alice.iter().chain([&bob]) {
+        assert_eq!(sync(&gw, t).await.status(), 200, "nothing ended yet");
+    }
+
+    let r = logout_all(
+        &gw,
+        &alice[1],
+        Some(json!({"io.element.only_compat_is_fine": true})),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    for t in &alice {
+        assert_matrix_error(sync(&gw, t).await, 401, "M_UNKNOWN_TOKEN").await;
+    }
+    assert_eq!(
+        sync(&gw, &bob).await.status(),
+        200,
+        "another user's session"
+    );
+    assert_eq!(
+        sync(&gw, "oauth-alice").await.status(),
+        200,
+        "the OP's session"
+    );
+    // The ended session cannot do it again.
+    let r = logout_all(
+        &gw,
+        &alice[0],
+        Some(json!({"io.element.only_compat_is_fine": true})),
+    )
+    .await;
+    assert_matrix_error(r, 401, "M_UNKNOWN_TOKEN").await;
+}
+
 #[tokio::test]
 async fn without_compat_the_legacy_endpoints_stay_refused() {
     let f = Fakes::start().await;

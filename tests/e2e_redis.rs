@@ -654,6 +654,43 @@ async fn expiring_values_on_redis_are_shared_and_taken_once() {
             .as_deref(),
         Some("session")
     );
+    // Set members (a user's compat sessions): shared, expiring one by one, removable.
+    let sp = Space::CompatUserSessions;
+    stores[0]
+        .add_member(sp, "@a:x", "s1", now + 60_000)
+        .await
+        .unwrap();
+    stores[1]
+        .add_member(sp, "@a:x", "s2", now + 300)
+        .await
+        .unwrap();
+    stores[1]
+        .add_member(sp, "@a:xy", "s3", now + 60_000)
+        .await
+        .unwrap();
+    let mut m = stores[1].members(sp, "@a:x", now).await.unwrap();
+    m.sort();
+    assert_eq!(m, ["s1", "s2"]);
+    assert_eq!(
+        stores[0].members(sp, "@a:x", now + 300).await.unwrap(),
+        ["s1"],
+        "s2 expired"
+    );
+    stores[0].remove_member(sp, "@a:x", "s1").await.unwrap();
+    assert!(stores[1]
+        .members(sp, "@a:x", now + 300)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(stores[1].members(sp, "@a:xy", now).await.unwrap(), ["s3"]);
+    // The set itself expires with its last member.
+    let ttl: i64 = redis
+        .cli(&["PTTL", "mog-test:m:cus:@a:xy"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(ttl > 50_000 && ttl <= 60_000, "{ttl}");
+
     let takes = futures_util::future::join_all(
         (0..16).map(|i| stores[i % 2].take_expiring(Space::LoginToken, "t1", now)),
     )

@@ -185,6 +185,21 @@ struct Session {
     refresh: Option<String>,
 }
 
+/// A live compat session, as [`Compat::sessions_of`] finds it.
+pub struct LiveSession {
+    id: String,
+    /// The hash of its current access token (to purge it from caches).
+    pub access: TokenHash,
+    session: Session,
+}
+
+impl LiveSession {
+    /// Its identity (user, device, OP session).
+    pub fn identity(&self) -> &Identity {
+        &self.session.identity
+    }
+}
+
 /// The start of a sign-in: where to send the browser, and the cookie to set.
 #[derive(Debug)]
 pub struct Started {
@@ -521,6 +536,14 @@ impl Compat {
                 .await
                 .map_err(store_failure)?;
         }
+        s.add_member(
+            Space::CompatUserSessions,
+            &session.identity.user_id,
+            id,
+            ends_ms,
+        )
+        .await
+        .map_err(store_failure)?;
         Ok(Issued {
             access_token,
             refresh_token,
@@ -615,6 +638,9 @@ impl Compat {
 
     async fn forget(&self, id: &str, session: &Session) -> Result<(), GatewayError> {
         let s = &self.store;
+        s.remove_member(Space::CompatUserSessions, &session.identity.user_id, id)
+            .await
+            .map_err(store_failure)?;
         s.delete_expiring(Space::CompatAccess, &session.access)
             .await
             .map_err(store_failure)?;
@@ -626,6 +652,48 @@ impl Compat {
         s.delete_expiring(Space::CompatSession, id)
             .await
             .map_err(store_failure)
+    }
+
+    /// The live compat sessions of `user_id` (for `/logout/all`).
+    pub async fn sessions_of(&self, user_id: &str) -> Result<Vec<LiveSession>, GatewayError> {
+        let now = self.clock.now_ms();
+        let ids = self
+            .store
+            .members(Space::CompatUserSessions, user_id, now)
+            .await
+            .map_err(store_failure)?;
+        let mut live = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(value) = self
+                .store
+                .get_expiring(Space::CompatSession, &id, now)
+                .await
+                .map_err(store_failure)?
+            else {
+                continue;
+            };
+            let Ok(session) = serde_json::from_str::<Session>(&value) else {
+                continue;
+            };
+            if session.identity.user_id != user_id {
+                continue;
+            }
+            let mut access = [0u8; 32];
+            hex::decode_to_slice(&session.access, &mut access)
+                .map_err(|_| GatewayError::Internal)?;
+            live.push(LiveSession {
+                id,
+                access: TokenHash(access),
+                session,
+            });
+        }
+        Ok(live)
+    }
+
+    /// Ends one session [`Compat::sessions_of`] found (after its device was revoked): its
+    /// tokens are gone from the store.
+    pub async fn end(&self, live: &LiveSession) -> Result<(), GatewayError> {
+        self.forget(&live.id, &live.session).await
     }
 
     /// `/refresh` with a compat refresh token: new tokens for the same session (the old ones

@@ -56,6 +56,8 @@ pub enum CompatRoute {
     Callback,
     /// `POST /logout`.
     Logout,
+    /// `POST /logout/all`: every compat session of the user.
+    LogoutAll,
     /// `POST /refresh`.
     Refresh,
 }
@@ -346,6 +348,7 @@ fn compat_route(method: &str, path: &str, endpoint: Option<&str>) -> Option<Comp
             CompatRoute::SsoRedirect
         }
         ("POST", "logout") => CompatRoute::Logout,
+        ("POST", "logout/all") => CompatRoute::LogoutAll,
         ("POST", "refresh") => CompatRoute::Refresh,
         _ => return None,
     })

@@ -34,6 +34,7 @@ pub async fn serve(
         CompatRoute::Callback => return callback(gw, session, compat).await,
         CompatRoute::Login => login(gw, session, compat).await?,
         CompatRoute::Logout => logout(gw, session, compat).await?,
+        CompatRoute::LogoutAll => logout_all(gw, session, compat).await?,
         CompatRoute::Refresh => refresh(gw, session, compat).await?,
     };
     match answered {
@@ -300,25 +301,35 @@ async fn write_tokens(
 
 /// `POST /logout` with a compat access token: the session ends, its device is signed out
 /// upstream. OAuth sessions end at the OP: their tokens get the usual 404.
+/// The compat access token of a `/logout` or `/logout/all` request. Any other token: the
+/// usual 404 (OAuth sessions end at the OP).
+fn compat_token(gw: &Gateway, session: &Session) -> std::result::Result<String, GatewayError> {
+    let token = match token::extract(session.req_header(), gw.config.auth.allow_query_token) {
+        Ok(e) => match e.presented {
+            Presented::Token(t) => t,
+            Presented::None => {
+                return Err(GatewayError::MissingToken(
+                    crate::error::MissingTokenReason::Absent,
+                ))
+            }
+        },
+        Err(r) => return Err(GatewayError::MissingToken(r)),
+    };
+    if !compat::is_compat_access(&token) {
+        return Err(GatewayError::Refused(Refused::OwnedByOp));
+    }
+    Ok(token)
+}
+
 async fn logout(
     gw: &Gateway,
     session: &mut Session,
     compat: &Compat,
 ) -> Result<std::result::Result<(), GatewayError>> {
-    let token = match token::extract(session.req_header(), gw.config.auth.allow_query_token) {
-        Ok(e) => match e.presented {
-            Presented::Token(t) => t,
-            Presented::None => {
-                return Ok(Err(GatewayError::MissingToken(
-                    crate::error::MissingTokenReason::Absent,
-                )))
-            }
-        },
-        Err(r) => return Ok(Err(GatewayError::MissingToken(r))),
+    let token = match compat_token(gw, session) {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(e)),
     };
-    if !compat::is_compat_access(&token) {
-        return Ok(Err(GatewayError::Refused(Refused::OwnedByOp)));
-    }
     let identity = match compat.session_identity(TokenKind::Access, &token).await {
         Ok(Some(i)) => i,
         Ok(None) => return Ok(Err(GatewayError::UnknownToken(RejectReason::Inactive))),
@@ -342,6 +353,68 @@ async fn logout(
         .purge_token_everywhere(&crate::auth::TokenHash::of(&token))
         .await;
     tracing::info!(user = %identity.user_id, device = ?identity.device_id, "compat: session ended by /logout");
+    respond::json_response(session, 200, &respond::Empty {}, &[]).await?;
+    Ok(Ok(()))
+}
+
+/// The body of `POST /logout/all`: as with MAS, a client says it accepts that only the user's
+/// compat sessions end (its OAuth sessions are the OP's).
+#[derive(Deserialize, Default)]
+struct LogoutAllRequest {
+    #[serde(rename = "io.element.only_compat_is_fine", default)]
+    only_compat_is_fine: bool,
+}
+
+/// `POST /logout/all` with a valid compat access token and `io.element.only_compat_is_fine`:
+/// every compat session of the user ends, each device first refused and signed out upstream
+/// (a failure: 503, and the retry finds the sessions not yet ended). Without the flag, or with
+/// an OAuth token: the usual 404 (signing out everywhere is the OP's).
+async fn logout_all(
+    gw: &Gateway,
+    session: &mut Session,
+    compat: &Compat,
+) -> Result<std::result::Result<(), GatewayError>> {
+    let token = match compat_token(gw, session) {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(e)),
+    };
+    let identity = match gw.verifier.verify(&token, None).await.result {
+        Ok(i) => i,
+        Err(e) => return Ok(Err(e)),
+    };
+    let body = match read_body(session).await? {
+        None => LogoutAllRequest::default(),
+        Some(b) if b.iter().all(u8::is_ascii_whitespace) => LogoutAllRequest::default(),
+        Some(b) => match serde_json::from_slice(&b) {
+            Ok(r) => r,
+            Err(_) => return Ok(Err(GatewayError::BadLogin)),
+        },
+    };
+    if !body.only_compat_is_fine {
+        return Ok(Err(GatewayError::Refused(Refused::OwnedByOp)));
+    }
+    let sessions = match compat.sessions_of(&identity.user_id).await {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e)),
+    };
+    let ended = sessions.len();
+    for live in sessions {
+        let id = live.identity();
+        if let Some(device) = &id.device_id {
+            if let Err(e) = gw
+                .notifier
+                .revoke_device(&id.user_id, device, Source::Logout)
+                .await
+            {
+                return Ok(Err(e));
+            }
+        }
+        if let Err(e) = compat.end(&live).await {
+            return Ok(Err(e));
+        }
+        gw.verifier.purge_token_everywhere(&live.access).await;
+    }
+    tracing::info!(user = %identity.user_id, sessions = ended, "compat: sessions ended by /logout/all");
     respond::json_response(session, 200, &respond::Empty {}, &[]).await?;
     Ok(Ok(()))
 }

@@ -181,6 +181,24 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<String>, StoreError>;
     /// Removes the value, if any.
     async fn delete_expiring(&self, space: Space, key: &str) -> Result<(), StoreError>;
+    /// Adds `member` to the set (`space`, `set`) until `until_ms` (adding it again sets its
+    /// expiry anew). Sets index short-lived values (a user's compat sessions).
+    async fn add_member(
+        &self,
+        space: Space,
+        set: &str,
+        member: &str,
+        until_ms: u64,
+    ) -> Result<(), StoreError>;
+    /// The members of the set not expired by `now_ms`.
+    async fn members(
+        &self,
+        space: Space,
+        set: &str,
+        now_ms: u64,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Removes `member` from the set, if there.
+    async fn remove_member(&self, space: Space, set: &str, member: &str) -> Result<(), StoreError>;
 }
 
 /// The namespaces of short-lived values ([`Store::put_expiring`]): each is its own key space.
@@ -196,6 +214,8 @@ pub enum Space {
     CompatRefresh,
     /// A compat session (ID → its record).
     CompatSession,
+    /// A user's compat sessions (set: user ID → session IDs), for `/logout/all`.
+    CompatUserSessions,
 }
 
 impl Space {
@@ -207,6 +227,7 @@ impl Space {
             Space::CompatAccess => "cat",
             Space::CompatRefresh => "crt",
             Space::CompatSession => "cs",
+            Space::CompatUserSessions => "cus",
         }
     }
 }

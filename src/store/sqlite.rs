@@ -626,6 +626,56 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    // A set's members are short-lived values of their own, keyed `<set> US <member>`: a set is
+    // the key range from `<set> US` (inclusive) to `<set> SP` (exclusive), on the primary key.
+    async fn add_member(
+        &self,
+        space: Space,
+        set: &str,
+        member: &str,
+        until_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.put_expiring(space, &member_key(set, member), "", until_ms)
+            .await
+    }
+
+    async fn members(
+        &self,
+        space: Space,
+        set: &str,
+        now_ms: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let (from, to) = (format!("{set}{MEMBER_SEP}"), format!("{set}\u{20}"));
+        self.run(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT key FROM expiring
+                 WHERE space = ?1 AND key >= ?2 AND key < ?3 AND until_ms > ?4",
+            )?;
+            let keys = stmt
+                .query_map(params![space.name(), from, to, now_ms as i64], |r| {
+                    r.get::<_, String>(0)
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(keys
+                .into_iter()
+                .filter_map(|k| k.strip_prefix(from.as_str()).map(str::to_owned))
+                .collect())
+        })
+        .await
+    }
+
+    async fn remove_member(&self, space: Space, set: &str, member: &str) -> Result<(), StoreError> {
+        self.delete_expiring(space, &member_key(set, member)).await
+    }
+}
+
+/// Separates a set from a member in the key of a set member (a control character no user ID or
+/// session ID contains; the next character, a space, ends the set's key range).
+const MEMBER_SEP: char = '\u{1f}';
+
+fn member_key(set: &str, member: &str) -> String {
+    format!("{set}{MEMBER_SEP}{member}")
 }
 
 #[cfg(test)]
@@ -743,6 +793,40 @@ mod tests {
         assert_eq!(get(Space::LoginToken, "old", 0).await, None);
         s.delete_expiring(Space::SsoState, "k").await.unwrap();
         assert_eq!(get(Space::SsoState, "k", 0).await, None);
+    }
+
+    #[tokio::test]
+    async fn set_members_expire_are_removed_and_stay_in_their_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("state.sqlite3")).unwrap();
+        let sp = Space::CompatUserSessions;
+        s.add_member(sp, "@a:x", "s1", 1_000).await.unwrap();
+        s.add_member(sp, "@a:x", "s2", 2_000).await.unwrap();
+        // A set whose name extends another's is a set of its own.
+        s.add_member(sp, "@a:xy", "s3", 2_000).await.unwrap();
+        s.add_member(sp, "@a", "s4", 2_000).await.unwrap();
+        // Values of the same space under other keys are not members.
+        s.put_expiring(sp, "@a:x", "not a member", 2_000)
+            .await
+            .unwrap();
+        let mut m = s.members(sp, "@a:x", 500).await.unwrap();
+        m.sort();
+        assert_eq!(m, ["s1", "s2"]);
+        assert_eq!(
+            s.members(sp, "@a:x", 1_000).await.unwrap(),
+            ["s2"],
+            "s1 expired"
+        );
+        // Adding again sets the expiry anew.
+        s.add_member(sp, "@a:x", "s1", 3_000).await.unwrap();
+        s.remove_member(sp, "@a:x", "s2").await.unwrap();
+        assert_eq!(s.members(sp, "@a:x", 1_500).await.unwrap(), ["s1"]);
+        assert_eq!(s.members(sp, "@a:xy", 0).await.unwrap(), ["s3"]);
+        assert!(s
+            .members(Space::SsoState, "@a:x", 0)
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     #[tokio::test]

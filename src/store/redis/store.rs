@@ -451,4 +451,50 @@ impl Store for RedisStore {
         r.q::<()>(redis::cmd("DEL").arg(r.key(&["x", space.name(), key])))
             .await
     }
+
+    async fn add_member(
+        &self,
+        space: Space,
+        set: &str,
+        member: &str,
+        until_ms: u64,
+    ) -> Result<(), StoreError> {
+        let r = &self.redis;
+        // A sorted set scored by expiry; the set itself lives as long as its last member.
+        let script = "redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2]) \
+            local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES') \
+            redis.call('PEXPIREAT', KEYS[1], top[2]) return 1";
+        let until = until_ms.max(1).to_string();
+        r.q::<i64>(&eval(
+            script,
+            &[r.key(&["m", space.name(), set])],
+            &[&until, member],
+        ))
+        .await
+        .map(|_| ())
+    }
+
+    async fn members(
+        &self,
+        space: Space,
+        set: &str,
+        now_ms: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let r = &self.redis;
+        r.q(redis::cmd("ZRANGEBYSCORE")
+            .arg(r.key(&["m", space.name(), set]))
+            .arg(format!("({now_ms}"))
+            .arg("+inf"))
+            .await
+    }
+
+    async fn remove_member(&self, space: Space, set: &str, member: &str) -> Result<(), StoreError> {
+        let r = &self.redis;
+        r.q::<()>(
+            redis::cmd("ZREM")
+                .arg(r.key(&["m", space.name(), set]))
+                .arg(member),
+        )
+        .await
+    }
 }
