@@ -9,6 +9,7 @@
 //! - a matrix-nio bot (PyPI, `tests/e2e/legacy/nio_bot.py`) with a login token from a browser
 //!   sign-in: the flows, `m.login.token`, whoami, a room, a message read back in its sync,
 //!   `/logout`.
+//! - `/logout/all` ending two compat sessions of one user.
 //! - the attack cases on the same stack: a `redirectUrl` not on the allow-list, a forged
 //!   state, an expired login token, `/refresh` with an OAuth refresh token, and a compat token
 //!   after the OP's back-channel logout of its session.
@@ -321,10 +322,43 @@ async fn attacks(op: &Op, gw: &GatewayProcess, hs: &Homeserver) {
     assert_no_device(hs, "@gina:localhost", &device).await;
 }
 
+/// `/logout/all` (with MAS's `io.element.only_compat_is_fine`) ends both of a user's compat
+/// sessions, and the homeserver no longer has either device.
+async fn logout_all(gw: &GatewayProcess, hs: &Homeserver) {
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        let token = tokio::task::block_in_place(|| login_token(gw, "hank", None));
+        let (status, login) = post(
+            gw,
+            "/_matrix/client/v3/login",
+            json!({"type": "m.login.token", "token": token}),
+        )
+        .await;
+        assert_eq!(status, 200, "{login}");
+        sessions.push((
+            login["access_token"].as_str().expect("token").to_owned(),
+            login["device_id"].as_str().expect("device").to_owned(),
+        ));
+    }
+    let r = reqwest::Client::new()
+        .post(gw.url("/_matrix/client/v3/logout/all"))
+        .bearer_auth(&sessions[0].0)
+        .json(&json!({"io.element.only_compat_is_fine": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", gw.logs());
+    for (token, device) in &sessions {
+        assert_eq!(whoami(gw, token).await, 401);
+        assert_no_device(hs, "@hank:localhost", device).await;
+    }
+}
+
 async fn legacy_clients(kind: HsKind) {
     let (op, hs, gw) = stack(kind).await;
     js_sdk_legacy(&gw, &hs).await;
     nio_bot(&gw, &hs).await;
+    logout_all(&gw, &hs).await;
     attacks(&op, &gw, &hs).await;
 }
 
