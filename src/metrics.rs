@@ -24,12 +24,13 @@ macro_rules! name {
     };
 }
 
-/// Requests by route class and outcome (errcode of a gateway answer, else the status class).
+/// Requests by route class, outcome (errcode of a gateway answer, else the status class) and
+/// the kind of token verified (`none`, `oauth`, `compat`).
 pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         name!("requests_total"),
-        "Requests by route class and outcome",
-        &["route", "outcome"]
+        "Requests by route class, outcome and kind of token",
+        &["route", "outcome", "token_kind"]
     )
     .expect("metric")
 });

@@ -694,6 +694,21 @@ async fn logout_all_ends_every_compat_session_of_the_user_only() {
     )
     .await;
     assert_matrix_error(r, 401, "M_UNKNOWN_TOKEN").await;
+    // Requests are counted by the kind of token they carried.
+    let metrics = client()
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for kind in ["compat", "oauth"] {
+        let series = format!(
+            "matrix_oidc_gateway_requests_total{{outcome=\"2xx\",route=\"authenticated\",token_kind=\"{kind}\"}}"
+        );
+        assert!(metrics.contains(&series), "no {series} in:\n{metrics}");
+    }
 }
 
 #[tokio::test]

@@ -32,6 +32,11 @@ pub async fn authenticate(
         Presented::None => return Err(GatewayError::MissingToken(MissingTokenReason::Absent)),
     };
     ctx.token = Some(TokenHash::of(&token));
+    ctx.token_kind = if crate::compat::is_compat_access(&token) {
+        super::ctx::TokenKind::Compat
+    } else {
+        super::ctx::TokenKind::OAuth
+    };
     let client = headers::client_address(req, peer, gw.config.listen.trust_forwarded_headers);
     let verified = gw.verifier.verify(&token, client).await;
     ctx.cache = verified.cache;

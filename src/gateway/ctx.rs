@@ -48,6 +48,28 @@ impl std::fmt::Debug for RequestBody {
 }
 
 /// State of one request, created by `new_ctx` and read by later phases and `logging`.
+/// Which kind of bearer token a request carried (a bounded metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// None was verified (public and served routes, or no token).
+    None,
+    /// An OAuth 2.0 access token of the OP.
+    OAuth,
+    /// A compat access token the gateway issued (legacy login, `[compat]`).
+    Compat,
+}
+
+impl TokenKind {
+    /// Label for metrics.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            TokenKind::None => "none",
+            TokenKind::OAuth => "oauth",
+            TokenKind::Compat => "compat",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Ctx {
     /// When the request arrived.
@@ -73,6 +95,8 @@ pub struct Ctx {
     pub cache: CacheOutcome,
     /// Hash of the presented token (for logs).
     pub token: Option<TokenHash>,
+    /// Which kind of token an authenticated request carried (a metric label).
+    pub token_kind: TokenKind,
     /// The client's query, parsed once (see `target`); `None` when the target has none or
     /// the route is not a client route.
     pub query: Option<Query>,
@@ -144,6 +168,7 @@ impl Ctx {
             rejection: None,
             cache: CacheOutcome::None,
             token: None,
+            token_kind: TokenKind::None,
             query: None,
             upstream_started: None,
             body: BodyEdit::None,

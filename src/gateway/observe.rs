@@ -56,7 +56,7 @@ pub fn access_log(session: &Session, error: Option<&pingora::Error>, ctx: &Ctx) 
         },
     };
     metrics::REQUESTS
-        .with_label_values(&[route, metric_outcome])
+        .with_label_values(&[route, metric_outcome, ctx.token_kind.as_label()])
         .inc();
     metrics::REQUEST_DURATION
         .with_label_values(&[route])
