@@ -711,6 +711,100 @@ async fn logout_all_ends_every_compat_session_of_the_user_only() {
     }
 }
 
+/// After a user name moved to a new OP subject (an operator re-pinned it), an old subject's
+/// compat session cannot use `/logout/all` to end the new owner's sessions: 403, and the new
+/// owner's session lives on.
+#[tokio::test]
+async fn logout_all_from_an_old_subjects_session_ends_nothing_of_the_new_owner() {
+    let (f, gw) = setup("").await;
+    let old = compat_session(&f, &gw, 1, "alice").await;
+    let r = client()
+        .put(gw.admin_url("/admin/v1/users/@alice:example.org/subject"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"sub": "sub-alice-new"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    // The new owner signs in: the OP vouches for subject sub-alice-new as alice.
+    let s = start(&gw, "https://client.example/app").await;
+    let claims = json!({
+        "iss": format!("{}/", f.op.uri()),
+        "aud": "gateway",
+        "nonce": s.nonce,
+        "sub": "sub-alice-new",
+        "sid": "op-session-new",
+    });
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string());
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("code=code-new"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "access_token": "op-new",
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "id_token": format!("eyJhbGciOiJSUzI1NiJ9.{payload}.c2ln"),
+        })))
+        .mount(&f.op)
+        .await;
+    let mut answer = active("alice", &full_scope(&s.device));
+    answer["sub"] = json!("sub-alice-new");
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .and(body_string_contains("token=op-new&"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(answer))
+        .mount(&f.op)
+        .await;
+    let r = callback(&gw, &s, "code-new", Some(&s.cookie)).await;
+    assert_eq!(r.status(), 302);
+    let back = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+    let token = back
+        .query_pairs()
+        .find(|(k, _)| k == "loginToken")
+        .unwrap()
+        .1
+        .into_owned();
+    let r = login(&gw, json!({"type": "m.login.token", "token": token})).await;
+    assert_eq!(r.status(), 200);
+    let new: Value = r.json().await.unwrap();
+    let new = new["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(sync(&gw, &new).await.status(), 200);
+
+    let r = logout_all(
+        &gw,
+        &old,
+        Some(json!({"io.element.only_compat_is_fine": true})),
+    )
+    .await;
+    assert_matrix_error(r, 403, "M_FORBIDDEN").await;
+    assert_eq!(
+        sync(&gw, &new).await.status(),
+        200,
+        "the new owner's session"
+    );
+}
+
+/// `/logout/all` ends the caller's own session even when the per-user index does not list it
+/// (a session opened before the index existed).
+#[tokio::test]
+async fn logout_all_ends_the_callers_own_session_even_unindexed() {
+    let (f, gw) = setup("").await;
+    let own = compat_session(&f, &gw, 1, "alice").await;
+    let db = rusqlite::Connection::open(f.state.path().join("state.sqlite3")).unwrap();
+    let n = db
+        .execute("DELETE FROM expiring WHERE space = 'cus'", [])
+        .unwrap();
+    assert_eq!(n, 1, "the session's index entry");
+    let r = logout_all(
+        &gw,
+        &own,
+        Some(json!({"io.element.only_compat_is_fine": true})),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_matrix_error(sync(&gw, &own).await, 401, "M_UNKNOWN_TOKEN").await;
+}
+
 #[tokio::test]
 async fn without_compat_the_legacy_endpoints_stay_refused() {
     let f = Fakes::start().await;

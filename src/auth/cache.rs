@@ -285,7 +285,12 @@ impl IdentityCache {
     /// have missed revocations).
     pub async fn purge_decided_before(&self, before_ms: u64) -> usize {
         let mut n = 0;
-        let keys: Vec<TokenHash> = self.inner.iter().map(|(k, _)| *k).collect();
+        let keys: Vec<TokenHash> = self
+            .inner
+            .iter()
+            .filter(|(_, v)| v.decided_at_ms < before_ms)
+            .map(|(k, _)| *k)
+            .collect();
         for key in keys {
             let removed = self
                 .change(key, |current| match current {

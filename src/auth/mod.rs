@@ -353,16 +353,17 @@ impl Verifier {
     /// so that its requests never wait for the OP while it stays in use (a slow or flooded OP
     /// would otherwise stall every request of a busy user at each window's end).
     ///
-    /// What it brings back replaces `seen` only if `seen` is still the cached verdict and no
-    /// purge ran meanwhile: a sign-out, or a newer decision (say a refusal reached by a request
-    /// at the window's end), always wins over a late re-check. A re-check that does not renew
-    /// the verdict changes nothing: the cached verdict still ends with its window, and then the
-    /// request waits for the OP as for any re-check. One re-check per token at a time, none for
-    /// a while after one that did not renew, at most the issuer's introspection bound running
-    /// at once; not charged to any budget and not shed for a full queue (only a token cached as
-    /// valid gets here), but each takes one of the bounded introspection slots. The raw token
-    /// lives in the task until it ends (at most about twice the OP timeout); it is never
-    /// logged or stored.
+    /// What it brings back replaces `seen` only if `seen` is still the cached verdict (the
+    /// replacement is serialised per key with purges): a sign-out, or a newer decision (say a
+    /// refusal reached by a request at the window's end), always wins over a late re-check.
+    /// A re-check that does not renew the verdict changes nothing: the cached verdict still
+    /// ends with its window, and then the request waits for the OP as for any re-check. One
+    /// re-check per token at a time, none for a sixteenth of `cache.max_ttl` after one that
+    /// did not renew, at most a quarter of the issuer's introspection bound running at once;
+    /// not charged to any budget and not shed for a full queue (only a token cached as valid
+    /// gets here), but each takes one of the bounded introspection slots. The raw token lives
+    /// in the task until it ends (at most about twice the OP timeout); it is never logged or
+    /// stored.
     fn recheck_ahead(self: &Arc<Self>, key: TokenHash, token: &str, seen: &CachedVerdict) {
         let now = self.clock.now_ms();
         {

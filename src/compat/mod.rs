@@ -638,9 +638,6 @@ impl Compat {
 
     async fn forget(&self, id: &str, session: &Session) -> Result<(), GatewayError> {
         let s = &self.store;
-        s.remove_member(Space::CompatUserSessions, &session.identity.user_id, id)
-            .await
-            .map_err(store_failure)?;
         s.delete_expiring(Space::CompatAccess, &session.access)
             .await
             .map_err(store_failure)?;
@@ -650,6 +647,10 @@ impl Compat {
                 .map_err(store_failure)?;
         }
         s.delete_expiring(Space::CompatSession, id)
+            .await
+            .map_err(store_failure)?;
+        // Last: until the session is gone, /logout/all can still find it.
+        s.remove_member(Space::CompatUserSessions, &session.identity.user_id, id)
             .await
             .map_err(store_failure)
     }

@@ -366,9 +366,13 @@ struct LogoutAllRequest {
 }
 
 /// `POST /logout/all` with a valid compat access token and `io.element.only_compat_is_fine`:
-/// every compat session of the user ends, each device first refused and signed out upstream
-/// (a failure: 503, and the retry finds the sessions not yet ended). Without the flag, or with
-/// an OAuth token: the usual 404 (signing out everywhere is the OP's).
+/// every compat session of the user ends. Only sessions of the caller's own OP subject (after a
+/// user name moved to a new subject, an old session cannot end the new owner's), and the
+/// caller's own session always (also one the per-user index does not know). First every
+/// device is refused and signed out upstream; only then do the sessions end, the caller's
+/// last: a failure answers 503 and the retry, with the same token, finds everything not yet
+/// ended. Without the flag, or with an OAuth token: the usual 404 (signing out everywhere is
+/// the OP's).
 async fn logout_all(
     gw: &Gateway,
     session: &mut Session,
@@ -378,10 +382,24 @@ async fn logout_all(
         Ok(t) => t,
         Err(e) => return Ok(Err(e)),
     };
-    let identity = match gw.verifier.verify(&token, None).await.result {
+    let peer = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip());
+    let client = super::headers::client_address(
+        session.req_header(),
+        peer,
+        gw.config.listen.trust_forwarded_headers,
+    );
+    // Verified like any request (expiry, revocations; a token not cached is charged to the
+    // address), then held to the user's pin and tombstone like a refresh.
+    let identity = match gw.verifier.verify(&token, client).await.result {
         Ok(i) => i,
         Err(e) => return Ok(Err(e)),
     };
+    if let Err(e) = gw.binder.check_user(&identity).await {
+        return Ok(Err(e));
+    }
     let body = match read_body(session).await? {
         None => LogoutAllRequest::default(),
         Some(b) if b.iter().all(u8::is_ascii_whitespace) => LogoutAllRequest::default(),
@@ -393,28 +411,42 @@ async fn logout_all(
     if !body.only_compat_is_fine {
         return Ok(Err(GatewayError::Refused(Refused::OwnedByOp)));
     }
-    let sessions = match compat.sessions_of(&identity.user_id).await {
+    let own = crate::auth::TokenHash::of(&token);
+    let subject = identity.subject_key();
+    let mut sessions: Vec<_> = match compat.sessions_of(&identity.user_id).await {
         Ok(s) => s,
         Err(e) => return Ok(Err(e)),
     };
-    let ended = sessions.len();
-    for live in sessions {
-        let id = live.identity();
-        if let Some(device) = &id.device_id {
-            if let Err(e) = gw
-                .notifier
-                .revoke_device(&id.user_id, device, Source::Logout)
-                .await
-            {
-                return Ok(Err(e));
-            }
+    sessions.retain(|l| l.identity().subject_key() == subject);
+    // The caller's own session last.
+    sessions.sort_by_key(|l| l.access == own);
+    let mut devices: Vec<&str> = sessions
+        .iter()
+        .filter_map(|l| l.identity().device_id.as_deref())
+        .chain(identity.device_id.as_deref())
+        .collect();
+    devices.sort_unstable();
+    devices.dedup();
+    for device in devices {
+        if let Err(e) = gw
+            .notifier
+            .revoke_device(&identity.user_id, device, Source::Logout)
+            .await
+        {
+            return Ok(Err(e));
         }
-        if let Err(e) = compat.end(&live).await {
+    }
+    for live in &sessions {
+        if let Err(e) = compat.end(live).await {
             return Ok(Err(e));
         }
         gw.verifier.purge_token_everywhere(&live.access).await;
     }
-    tracing::info!(user = %identity.user_id, sessions = ended, "compat: sessions ended by /logout/all");
+    if let Err(e) = compat.end_session(TokenKind::Access, &token).await {
+        return Ok(Err(e));
+    }
+    gw.verifier.purge_token_everywhere(&own).await;
+    tracing::info!(user = %identity.user_id, sessions = sessions.len(), "compat: sessions ended by /logout/all");
     respond::json_response(session, 200, &respond::Empty {}, &[]).await?;
     Ok(Ok(()))
 }

@@ -481,10 +481,12 @@ impl Store for RedisStore {
         now_ms: u64,
     ) -> Result<Vec<String>, StoreError> {
         let r = &self.redis;
-        r.q(redis::cmd("ZRANGEBYSCORE")
-            .arg(r.key(&["m", space.name(), set]))
-            .arg(format!("({now_ms}"))
-            .arg("+inf"))
+        // Expired members are dropped as the set is read (a user's set does not grow with
+        // every login while one session lives on).
+        let script = "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1]) \
+            return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')";
+        let now = now_ms.to_string();
+        r.q(&eval(script, &[r.key(&["m", space.name(), set])], &[&now]))
             .await
     }
 
