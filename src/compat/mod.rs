@@ -580,17 +580,24 @@ impl Compat {
         else {
             return Ok(None);
         };
-        let Some(value) = self
-            .store
-            .get_expiring(Space::CompatSession, &id, now)
+        Ok(self
+            .session_by_id(&id, now)
             .await
             .map_err(unavailable)?
-        else {
-            return Ok(None);
-        };
-        Ok(serde_json::from_str::<Session>(&value)
-            .ok()
             .map(|s| (id, s)))
+    }
+
+    /// The stored session `id`, unless it ended or its record cannot be read.
+    async fn session_by_id(
+        &self,
+        id: &str,
+        now: u64,
+    ) -> Result<Option<Session>, crate::store::StoreError> {
+        Ok(self
+            .store
+            .get_expiring(Space::CompatSession, id, now)
+            .await?
+            .and_then(|value| serde_json::from_str::<Session>(&value).ok()))
     }
 
     /// The identity of the live session a compat token belongs to (an access token, expired
@@ -665,15 +672,7 @@ impl Compat {
             .map_err(store_failure)?;
         let mut live = Vec::with_capacity(ids.len());
         for id in ids {
-            let Some(value) = self
-                .store
-                .get_expiring(Space::CompatSession, &id, now)
-                .await
-                .map_err(store_failure)?
-            else {
-                continue;
-            };
-            let Ok(session) = serde_json::from_str::<Session>(&value) else {
+            let Some(session) = self.session_by_id(&id, now).await.map_err(store_failure)? else {
                 continue;
             };
             if session.identity.user_id != user_id {

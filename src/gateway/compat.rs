@@ -66,19 +66,23 @@ fn cookie(session: &Session, name: &str) -> Option<String> {
 /// Charges one store lookup or write a client can cause without a session to its address's
 /// new-token budget.
 fn charge(gw: &Gateway, session: &Session) -> std::result::Result<(), GatewayError> {
+    gw.verifier
+        .charge_new_token(client_of(gw, session))
+        .map(|_| ())
+        .map_err(|retry_after_ms| GatewayError::RateLimited { retry_after_ms })
+}
+
+/// The client's address: the peer's, or the last `X-Forwarded-For` hop behind a trusted proxy.
+fn client_of(gw: &Gateway, session: &Session) -> Option<std::net::IpAddr> {
     let peer = session
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(|a| a.ip());
-    let client = super::headers::client_address(
+    super::headers::client_address(
         session.req_header(),
         peer,
         gw.config.listen.trust_forwarded_headers,
-    );
-    gw.verifier
-        .charge_new_token(client)
-        .map(|_| ())
-        .map_err(|retry_after_ms| GatewayError::RateLimited { retry_after_ms })
+    )
 }
 
 fn secure(gw: &Gateway) -> &'static str {
@@ -382,15 +386,7 @@ async fn logout_all(
         Ok(t) => t,
         Err(e) => return Ok(Err(e)),
     };
-    let peer = session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip());
-    let client = super::headers::client_address(
-        session.req_header(),
-        peer,
-        gw.config.listen.trust_forwarded_headers,
-    );
+    let client = client_of(gw, session);
     // Verified like any request (expiry, revocations; a token not cached is charged to the
     // address), then held to the user's pin and tombstone like a refresh.
     let identity = match gw.verifier.verify(&token, client).await.result {
