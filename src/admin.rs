@@ -192,6 +192,24 @@ struct UserDevices<T: Serialize> {
     devices: T,
 }
 
+/// A user's compat sessions (legacy login).
+#[derive(Debug, Serialize)]
+struct UserCompatSessions {
+    user_id: String,
+    sessions: Vec<CompatSessionView>,
+}
+
+/// One compat session, as the admin API shows it (never a token or its hash).
+#[derive(Debug, Serialize)]
+struct CompatSessionView {
+    device_id: Option<String>,
+    issuer: String,
+    subject: String,
+    op_session: Option<String>,
+    ends_at_ms: u64,
+    refreshable: bool,
+}
+
 #[derive(Debug, Serialize)]
 struct Deactivated<M: Serialize> {
     user_id: String,
@@ -346,6 +364,10 @@ impl AdminApp {
                 read_json::<IgnoredAny>(session).await?;
                 self.devices(user).await
             }
+            ("GET", ["users", user, "compat_sessions"]) => {
+                read_json::<IgnoredAny>(session).await?;
+                self.compat_sessions(user).await
+            }
             ("POST", ["users", user, "logout"]) => {
                 read_json::<IgnoredAny>(session).await?;
                 self.logout(user).await
@@ -422,6 +444,35 @@ impl AdminApp {
         ok(&UserDevices {
             user_id: user,
             devices,
+        })
+    }
+
+    async fn compat_sessions(&self, user: &str) -> ApiResult {
+        let user = self.user_id(user)?;
+        let Some(compat) = self.verifier.compat() else {
+            return Err(error(
+                404,
+                "M_UNRECOGNIZED",
+                "the compatibility layer ([compat]) is off",
+            ));
+        };
+        let sessions = compat
+            .sessions_of(&user)
+            .await
+            .map_err(|_| store_unavailable())?;
+        ok(&UserCompatSessions {
+            user_id: user,
+            sessions: sessions
+                .iter()
+                .map(|l| CompatSessionView {
+                    device_id: l.identity().device_id.clone(),
+                    issuer: l.identity().issuer.to_string(),
+                    subject: l.identity().subject.clone(),
+                    op_session: l.identity().session_id.clone(),
+                    ends_at_ms: l.ends_at_ms(),
+                    refreshable: l.refreshable(),
+                })
+                .collect(),
         })
     }
 

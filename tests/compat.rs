@@ -805,6 +805,51 @@ async fn logout_all_ends_the_callers_own_session_even_unindexed() {
     assert_matrix_error(sync(&gw, &own).await, 401, "M_UNKNOWN_TOKEN").await;
 }
 
+/// The admin API lists a user's compat sessions (devices, subject, OP session, end, whether
+/// refreshable; never a token) and none once they ended.
+#[tokio::test]
+async fn the_admin_api_lists_a_users_compat_sessions() {
+    let (f, gw) = setup("").await;
+    let list = |gw_admin: String| async move {
+        let r = client()
+            .get(gw_admin)
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()
+    };
+    let url = gw.admin_url("/admin/v1/users/@alice:example.org/compat_sessions");
+    assert_eq!(list(url.clone()).await["sessions"], json!([]));
+    let a = compat_session(&f, &gw, 1, "alice").await;
+    let _b = compat_session(&f, &gw, 2, "alice").await;
+    let _c = compat_session(&f, &gw, 3, "bob").await;
+    let listed = list(url.clone()).await;
+    let sessions = listed["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 2, "{listed}");
+    for s in sessions {
+        assert_eq!(s["subject"], "sub-alice");
+        assert_eq!(s["op_session"], "op-session-1");
+        assert_eq!(s["refreshable"], false);
+        assert!(s["device_id"].as_str().is_some_and(|d| d.len() == 10));
+        assert!(s["ends_at_ms"].as_u64().unwrap() > 0);
+    }
+    assert!(
+        !listed.to_string().contains("mgc_"),
+        "no token in the listing"
+    );
+    let r = client()
+        .post(gw.url("/_matrix/client/v3/logout"))
+        .bearer_auth(&a)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(list(url).await["sessions"].as_array().unwrap().len(), 1);
+}
+
 #[tokio::test]
 async fn without_compat_the_legacy_endpoints_stay_refused() {
     let f = Fakes::start().await;

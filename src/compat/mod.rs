@@ -198,6 +198,16 @@ impl LiveSession {
     pub fn identity(&self) -> &Identity {
         &self.session.identity
     }
+
+    /// When it ends whatever happens (Unix ms).
+    pub fn ends_at_ms(&self) -> u64 {
+        self.session.ends_ms
+    }
+
+    /// Whether the client holds a refresh token for it.
+    pub fn refreshable(&self) -> bool {
+        self.session.refresh.is_some()
+    }
 }
 
 /// The start of a sign-in: where to send the browser, and the cookie to set.
