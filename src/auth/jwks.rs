@@ -140,10 +140,7 @@ impl KeyStore {
         let uri = match &self.jwks_uri {
             Some(u) => u.clone(),
             None => {
-                let meta = match self.op.metadata() {
-                    Some(m) => m,
-                    None => self.op.refresh_metadata().await?,
-                };
+                let meta = self.op.known_metadata().await?;
                 meta.jwks_uri.clone().ok_or(OpFailure::BadMetadata)?
             }
         };

@@ -447,12 +447,8 @@ impl Verifier {
         };
         let id = hex::encode(key.0);
         let newer = |bytes: &[u8]| {
-            let now = self.clock.now_ms();
-            serde_json::from_slice::<CachedVerdict>(bytes)
-                .ok()
-                .filter(|v| now < v.fresh_until_ms && !v.refresh_due(now))
-                .filter(|v| !matches!(&v.verdict, Verdict::Active(i) if i.issuer.is_empty()))
-                .map(|v| v.issued_no_later_than(ask.earliest))
+            self.shared_verdict(bytes, ask.earliest)
+                .filter(|v| !v.refresh_due(self.clock.now_ms()))
         };
         let shared = match redis.cache_get(&id).await {
             Ok(Some(bytes)) => bytes,
@@ -472,7 +468,7 @@ impl Verifier {
         let outcome = match redis.cache_get(&id).await {
             // Another replica finished between the first read and the lock.
             Ok(Some(bytes)) if bytes != shared => Ok(newer(&bytes)),
-            Ok(Some(_)) => self.decide_shared(&id, token, ask, &shared).await,
+            Ok(Some(_)) => self.decide_shared(redis, &id, token, ask, &shared).await,
             Ok(None) => Ok(None),
             Err(_) => self.decide(token, ask).await.map(Some),
         };
@@ -480,19 +476,29 @@ impl Verifier {
         outcome
     }
 
+    /// A verdict from the shared cache, if it is still fresh and usable here, its issue time no
+    /// later than `earliest`.
+    fn shared_verdict(&self, bytes: &[u8], earliest: Option<u64>) -> Option<CachedVerdict> {
+        serde_json::from_slice::<CachedVerdict>(bytes)
+            .ok()
+            .filter(|v| self.clock.now_ms() < v.fresh_until_ms)
+            // An identity cached by a version that did not record its issuer cannot be
+            // matched against issuer-scoped pins and revocations: decide it again.
+            .filter(|v| !matches!(&v.verdict, Verdict::Active(i) if i.issuer.is_empty()))
+            .map(|v| v.issued_no_later_than(earliest))
+    }
+
     /// Decides a token for a background re-check and replaces the shared verdict it started
     /// from (`shared`) with the result; `None` when that verdict is no longer there (it was
     /// purged or replaced meanwhile: the result is dropped, here too).
     async fn decide_shared(
         &self,
+        redis: &Redis,
         id: &str,
         token: &str,
         ask: Ask,
         shared: &[u8],
     ) -> Result<Option<CachedVerdict>, LoadFailure> {
-        let Some(redis) = &self.shared else {
-            return self.decide(token, ask).await.map(Some);
-        };
         let v = self.decide(token, ask).await?;
         let ttl = v.fresh_until_ms.saturating_sub(self.clock.now_ms());
         let Ok(bytes) = serde_json::to_vec(&v) else {
@@ -527,15 +533,7 @@ impl Verifier {
             return self.decide(token, ask).await;
         };
         let id = hex::encode(key.0);
-        let read = |bytes: Vec<u8>| {
-            serde_json::from_slice::<CachedVerdict>(&bytes)
-                .ok()
-                .filter(|v| self.clock.now_ms() < v.fresh_until_ms)
-                // An identity cached by a version that did not record its issuer cannot be
-                // matched against issuer-scoped pins and revocations: decide it again.
-                .filter(|v| !matches!(&v.verdict, Verdict::Active(i) if i.issuer.is_empty()))
-                .map(|v| v.issued_no_later_than(ask.earliest))
-        };
+        let read = |bytes: Vec<u8>| self.shared_verdict(&bytes, ask.earliest);
         match redis.cache_get(&id).await {
             Ok(Some(bytes)) => {
                 if let Some(v) = read(bytes) {
@@ -660,13 +658,7 @@ impl Verifier {
             // A gateway-issued compat token: the store knows it, the OP does not.
             let now = self.clock.now_ms();
             return Ok(match compat.identity_of(token).await? {
-                Some(identity) => CachedVerdict {
-                    fresh_until_ms: identity
-                        .expires_at_ms
-                        .map_or(now + self.max_ttl_ms, |e| e.min(now + self.max_ttl_ms)),
-                    verdict: Verdict::Active(Arc::new(identity)),
-                    decided_at_ms: now,
-                },
+                Some(identity) => self.active(identity, now),
                 None => self.negative(RejectReason::Inactive, now),
             });
         }
@@ -727,6 +719,17 @@ impl Verifier {
                 Ok(self.negative(why.into(), now))
             }
             JwtOutcome::Unavailable(f) => Err(f),
+        }
+    }
+
+    /// An active verdict, reused until `cache.max_ttl` from `now` or the token's expiry,
+    /// whichever comes first.
+    fn active(&self, identity: Identity, now: u64) -> CachedVerdict {
+        let until = now + self.max_ttl_ms;
+        CachedVerdict {
+            fresh_until_ms: identity.expires_at_ms.map_or(until, |e| e.min(until)),
+            verdict: Verdict::Active(Arc::new(identity)),
+            decided_at_ms: now,
         }
     }
 
@@ -799,17 +802,11 @@ impl Verifier {
 
     /// Applies the MSC2967 rules to verified claims (either token kind).
     fn verdict_from_claims(&self, claims: Claims, jti: Option<String>, now: u64) -> CachedVerdict {
-        let expires_at_ms = claims.expires_at_ms;
         let negative = |reason| self.negative(reason, now);
         match build_identity(&claims, &self.user_id_claims, &self.server_name) {
             Ok(mut identity) => {
                 identity.token_id = jti;
-                let until = now + self.max_ttl_ms;
-                CachedVerdict {
-                    fresh_until_ms: expires_at_ms.map_or(until, |e| e.min(until)),
-                    verdict: Verdict::Active(Arc::new(identity)),
-                    decided_at_ms: now,
-                }
+                self.active(identity, now)
             }
             Err(IdentityError::Reject(r)) => negative(r),
             Err(IdentityError::Mapping(m)) => {

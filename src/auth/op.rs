@@ -182,26 +182,24 @@ impl OpClient {
         Ok(meta)
     }
 
+    /// The discovery document as last fetched, or fetched now if it never was.
+    pub async fn known_metadata(&self) -> Result<Arc<OpMetadata>, OpFailure> {
+        match self.metadata() {
+            Some(m) => Ok(m),
+            None => self.refresh_metadata().await,
+        }
+    }
+
     /// The OP's RFC 7009 revocation endpoint, from discovery.
     pub async fn revocation_endpoint(&self) -> Result<Url, OpFailure> {
-        let meta = match self.metadata() {
-            Some(m) => m,
-            None => self.refresh_metadata().await?,
-        };
-        meta.document
-            .get("revocation_endpoint")
-            .and_then(Value::as_str)
-            .and_then(|s| Url::parse(s).ok())
-            .ok_or(OpFailure::BadMetadata)
+        self.endpoint("revocation_endpoint").await
     }
 
     /// A URL of the discovery document (`authorization_endpoint`, `token_endpoint`).
     pub async fn endpoint(&self, name: &str) -> Result<Url, OpFailure> {
-        let meta = match self.metadata() {
-            Some(m) => m,
-            None => self.refresh_metadata().await?,
-        };
-        meta.document
+        self.known_metadata()
+            .await?
+            .document
             .get(name)
             .and_then(Value::as_str)
             .and_then(|s| Url::parse(s).ok())
@@ -218,11 +216,11 @@ impl OpClient {
         form: &[(&str, &str)],
     ) -> Result<Result<TokenResponse, String>, OpFailure> {
         let endpoint = self.endpoint("token_endpoint").await?;
-        let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
         let resp = self
             .http
             .post(endpoint)
-            .basic_auth(enc(client_id), Some(enc(client_secret)))
+            // RFC 6749 §2.3.1: form-urlencode both parts before Basic encoding.
+            .basic_auth(form_encode(client_id), Some(form_encode(client_secret)))
             .header("Accept", "application/json")
             .form(form)
             .send()
@@ -283,11 +281,9 @@ impl OpClient {
         if let Some(u) = &self.issuer.introspection_endpoint {
             return Ok(u.clone());
         }
-        let meta = match self.metadata() {
-            Some(m) => m,
-            None => self.refresh_metadata().await?,
-        };
-        meta.introspection_endpoint
+        self.known_metadata()
+            .await?
+            .introspection_endpoint
             .clone()
             .ok_or(OpFailure::BadMetadata)
     }
@@ -334,18 +330,17 @@ impl OpClient {
         if let Ok(permit) = self.slots.try_acquire() {
             return Ok(permit);
         }
-        if priority {
-            // Not counted against the queue: only tokens the gateway vouched for come here.
-            return match tokio::time::timeout(self.issuer.timeout, self.slots.acquire()).await {
-                Ok(Ok(permit)) => Ok(permit),
-                _ => Err(OpFailure::Overloaded),
-            };
-        }
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.issuer.introspection_queue {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
-            return Err(OpFailure::Overloaded);
-        }
-        let _waiting = Waiting(&self.waiting);
+        // A priority call is not counted against the queue: only tokens the gateway vouched
+        // for come here.
+        let _waiting = if priority {
+            None
+        } else {
+            if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.issuer.introspection_queue {
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                return Err(OpFailure::Overloaded);
+            }
+            Some(Waiting(&self.waiting))
+        };
         match tokio::time::timeout(self.issuer.timeout, self.slots.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
             _ => Err(OpFailure::Overloaded),

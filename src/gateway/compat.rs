@@ -85,12 +85,17 @@ fn client_of(gw: &Gateway, session: &Session) -> Option<std::net::IpAddr> {
     )
 }
 
-fn secure(gw: &Gateway) -> &'static str {
-    if gw.config.discovery.public_base_url.scheme() == "https" {
+/// The `Set-Cookie` value of a pending sign-in's cookie (`max_age` 0 clears it): only for the
+/// callback's path, HttpOnly, SameSite=Lax, `Secure` when the public base URL is https.
+fn sso_cookie(gw: &Gateway, name: &str, value: &str, max_age: u64) -> String {
+    let secure = if gw.config.discovery.public_base_url.scheme() == "https" {
         "; Secure"
     } else {
         ""
-    }
+    };
+    format!(
+        "{name}={value}; Path=/_matrix/gateway/compat/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}"
+    )
 }
 
 async fn fault_page(session: &mut Session, fault: BrowserFault) -> Result<bool> {
@@ -130,12 +135,11 @@ async fn sso_redirect(gw: &Gateway, session: &mut Session, compat: &Compat) -> R
         .any(|k| query_param(session, k).as_deref() == Some("register"));
     match compat.start(&redirect_url, register).await {
         Ok(started) => {
-            let cookie = format!(
-                "{}={}; Path=/_matrix/gateway/compat/; HttpOnly; SameSite=Lax; Max-Age={}{}",
-                started.cookie_name,
-                started.cookie_value,
+            let cookie = sso_cookie(
+                gw,
+                &started.cookie_name,
+                &started.cookie_value,
                 compat.sso_timeout_secs(),
-                secure(gw)
             );
             respond::redirect(session, started.location.as_str(), &[cookie]).await?;
             Ok(true)
@@ -166,11 +170,7 @@ async fn callback(gw: &Gateway, session: &mut Session, compat: &Compat) -> Resul
         Ok(f) => f,
         Err(fault) => return fault_page(session, fault).await,
     };
-    let clear = format!(
-        "{}=; Path=/_matrix/gateway/compat/; HttpOnly; SameSite=Lax; Max-Age=0{}",
-        finished.cookie_name,
-        secure(gw)
-    );
+    let clear = sso_cookie(gw, &finished.cookie_name, "", 0);
     if finished.allowed {
         respond::redirect(session, finished.redirect.as_str(), &[clear]).await?;
     } else {

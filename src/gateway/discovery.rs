@@ -26,13 +26,10 @@ pub async fn document(
     config: &Config,
     doc: Document,
 ) -> Result<Value, GatewayError> {
-    let meta = match op.metadata() {
-        Some(m) => m,
-        None => op
-            .refresh_metadata()
-            .await
-            .map_err(GatewayError::OpUnavailable)?,
-    };
+    let meta = op
+        .known_metadata()
+        .await
+        .map_err(GatewayError::OpUnavailable)?;
     let discovery = &config.discovery;
     Ok(match doc {
         Document::AuthMetadata => {
