@@ -1163,22 +1163,10 @@ async fn a_renewed_verdict_outlives_the_old_window_in_real_time() {
 
 /// Waits until the gateway's metrics count at least `n` background re-checks with `result`.
 async fn wait_for_rechecks(gw: &TestGateway, result: &str, n: u64) {
-    let series = format!("matrix_oidc_gateway_auth_cache_rechecks_total{{result=\"{result}\"}} ");
+    let series = format!("matrix_oidc_gateway_auth_cache_rechecks_total{{result=\"{result}\"}}");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let text = client()
-            .get(gw.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let seen = text
-            .lines()
-            .find_map(|l| l.strip_prefix(series.as_str()))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let seen = gw.metric(&series).await.unwrap_or(0.0);
         if seen >= n as f64 {
             return;
         }

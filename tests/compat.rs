@@ -465,13 +465,7 @@ async fn state_login_token_and_op_errors_fail_closed() {
 #[tokio::test]
 async fn revoking_a_compat_token_ends_its_session_without_asking_the_op() {
     let (f, gw) = setup("").await;
-    let token = login_token_for(&f, &gw, "code-v", "op-access-v").await;
-    let session: Value = login(&gw, json!({"type": "m.login.token", "token": token}))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let access = session["access_token"].as_str().unwrap().to_owned();
+    let access = compat_session(&f, &gw, 1, "alice").await;
     assert_eq!(sync(&gw, &access).await.status(), 200);
     let before = f.op.received_requests().await.unwrap().len();
     let r = client()
@@ -514,13 +508,7 @@ async fn a_login_token_of_a_user_signed_out_since_gets_no_session() {
 async fn the_ops_backchannel_logout_of_the_session_ends_the_compat_session() {
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
     let (f, gw) = setup("").await;
-    let token = login_token_for(&f, &gw, "code-b", "op-access-b").await;
-    let session: Value = login(&gw, json!({"type": "m.login.token", "token": token}))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let access = session["access_token"].as_str().unwrap().to_owned();
+    let access = compat_session(&f, &gw, 1, "alice").await;
     assert_eq!(sync(&gw, &access).await.status(), 200);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -695,14 +683,7 @@ async fn logout_all_ends_every_compat_session_of_the_user_only() {
     .await;
     assert_matrix_error(r, 401, "M_UNKNOWN_TOKEN").await;
     // Requests are counted by the kind of token they carried.
-    let metrics = client()
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     for kind in ["compat", "oauth"] {
         let series = format!(
             "matrix_oidc_gateway_requests_total{{outcome=\"2xx\",route=\"authenticated\",token_kind=\"{kind}\"}}"

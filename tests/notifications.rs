@@ -771,17 +771,8 @@ async fn revoking_a_refresh_token_signs_the_device_out_upstream() {
 
 /// How many revocations the gateway holds (its `revocations` gauge).
 async fn revocations_held(gw: &TestGateway) -> u64 {
-    let text = client()
-        .get(gw.admin_url("/metrics"))
-        .send()
+    gw.metric("matrix_oidc_gateway_revocations")
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("matrix_oidc_gateway_revocations "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
         .map(|v| v as u64)
         .expect("revocations gauge")
 }

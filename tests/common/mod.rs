@@ -56,6 +56,27 @@ impl TestGateway {
         format!("http://{}{path}", self.admin)
     }
 
+    /// The admin listener's Prometheus exposition.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of one series (`name{labels}` exactly as exposed), if exposed.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    }
+
     /// Stops the gateway and returns once its server has shut down (listeners closed, services
     /// and store dropped): what a restart in a test waits for.
     pub async fn stop(mut self) {
