@@ -857,3 +857,229 @@ async fn without_compat_the_legacy_endpoints_stay_refused() {
         .unwrap();
     assert_ne!(r.status(), 200);
 }
+
+/// The OP's password grant for `user` with `password` (any other: `invalid_grant`); the access
+/// token it issues names the device the grant asked for, and is introspected as `as_user`.
+async fn op_password(f: &Fakes, user: &str, password: &str, as_user: &'static str) {
+    let form = move |req: &wiremock::Request| -> HashMap<String, String> {
+        form_urlencoded::parse(&req.body).into_owned().collect()
+    };
+    let (user, password) = (user.to_owned(), password.to_owned());
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("grant_type=password"))
+        .respond_with(move |req: &wiremock::Request| {
+            let q = form(req);
+            if q.get("username") != Some(&user) || q.get("password") != Some(&password) {
+                return ResponseTemplate::new(400).set_body_json(json!({"error": "invalid_grant"}));
+            }
+            let device = q["scope"]
+                .split(' ')
+                .find_map(|s| s.strip_prefix("urn:matrix:client:device:"))
+                .unwrap()
+                .to_owned();
+            ResponseTemplate::new(200).set_body_json(json!({
+                "access_token": format!("op-pw-{device}"),
+                "token_type": "Bearer",
+                "expires_in": 300,
+            }))
+        })
+        .mount(&f.op)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .and(body_string_contains("token=op-pw-"))
+        .respond_with(move |req: &wiremock::Request| {
+            let q = form(req);
+            let device = q["token"].strip_prefix("op-pw-").unwrap();
+            ResponseTemplate::new(200).set_body_json(active(as_user, &full_scope(device)))
+        })
+        .mount(&f.op)
+        .await;
+}
+
+/// The password grants the OP received.
+async fn password_grants(f: &Fakes) -> Vec<wiremock::Request> {
+    f.op.received_requests()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| {
+            r.url.path() == "/token"
+                && String::from_utf8_lossy(&r.body).contains("grant_type=password")
+        })
+        .collect()
+}
+
+fn password_body(user: &str, password: &str) -> Value {
+    json!({
+        "type": "m.login.password",
+        "identifier": {"type": "m.id.user", "user": user},
+        "password": password,
+    })
+}
+
+/// `m.login.password` (when offered) goes to the OP's password grant for the user and a device,
+/// as the gateway's confidential client; the result is a compat session like any other. A
+/// localpart or a full user ID of this server (in any case, in `identifier` or the deprecated
+/// `user`) name the user; a wrong password, another server's user ID or an OP that signs in
+/// another Matrix user is 403 `M_FORBIDDEN`; a login body the gateway cannot read, 400.
+#[tokio::test]
+async fn a_password_login_is_checked_at_the_op_and_opens_a_compat_session() {
+    let (f, gw) = setup("password_login = true").await;
+    op_password(&f, "alice", "correct horse", "alice").await;
+    let flows: Value = client()
+        .get(gw.url("/_matrix/client/v3/login"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let types: Vec<&str> = flows["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        ["m.login.sso", "m.login.token", "m.login.password"],
+        "{flows}"
+    );
+
+    let mut body = password_body("alice", "correct horse");
+    body["device_id"] = json!("BOTDEVICE");
+    body["refresh_token"] = json!(true);
+    let r = login(&gw, body).await;
+    assert_eq!(r.status(), 200);
+    let session: Value = r.json().await.unwrap();
+    assert_eq!(session["user_id"], "@alice:example.org");
+    assert_eq!(session["device_id"], "BOTDEVICE");
+    assert!(session["refresh_token"]
+        .as_str()
+        .unwrap()
+        .starts_with("mgr_"));
+    let access = session["access_token"].as_str().unwrap().to_owned();
+    assert!(access.starts_with("mgc_"));
+    let grants = password_grants(&f).await;
+    assert_eq!(grants.len(), 1);
+    let q: HashMap<String, String> = form_urlencoded::parse(&grants[0].body)
+        .into_owned()
+        .collect();
+    assert_eq!(q["username"], "alice");
+    assert_eq!(
+        q["scope"],
+        "openid urn:matrix:client:api:* urn:matrix:client:device:BOTDEVICE"
+    );
+    assert!(
+        grants[0].headers["authorization"]
+            .to_str()
+            .unwrap()
+            .starts_with("Basic "),
+        "the gateway authenticates as its confidential client"
+    );
+    let r = sync(&gw, &access).await;
+    assert_eq!(r.status(), 200);
+    let echoed: Value = r.json().await.unwrap();
+    assert_eq!(
+        echoed["headers"]["x-matrix-user-id"],
+        json!(["@alice:example.org"])
+    );
+    assert_eq!(echoed["headers"]["x-matrix-device-id"], json!(["BOTDEVICE"]));
+
+    // A full user ID, in another case, in the deprecated `user` field; no device: a new one.
+    let r = login(
+        &gw,
+        json!({"type": "m.login.password", "user": "@Alice:example.org", "password": "correct horse"}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let session: Value = r.json().await.unwrap();
+    assert_eq!(session["user_id"], "@alice:example.org");
+    let device = session["device_id"].as_str().unwrap();
+    assert_eq!(device.len(), 10, "{device}");
+    assert_ne!(device, "BOTDEVICE");
+
+    let r = login(&gw, password_body("alice", "wrong horse")).await;
+    assert_matrix_error(r, 403, "M_FORBIDDEN").await;
+    let asked = password_grants(&f).await.len();
+    let r = login(&gw, password_body("@alice:elsewhere.org", "correct horse")).await;
+    assert_matrix_error(r, 403, "M_FORBIDDEN").await;
+    for body in [
+        json!({"type": "m.login.password", "identifier": {"type": "m.id.thirdparty", "medium": "email", "address": "a@example.org"}, "password": "x"}),
+        json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}}),
+        json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "x", "device_id": "bad device"}),
+    ] {
+        let r = login(&gw, body.clone()).await;
+        assert_matrix_error(r, 400, "M_UNKNOWN").await;
+    }
+    assert_eq!(
+        password_grants(&f).await.len(),
+        asked,
+        "a user of another server or an unreadable login reached the OP"
+    );
+}
+
+/// A password the OP accepts for a user who maps to another Matrix ID signs nobody in: the
+/// client asked for one user and must not get another's session.
+#[tokio::test]
+async fn a_password_the_op_accepts_for_another_matrix_user_is_refused() {
+    let (f, gw) = setup("password_login = true").await;
+    op_password(&f, "alice", "pw", "mallory").await;
+    let r = login(&gw, password_body("alice", "pw")).await;
+    assert_matrix_error(r, 403, "M_FORBIDDEN").await;
+    assert_eq!(password_grants(&f).await.len(), 1);
+}
+
+/// Password attempts are budgeted per user and per client address (429 with `retry_after_ms`,
+/// whatever the password); an attempt the OP could not answer (503) is given back.
+#[tokio::test]
+async fn password_attempts_are_limited_per_user_and_per_address() {
+    let (f, gw) = setup(
+        "password_login = true\npassword_attempts_per_user = 2\npassword_attempts_per_address = 4",
+    )
+    .await;
+    // The OP is down for carol's first attempt: that one does not count.
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("username=carol"))
+        .respond_with(ResponseTemplate::new(500))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&f.op)
+        .await;
+    op_password(&f, "alice", "pw", "alice").await;
+    for _ in 0..2 {
+        let r = login(&gw, password_body("alice", "guess")).await;
+        assert_matrix_error(r, 403, "M_FORBIDDEN").await;
+    }
+    let r = login(&gw, password_body("alice", "pw")).await;
+    let (_, body) = assert_matrix_error(r, 429, "M_LIMIT_EXCEEDED").await;
+    assert!(body["retry_after_ms"].as_u64().unwrap() >= 1000, "{body}");
+    assert_eq!(
+        password_grants(&f).await.len(),
+        2,
+        "the third guess reached the OP"
+    );
+
+    let r = login(&gw, password_body("carol", "pw")).await;
+    assert_eq!(r.status(), 503);
+    // Two attempts of this address spent (alice's), carol's 503 given back: two left.
+    for user in ["carol", "dave"] {
+        let r = login(&gw, password_body(user, "guess")).await;
+        assert_matrix_error(r, 403, "M_FORBIDDEN").await;
+    }
+    let r = login(&gw, password_body("erin", "guess")).await;
+    assert_matrix_error(r, 429, "M_LIMIT_EXCEEDED").await;
+}
+
+/// Without `password_login` a password login is not a login this server offers.
+#[tokio::test]
+async fn password_login_is_refused_unless_configured() {
+    let (f, gw) = setup("").await;
+    op_password(&f, "alice", "pw", "alice").await;
+    let r = login(&gw, password_body("alice", "pw")).await;
+    assert_matrix_error(r, 400, "M_UNKNOWN").await;
+    assert!(password_grants(&f).await.is_empty());
+}

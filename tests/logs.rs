@@ -99,12 +99,91 @@ async fn raw_tokens_never_appear_in_logs() {
     let gw2 = spawn(&cfg).await;
     let q = gw2.url("/_matrix/client/v3/sync?access_token=DOWNTOKEN6secret");
     assert_eq!(c.get(&q).send().await.unwrap().status(), 502);
-    // Every log line of these requests is written by the time both servers have shut down.
+    // Password logins (`[compat] password_login`): a right, a wrong and an OP failure.
+    let f3 = Fakes::start().await;
+    let op = f3.op.uri();
+    Mock::given(method("GET"))
+        .and(path("/.well-known/openid-configuration"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "issuer": format!("{op}/"),
+            "authorization_endpoint": format!("{op}/authorize"),
+            "token_endpoint": format!("{op}/token"),
+            "introspection_endpoint": format!("{op}/introspect"),
+            "jwks_uri": format!("{op}/jwks"),
+        })))
+        .mount(&f3.op)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(wiremock::matchers::body_string_contains(
+            "password=RIGHTPASSWORD7secret",
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "access_token": "PWOPTOKEN8secret", "token_type": "Bearer",
+        })))
+        .mount(&f3.op)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(wiremock::matchers::body_string_contains(
+            "password=FAILPASSWORD9secret",
+        ))
+        .respond_with(ResponseTemplate::new(502))
+        .mount(&f3.op)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(
+            ResponseTemplate::new(400).set_body_json(json!({"error": "invalid_grant"})),
+        )
+        .with_priority(10)
+        .mount(&f3.op)
+        .await;
+    f3.introspection("PWOPTOKEN8secret", active("dave", &full_scope("PWDEV")), 1)
+        .await;
+    let gw3 = spawn(&f3.config(
+        "[compat]\nenabled = true\npassword_login = true\npassword_attempts_per_user = 100\n",
+    ))
+    .await;
+    let login = gw3.url("/_matrix/client/v3/login");
+    let mut issued = Vec::new();
+    for (password, status) in [
+        ("RIGHTPASSWORD7secret", 200),
+        ("WRONGPASSWORD10secret", 403),
+        ("FAILPASSWORD9secret", 503),
+    ] {
+        let r = c
+            .post(&login)
+            .json(&json!({
+                "type": "m.login.password",
+                "identifier": {"type": "m.id.user", "user": "dave"},
+                "password": password,
+                "device_id": "PWDEV",
+                "refresh_token": true,
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{password}");
+        if status == 200 {
+            let body: serde_json::Value = r.json().await.unwrap();
+            for key in ["access_token", "refresh_token"] {
+                issued.push(body[key].as_str().unwrap().to_owned());
+            }
+        }
+    }
+
+    // Every log line of these requests is written by the time the servers have shut down.
     gw.stop().await;
     gw2.stop().await;
+    gw3.stop().await;
 
     let logs = String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned();
     assert!(logs.contains("request"), "access log missing:\n{logs}");
+    assert!(
+        logs.contains("compat: session opened") && logs.contains("refused the password"),
+        "the password logins' lines missing:\n{logs}"
+    );
     for secret in [
         "VALIDTOKEN1secret",
         "INACTIVETOKEN2secret",
@@ -113,7 +192,14 @@ async fn raw_tokens_never_appear_in_logs() {
         "SIGNINGSECRET5",
         "DOWNTOKEN6secret",
         "gateway-secret",
-    ] {
+        "RIGHTPASSWORD7secret",
+        "PWOPTOKEN8secret",
+        "FAILPASSWORD9secret",
+        "WRONGPASSWORD10secret",
+    ]
+    .into_iter()
+    .chain(issued.iter().map(String::as_str))
+    {
         assert!(
             !logs.contains(secret),
             "{secret} leaked into the logs:\n{logs}"

@@ -15,6 +15,7 @@
 //! lock addresses out).
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 
 use std::time::Instant;
@@ -26,72 +27,60 @@ use parking_lot::Mutex;
 /// unlimited budget.
 const MAX_TRACKED: usize = 65_536;
 
-/// The budget: `rate` uncached verifications per second per address, `burst` at once.
+/// A keyed budget (a generic cell rate algorithm per key): one unit every `interval`, `burst`
+/// at once. The address budget below and the password-attempt budgets of the compat layer are
+/// instances.
 #[derive(Debug)]
-pub struct AddressBudget {
+pub struct Budget<K> {
     /// Microseconds between two admissions at the sustained rate.
     interval_us: u64,
     /// How far ahead of now a TAT may be and still admit: `(burst - 1) * interval`.
     tolerance_us: u64,
-    table: Mutex<Table>,
-    /// The origin of the monotonic microseconds [`AddressBudget::spend_now`] uses.
+    table: Mutex<Table<K>>,
+    /// The origin of the monotonic microseconds [`Budget::spend_now`] uses.
     origin: Instant,
 }
 
-#[derive(Debug, Default)]
-struct Table {
-    tat: HashMap<AddressKey, u64>,
-    /// The TAT shared by addresses that found the table full.
+#[derive(Debug)]
+struct Table<K> {
+    tat: HashMap<K, u64>,
+    /// The TAT shared by keys that found the table full.
     overflow: u64,
-    /// When the table was last swept: at most one sweep a second, so a flood from ever new
-    /// addresses cannot make every request walk a full table.
+    /// When the table was last swept: at most one sweep a second, so a flood of ever new
+    /// keys cannot make every request walk a full table.
     swept_us: Option<u64>,
 }
 
-/// The part of an address that is budgeted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum AddressKey {
-    V4(u32),
-    V6Prefix(u64),
-}
-
-impl AddressKey {
-    fn of(ip: IpAddr) -> Self {
-        match ip {
-            IpAddr::V4(v4) => AddressKey::V4(u32::from(v4)),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => AddressKey::V4(u32::from(v4)),
-                None => AddressKey::V6Prefix((u128::from(v6) >> 64) as u64),
-            },
-        }
-    }
-}
-
-impl AddressBudget {
-    /// A budget of `per_sec` a second with bursts of `burst`; `None` when `per_sec` is 0 (off).
-    pub fn new(per_sec: u32, burst: u32) -> Option<Self> {
-        if per_sec == 0 {
-            return None;
-        }
-        let interval_us = (1_000_000 / u64::from(per_sec)).max(1);
-        Some(Self {
+impl<K: Hash + Eq + Copy> Budget<K> {
+    /// One unit every `interval_us` microseconds, `burst` at once.
+    pub fn new(interval_us: u64, burst: u32) -> Self {
+        let interval_us = interval_us.max(1);
+        Self {
             interval_us,
             tolerance_us: interval_us.saturating_mul(u64::from(burst.max(1)) - 1),
-            table: Mutex::new(Table::default()),
+            table: Mutex::new(Table {
+                tat: HashMap::new(),
+                overflow: 0,
+                swept_us: None,
+            }),
             origin: Instant::now(),
-        })
+        }
     }
 
-    /// Spends one unit of `ip`'s budget now. `Err(ms)`: over budget, with how long until the
-    /// address may try again.
-    pub fn spend_now(&self, ip: IpAddr) -> Result<(), u64> {
-        self.spend(ip, self.now_us())
+    /// A budget of `per_minute` units a minute, all of them at once.
+    pub fn per_minute(per_minute: u32) -> Self {
+        Self::new(60_000_000 / u64::from(per_minute.max(1)), per_minute)
     }
 
-    /// Gives back the unit [`AddressBudget::spend_now`] took, when the work it paid for did not
+    /// Spends one unit of `key`'s budget now. `Err(ms)`: over budget, with how long until the
+    /// key may try again.
+    pub fn spend_now(&self, key: K) -> Result<(), u64> {
+        self.spend(key, self.now_us())
+    }
+
+    /// Gives back the unit [`Budget::spend_now`] took, when the work it paid for did not
     /// happen (the OP failed or shed the call: that answer is a 503, and must stay one).
-    pub fn refund_now(&self, ip: IpAddr) {
-        let key = AddressKey::of(ip);
+    pub fn refund_now(&self, key: K) {
         let mut table = self.table.lock();
         let slot = match table.tat.get_mut(&key) {
             Some(t) => t,
@@ -105,11 +94,10 @@ impl AddressBudget {
         u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
-    /// Spends one unit of `ip`'s budget at `now_us` (monotonic microseconds). `Err(ms)`: over
-    /// budget, with how long until the address may try again (at least a second: a client
-    /// told "1 ms" would only come back at once, with everyone behind the same address).
-    fn spend(&self, ip: IpAddr, now_us: u64) -> Result<(), u64> {
-        let key = AddressKey::of(ip);
+    /// Spends one unit of `key`'s budget at `now_us` (monotonic microseconds). `Err(ms)`: over
+    /// budget, with how long until the key may try again (at least a second: a client told
+    /// "1 ms" would only come back at once, with everyone behind the same key).
+    fn spend(&self, key: K, now_us: u64) -> Result<(), u64> {
         let mut table = self.table.lock();
         let table = &mut *table;
         if table.tat.len() >= MAX_TRACKED && !table.tat.contains_key(&key) {
@@ -136,10 +124,69 @@ impl AddressBudget {
         Ok(())
     }
 
-    /// Addresses holding an entry (for tests).
+    /// Keys holding an entry (for tests).
     #[cfg(test)]
     fn tracked(&self) -> usize {
         self.table.lock().tat.len()
+    }
+}
+
+/// The part of an address that is budgeted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum AddressKey {
+    V4(u32),
+    V6Prefix(u64),
+}
+
+impl AddressKey {
+    fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => AddressKey::V4(u32::from(v4)),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => AddressKey::V4(u32::from(v4)),
+                None => AddressKey::V6Prefix((u128::from(v6) >> 64) as u64),
+            },
+        }
+    }
+}
+
+/// The budget: `rate` uncached verifications per second per address, `burst` at once.
+#[derive(Debug)]
+pub struct AddressBudget(Budget<AddressKey>);
+
+impl AddressBudget {
+    /// A budget of `per_sec` a second with bursts of `burst`; `None` when `per_sec` is 0 (off).
+    pub fn new(per_sec: u32, burst: u32) -> Option<Self> {
+        if per_sec == 0 {
+            return None;
+        }
+        Some(Self(Budget::new(1_000_000 / u64::from(per_sec), burst)))
+    }
+
+    /// A budget of `per_minute` a minute, all of them at once.
+    pub fn per_minute(per_minute: u32) -> Self {
+        Self(Budget::per_minute(per_minute))
+    }
+
+    /// Spends one unit of `ip`'s budget now. `Err(ms)`: over budget, with how long until the
+    /// address may try again.
+    pub fn spend_now(&self, ip: IpAddr) -> Result<(), u64> {
+        self.0.spend_now(AddressKey::of(ip))
+    }
+
+    /// Gives back the unit [`AddressBudget::spend_now`] took.
+    pub fn refund_now(&self, ip: IpAddr) {
+        self.0.refund_now(AddressKey::of(ip));
+    }
+
+    #[cfg(test)]
+    fn spend(&self, ip: IpAddr, now_us: u64) -> Result<(), u64> {
+        self.0.spend(AddressKey::of(ip), now_us)
+    }
+
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.0.tracked()
     }
 }
 

@@ -26,7 +26,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use url::Url;
 
-use crate::auth::op::OpClient;
+use crate::auth::budget::{AddressBudget, Budget};
+use crate::auth::op::{OpClient, TokenResponse};
 use crate::auth::{Identity, TokenHash};
 use crate::clock::SharedClock;
 use crate::config;
@@ -60,7 +61,7 @@ fn stored_key(token: &str) -> String {
 }
 
 /// A device ID as MAS generates them for compat sessions: 10 upper-case letters and digits.
-fn new_device_id() -> String {
+pub fn new_device_id() -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
     let bytes: [u8; 10] = rand::random();
     bytes
@@ -243,9 +244,48 @@ pub struct Issued {
     pub expires_in_ms: Option<u64>,
 }
 
+/// Why the OP's answer to a grant was not taken.
+enum GrantRefused {
+    /// The OP cannot be asked now (503).
+    Unavailable,
+    /// The answer is for another device, lacks the full API scope, or its ID token is for
+    /// another client or sign-in.
+    Refused,
+}
+
+/// One `m.login.password` attempt. No `Debug`: it holds the password.
+pub struct PasswordAttempt<'a> {
+    /// The Matrix user asked for (`@localpart:server_name`).
+    pub user_id: &'a str,
+    /// Its localpart: the user name sent to the OP.
+    pub localpart: &'a str,
+    /// The password, sent to the OP only.
+    pub password: &'a str,
+    /// The device to sign in.
+    pub device_id: &'a str,
+    /// The client's address, for its budget.
+    pub client: Option<std::net::IpAddr>,
+}
+
+/// The password-attempt budgets (per user, per client address), on this replica.
+struct PasswordBudgets {
+    per_user: Budget<[u8; 16]>,
+    per_address: AddressBudget,
+}
+
+/// A user's key in the per-user budget: the first half of its ID's SHA-256 (the table holds
+/// no user names).
+fn user_key(user_id: &str) -> [u8; 16] {
+    let digest = Sha256::digest(user_id.as_bytes());
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
+}
+
 /// The compat layer.
 pub struct Compat {
     cfg: config::Compat,
+    password: Option<PasswordBudgets>,
     callback: Url,
     store: Arc<dyn Store>,
     op: Arc<OpClient>,
@@ -277,8 +317,13 @@ impl Compat {
         let mut callback = public_base_url.clone();
         callback.set_path(CALLBACK_PATH);
         callback.set_query(None);
+        let password = cfg.password.map(|p| PasswordBudgets {
+            per_user: Budget::per_minute(p.per_user_per_minute),
+            per_address: AddressBudget::per_minute(p.per_address_per_minute),
+        });
         Self {
             cfg,
+            password,
             callback,
             store,
             op,
@@ -410,50 +455,13 @@ impl Compat {
                 tracing::warn!(error = %oauth_code(&e), "compat: the OP refused the code");
                 BrowserFault::BadGrant
             })?;
-        // Received straight from the token endpoint over the connection the gateway opened
-        // (OIDC Core §3.1.3.7 6.): issuer, audience and nonce bind it to this sign-in. Its
-        // `sid` names the OP session, for the OP's back-channel logout of it.
-        let mut sid = None;
-        if let Some(id_token) = &granted.id_token {
-            let claims = jwt_payload(id_token).unwrap_or_default();
-            let audience_ok = match claims.get("aud") {
-                Some(serde_json::Value::String(a)) => *a == self.cfg.client_id,
-                Some(serde_json::Value::Array(list)) => list
-                    .iter()
-                    .any(|a| a.as_str() == Some(self.cfg.client_id.as_str())),
-                _ => false,
-            };
-            let str_claim = |name: &str| claims.get(name).and_then(|v| v.as_str());
-            if str_claim("nonce") != Some(pending.nonce.as_str())
-                || str_claim("iss") != Some(self.op.issuer().issuer.as_str())
-                || !audience_ok
-            {
-                tracing::warn!("compat: ID token nonce, issuer or audience mismatch");
-                return Err(BrowserFault::BadGrant);
-            }
-            sid = str_claim("sid").map(str::to_owned);
-        }
-        let identity = match verify(granted.access_token).await {
-            Ok(identity) => identity,
-            Err(GatewayError::OpUnavailable(_)) => return Err(BrowserFault::Unavailable),
-            Err(e) => {
-                tracing::warn!(
-                    reason = e.reason_label(),
-                    "compat: the OP's access token was refused"
-                );
-                return Err(BrowserFault::BadGrant);
-            }
-        };
-        if identity.device_id.as_deref() != Some(pending.device_id.as_str())
-            || identity.access != crate::auth::Access::Full
-        {
-            tracing::warn!("compat: the OP granted another device or no full API scope");
-            return Err(BrowserFault::BadGrant);
-        }
-        let mut identity = (*identity).clone();
-        if identity.session_id.is_none() {
-            identity.session_id = sid;
-        }
+        let identity = self
+            .accept_grant(granted, &pending.device_id, Some(&pending.nonce), verify)
+            .await
+            .map_err(|r| match r {
+                GrantRefused::Unavailable => BrowserFault::Unavailable,
+                GrantRefused::Refused => BrowserFault::BadGrant,
+            })?;
         let login_token = new_token(LOGIN_PREFIX);
         let grant = Grant {
             identity: identity.clone(),
@@ -476,6 +484,164 @@ impl Compat {
             allowed,
             cookie_name: cookie_name(state),
         })
+    }
+
+    /// Checks the OP's answer to a grant the gateway asked for (a code exchange, a password
+    /// grant) and verifies its access token with `verify`: the identity of the device asked
+    /// for, with the full API scope. `nonce`: the ID token's, when the grant had one.
+    async fn accept_grant<F, Fut>(
+        &self,
+        granted: TokenResponse,
+        device_id: &str,
+        nonce: Option<&str>,
+        verify: F,
+    ) -> Result<Identity, GrantRefused>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: std::future::Future<Output = Result<Arc<Identity>, GatewayError>>,
+    {
+        // Received straight from the token endpoint over the connection the gateway opened
+        // (OIDC Core §3.1.3.7 6.): issuer, audience and nonce bind it to this sign-in. Its
+        // `sid` names the OP session, for the OP's back-channel logout of it.
+        let mut sid = None;
+        if let Some(id_token) = &granted.id_token {
+            let claims = jwt_payload(id_token).unwrap_or_default();
+            let audience_ok = match claims.get("aud") {
+                Some(serde_json::Value::String(a)) => *a == self.cfg.client_id,
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .any(|a| a.as_str() == Some(self.cfg.client_id.as_str())),
+                _ => false,
+            };
+            let str_claim = |name: &str| claims.get(name).and_then(|v| v.as_str());
+            let nonce_ok = nonce.is_none_or(|n| str_claim("nonce") == Some(n));
+            if !nonce_ok
+                || str_claim("iss") != Some(self.op.issuer().issuer.as_str())
+                || !audience_ok
+            {
+                tracing::warn!("compat: ID token nonce, issuer or audience mismatch");
+                return Err(GrantRefused::Refused);
+            }
+            sid = str_claim("sid").map(str::to_owned);
+        }
+        let identity = match verify(granted.access_token).await {
+            Ok(identity) => identity,
+            Err(GatewayError::OpUnavailable(_)) => return Err(GrantRefused::Unavailable),
+            Err(e) => {
+                tracing::warn!(
+                    reason = e.reason_label(),
+                    "compat: the OP's access token was refused"
+                );
+                return Err(GrantRefused::Refused);
+            }
+        };
+        if identity.device_id.as_deref() != Some(device_id)
+            || identity.access != crate::auth::Access::Full
+        {
+            tracing::warn!("compat: the OP granted another device or no full API scope");
+            return Err(GrantRefused::Refused);
+        }
+        let mut identity = (*identity).clone();
+        if identity.session_id.is_none() {
+            identity.session_id = sid;
+        }
+        Ok(identity)
+    }
+
+    /// Whether `m.login.password` is offered.
+    pub fn password_login(&self) -> bool {
+        self.password.is_some()
+    }
+
+    /// `m.login.password` (when offered): `password` is checked at the OP with the
+    /// resource-owner password grant (RFC 6749 §4.3) for the user `localpart`, for the device
+    /// `device_id`; the result must be this server's `user_id`. Attempts are charged to the
+    /// user's and the client address's budgets first (429); the OP's refusal, or an answer
+    /// for another user, is 403 `M_FORBIDDEN`; an OP that cannot answer, 503 (the attempt is
+    /// given back). The password goes to the OP's token endpoint and nowhere else: never
+    /// logged, never stored.
+    pub async fn password_grant<F, Fut>(
+        &self,
+        login: PasswordAttempt<'_>,
+        verify: F,
+    ) -> Result<Identity, GatewayError>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: std::future::Future<Output = Result<Arc<Identity>, GatewayError>>,
+    {
+        let Some(budgets) = &self.password else {
+            return Err(GatewayError::BadLogin);
+        };
+        let user_key = user_key(login.user_id);
+        budgets
+            .per_user
+            .spend_now(user_key)
+            .map_err(|retry_after_ms| GatewayError::RateLimited { retry_after_ms })?;
+        if let Some(ip) = login.client {
+            if let Err(retry_after_ms) = budgets.per_address.spend_now(ip) {
+                budgets.per_user.refund_now(user_key);
+                return Err(GatewayError::RateLimited { retry_after_ms });
+            }
+        }
+        let refund = || {
+            budgets.per_user.refund_now(user_key);
+            if let Some(ip) = login.client {
+                budgets.per_address.refund_now(ip);
+            }
+        };
+        let scope = format!(
+            "openid urn:matrix:client:api:* urn:matrix:client:device:{}",
+            login.device_id
+        );
+        let granted = match self
+            .op
+            .token_grant(
+                &self.cfg.client_id,
+                self.cfg.client_secret.expose(),
+                &[
+                    ("grant_type", "password"),
+                    ("username", login.localpart),
+                    ("password", login.password),
+                    ("scope", &scope),
+                ],
+            )
+            .await
+        {
+            Ok(Ok(granted)) => granted,
+            Ok(Err(e)) => {
+                let code = oauth_code(&e);
+                if code == "invalid_grant" {
+                    tracing::info!(user = %login.user_id, "compat: the OP refused the password");
+                } else {
+                    // Not the user's fault: the OP does not allow the grant for this client.
+                    tracing::warn!(user = %login.user_id, error = %code, "compat: the OP refused the password grant");
+                }
+                return Err(GatewayError::LoginRefused);
+            }
+            Err(f) => {
+                tracing::warn!(reason = ?f, "compat: password grant failed");
+                refund();
+                return Err(GatewayError::OpUnavailable(f));
+            }
+        };
+        let identity = match self
+            .accept_grant(granted, login.device_id, None, verify)
+            .await
+        {
+            Ok(identity) => identity,
+            Err(GrantRefused::Unavailable) => {
+                refund();
+                return Err(GatewayError::OpUnavailable(OpFailure::Unreachable));
+            }
+            Err(GrantRefused::Refused) => return Err(GatewayError::LoginRefused),
+        };
+        if identity.user_id != login.user_id {
+            // The OP signed in a user who maps to another Matrix ID: the client asked for one
+            // user and must not get another.
+            tracing::warn!(asked = %login.user_id, granted = %identity.user_id, "compat: the OP's user for this password is another Matrix user");
+            return Err(GatewayError::LoginRefused);
+        }
+        Ok(identity)
     }
 
     /// Takes a login token (once): the identity it stands for, or 403 `M_FORBIDDEN` when it is
@@ -816,18 +982,21 @@ fn jwt_payload(jwt: &str) -> Option<serde_json::Map<String, serde_json::Value>> 
 }
 
 /// `GET /login`'s flows (MSC3824: SSO flagged as the OAuth-aware choice, in the stable and
-/// unstable spellings MAS sends; `m.login.token` to finish it).
-pub fn flows() -> serde_json::Value {
-    serde_json::json!({
-        "flows": [
-            {
-                "type": "m.login.sso",
-                "oauth_aware_preferred": true,
-                "org.matrix.msc3824.delegated_oidc_compatibility": true,
-            },
-            {"type": "m.login.token"},
-        ]
-    })
+/// unstable spellings MAS sends; `m.login.token` to finish it; `m.login.password` only when
+/// `password` login is offered).
+pub fn flows(password: bool) -> serde_json::Value {
+    let mut flows = vec![
+        serde_json::json!({
+            "type": "m.login.sso",
+            "oauth_aware_preferred": true,
+            "org.matrix.msc3824.delegated_oidc_compatibility": true,
+        }),
+        serde_json::json!({"type": "m.login.token"}),
+    ];
+    if password {
+        flows.push(serde_json::json!({"type": "m.login.password"}));
+    }
+    serde_json::json!({ "flows": flows })
 }
 
 #[cfg(test)]

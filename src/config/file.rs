@@ -73,6 +73,12 @@ pub struct CompatFile {
     pub session_lifetime: String,
     /// Access token lifetime for clients that asked for a refresh token.
     pub access_token_ttl: String,
+    /// Offer `m.login.password`, checked at the OP with the resource-owner password grant.
+    pub password_login: bool,
+    /// Password logins one user may attempt a minute (on each replica).
+    pub password_attempts_per_user: u32,
+    /// Password logins one client address may attempt a minute (on each replica).
+    pub password_attempts_per_address: u32,
 }
 
 impl Default for CompatFile {
@@ -87,6 +93,9 @@ impl Default for CompatFile {
             sso_timeout: "10m".into(),
             session_lifetime: "24h".into(),
             access_token_ttl: "5m".into(),
+            password_login: false,
+            password_attempts_per_user: 5,
+            password_attempts_per_address: 20,
         }
     }
 }

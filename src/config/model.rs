@@ -111,6 +111,17 @@ pub struct Compat {
     pub session_lifetime: Duration,
     /// Access token lifetime when the client asked for a refresh token.
     pub access_token_ttl: Duration,
+    /// `m.login.password` through the OP's password grant, when offered.
+    pub password: Option<PasswordLogin>,
+}
+
+/// `[compat] password_login`: the limits on password attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PasswordLogin {
+    /// Attempts one user may make a minute.
+    pub per_user_per_minute: u32,
+    /// Attempts one client address may make a minute.
+    pub per_address_per_minute: u32,
 }
 
 /// `[discovery]`

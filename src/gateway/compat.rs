@@ -27,7 +27,8 @@ pub async fn serve(
 ) -> Result<bool> {
     let answered = match route {
         CompatRoute::Flows => {
-            respond::json_response(session, 200, &compat::flows(), &[]).await?;
+            respond::json_response(session, 200, &compat::flows(compat.password_login()), &[])
+                .await?;
             Ok(())
         }
         CompatRoute::SsoRedirect => return sso_redirect(gw, session, compat).await,
@@ -209,9 +210,31 @@ async fn callback(gw: &Gateway, session: &mut Session, compat: &Compat) -> Resul
 struct LoginRequest {
     #[serde(rename = "type")]
     kind: String,
+    /// `m.login.token`'s login token.
     token: Option<String>,
+    /// `m.login.password`'s user.
+    identifier: Option<UserIdentifier>,
+    /// The deprecated form of `identifier` (older clients and bots).
+    user: Option<String>,
+    /// `m.login.password`'s password.
+    password: Option<Password>,
+    /// The device a password login signs in (default: a new one).
+    device_id: Option<String>,
     #[serde(default)]
     refresh_token: bool,
+}
+
+/// A password as a login body brings it: no `Debug`, so it cannot end up in a log line.
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct Password(String);
+
+/// `identifier` of a login body (only `m.id.user` names a user here).
+#[derive(Deserialize)]
+struct UserIdentifier {
+    #[serde(rename = "type")]
+    kind: String,
+    user: Option<String>,
 }
 
 /// The answer to a login or a refresh.
@@ -239,8 +262,9 @@ async fn json_body<T: for<'de> Deserialize<'de>>(
     })
 }
 
-/// `POST /login` with `m.login.token`: the login token is taken once, the device provisioned
-/// upstream, the session's tokens issued.
+/// `POST /login`: `m.login.token` (the login token is taken once) or, when offered,
+/// `m.login.password` (checked at the OP); then the device is provisioned upstream and the
+/// session's tokens issued.
 async fn login(
     gw: &Gateway,
     session: &mut Session,
@@ -250,26 +274,17 @@ async fn login(
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),
     };
-    let (true, Some(token)) = (req.kind == "m.login.token", req.token) else {
-        return Ok(Err(GatewayError::BadLogin));
+    let identity = match req.kind.as_str() {
+        "m.login.token" => token_login(gw, session, compat, req.token).await,
+        "m.login.password" if compat.password_login() => {
+            password_login(gw, session, compat, &req).await
+        }
+        _ => Err(GatewayError::BadLogin),
     };
-    if let Err(e) = charge(gw, session) {
-        return Ok(Err(e));
-    }
-    let identity = match compat.redeem(&token).await {
+    let identity = match identity {
         Ok(i) => i,
         Err(e) => return Ok(Err(e)),
     };
-    // Signed out since the callback (its OP session, device, user or subject revoked): no
-    // device is provisioned for it.
-    let hash = crate::auth::TokenHash::of(&token);
-    if gw
-        .verifier
-        .revocations()
-        .is_revoked(&identity, &hash, gw.clock.now_ms())
-    {
-        return Ok(Err(GatewayError::LoginRefused));
-    }
     // The same binding as an OAuth token's first request: pin, tombstone, provisioning.
     if let Err(e) = gw.binder.bind(&identity).await {
         return Ok(Err(e));
@@ -281,9 +296,84 @@ async fn login(
         Ok(i) => i,
         Err(e) => return Ok(Err(e)),
     };
-    tracing::info!(user = %identity.user_id, device = ?identity.device_id, "compat: session opened");
+    tracing::info!(user = %identity.user_id, device = ?identity.device_id, kind = %req.kind, "compat: session opened");
     write_tokens(gw, session, Some(&identity), &issued).await?;
     Ok(Ok(()))
+}
+
+/// `m.login.token`: the identity the login token stands for, taken once.
+async fn token_login(
+    gw: &Gateway,
+    session: &Session,
+    compat: &Compat,
+    token: Option<String>,
+) -> std::result::Result<crate::auth::Identity, GatewayError> {
+    let token = token.ok_or(GatewayError::BadLogin)?;
+    charge(gw, session)?;
+    let identity = compat.redeem(&token).await?;
+    // Signed out since the callback (its OP session, device, user or subject revoked): no
+    // device is provisioned for it.
+    let hash = crate::auth::TokenHash::of(&token);
+    if gw
+        .verifier
+        .revocations()
+        .is_revoked(&identity, &hash, gw.clock.now_ms())
+    {
+        return Err(GatewayError::LoginRefused);
+    }
+    Ok(identity)
+}
+
+/// `m.login.password`: the user (`m.id.user` identifier or the deprecated `user`: a localpart
+/// or a full user ID of this server, matched case-insensitively as Synapse does) and the
+/// password go to the OP's password grant, for the client's `device_id` or a new device.
+async fn password_login(
+    gw: &Gateway,
+    session: &Session,
+    compat: &Compat,
+    req: &LoginRequest,
+) -> std::result::Result<crate::auth::Identity, GatewayError> {
+    let named = match (&req.identifier, &req.user) {
+        (Some(UserIdentifier { kind, user }), _) if kind == "m.id.user" => user.as_deref(),
+        (Some(_), _) => None,
+        (None, user) => user.as_deref(),
+    };
+    let (Some(named), Some(password)) = (named, &req.password) else {
+        return Err(GatewayError::BadLogin);
+    };
+    let device_id = match &req.device_id {
+        Some(d) if crate::auth::identity::valid_device_id(d) => d.clone(),
+        Some(_) => return Err(GatewayError::BadLogin),
+        None => compat::new_device_id(),
+    };
+    let server_name = &gw.config.homeserver.server_name;
+    let localpart = match named.strip_prefix('@') {
+        Some(full) => match full.split_once(':') {
+            Some((local, server)) if server == server_name => local,
+            _ => return Err(GatewayError::LoginRefused),
+        },
+        None => named,
+    }
+    .to_ascii_lowercase();
+    if !crate::auth::identity::valid_localpart(&localpart) || localpart.len() > 255 {
+        return Err(GatewayError::LoginRefused);
+    }
+    // One OP call a client can cause without a session: the address's new-token budget too.
+    charge(gw, session)?;
+    let user_id = format!("@{localpart}:{server_name}");
+    let verifier = gw.verifier.clone();
+    compat
+        .password_grant(
+            compat::PasswordAttempt {
+                user_id: &user_id,
+                localpart: &localpart,
+                password: &password.0,
+                device_id: &device_id,
+                client: client_of(gw, session),
+            },
+            |access_token| async move { verifier.verify(&access_token, None).await.result },
+        )
+        .await
 }
 
 async fn write_tokens(

@@ -6,7 +6,7 @@ use url::Url;
 
 use super::Check;
 use crate::config::parse::duration;
-use crate::config::{file, secret, Compat};
+use crate::config::{file, secret, Compat, PasswordLogin};
 
 /// Validates `[compat]`; `None` when it is off (or on and invalid, with the problems added).
 pub(super) fn compat(
@@ -34,6 +34,27 @@ pub(super) fn compat(
             "must not exceed compat.session_lifetime",
         );
     }
+    for (key, n) in [
+        (
+            "compat.password_attempts_per_user",
+            f.password_attempts_per_user,
+        ),
+        (
+            "compat.password_attempts_per_address",
+            f.password_attempts_per_address,
+        ),
+    ] {
+        if f.password_login && n == 0 {
+            p.add(
+                key,
+                "must be at least 1 (turn password_login off to refuse every password)",
+            );
+        }
+    }
+    let password = f.password_login.then_some(PasswordLogin {
+        per_user_per_minute: f.password_attempts_per_user,
+        per_address_per_minute: f.password_attempts_per_address,
+    });
     let mut redirect_allowlist = Vec::new();
     for (i, entry) in f.redirect_allowlist.iter().enumerate() {
         let key = format!("compat.redirect_allowlist[{i}]");
@@ -101,5 +122,6 @@ pub(super) fn compat(
         sso_timeout,
         session_lifetime,
         access_token_ttl,
+        password,
     })
 }
