@@ -986,7 +986,10 @@ async fn a_password_login_is_checked_at_the_op_and_opens_a_compat_session() {
         echoed["headers"]["x-matrix-user-id"],
         json!(["@alice:example.org"])
     );
-    assert_eq!(echoed["headers"]["x-matrix-device-id"], json!(["BOTDEVICE"]));
+    assert_eq!(
+        echoed["headers"]["x-matrix-device-id"],
+        json!(["BOTDEVICE"])
+    );
 
     // A full user ID, in another case, in the deprecated `user` field; no device: a new one.
     let r = login(

@@ -9,6 +9,9 @@
 //! - a matrix-nio bot (PyPI, `tests/e2e/legacy/nio_bot.py`) with a login token from a browser
 //!   sign-in: the flows, `m.login.token`, whoami, a room, a message read back in its sync,
 //!   `/logout`.
+//! - a matrix-nio bot signing in with a password (`m.login.password`, checked at the OP's
+//!   password grant, which the test OP allows the gateway): a wrong password refused with
+//!   `M_FORBIDDEN` first, then the same bot run as above.
 //! - `/logout/all` ending two compat sessions of one user.
 //! - the attack cases on the same stack: a `redirectUrl` not on the allow-list, a forged
 //!   state, an expired login token, `/refresh` with an OAuth refresh token, and a compat token
@@ -34,6 +37,8 @@ use e2e_support::{free_port, step, steps, GatewayProcess, Op};
 const STORE_KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
 /// The legacy clients' own URL, on the gateway's redirect allow-list.
 const CLIENT_URL: &str = "http://127.0.0.1/legacy-client";
+/// Every account's password at the test OP (its password grant).
+const OP_PASSWORD: &str = "e2e-bot-password";
 /// Login tokens live this long here (the expired-token case waits it out).
 const LOGIN_TOKEN_TTL_SECS: u64 = 3;
 
@@ -51,6 +56,8 @@ async fn stack(kind: HsKind) -> (Op, Homeserver, GatewayProcess) {
         &format!("{base}/_matrix/gateway/compat/callback"),
         "--bcl-uri",
         &format!("{base}/_matrix-oidc-gateway/oidc/backchannel-logout"),
+        "--password-grant",
+        OP_PASSWORD,
     ]);
     let hs = Homeserver::start(kind);
     let gw = GatewayProcess::start_on(
@@ -83,6 +90,7 @@ client_secret = "gateway-secret"
 enabled = true
 redirect_allowlist = ["{CLIENT_URL}"]
 login_token_ttl = "{LOGIN_TOKEN_TTL_SECS}s"
+password_login = true
 
 [log]
 level = "info"
@@ -183,7 +191,10 @@ async fn js_sdk_legacy(gw: &GatewayProcess, hs: &Homeserver) {
     });
     let steps = steps("matrix-js-sdk (legacy)", &out, gw);
     let flows = step(&steps, "flows");
-    assert_eq!(flows["types"], json!(["m.login.sso", "m.login.token"]));
+    assert_eq!(
+        flows["types"],
+        json!(["m.login.sso", "m.login.token", "m.login.password"])
+    );
     let carol = step(&steps, "signed_in");
     assert_eq!(carol["user_id"], "@carol:localhost");
     assert_eq!(carol["compat_token"], true, "a gateway-issued compat token");
@@ -198,8 +209,16 @@ async fn js_sdk_legacy(gw: &GatewayProcess, hs: &Homeserver) {
     assert_no_device(hs, "@carol:localhost", &gone).await;
 }
 
-/// The matrix-nio bot with a login token from a browser sign-in.
-async fn nio_bot(gw: &GatewayProcess, hs: &Homeserver) {
+/// How the nio bot signs in.
+enum BotLogin {
+    /// With a login token from a browser sign-in of this user.
+    Token(&'static str),
+    /// With this user's password (`m.login.password`).
+    Password(&'static str),
+}
+
+/// The matrix-nio bot, signing in as `how` says.
+async fn nio_bot(gw: &GatewayProcess, hs: &Homeserver, how: BotLogin) {
     let python = std::env::var_os("PEER_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/matrix-oidc-gateway"))
@@ -209,21 +228,37 @@ async fn nio_bot(gw: &GatewayProcess, hs: &Homeserver) {
         "the tools venv with matrix-nio is missing ({}): run scripts/peers/install-tools.sh (scripts/test.sh does)",
         python.display()
     );
-    let token = tokio::task::block_in_place(|| login_token(gw, "erin", None));
+    let (user, args) = match how {
+        BotLogin::Token(user) => {
+            let token = tokio::task::block_in_place(|| login_token(gw, user, None));
+            (user, vec!["--login-token".to_owned(), token])
+        }
+        BotLogin::Password(user) => (
+            user,
+            ["--user", user, "--password", OP_PASSWORD]
+                .map(str::to_owned)
+                .to_vec(),
+        ),
+    };
     let out = tokio::task::block_in_place(|| {
         Command::new(&python)
             .arg(repo("tests/e2e/legacy/nio_bot.py"))
-            .args(["--gateway", &gw.url(""), "--login-token", &token])
+            .args(["--gateway", &gw.url("")])
+            .args(&args)
             .output()
             .expect("python")
     });
     let steps = steps("matrix-nio", &out, gw);
     assert_eq!(
         step(&steps, "flows")["types"],
-        json!(["m.login.sso", "m.login.token"])
+        json!(["m.login.sso", "m.login.token", "m.login.password"])
     );
+    if let BotLogin::Password(_) = how {
+        assert_eq!(step(&steps, "wrong_password")["errcode"], "M_FORBIDDEN");
+    }
     let signed_in = step(&steps, "signed_in");
-    assert_eq!(signed_in["user_id"], "@erin:localhost");
+    let user_id = format!("@{user}:localhost");
+    assert_eq!(signed_in["user_id"], user_id.as_str());
     let access = signed_in["access_token"].as_str().expect("token");
     assert!(access.starts_with("mgc_"), "a gateway-issued compat token");
     step(&steps, "message");
@@ -233,7 +268,7 @@ async fn nio_bot(gw: &GatewayProcess, hs: &Homeserver) {
         "the bot's token after /logout"
     );
     let device = signed_in["device_id"].as_str().expect("device");
-    assert_no_device(hs, "@erin:localhost", device).await;
+    assert_no_device(hs, &user_id, device).await;
 }
 
 /// The attack cases, on the real OP and homeserver.
@@ -357,7 +392,8 @@ async fn logout_all(gw: &GatewayProcess, hs: &Homeserver) {
 async fn legacy_clients(kind: HsKind) {
     let (op, hs, gw) = stack(kind).await;
     js_sdk_legacy(&gw, &hs).await;
-    nio_bot(&gw, &hs).await;
+    nio_bot(&gw, &hs, BotLogin::Token("erin")).await;
+    nio_bot(&gw, &hs, BotLogin::Password("pwbot")).await;
     logout_all(&gw, &hs).await;
     attacks(&op, &gw, &hs).await;
 }

@@ -133,9 +133,7 @@ async fn raw_tokens_never_appear_in_logs() {
         .await;
     Mock::given(method("POST"))
         .and(path("/token"))
-        .respond_with(
-            ResponseTemplate::new(400).set_body_json(json!({"error": "invalid_grant"})),
-        )
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": "invalid_grant"})))
         .with_priority(10)
         .mount(&f3.op)
         .await;

@@ -1,9 +1,12 @@
 """A matrix-nio bot (PyPI `matrix-nio`, no end-to-end encryption) signing in through the
-gateway's compatibility layer with a login token, as a bot whose operator did the single
-sign-on in a browser: the login flows, `m.login.token`, whoami, a room of its own, a message
-it sends and reads back in its sync, and `/logout`. tests/e2e_legacy.rs drives it.
+gateway's compatibility layer, either with a login token (as a bot whose operator did the
+single sign-on in a browser) or with a password (`m.login.password`, which the gateway checks
+at the OP's password grant; a wrong password is tried first and must be refused with
+M_FORBIDDEN). Then: whoami, a room of its own, a message it sends and reads back in its sync,
+and `/logout`. tests/e2e_legacy.rs drives it.
 
     python nio_bot.py --gateway http://127.0.0.1:8008 --login-token mgl_...
+    python nio_bot.py --gateway http://127.0.0.1:8008 --user bot --password ...
 
 Prints one line per step (`STEP <name> <json>`) and `OK` at the end; exits 1 on any failure.
 """
@@ -15,6 +18,7 @@ import sys
 
 from nio import (
     AsyncClient,
+    LoginError,
     LoginInfoResponse,
     LoginResponse,
     LogoutResponse,
@@ -35,15 +39,22 @@ def check(ok, what):
         raise RuntimeError(what)
 
 
-async def main(gateway, login_token):
-    client = AsyncClient(gateway, user="")
+async def main(gateway, login_token, user, password):
+    client = AsyncClient(gateway, user=user or "")
     try:
         info = await client.login_info()
         check(isinstance(info, LoginInfoResponse), f"login flows: {info}")
         out("flows", {"types": info.flows})
-        check("m.login.token" in info.flows and "m.login.password" not in info.flows, f"flows {info.flows}")
+        check("m.login.token" in info.flows, f"flows {info.flows}")
 
-        login = await client.login(token=login_token, device_name="e2e nio bot")
+        if password:
+            check("m.login.password" in info.flows, f"flows {info.flows}")
+            wrong = await client.login(password=password + "-wrong", device_name="e2e nio bot")
+            check(isinstance(wrong, LoginError) and wrong.status_code == "M_FORBIDDEN", f"wrong password: {wrong}")
+            out("wrong_password", {"errcode": wrong.status_code})
+            login = await client.login(password=password, device_name="e2e nio bot")
+        else:
+            login = await client.login(token=login_token, device_name="e2e nio bot")
         check(isinstance(login, LoginResponse), f"login: {login}")
         # The driver checks afterwards that this (test-only) token is refused.
         out("signed_in", {"user_id": login.user_id, "device_id": login.device_id,
@@ -77,10 +88,14 @@ async def main(gateway, login_token):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--gateway", required=True)
-    parser.add_argument("--login-token", required=True)
+    parser.add_argument("--login-token")
+    parser.add_argument("--user")
+    parser.add_argument("--password")
     a = parser.parse_args()
+    if bool(a.login_token) == bool(a.password) or bool(a.user) != bool(a.password):
+        parser.error("either --login-token, or --user and --password")
     try:
-        asyncio.run(main(a.gateway, a.login_token))
+        asyncio.run(main(a.gateway, a.login_token, a.user, a.password))
     except Exception as e:  # noqa: BLE001 - report any failure as the test's reason
         print(f"nio bot failed: {e!r}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -3,7 +3,7 @@
 //
 //   node op.mjs --port 9400 [--host 127.0.0.1] [--issuer URL] [--gateway-secret S] [--bcl-uri URL]
 //               [--bcl-sub-only 1] [--dcr-access-ttl SECONDS] [--tls-cert PEM --tls-key PEM]
-//               [--compat-callback URL]
+//               [--compat-callback URL] [--password-grant PASSWORD]
 //
 // With --tls-cert/--tls-key it serves HTTPS and the issuer is https:// (clients trust the
 // certificate themselves: matrix-rust-sdk wants every OP endpoint https unless the homeserver
@@ -14,6 +14,10 @@
 //   for the gateway's legacy login (docs/compat.md): the authorization-code grant with that
 //   redirect URI (the gateway's `/_matrix/gateway/compat/callback`), and back-channel logout to
 //   --bcl-uri when given.
+//   With --password-grant the `gateway` client may also use the resource-owner password grant
+//   (RFC 6749 §4.3, as Keycloak's "direct access grants"): every account's password is
+//   PASSWORD, and the tokens are those of the default resource (`urn:matrix:homeserver`) with
+//   the device scope the request named.
 // - `e2e-client` is a public native client (code + PKCE) that test drivers use to mint tokens
 //   (see mint.mjs); `e2e-short` is the same with 3-second access tokens.
 // - Dynamic client registration (RFC 7591) is open, as a Matrix client expects of its OP; clients
@@ -34,7 +38,7 @@
 import { generateKeyPairSync } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createServer as createHttpsServer } from 'node:https';
-import Provider from 'oidc-provider';
+import Provider, { errors as oidcErrors } from 'oidc-provider';
 
 const args = Object.fromEntries(
   process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith('--') ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
@@ -49,6 +53,7 @@ const bclUri = args['bcl-uri'];
 const bclSessionRequired = !args['bcl-sub-only'];
 const dcrAccessTtl = Number(args['dcr-access-ttl'] || 600);
 const compatCallback = args['compat-callback'];
+const passwordGrant = args['password-grant'];
 const STATIC_CLIENTS = new Set(['gateway', 'e2e-client', 'e2e-short']);
 
 const API_SCOPES = [
@@ -77,7 +82,10 @@ const provider = new Provider(issuer, {
     {
       client_id: 'gateway',
       client_secret: gatewaySecret,
-      grant_types: compatCallback ? ['authorization_code', 'refresh_token'] : [],
+      grant_types: [
+        ...(compatCallback ? ['authorization_code', 'refresh_token'] : []),
+        ...(passwordGrant ? ['password'] : []),
+      ],
       response_types: compatCallback ? ['code'] : [],
       redirect_uris: compatCallback ? [compatCallback] : [],
       token_endpoint_auth_method: 'client_secret_basic',
@@ -133,7 +141,7 @@ const provider = new Provider(issuer, {
       useGrantedResource: () => true,
       getResourceServerInfo: (ctx, resource) => {
         const format = RESOURCES[resource];
-        if (!format) throw new Provider.errors.InvalidTarget();
+        if (!format) throw new oidcErrors.InvalidTarget();
         const devices = requestedScopes(ctx).filter((s) => DEVICE_PREFIXES.some((p) => s.startsWith(p)));
         return {
           scope: [...API_SCOPES, ...devices].join(' '),
@@ -147,6 +155,40 @@ const provider = new Provider(issuer, {
   },
 });
 provider.proxy = false;
+
+if (passwordGrant) {
+  // The resource-owner password grant, which oidc-provider leaves to the deployment: the
+  // password is checked, then a grant, an access token for the Matrix resource and a refresh
+  // token are made as the authorization-code grant would make them.
+  const { InvalidGrant, InvalidRequest } = oidcErrors;
+  provider.registerGrantType('password', async (ctx) => {
+    const { username, password, scope = '' } = ctx.oidc.params;
+    if (!username || !password) throw new InvalidRequest('username and password are required');
+    if (password !== passwordGrant) throw new InvalidGrant('invalid credentials');
+    const { client } = ctx.oidc;
+    const requested = scope.split(' ').filter(Boolean);
+    const matrix = requested.filter((s) => API_SCOPES.includes(s) || DEVICE_PREFIXES.some((p) => s.startsWith(p)));
+    const resource = 'urn:matrix:homeserver';
+    const grant = new provider.Grant({ accountId: username, clientId: client.clientId });
+    if (requested.includes('openid')) grant.addOIDCScope('openid');
+    grant.addResourceScope(resource, matrix.join(' '));
+    const grantId = await grant.save();
+    const at = new provider.AccessToken({ accountId: username, client, grantId, gty: 'password', scope: matrix.join(' ') });
+    at.resourceServer = new provider.ResourceServer(resource, {
+      scope: matrix.join(' '), audience: resource, accessTokenFormat: 'opaque',
+    });
+    const rt = new provider.RefreshToken({
+      accountId: username, client, grantId, gty: 'password', scope: requested.join(' '), resource, rotations: 0,
+    });
+    ctx.body = {
+      access_token: await at.save(),
+      token_type: 'Bearer',
+      expires_in: at.expiration,
+      refresh_token: await rt.save(),
+      scope: at.scope,
+    };
+  }, ['username', 'password', 'scope']);
+}
 
 provider.on('backchannel.error', (ctx, err, client) => {
   process.stderr.write(`BACKCHANNEL_ERROR ${client.clientId}: ${err.message}\n`);

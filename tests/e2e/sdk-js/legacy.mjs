@@ -59,7 +59,7 @@ try {
   const types = flows.map((f) => f.type);
   const sso = flows.find((f) => f.type === 'm.login.sso');
   check(sso?.oauth_aware_preferred === true, `m.login.sso without oauth_aware_preferred: ${JSON.stringify(flows)}`);
-  check(types.includes('m.login.token') && !types.includes('m.login.password'), `flows: ${types}`);
+  check(types.includes('m.login.token'), `flows: ${types}`);
   out('flows', { types });
 
   const [a, b] = [await signIn(anonymous, users[0]), await signIn(anonymous, users[1])];
