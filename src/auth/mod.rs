@@ -547,6 +547,14 @@ impl Verifier {
         let lock = format!("decide:{id}");
         match redis.lock(&lock, wait * 2).await {
             Ok(Some(fence)) => {
+                // Another replica may have decided and let go of the lock between the read
+                // above and this lock: its verdict is taken, not asked for again.
+                if let Ok(Some(bytes)) = redis.cache_get(&id).await {
+                    if let Some(v) = read(bytes) {
+                        let _ = redis.unlock(&lock, &fence).await;
+                        return Ok(v);
+                    }
+                }
                 let decided = self.decide(token, ask).await;
                 if let Ok(v) = &decided {
                     let ttl = v.fresh_until_ms.saturating_sub(self.clock.now_ms());
