@@ -208,6 +208,7 @@ struct CompatSessionView {
     op_session: Option<String>,
     ends_at_ms: u64,
     refreshable: bool,
+    op_grant: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -471,6 +472,7 @@ impl AdminApp {
                     op_session: l.identity().session_id.clone(),
                     ends_at_ms: l.ends_at_ms(),
                     refreshable: l.refreshable(),
+                    op_grant: l.op_grant(),
                 })
                 .collect(),
         })

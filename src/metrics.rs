@@ -71,6 +71,15 @@ pub static CACHE_RECHECKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
     .expect("metric")
 });
+/// Checks of compat sessions' OP grants, by result.
+pub static COMPAT_GRANT_CHECKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        name!("compat_grant_checks_total"),
+        "Checks of compat sessions' OP grants (a refresh at the OP): renewed, ended, skipped, failed",
+        &["result"]
+    )
+    .expect("metric")
+});
 /// Identity cache entries.
 pub static CACHE_ENTRIES: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(name!("auth_cache_entries"), "Cached verdicts (approximate)")

@@ -813,6 +813,7 @@ async fn the_admin_api_lists_a_users_compat_sessions() {
         assert_eq!(s["subject"], "sub-alice");
         assert_eq!(s["op_session"], "op-session-1");
         assert_eq!(s["refreshable"], false);
+        assert_eq!(s["op_grant"], false, "the OP issued no refresh token");
         assert!(s["device_id"].as_str().is_some_and(|d| d.len() == 10));
         assert!(s["ends_at_ms"].as_u64().unwrap() > 0);
     }
@@ -1085,4 +1086,208 @@ async fn password_login_is_refused_unless_configured() {
     let r = login(&gw, password_body("alice", "pw")).await;
     assert_matrix_error(r, 400, "M_UNKNOWN").await;
     assert!(password_grants(&f).await.is_empty());
+}
+
+/// The refresh grants the OP received with `refresh_token`.
+async fn op_refreshes(f: &Fakes, refresh_token: &str) -> usize {
+    let needle = format!("refresh_token={refresh_token}");
+    f.op.received_requests()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| {
+            let body = String::from_utf8_lossy(&r.body);
+            r.url.path() == "/token"
+                && body.contains("grant_type=refresh_token")
+                && body.split('&').any(|p| p == needle)
+        })
+        .count()
+}
+
+/// A browser sign-in where the OP's code exchange also brings `refresh_token`: the compat
+/// session's access token.
+async fn session_with_op_grant(f: &Fakes, gw: &TestGateway, n: u32, refresh_token: &str) -> String {
+    let code = format!("code-grant-{n}");
+    let s = start(gw, "https://client.example/app").await;
+    op_grants(f, &s, &code, &format!("op-grant-{n}")).await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains(format!("code={code}")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "access_token": format!("op-grant-{n}"),
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "refresh_token": refresh_token,
+        })))
+        .with_priority(1)
+        .mount(&f.op)
+        .await;
+    let r = callback(gw, &s, &code, Some(&s.cookie)).await;
+    assert_eq!(r.status(), 302);
+    let back = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+    let token = back
+        .query_pairs()
+        .find(|(k, _)| k == "loginToken")
+        .unwrap()
+        .1
+        .into_owned();
+    let r = login(gw, json!({"type": "m.login.token", "token": token})).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    v["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn admin_sessions(gw: &TestGateway, user: &str) -> Vec<Value> {
+    let r = client()
+        .get(gw.admin_url(&format!("/admin/v1/users/{user}/compat_sessions")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    v["sessions"].as_array().unwrap().clone()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Syncs with `token` every 200 ms until `done` holds of the last status (or 15 s pass); the
+/// statuses seen. (Metrics are the process's, shared by the tests running in parallel: a
+/// test waits on what its own gateway and OP show.)
+async fn sync_until<F, Fut>(gw: &TestGateway, token: &str, mut done: F) -> Vec<u16>
+where
+    F: FnMut(u16) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut seen = Vec::new();
+    for _ in 0..75 {
+        let status = sync(gw, token).await.status().as_u16();
+        seen.push(status);
+        if done(status).await {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("not done after 15 s; statuses {seen:?}");
+}
+
+/// A sign-in whose OP issued a refresh token ties the compat session to the OP grant: it may
+/// live `session_lifetime` (beyond `revocation_retention`), the gateway refreshes the grant at
+/// the OP in the background while the session is used (the session is served meanwhile, and a
+/// rotated refresh token is kept), and when the OP refuses the grant the session ends: its
+/// token gets 401 and it is gone from the admin API. A sign-in without a refresh token gets a
+/// session capped at the retention.
+#[tokio::test]
+async fn a_compat_sessions_op_grant_is_checked_while_used_and_its_end_ends_the_session() {
+    let (f, gw) = setup(
+        "grant_check_interval = \"1s\"\nsession_lifetime = \"48h\"\n\n[cache]\nmax_ttl = \"1s\"\nnegative_ttl = \"1s\"",
+    )
+    .await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("refresh_token=op-rt-1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "access_token": "op-grant-renewed",
+            "token_type": "Bearer",
+            "refresh_token": "op-rt-2",
+        })))
+        .mount(&f.op)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("refresh_token=op-rt-2"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": "invalid_grant"})))
+        .mount(&f.op)
+        .await;
+    let opened = now_ms();
+    let access = session_with_op_grant(&f, &gw, 1, "op-rt-1").await;
+    let listed = admin_sessions(&gw, "@alice:example.org").await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["op_grant"], true);
+    let ends = listed[0]["ends_at_ms"].as_u64().unwrap();
+    assert!(
+        ends >= opened + 47 * 3_600_000,
+        "a session with an OP grant lives session_lifetime: {ends}"
+    );
+
+    // Used past the interval: the OP refreshes the grant (rotating the refresh token) while
+    // the session goes on.
+    let seen = sync_until(&gw, &access, |_| async {
+        op_refreshes(&f, "op-rt-1").await >= 1
+    })
+    .await;
+    assert!(seen.iter().all(|s| *s == 200), "{seen:?}");
+    // The next check uses the rotated token; the OP says the grant is gone: the session ends.
+    let seen = sync_until(&gw, &access, |status| async move { status == 401 }).await;
+    let (last, served) = seen.split_last().unwrap();
+    assert!(served.iter().all(|s| *s == 200), "{seen:?}");
+    assert_eq!(*last, 401);
+    assert_eq!(
+        op_refreshes(&f, "op-rt-1").await,
+        1,
+        "a refresh token reused"
+    );
+    assert_eq!(op_refreshes(&f, "op-rt-2").await, 1);
+    for result in ["renewed", "ended"] {
+        let series =
+            format!("matrix_oidc_gateway_compat_grant_checks_total{{result=\"{result}\"}}");
+        assert!(gw.metric(&series).await.unwrap_or(0.0) >= 1.0, "{series}");
+    }
+    let r = sync(&gw, &access).await;
+    assert_matrix_error(r, 401, "M_UNKNOWN_TOKEN").await;
+    assert!(admin_sessions(&gw, "@alice:example.org").await.is_empty());
+
+    // Without a refresh token: no grant, and at most the retention (24 h).
+    let _plain = compat_session(&f, &gw, 9, "bob").await;
+    let listed = admin_sessions(&gw, "@bob:example.org").await;
+    assert_eq!(listed[0]["op_grant"], false);
+    let ends = listed[0]["ends_at_ms"].as_u64().unwrap();
+    assert!(
+        ends <= now_ms() + 24 * 3_600_000,
+        "a session without an OP grant outlives the retention: {ends}"
+    );
+}
+
+/// An OP that cannot confirm a session's grant does not end it at once (the session is
+/// served, and the check is tried again), but a grant not confirmed for as long as a sign-out
+/// is remembered (the retention less the cache's window) ends the session: a sign-out the
+/// gateway has forgotten could otherwise never reach it.
+#[tokio::test]
+async fn a_grant_the_op_cannot_confirm_for_the_retention_ends_the_session() {
+    let (f, gw) = setup(
+        "grant_check_interval = \"1s\"\n\n[cache]\nmax_ttl = \"1s\"\nnegative_ttl = \"1s\"\n\n[notifications]\nrevocation_retention = \"5s\"",
+    )
+    .await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("grant_type=refresh_token"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&f.op)
+        .await;
+    let opened = std::time::Instant::now();
+    let access = session_with_op_grant(&f, &gw, 2, "op-rt-down").await;
+    let seen = sync_until(&gw, &access, |status| async move { status == 401 }).await;
+    // Horizon: 5 s less the cache's 1 s.
+    assert!(
+        opened.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        opened.elapsed()
+    );
+    assert!(
+        op_refreshes(&f, "op-rt-down").await >= 1,
+        "the grant was never checked"
+    );
+    let served = seen.iter().filter(|s| **s == 200).count();
+    assert!(
+        served >= 10,
+        "the session was not served while the OP was down: {seen:?}"
+    );
+    let r = sync(&gw, &access).await;
+    assert_matrix_error(r, 401, "M_UNKNOWN_TOKEN").await;
+    assert!(admin_sessions(&gw, "@alice:example.org").await.is_empty());
 }

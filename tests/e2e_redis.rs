@@ -691,6 +691,21 @@ async fn expiring_values_on_redis_are_shared_and_taken_once() {
         .unwrap();
     assert!(ttl > 50_000 && ttl <= 60_000, "{ttl}");
 
+    // A claim (the lease of a compat session's grant check): one replica of many gets it.
+    let claims = futures_util::future::join_all((0..16).map(|i| {
+        stores[i % 2].claim_expiring(Space::CompatGrantLease, "sess", "held", now + 60_000, now)
+    }))
+    .await;
+    assert_eq!(
+        claims.into_iter().filter(|c| *c.as_ref().unwrap()).count(),
+        1,
+        "a lease claimed twice"
+    );
+    assert!(stores[0]
+        .claim_expiring(Space::CompatGrantLease, "sess2", "held", now + 60_000, now)
+        .await
+        .unwrap());
+
     let takes = futures_util::future::join_all(
         (0..16).map(|i| stores[i % 2].take_expiring(Space::LoginToken, "t1", now)),
     )

@@ -172,6 +172,87 @@ struct Pending {
 #[derive(Serialize, Deserialize)]
 struct Grant {
     identity: Identity,
+    /// The OP's refresh token of the sign-in, sealed (see [`OpGrant`]).
+    #[serde(default)]
+    op_refresh: Option<String>,
+}
+
+/// A compat session's OP grant: the refresh token the OP issued with the sign-in, checked at
+/// the OP every `grant_check_interval` while the session is used. Stored apart from the
+/// session (its own record, rewritten by the check only).
+#[derive(Serialize, Deserialize)]
+struct OpGrant {
+    /// The refresh token, sealed with the store's key.
+    refresh: String,
+    /// When the OP last confirmed the grant (Unix ms).
+    checked_ms: u64,
+}
+
+/// The OP's refresh token of a sign-in, on its way to a compat session. No `Debug`.
+pub struct OpRefresh(String);
+
+/// A sign-in the OP granted (by single sign-on or password): who, and the OP's refresh token
+/// when it issued one.
+pub struct SignedIn {
+    /// The identity of the device signed in.
+    pub identity: Identity,
+    op_refresh: Option<OpRefresh>,
+}
+
+/// Where a compat session's OP grant stands at a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GrantState {
+    /// Checked within `grant_check_interval`.
+    Fresh,
+    /// Due for a check (run in the background; the session is served meanwhile).
+    Due,
+    /// Not confirmed for longer than a sign-out is remembered: the session ends.
+    Lapsed,
+}
+
+/// What a grant check did (the `result` label of `compat_grant_checks_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GrantCheck {
+    /// The OP refreshed the grant.
+    Renewed,
+    /// The grant is gone (or the session was signed out): the session ended.
+    Ended,
+    /// Another check holds the lease, or did the check already.
+    Skipped,
+    /// The OP or the store could not answer: tried again after the lease.
+    Failed,
+}
+
+impl GrantCheck {
+    fn label(self) -> &'static str {
+        match self {
+            GrantCheck::Renewed => "renewed",
+            GrantCheck::Ended => "ended",
+            GrantCheck::Skipped => "skipped",
+            GrantCheck::Failed => "failed",
+        }
+    }
+}
+
+/// What the compat layer needs from the rest of the gateway to end a session whose OP grant
+/// ended: the revocations, and the sign-out of its device.
+#[async_trait::async_trait]
+pub trait SessionHooks: Send + Sync {
+    /// Whether a sign-out recorded since it was issued applies to the session (its access
+    /// token's hash given).
+    fn revoked(&self, identity: &Identity, access: &TokenHash) -> bool;
+    /// Refuses the session's device everywhere and signs it out upstream.
+    async fn sign_out(&self, identity: &Identity) -> Result<(), GatewayError>;
+}
+
+/// The sealing context of a session's OP refresh token: its user and device.
+fn grant_context(identity: &Identity) -> Vec<u8> {
+    format!(
+        "compat-op-grant\u{0}{}\u{0}{}",
+        identity.user_id,
+        identity.device_id.as_deref().unwrap_or("")
+    )
+    .into_bytes()
 }
 
 /// A compat session, stored under its ID.
@@ -184,6 +265,9 @@ struct Session {
     access: String,
     /// The stored key of its current refresh token, when the client asked for one.
     refresh: Option<String>,
+    /// Whether it is tied to an OP grant ([`OpGrant`], checked while it is used).
+    #[serde(default)]
+    op_grant: bool,
 }
 
 /// A live compat session, as [`Compat::sessions_of`] finds it.
@@ -208,6 +292,11 @@ impl LiveSession {
     /// Whether the client holds a refresh token for it.
     pub fn refreshable(&self) -> bool {
         self.session.refresh.is_some()
+    }
+
+    /// Whether it is tied to an OP grant the gateway keeps checking.
+    pub fn op_grant(&self) -> bool {
+        self.session.op_grant
     }
 }
 
@@ -290,6 +379,16 @@ pub struct Compat {
     store: Arc<dyn Store>,
     op: Arc<OpClient>,
     clock: SharedClock,
+    /// Seals the OP refresh tokens kept with sessions; without it no OP grant is kept.
+    sealer: Option<Arc<crate::store::seal::Sealer>>,
+    /// How long a sign-out is remembered (`notifications.revocation_retention`): a session
+    /// without an OP grant lives at most this long.
+    retention: std::time::Duration,
+    /// A session whose grant the OP has not confirmed for this long ends: a sign-out recorded
+    /// after the last confirmation is still remembered until then (the retention less the
+    /// cache's reuse window).
+    horizon: std::time::Duration,
+    hooks: Arc<dyn SessionHooks>,
 }
 
 impl std::fmt::Debug for Compat {
@@ -306,29 +405,37 @@ fn store_failure(e: crate::store::StoreError) -> GatewayError {
 }
 
 impl Compat {
-    /// The compat layer of `cfg`; the callback is under `public_base_url`.
+    /// The compat layer of `config.compat` (which must be on); the callback is under the
+    /// public base URL.
     pub fn new(
-        cfg: config::Compat,
-        public_base_url: &Url,
+        config: &config::Config,
         store: Arc<dyn Store>,
         op: Arc<OpClient>,
         clock: SharedClock,
-    ) -> Self {
-        let mut callback = public_base_url.clone();
+        hooks: Arc<dyn SessionHooks>,
+    ) -> Option<Self> {
+        let cfg = config.compat.clone()?;
+        let retention = config.notifications.revocation_retention;
+        let horizon = retention.saturating_sub(config.cache.max_ttl);
+        let mut callback = config.discovery.public_base_url.clone();
         callback.set_path(CALLBACK_PATH);
         callback.set_query(None);
         let password = cfg.password.map(|p| PasswordBudgets {
             per_user: Budget::per_minute(p.per_user_per_minute),
             per_address: AddressBudget::per_minute(p.per_address_per_minute),
         });
-        Self {
+        Some(Self {
             cfg,
             password,
             callback,
             store,
             op,
             clock,
-        }
+            sealer: config.store.sealer.clone(),
+            retention,
+            horizon,
+            hooks,
+        })
     }
 
     /// How long the browser cookie of a pending sign-in lives.
@@ -455,7 +562,7 @@ impl Compat {
                 tracing::warn!(error = %oauth_code(&e), "compat: the OP refused the code");
                 BrowserFault::BadGrant
             })?;
-        let identity = self
+        let signed_in = self
             .accept_grant(granted, &pending.device_id, Some(&pending.nonce), verify)
             .await
             .map_err(|r| match r {
@@ -463,8 +570,11 @@ impl Compat {
                 GrantRefused::Refused => BrowserFault::BadGrant,
             })?;
         let login_token = new_token(LOGIN_PREFIX);
+        let identity = signed_in.identity;
+        let op_refresh = self.seal_refresh(&identity, signed_in.op_refresh.as_ref());
         let grant = Grant {
             identity: identity.clone(),
+            op_refresh,
         };
         let value = serde_json::to_string(&grant).map_err(|_| BrowserFault::Unavailable)?;
         let until = now + self.cfg.login_token_ttl.as_millis() as u64;
@@ -495,11 +605,12 @@ impl Compat {
         device_id: &str,
         nonce: Option<&str>,
         verify: F,
-    ) -> Result<Identity, GrantRefused>
+    ) -> Result<SignedIn, GrantRefused>
     where
         F: FnOnce(String) -> Fut,
         Fut: std::future::Future<Output = Result<Arc<Identity>, GatewayError>>,
     {
+        let op_refresh = granted.refresh_token.map(OpRefresh);
         // Received straight from the token endpoint over the connection the gateway opened
         // (OIDC Core §3.1.3.7 6.): issuer, audience and nonce bind it to this sign-in. Its
         // `sid` names the OP session, for the OP's back-channel logout of it.
@@ -545,7 +656,10 @@ impl Compat {
         if identity.session_id.is_none() {
             identity.session_id = sid;
         }
-        Ok(identity)
+        Ok(SignedIn {
+            identity,
+            op_refresh,
+        })
     }
 
     /// Whether `m.login.password` is offered.
@@ -564,7 +678,7 @@ impl Compat {
         &self,
         login: PasswordAttempt<'_>,
         verify: F,
-    ) -> Result<Identity, GatewayError>
+    ) -> Result<SignedIn, GatewayError>
     where
         F: FnOnce(String) -> Fut,
         Fut: std::future::Future<Output = Result<Arc<Identity>, GatewayError>>,
@@ -624,29 +738,30 @@ impl Compat {
                 return Err(GatewayError::OpUnavailable(f));
             }
         };
-        let identity = match self
+        let signed_in = match self
             .accept_grant(granted, login.device_id, None, verify)
             .await
         {
-            Ok(identity) => identity,
+            Ok(signed_in) => signed_in,
             Err(GrantRefused::Unavailable) => {
                 refund();
                 return Err(GatewayError::OpUnavailable(OpFailure::Unreachable));
             }
             Err(GrantRefused::Refused) => return Err(GatewayError::LoginRefused),
         };
-        if identity.user_id != login.user_id {
+        let granted_user = &signed_in.identity.user_id;
+        if granted_user != login.user_id {
             // The OP signed in a user who maps to another Matrix ID: the client asked for one
             // user and must not get another.
-            tracing::warn!(asked = %login.user_id, granted = %identity.user_id, "compat: the OP's user for this password is another Matrix user");
+            tracing::warn!(asked = %login.user_id, granted = %granted_user, "compat: the OP's user for this password is another Matrix user");
             return Err(GatewayError::LoginRefused);
         }
-        Ok(identity)
+        Ok(signed_in)
     }
 
-    /// Takes a login token (once): the identity it stands for, or 403 `M_FORBIDDEN` when it is
+    /// Takes a login token (once): the sign-in it stands for, or 403 `M_FORBIDDEN` when it is
     /// unknown, used or expired.
-    pub async fn redeem(&self, login_token: &str) -> Result<Identity, GatewayError> {
+    pub async fn redeem(&self, login_token: &str) -> Result<SignedIn, GatewayError> {
         let taken = self
             .store
             .take_expiring(
@@ -658,22 +773,72 @@ impl Compat {
             .map_err(store_failure)?
             .ok_or(GatewayError::LoginRefused)?;
         let grant: Grant = serde_json::from_str(&taken).map_err(|_| GatewayError::LoginRefused)?;
-        Ok(grant.identity)
+        let op_refresh = grant.op_refresh.as_deref().and_then(|sealed| {
+            let sealer = self.sealer.as_ref()?;
+            match sealer.open(sealed, &grant_context(&grant.identity)) {
+                Ok(opened) => Some(OpRefresh(opened.plaintext)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "compat: the sign-in's OP grant cannot be opened; the session gets none");
+                    None
+                }
+            }
+        });
+        Ok(SignedIn {
+            identity: grant.identity,
+            op_refresh,
+        })
     }
 
-    /// Opens a compat session for `identity` (already provisioned upstream) and issues its
+    /// The OP refresh token sealed for storing with `identity`'s session, when there is one
+    /// and a key to seal it with.
+    fn seal_refresh(&self, identity: &Identity, refresh: Option<&OpRefresh>) -> Option<String> {
+        let (sealer, refresh) = (self.sealer.as_ref()?, refresh?);
+        match sealer.seal(&refresh.0, &grant_context(identity)) {
+            Ok(sealed) => Some(sealed),
+            Err(e) => {
+                tracing::warn!(error = %e, "compat: the OP grant cannot be sealed; the session gets none");
+                None
+            }
+        }
+    }
+
+    /// Opens a compat session for a sign-in (already provisioned upstream) and issues its
     /// tokens. Without a refresh token the access token lives as long as the session.
+    ///
+    /// With an OP grant (the OP issued a refresh token, and the store has a key to seal it) the
+    /// session lives `session_lifetime` and ends with the grant; without one, at most as long
+    /// as a sign-out is remembered (`revocation_retention`).
     pub async fn open_session(
         &self,
-        identity: Identity,
+        signed_in: SignedIn,
         want_refresh: bool,
     ) -> Result<Issued, GatewayError> {
         // `issued_at_ms` stays the OP token's: a sign-out of its OP session or device recorded
         // since then (say between the callback and this login) applies to this session too.
         let now = self.clock.now_ms();
-        let ends_ms = now + self.cfg.session_lifetime.as_millis() as u64;
+        let identity = signed_in.identity;
+        let sealed = self.seal_refresh(&identity, signed_in.op_refresh.as_ref());
+        let lifetime = if sealed.is_some() {
+            self.cfg.session_lifetime
+        } else {
+            self.cfg.session_lifetime.min(self.retention)
+        };
+        let ends_ms = now.saturating_add(lifetime.as_millis() as u64);
         let id = new_token("");
-        self.issue(&id, identity, ends_ms, want_refresh).await
+        let op_grant = sealed.is_some();
+        if let Some(refresh) = sealed {
+            let grant = OpGrant {
+                refresh,
+                checked_ms: now,
+            };
+            let value = serde_json::to_string(&grant).map_err(|_| GatewayError::Internal)?;
+            self.store
+                .put_expiring(Space::CompatGrant, &id, &value, ends_ms)
+                .await
+                .map_err(store_failure)?;
+        }
+        self.issue(&id, identity, ends_ms, want_refresh, op_grant)
+            .await
     }
 
     async fn issue(
@@ -682,6 +847,7 @@ impl Compat {
         mut identity: Identity,
         ends_ms: u64,
         want_refresh: bool,
+        op_grant: bool,
     ) -> Result<Issued, GatewayError> {
         let now = self.clock.now_ms();
         let access_token = new_token(ACCESS_PREFIX);
@@ -696,6 +862,7 @@ impl Compat {
             ends_ms,
             access: stored_key(&access_token),
             refresh: refresh_token.as_deref().map(stored_key),
+            op_grant,
         };
         let value = serde_json::to_string(&session).map_err(|_| GatewayError::Internal)?;
         let s = &self.store;
@@ -729,13 +896,215 @@ impl Compat {
 
     /// The identity of a compat access token: `Ok(None)` when it is unknown, expired or its
     /// session ended. `Err` only when the store cannot answer (the caller answers 503).
-    pub async fn identity_of(&self, access_token: &str) -> Result<Option<Identity>, OpFailure> {
+    ///
+    /// A session tied to an OP grant is served while the grant is fresh; when a check is due
+    /// it runs in the background (the session is served meanwhile); when the OP has not
+    /// confirmed the grant for longer than a sign-out is remembered, the session ends.
+    pub async fn identity_of(
+        self: &Arc<Self>,
+        access_token: &str,
+    ) -> Result<Option<Identity>, OpFailure> {
         let now = self.clock.now_ms();
         let key = stored_key(access_token);
-        let Some((_, session)) = self.session_of(Space::CompatAccess, &key, now).await? else {
+        let Some((id, session)) = self.session_of(Space::CompatAccess, &key, now).await? else {
             return Ok(None);
         };
-        Ok((session.access == key).then_some(session.identity))
+        if session.access != key {
+            return Ok(None);
+        }
+        if session.op_grant {
+            let grant = self.grant_of(&id, now).await.map_err(|e| {
+                tracing::error!(error = %e, "compat: state store failed");
+                OpFailure::Unreachable
+            })?;
+            match grant.map_or(GrantState::Lapsed, |g| self.grant_state(&g, now)) {
+                GrantState::Fresh => {}
+                GrantState::Due => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.check_grant(&id).await });
+                }
+                GrantState::Lapsed => {
+                    tracing::info!(user = %session.identity.user_id, "compat: the session's OP grant was not confirmed in time; it ends");
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let ended = this.end_for_grant(&id, &session).await;
+                        crate::metrics::COMPAT_GRANT_CHECKS
+                            .with_label_values(&[if ended { "ended" } else { "failed" }])
+                            .inc();
+                    });
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(session.identity))
+    }
+
+    /// The stored OP grant of session `id`.
+    async fn grant_of(
+        &self,
+        id: &str,
+        now: u64,
+    ) -> Result<Option<OpGrant>, crate::store::StoreError> {
+        Ok(self
+            .store
+            .get_expiring(Space::CompatGrant, id, now)
+            .await?
+            .and_then(|v| serde_json::from_str(&v).ok()))
+    }
+
+    fn grant_state(&self, grant: &OpGrant, now: u64) -> GrantState {
+        let since = now.saturating_sub(grant.checked_ms);
+        if since >= self.horizon.as_millis() as u64 {
+            GrantState::Lapsed
+        } else if since >= self.cfg.grant_check_interval.as_millis() as u64 {
+            GrantState::Due
+        } else {
+            GrantState::Fresh
+        }
+    }
+
+    /// How long one grant check holds its lease: the OP call's bound, and the wait before a
+    /// failed check is tried again (a quarter of the interval, at most a minute).
+    fn lease_ms(&self) -> u64 {
+        (self.cfg.grant_check_interval.as_millis() as u64 / 4).clamp(1, 60_000)
+    }
+
+    /// Checks session `id`'s OP grant (a refresh at the OP), under a lease so that of all
+    /// replicas and requests one checks it (two refreshes with one refresh token would look
+    /// like a stolen token to the OP, which then revokes the grant).
+    async fn check_grant(&self, id: &str) {
+        let now = self.clock.now_ms();
+        let claimed = self
+            .store
+            .claim_expiring(
+                Space::CompatGrantLease,
+                id,
+                "1",
+                now.saturating_add(self.lease_ms()),
+                now,
+            )
+            .await;
+        let result = match claimed {
+            Ok(true) => self.check_leased_grant(id, now).await,
+            Ok(false) => GrantCheck::Skipped,
+            Err(e) => {
+                tracing::error!(error = %e, "compat: state store failed");
+                GrantCheck::Failed
+            }
+        };
+        crate::metrics::COMPAT_GRANT_CHECKS
+            .with_label_values(&[result.label()])
+            .inc();
+    }
+
+    async fn check_leased_grant(&self, id: &str, now: u64) -> GrantCheck {
+        let (session, grant) = match (
+            self.session_by_id(id, now).await,
+            self.grant_of(id, now).await,
+        ) {
+            (Ok(Some(session)), Ok(Some(grant))) => (session, grant),
+            // Ended meanwhile.
+            (Ok(None), _) => return GrantCheck::Skipped,
+            (Ok(Some(session)), Ok(None)) => return self.ended(id, &session).await,
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "compat: state store failed");
+                return GrantCheck::Failed;
+            }
+        };
+        if self.grant_state(&grant, now) == GrantState::Fresh {
+            return GrantCheck::Skipped;
+        }
+        let mut access = [0u8; 32];
+        if hex::decode_to_slice(&session.access, &mut access).is_err()
+            || self.hooks.revoked(&session.identity, &TokenHash(access))
+        {
+            return self.ended(id, &session).await;
+        }
+        let context = grant_context(&session.identity);
+        let Some(refresh) = self
+            .sealer
+            .as_ref()
+            .and_then(|s| s.open(&grant.refresh, &context).ok())
+            .map(|o| o.plaintext)
+        else {
+            tracing::warn!("compat: a session's OP grant cannot be opened; it ends");
+            return self.ended(id, &session).await;
+        };
+        let answer = self
+            .op
+            .token_grant(
+                &self.cfg.client_id,
+                self.cfg.client_secret.expose(),
+                &[("grant_type", "refresh_token"), ("refresh_token", &refresh)],
+            )
+            .await;
+        match answer {
+            Ok(Ok(renewed)) => {
+                // The OP may rotate the refresh token; if it did not, the old one stays.
+                let refresh = renewed.refresh_token.unwrap_or(refresh);
+                let Some(sealed) = self
+                    .sealer
+                    .as_ref()
+                    .and_then(|s| s.seal(&refresh, &context).ok())
+                else {
+                    return GrantCheck::Failed;
+                };
+                let grant = OpGrant {
+                    refresh: sealed,
+                    checked_ms: self.clock.now_ms(),
+                };
+                let Ok(value) = serde_json::to_string(&grant) else {
+                    return GrantCheck::Failed;
+                };
+                match self
+                    .store
+                    .put_expiring(Space::CompatGrant, id, &value, session.ends_ms)
+                    .await
+                {
+                    Ok(()) => GrantCheck::Renewed,
+                    Err(e) => {
+                        tracing::error!(error = %e, "compat: state store failed");
+                        GrantCheck::Failed
+                    }
+                }
+            }
+            Ok(Err(e)) if e == "invalid_grant" => {
+                tracing::info!(user = %session.identity.user_id, device = ?session.identity.device_id, "compat: the session's OP grant is gone; it ends");
+                self.ended(id, &session).await
+            }
+            Ok(Err(e)) => {
+                // Not the grant's fault (the gateway's client is refused): keep the session
+                // until the horizon, and say so.
+                tracing::warn!(error = %oauth_code(&e), "compat: the OP refused the grant check");
+                GrantCheck::Failed
+            }
+            Err(f) => {
+                tracing::warn!(reason = ?f, "compat: the grant check could not reach the OP");
+                GrantCheck::Failed
+            }
+        }
+    }
+
+    async fn ended(&self, id: &str, session: &Session) -> GrantCheck {
+        if self.end_for_grant(id, session).await {
+            GrantCheck::Ended
+        } else {
+            GrantCheck::Failed
+        }
+    }
+
+    /// Ends session `id` because its OP grant ended: its device is refused and signed out
+    /// upstream first, then the session is forgotten. `false` when that failed (the next
+    /// request of the session tries again).
+    async fn end_for_grant(&self, id: &str, session: &Session) -> bool {
+        if let Err(e) = self.hooks.sign_out(&session.identity).await {
+            tracing::warn!(
+                reason = e.reason_label(),
+                "compat: the session's device could not be signed out; tried again"
+            );
+            return false;
+        }
+        self.forget(id, session).await.is_ok()
     }
 
     async fn session_of(
@@ -832,6 +1201,11 @@ impl Compat {
         s.delete_expiring(Space::CompatSession, id)
             .await
             .map_err(store_failure)?;
+        if session.op_grant {
+            s.delete_expiring(Space::CompatGrant, id)
+                .await
+                .map_err(store_failure)?;
+        }
         // Last: until the session is gone, /logout/all can still find it.
         s.remove_member(Space::CompatUserSessions, &session.identity.user_id, id)
             .await
@@ -911,7 +1285,13 @@ impl Compat {
         let mut old = [0u8; 32];
         hex::decode_to_slice(&session.access, &mut old).map_err(|_| GatewayError::Internal)?;
         let issued = self
-            .issue(&id, session.identity, session.ends_ms, true)
+            .issue(
+                &id,
+                session.identity,
+                session.ends_ms,
+                true,
+                session.op_grant,
+            )
             .await?;
         Ok(Some((issued, TokenHash(old))))
     }

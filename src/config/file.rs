@@ -69,10 +69,13 @@ pub struct CompatFile {
     pub login_token_ttl: String,
     /// How long a browser has to finish signing in at the OP.
     pub sso_timeout: String,
-    /// Longest life of a compat session (at most `notifications.revocation_retention`).
+    /// Longest life of a compat session (without an OP grant: at most
+    /// `notifications.revocation_retention`).
     pub session_lifetime: String,
     /// Access token lifetime for clients that asked for a refresh token.
     pub access_token_ttl: String,
+    /// How often a used compat session's OP grant is checked (refreshed) at the OP.
+    pub grant_check_interval: String,
     /// Offer `m.login.password`, checked at the OP with the resource-owner password grant.
     pub password_login: bool,
     /// Password logins one user may attempt a minute (on each replica).
@@ -93,6 +96,7 @@ impl Default for CompatFile {
             sso_timeout: "10m".into(),
             session_lifetime: "24h".into(),
             access_token_ttl: "5m".into(),
+            grant_check_interval: "5m".into(),
             password_login: false,
             password_attempts_per_user: 5,
             password_attempts_per_address: 20,

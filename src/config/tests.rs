@@ -383,10 +383,37 @@ fn compat_is_off_by_default_and_defaults_to_the_issuers_client() {
     }
     let p = problems("enabled = true\nclient_id = \"legacy\"\nclient_secret = \"x\"\nclient_secret_file = \"/f\"");
     assert!(p.contains("compat.client_secret"), "{p}");
-    // A session must not outlive the revocations that end it.
-    let p = problems("enabled = true\nsession_lifetime = \"48h\"");
+    // Two grant checks must fit in the time a sign-out is remembered (24 h less the cache's
+    // 120 s): a session whose grant was not confirmed for that long ends.
+    let p = problems("enabled = true\ngrant_check_interval = \"12h\"");
     assert!(
-        p.contains("compat.session_lifetime: must not exceed notifications.revocation_retention"),
+        p.contains("compat.grant_check_interval: must be at most half of notifications.revocation_retention"),
         "{p}"
     );
+    assert_eq!(
+        problems("enabled = true\ngrant_check_interval = \"11h\""),
+        ""
+    );
+    // Longer sessions are fine: they end with their OP grant.
+    assert_eq!(problems("enabled = true\nsession_lifetime = \"720h\""), "");
+    let p = problems("enabled = true\npassword_login = true\npassword_attempts_per_user = 0");
+    assert!(
+        p.contains("compat.password_attempts_per_user: must be at least 1"),
+        "{p}"
+    );
+    let c = load_str(&format!(
+        "{MINIMAL}\n[compat]\nenabled = true\npassword_login = true\n"
+    ))
+    .expect("valid")
+    .config
+    .compat
+    .expect("on");
+    assert_eq!(
+        c.password,
+        Some(crate::config::PasswordLogin {
+            per_user_per_minute: 5,
+            per_address_per_minute: 20
+        })
+    );
+    assert_eq!(c.grant_check_interval, Duration::from_secs(300));
 }

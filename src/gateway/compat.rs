@@ -13,9 +13,40 @@ use super::ctx::Ctx;
 use super::notifications::read_body;
 use super::token::{self, Presented};
 use super::{respond, Gateway};
-use crate::compat::{self, BrowserFault, Compat, Issued, TokenKind};
+use crate::compat::{self, BrowserFault, Compat, Issued, SessionHooks, SignedIn, TokenKind};
 use crate::error::{GatewayError, Refused, RejectReason};
 use crate::notify::Source;
+
+/// The compat layer's hooks into the gateway: revocations, and the sign-out of a session's
+/// device when its OP grant ended.
+pub(crate) struct Hooks {
+    pub(crate) verifier: Arc<crate::auth::Verifier>,
+    pub(crate) notifier: Arc<crate::notify::Notifier>,
+    pub(crate) clock: crate::clock::SharedClock,
+}
+
+#[async_trait::async_trait]
+impl SessionHooks for Hooks {
+    fn revoked(&self, identity: &crate::auth::Identity, access: &crate::auth::TokenHash) -> bool {
+        self.verifier
+            .revocations()
+            .is_revoked(identity, access, self.clock.now_ms())
+    }
+
+    async fn sign_out(
+        &self,
+        identity: &crate::auth::Identity,
+    ) -> std::result::Result<(), GatewayError> {
+        match &identity.device_id {
+            Some(device) => self
+                .notifier
+                .revoke_device(&identity.user_id, device, Source::OpGrantEnded)
+                .await
+                .map(|_| ()),
+            None => Ok(()),
+        }
+    }
+}
 
 /// Answers one legacy-login endpoint.
 pub async fn serve(
@@ -281,18 +312,16 @@ async fn login(
         }
         _ => Err(GatewayError::BadLogin),
     };
-    let identity = match identity {
+    let signed_in = match identity {
         Ok(i) => i,
         Err(e) => return Ok(Err(e)),
     };
     // The same binding as an OAuth token's first request: pin, tombstone, provisioning.
-    if let Err(e) = gw.binder.bind(&identity).await {
+    if let Err(e) = gw.binder.bind(&signed_in.identity).await {
         return Ok(Err(e));
     }
-    let issued = match compat
-        .open_session(identity.clone(), req.refresh_token)
-        .await
-    {
+    let identity = signed_in.identity.clone();
+    let issued = match compat.open_session(signed_in, req.refresh_token).await {
         Ok(i) => i,
         Err(e) => return Ok(Err(e)),
     };
@@ -301,27 +330,27 @@ async fn login(
     Ok(Ok(()))
 }
 
-/// `m.login.token`: the identity the login token stands for, taken once.
+/// `m.login.token`: the sign-in the login token stands for, taken once.
 async fn token_login(
     gw: &Gateway,
     session: &Session,
     compat: &Compat,
     token: Option<String>,
-) -> std::result::Result<crate::auth::Identity, GatewayError> {
+) -> std::result::Result<SignedIn, GatewayError> {
     let token = token.ok_or(GatewayError::BadLogin)?;
     charge(gw, session)?;
-    let identity = compat.redeem(&token).await?;
+    let signed_in = compat.redeem(&token).await?;
     // Signed out since the callback (its OP session, device, user or subject revoked): no
     // device is provisioned for it.
     let hash = crate::auth::TokenHash::of(&token);
     if gw
         .verifier
         .revocations()
-        .is_revoked(&identity, &hash, gw.clock.now_ms())
+        .is_revoked(&signed_in.identity, &hash, gw.clock.now_ms())
     {
         return Err(GatewayError::LoginRefused);
     }
-    Ok(identity)
+    Ok(signed_in)
 }
 
 /// `m.login.password`: the user (`m.id.user` identifier or the deprecated `user`: a localpart
@@ -332,7 +361,7 @@ async fn password_login(
     session: &Session,
     compat: &Compat,
     req: &LoginRequest,
-) -> std::result::Result<crate::auth::Identity, GatewayError> {
+) -> std::result::Result<SignedIn, GatewayError> {
     let named = match (&req.identifier, &req.user) {
         (Some(UserIdentifier { kind, user }), _) if kind == "m.id.user" => user.as_deref(),
         (Some(_), _) => None,

@@ -83,14 +83,20 @@ impl Gateway {
         notifier: Arc<Notifier>,
         in_flight: ctx::InFlight,
     ) -> Self {
-        let compat = config.compat.clone().map(|c| {
-            let compat = Arc::new(Compat::new(
-                c,
-                &config.discovery.public_base_url,
-                binder.store().clone(),
-                verifier.op().clone(),
-                clock.clone(),
-            ));
+        let hooks = Arc::new(compat::Hooks {
+            verifier: verifier.clone(),
+            notifier: notifier.clone(),
+            clock: clock.clone(),
+        });
+        let compat = Compat::new(
+            &config,
+            binder.store().clone(),
+            verifier.op().clone(),
+            clock.clone(),
+            hooks,
+        )
+        .map(|c| {
+            let compat = Arc::new(c);
             verifier.set_compat(compat.clone());
             compat
         });

@@ -33,6 +33,9 @@ pub enum Source {
     Admin,
     /// A legacy client's `/logout` (compat session).
     Logout,
+    /// A compat session's OP grant ended (the OP refused its refresh, or it was not confirmed
+    /// in time).
+    OpGrantEnded,
 }
 
 impl Source {
@@ -43,6 +46,7 @@ impl Source {
             Source::Revocation => "revocation",
             Source::Admin => "admin",
             Source::Logout => "logout",
+            Source::OpGrantEnded => "op_grant_ended",
         }
     }
 }

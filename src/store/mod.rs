@@ -179,6 +179,17 @@ pub trait Store: Send + Sync + 'static {
         key: &str,
         now_ms: u64,
     ) -> Result<Option<String>, StoreError>;
+    /// Stores `value` under (`space`, `key`) until `until_ms` only when nothing live is there
+    /// (at `now_ms`): `true` when this caller claimed it. Of two callers at most one claims a
+    /// key (a lease, such as the one a compat session's grant check holds).
+    async fn claim_expiring(
+        &self,
+        space: Space,
+        key: &str,
+        value: &str,
+        until_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError>;
     /// Removes the value, if any.
     async fn delete_expiring(&self, space: Space, key: &str) -> Result<(), StoreError>;
     /// Adds `member` to the set (`space`, `set`) until `until_ms` (adding it again sets its
@@ -216,6 +227,10 @@ pub enum Space {
     CompatSession,
     /// A user's compat sessions (set: user ID → session IDs), for `/logout/all`.
     CompatUserSessions,
+    /// A compat session's OP grant (session ID → its sealed refresh token, last check).
+    CompatGrant,
+    /// The lease of a compat session's grant check (session ID → holder).
+    CompatGrantLease,
 }
 
 impl Space {
@@ -228,6 +243,8 @@ impl Space {
             Space::CompatRefresh => "crt",
             Space::CompatSession => "cs",
             Space::CompatUserSessions => "cus",
+            Space::CompatGrant => "cg",
+            Space::CompatGrantLease => "cgl",
         }
     }
 }

@@ -615,6 +615,28 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn claim_expiring(
+        &self,
+        space: Space,
+        key: &str,
+        value: &str,
+        until_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let (k, v) = (key.to_owned(), value.to_owned());
+        self.run(move |c| {
+            // One statement: a live value stays, an expired one is replaced.
+            c.execute(
+                "INSERT INTO expiring (space, key, value, until_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (space, key) DO UPDATE SET value = ?3, until_ms = ?4
+                 WHERE expiring.until_ms <= ?5",
+                params![space.name(), k, v, until_ms as i64, now_ms as i64],
+            )
+            .map(|n| n == 1)
+        })
+        .await
+    }
+
     async fn delete_expiring(&self, space: Space, key: &str) -> Result<(), StoreError> {
         let k = key.to_owned();
         self.run(move |c| {
@@ -827,6 +849,40 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_claim_holds_until_it_expires_and_one_of_many_claimers_gets_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(SqliteStore::open(&dir.path().join("state.sqlite3")).unwrap());
+        let sp = Space::CompatGrantLease;
+        let claims = futures_util::future::join_all((0..8).map(|i| {
+            let s = s.clone();
+            async move {
+                s.claim_expiring(sp, "sess", &format!("c{i}"), 1_000, 0)
+                    .await
+            }
+        }))
+        .await;
+        assert_eq!(claims.iter().filter(|c| *c.as_ref().unwrap()).count(), 1);
+        assert!(!s
+            .claim_expiring(sp, "sess", "late", 2_000, 999)
+            .await
+            .unwrap());
+        // Expired: claimable again.
+        assert!(s
+            .claim_expiring(sp, "sess", "next", 2_000, 1_000)
+            .await
+            .unwrap());
+        assert_eq!(
+            s.get_expiring(sp, "sess", 1_500).await.unwrap().as_deref(),
+            Some("next")
+        );
+        // Another key, another claim.
+        assert!(s
+            .claim_expiring(sp, "other", "x", 2_000, 1_000)
+            .await
+            .unwrap());
     }
 
     #[tokio::test]

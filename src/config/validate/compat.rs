@@ -19,7 +19,9 @@ pub(super) fn compat(
     let sso_timeout = duration(p, "compat.sso_timeout", &f.sso_timeout);
     let session_lifetime = duration(p, "compat.session_lifetime", &f.session_lifetime);
     let access_token_ttl = duration(p, "compat.access_token_ttl", &f.access_token_ttl);
+    let grant_check_interval = duration(p, "compat.grant_check_interval", &f.grant_check_interval);
     for (key, d) in [
+        ("compat.grant_check_interval", grant_check_interval),
         ("compat.login_token_ttl", login_token_ttl),
         ("compat.sso_timeout", sso_timeout),
         ("compat.access_token_ttl", access_token_ttl),
@@ -122,6 +124,7 @@ pub(super) fn compat(
         sso_timeout,
         session_lifetime,
         access_token_ttl,
+        grant_check_interval,
         password,
     })
 }

@@ -40,17 +40,28 @@ pub(super) fn validate(f: file::FileConfig) -> Result<Loaded, Problems> {
     let store = store::store(&f.store, &f.redis, binding, &mut c);
     let log = policy::log(&f.log, &mut c);
     let compat = compat::compat(&f.compat, f.issuers.first(), &mut c);
-    if let (Some(cp), Some(n)) = (&compat, &notifications) {
-        // A sign-out is enforced by a revocation; a compat session that outlived it would
-        // come back.
-        if cp.session_lifetime > n.revocation_retention {
+    if let (Some(cp), Some(n), Some(cache)) = (&compat, &notifications, &cache) {
+        // A session's OP grant is checked every interval while it is used; one not confirmed
+        // for the retention (less the cache's reuse window) ends, so that a sign-out recorded
+        // after the last check is still remembered when the session would come back. Two
+        // intervals must fit in that horizon, or a session would end between two checks.
+        let horizon = n.revocation_retention.saturating_sub(cache.max_ttl);
+        if cp.grant_check_interval.saturating_mul(2) > horizon {
             c.p.add(
-                "compat.session_lifetime",
+                "compat.grant_check_interval",
                 format!(
-                    "must not exceed notifications.revocation_retention ({}s): a sign-out must outlive the sessions it ends",
-                    n.revocation_retention.as_secs()
+                    "must be at most half of notifications.revocation_retention less cache.max_ttl ({}s)",
+                    horizon.as_secs()
                 ),
             );
+        }
+        if store.as_ref().is_some_and(|s| s.sealer.is_none())
+            && cp.session_lifetime > n.revocation_retention
+        {
+            c.warnings.push(format!(
+                "compat.session_lifetime: without store.encryption_key no OP grant is kept, so compat sessions last at most notifications.revocation_retention ({}s)",
+                n.revocation_retention.as_secs()
+            ));
         }
     }
     if !c.p.is_empty() {

@@ -446,6 +446,27 @@ impl Store for RedisStore {
             .await
     }
 
+    async fn claim_expiring(
+        &self,
+        space: Space,
+        key: &str,
+        value: &str,
+        until_ms: u64,
+        _now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let r = &self.redis;
+        // NX: only when absent (Redis drops expired keys itself).
+        let set: Option<String> = r
+            .q(redis::cmd("SET")
+                .arg(r.key(&["x", space.name(), key]))
+                .arg(value)
+                .arg("NX")
+                .arg("PXAT")
+                .arg(until_ms.max(1)))
+            .await?;
+        Ok(set.is_some())
+    }
+
     async fn delete_expiring(&self, space: Space, key: &str) -> Result<(), StoreError> {
         let r = &self.redis;
         r.q::<()>(redis::cmd("DEL").arg(r.key(&["x", space.name(), key])))
