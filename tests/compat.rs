@@ -1026,14 +1026,20 @@ async fn a_password_login_is_checked_at_the_op_and_opens_a_compat_session() {
 }
 
 /// A password the OP accepts for a user who maps to another Matrix ID signs nobody in: the
-/// client asked for one user and must not get another's session.
+/// client asked for one user and must not get another's session. (The grant also asks for the
+/// configured `extra_scopes`.)
 #[tokio::test]
 async fn a_password_the_op_accepts_for_another_matrix_user_is_refused() {
-    let (f, gw) = setup("password_login = true").await;
+    let (f, gw) = setup("password_login = true\nextra_scopes = [\"offline_access\"]").await;
     op_password(&f, "alice", "pw", "mallory").await;
     let r = login(&gw, password_body("alice", "pw")).await;
     assert_matrix_error(r, 403, "M_FORBIDDEN").await;
-    assert_eq!(password_grants(&f).await.len(), 1);
+    let grants = password_grants(&f).await;
+    assert_eq!(grants.len(), 1);
+    let q: HashMap<String, String> = form_urlencoded::parse(&grants[0].body)
+        .into_owned()
+        .collect();
+    assert!(q["scope"].ends_with(" offline_access"), "{}", q["scope"]);
 }
 
 /// Password attempts are budgeted per user and per client address (429 with `retry_after_ms`,

@@ -477,7 +477,7 @@ impl Compat {
             .map_err(|_| BrowserFault::Unavailable)?;
         let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(Sha256::digest(verifier.as_bytes()));
-        let scope = format!("openid urn:matrix:client:api:* urn:matrix:client:device:{device_id}");
+        let scope = self.scope(&device_id);
         {
             let mut q = location.query_pairs_mut();
             q.append_pair("response_type", "code")
@@ -662,6 +662,19 @@ impl Compat {
         })
     }
 
+    /// The scope a sign-in asks the OP for: `openid`, the full API, the device, and the
+    /// configured `extra_scopes` (say `offline_access`, for OPs that issue refresh tokens only
+    /// with it).
+    fn scope(&self, device_id: &str) -> String {
+        let mut scope =
+            format!("openid urn:matrix:client:api:* urn:matrix:client:device:{device_id}");
+        for extra in &self.cfg.extra_scopes {
+            scope.push(' ');
+            scope.push_str(extra);
+        }
+        scope
+    }
+
     /// Whether `m.login.password` is offered.
     pub fn password_login(&self) -> bool {
         self.password.is_some()
@@ -703,10 +716,7 @@ impl Compat {
                 budgets.per_address.refund_now(ip);
             }
         };
-        let scope = format!(
-            "openid urn:matrix:client:api:* urn:matrix:client:device:{}",
-            login.device_id
-        );
+        let scope = self.scope(login.device_id);
         let granted = match self
             .op
             .token_grant(

@@ -74,6 +74,9 @@ pub struct CompatFile {
     pub session_lifetime: String,
     /// Access token lifetime for clients that asked for a refresh token.
     pub access_token_ttl: String,
+    /// Scopes a sign-in asks the OP for beyond `openid`, the API and the device (e.g.
+    /// `offline_access`, for OPs that issue refresh tokens only with it).
+    pub extra_scopes: Vec<String>,
     /// How often a used compat session's OP grant is checked (refreshed) at the OP.
     pub grant_check_interval: String,
     /// Offer `m.login.password`, checked at the OP with the resource-owner password grant.
@@ -96,6 +99,7 @@ impl Default for CompatFile {
             sso_timeout: "10m".into(),
             session_lifetime: "24h".into(),
             access_token_ttl: "5m".into(),
+            extra_scopes: Vec::new(),
             grant_check_interval: "5m".into(),
             password_login: false,
             password_attempts_per_user: 5,

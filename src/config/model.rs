@@ -111,6 +111,8 @@ pub struct Compat {
     pub session_lifetime: Duration,
     /// Access token lifetime when the client asked for a refresh token.
     pub access_token_ttl: Duration,
+    /// Scopes a sign-in asks for beyond `openid`, the API and the device.
+    pub extra_scopes: Vec<String>,
     /// How often a used session's OP grant is checked at the OP.
     pub grant_check_interval: Duration,
     /// `m.login.password` through the OP's password grant, when offered.

@@ -416,4 +416,8 @@ fn compat_is_off_by_default_and_defaults_to_the_issuers_client() {
         })
     );
     assert_eq!(c.grant_check_interval, Duration::from_secs(300));
+    let p = problems("enabled = true\nextra_scopes = [\"offline_access\", \"two words\", \"urn:matrix:client:api:guest\"]");
+    assert!(!p.contains("extra_scopes[0]"), "{p}");
+    assert!(p.contains("compat.extra_scopes[1]"), "{p}");
+    assert!(p.contains("compat.extra_scopes[2]"), "{p}");
 }

@@ -53,6 +53,24 @@ pub(super) fn compat(
             );
         }
     }
+    for (i, scope) in f.extra_scopes.iter().enumerate() {
+        // RFC 6749 §3.3 scope tokens; the Matrix scopes are the gateway's to ask for.
+        let token_ok = !scope.is_empty()
+            && scope
+                .bytes()
+                .all(|b| b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b));
+        if !token_ok {
+            p.add(
+                &format!("compat.extra_scopes[{i}]"),
+                format!("{scope:?} is not a scope token (RFC 6749 §3.3)"),
+            );
+        } else if scope.starts_with("urn:matrix:") {
+            p.add(
+                &format!("compat.extra_scopes[{i}]"),
+                "Matrix scopes are the gateway's: it asks for the API and the device itself",
+            );
+        }
+    }
     let password = f.password_login.then_some(PasswordLogin {
         per_user_per_minute: f.password_attempts_per_user,
         per_address_per_minute: f.password_attempts_per_address,
@@ -124,6 +142,7 @@ pub(super) fn compat(
         sso_timeout,
         session_lifetime,
         access_token_ttl,
+        extra_scopes: f.extra_scopes.clone(),
         grant_check_interval,
         password,
     })
