@@ -13,6 +13,9 @@
 //!   password grant, which the test OP allows the gateway): a wrong password refused with
 //!   `M_FORBIDDEN` first, then the same bot run as above.
 //! - `/logout/all` ending two compat sessions of one user.
+//! - the OP grant: a password session's grant refreshed at the OP in the background while the
+//!   session is used, then ended at the OP without a back-channel logout: the session ends
+//!   at the next check and the device is gone upstream.
 //! - the attack cases on the same stack: a `redirectUrl` not on the allow-list, a forged
 //!   state, an expired login token, `/refresh` with an OAuth refresh token, and a compat token
 //!   after the OP's back-channel logout of its session.
@@ -39,6 +42,9 @@ const STORE_KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b
 const CLIENT_URL: &str = "http://127.0.0.1/legacy-client";
 /// Every account's password at the test OP (its password grant).
 const OP_PASSWORD: &str = "e2e-bot-password";
+/// Compat sessions' OP grants are checked this often here (cached identities live 1 s, so a
+/// used session finds its check due).
+const GRANT_CHECK_SECS: u64 = 2;
 /// Login tokens live this long here (the expired-token case waits it out).
 const LOGIN_TOKEN_TTL_SECS: u64 = 3;
 
@@ -91,6 +97,11 @@ enabled = true
 redirect_allowlist = ["{CLIENT_URL}"]
 login_token_ttl = "{LOGIN_TOKEN_TTL_SECS}s"
 password_login = true
+grant_check_interval = "{GRANT_CHECK_SECS}s"
+
+[cache]
+max_ttl = "1s"
+negative_ttl = "1s"
 
 [log]
 level = "info"
@@ -389,12 +400,72 @@ async fn logout_all(gw: &GatewayProcess, hs: &Homeserver) {
     }
 }
 
+/// A password session's OP grant: checked at the OP while the session is used (the session
+/// goes on), then ended at the OP with no back-channel logout: the next check ends the session
+/// and signs its device out upstream.
+async fn op_grant(op: &Op, gw: &GatewayProcess, hs: &Homeserver) {
+    let (status, body) = post(
+        gw,
+        "/_matrix/client/v3/login",
+        json!({
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": "grace"},
+            "password": OP_PASSWORD,
+            "device_id": "GRACEDEV01",
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let access = body["access_token"].as_str().expect("token").to_owned();
+    let renewed = || async {
+        let text = reqwest::get(format!("{}/metrics", gw.admin))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics");
+        text.lines().any(|l| {
+            l.starts_with("matrix_oidc_gateway_compat_grant_checks_total{result=\"renewed\"}")
+        })
+    };
+    let started = std::time::Instant::now();
+    while !renewed().await {
+        assert_eq!(
+            whoami(gw, &access).await,
+            200,
+            "the session while its grant is fresh"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no grant check renewed at the OP"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(whoami(gw, &access).await, 200);
+    assert!(op.end_grants("grace").await >= 1);
+    let ended = std::time::Instant::now();
+    loop {
+        match whoami(gw, &access).await {
+            200 => {}
+            401 => break,
+            other => panic!("whoami answered {other} while the grant ended"),
+        }
+        assert!(
+            ended.elapsed() < Duration::from_secs(20),
+            "the session outlived its OP grant"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_no_device(hs, "@grace:localhost", "GRACEDEV01").await;
+}
+
 async fn legacy_clients(kind: HsKind) {
     let (op, hs, gw) = stack(kind).await;
     js_sdk_legacy(&gw, &hs).await;
     nio_bot(&gw, &hs, BotLogin::Token("erin")).await;
     nio_bot(&gw, &hs, BotLogin::Password("pwbot")).await;
     logout_all(&gw, &hs).await;
+    op_grant(&op, &gw, &hs).await;
     attacks(&op, &gw, &hs).await;
 }
 

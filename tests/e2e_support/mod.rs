@@ -141,6 +141,19 @@ impl Op {
         }
     }
 
+    /// Ends every grant of `account` at the OP without telling anyone (no back-channel
+    /// logout); the number ended.
+    pub async fn end_grants(&self, account: &str) -> u64 {
+        let r = reqwest::Client::new()
+            .post(format!("{}/test/end-grants?account={account}", self.issuer))
+            .send()
+            .await
+            .expect("OP");
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = r.json().await.expect("JSON");
+        v["ended"].as_u64().expect("ended")
+    }
+
     /// Mints tokens through the real authorization-code + PKCE flow.
     pub fn mint_with(&self, user: &str, scope: &str, resource: &str, client: &str) -> Minted {
         let out = Command::new("node")

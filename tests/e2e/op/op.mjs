@@ -31,6 +31,10 @@
 //   (sessions required), and RP-initiated logout notifies it. With --bcl-sub-only the clients
 //   do not require sessions, so logout tokens name the subject alone (no `sid`), as some OPs
 //   send them.
+// - `POST /test/end-grants?account=ID` ends every grant of that account at the OP, telling no
+//   one (no back-channel logout): what an OP administrator's "revoke sessions and consents"
+//   does where no logout reaches the relying parties. Refresh tokens of those grants are then
+//   refused (`invalid_grant`). Loopback test set-up only.
 // - Prints one line `READY <issuer>` on stdout when it listens, then one line
 //   `REVOCATION <json of the parameters>` for every request to the revocation endpoint.
 // - Test set-up only: the SSRF guard is lifted (a `fetch` that drops the dispatcher) so the OP
@@ -194,7 +198,27 @@ provider.on('backchannel.error', (ctx, err, client) => {
   process.stderr.write(`BACKCHANNEL_ERROR ${client.clientId}: ${err.message}\n`);
 });
 
+const grantsOf = new Map();
+provider.on('grant.saved', (grant) => {
+  if (!grantsOf.has(grant.accountId)) grantsOf.set(grant.accountId, new Set());
+  grantsOf.get(grant.accountId).add(grant.jti);
+});
+
 provider.use(async (ctx, next) => {
+  if (ctx.path === '/test/end-grants' && ctx.method === 'POST') {
+    const account = ctx.query.account;
+    let ended = 0;
+    for (const id of grantsOf.get(account) || []) {
+      const grant = await provider.Grant.find(id);
+      if (grant) {
+        await grant.destroy();
+        ended += 1;
+      }
+    }
+    grantsOf.delete(account);
+    ctx.body = { ended };
+    return;
+  }
   await next();
   if (ctx.path === '/token/introspection' && ctx.method === 'POST') {
     process.stdout.write('INTROSPECTION\n');
