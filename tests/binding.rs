@@ -835,22 +835,6 @@ async fn discovery_documents() {
     );
 }
 
-/// `cfg` on fresh listener ports (a restarted gateway next to the stopped one).
-fn on_fresh_ports(cfg: &str) -> String {
-    cfg.lines()
-        .map(|l| {
-            if l.starts_with("public = ") {
-                format!("public = \"127.0.0.1:{}\"", free_port())
-            } else if l.starts_with("admin = ") {
-                format!("admin = \"127.0.0.1:{}\"", free_port())
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// Every byte the gateway keeps on disk (database, WAL and shared-memory files).
 fn state_bytes(dir: &std::path::Path) -> Vec<u8> {
     let mut all = Vec::new();

@@ -31,6 +31,13 @@ const ADMIN_TOKEN: &str = "compat-admin-token-0123456789";
 
 /// The fakes and a gateway with `[compat]` on (`extra` goes into `[compat]`).
 async fn setup(extra: &str) -> (Fakes, TestGateway) {
+    let (f, toml) = setup_config(extra).await;
+    let gw = spawn(&toml).await;
+    (f, gw)
+}
+
+/// The fakes (their OP's discovery and keys mounted) and the configuration [`setup`] starts.
+async fn setup_config(extra: &str) -> (Fakes, String) {
     let f = Fakes::start().await;
     let op = f.op.uri();
     Mock::given(method("GET"))
@@ -53,8 +60,7 @@ async fn setup(extra: &str) -> (Fakes, TestGateway) {
     let toml = f.config(&format!(
         "logout_audiences = [\"gateway\"]\n\n[discovery]\npublic_base_url = \"https://matrix.example.org\"\n\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\n[compat]\nenabled = true\nredirect_allowlist = [\"https://client.example/app\"]\n{extra}\n"
     ));
-    let gw = spawn(&toml).await;
-    (f, gw)
+    (f, toml)
 }
 
 /// What a started sign-in gave the browser.
@@ -1296,4 +1302,42 @@ async fn a_grant_the_op_cannot_confirm_for_the_retention_ends_the_session() {
     let r = sync(&gw, &access).await;
     assert_matrix_error(r, 401, "M_UNKNOWN_TOKEN").await;
     assert!(admin_sessions(&gw, "@alice:example.org").await.is_empty());
+}
+
+/// Compat sessions are the store's, not the process's: after a restart the access token still
+/// works and `/refresh` still rotates.
+#[tokio::test]
+async fn a_compat_session_survives_a_gateway_restart() {
+    let (f, toml) = setup_config("password_login = true").await;
+    op_password(&f, "alice", "pw", "alice").await;
+    let gw = spawn(&toml).await;
+    let mut body = password_body("alice", "pw");
+    body["refresh_token"] = json!(true);
+    let r = login(&gw, body).await;
+    assert_eq!(r.status(), 200);
+    let session: Value = r.json().await.unwrap();
+    let access = session["access_token"].as_str().unwrap().to_owned();
+    let refresh = session["refresh_token"].as_str().unwrap().to_owned();
+    assert_eq!(sync(&gw, &access).await.status(), 200);
+    gw.stop().await;
+
+    let gw = spawn(&on_fresh_ports(&toml)).await;
+    let r = sync(&gw, &access).await;
+    assert_eq!(r.status(), 200, "the compat token after a restart");
+    let echoed: Value = r.json().await.unwrap();
+    assert_eq!(
+        echoed["headers"]["x-matrix-user-id"],
+        json!(["@alice:example.org"])
+    );
+    let r = client()
+        .post(gw.url("/_matrix/client/v3/refresh"))
+        .json(&json!({"refresh_token": refresh}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let renewed: Value = r.json().await.unwrap();
+    let access2 = renewed["access_token"].as_str().unwrap();
+    assert_eq!(sync(&gw, access2).await.status(), 200);
+    assert_matrix_error(sync(&gw, &access).await, 401, "M_UNKNOWN_TOKEN").await;
 }

@@ -27,6 +27,11 @@ fn replica_on(op: &Op, hs: &str, redis: &str) -> GatewayProcess {
 
 /// Like [`replica_on`], reusing a valid verdict for `max_ttl`.
 fn replica_reusing(op: &Op, hs: &str, redis: &str, max_ttl: &str) -> GatewayProcess {
+    replica_with(op, hs, redis, max_ttl, "")
+}
+
+/// Like [`replica_reusing`], with `extra` tables at the end of the configuration.
+fn replica_with(op: &Op, hs: &str, redis: &str, max_ttl: &str, extra: &str) -> GatewayProcess {
     GatewayProcess::start(&format!(
         r#"
 [listen]
@@ -62,6 +67,8 @@ token = "{ADMIN}"
 [log]
 level = "info"
 format = "json"
+
+{extra}
 "#,
         issuer = op.issuer,
     ))
@@ -810,4 +817,79 @@ async fn replicas_recheck_a_busy_token_once_between_them() {
         2,
         "one re-check between two replicas"
     );
+}
+
+/// Compat sessions (legacy login, `[compat]`) live in Redis: a session opened on one replica
+/// works on the others, and on the replica after its restart; its OP grant is checked once
+/// between them (a lease); `/logout` on one replica ends it on all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compat_sessions_are_shared_by_replicas_and_survive_a_restart() {
+    let op = Op::start_with(&["--password-grant", "pw-e2e"]);
+    let hs = Homeserver::start(HsKind::Dendrite);
+    let redis = RedisServer::start();
+    let conf = format!("urls = [\"{}\"]", redis.url());
+    let compat = "[compat]\nenabled = true\npassword_login = true\ngrant_check_interval = \"2s\"";
+    let mut gws = [
+        replica_with(&op, &hs.url, &conf, "1s", compat),
+        replica_with(&op, &hs.url, &conf, "1s", compat),
+    ];
+    let r = reqwest::Client::new()
+        .post(gws[0].url("/_matrix/client/v3/login"))
+        .json(&json!({
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": "heidi"},
+            "password": "pw-e2e",
+            "device_id": "HEIDIDEV01",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let opened = std::time::Instant::now();
+    let body: Value = r.json().await.unwrap();
+    let access = body["access_token"].as_str().unwrap().to_owned();
+    let (s, who) = whoami(&gws[1], &access).await;
+    assert_eq!(s, 200, "{who}");
+    assert_eq!(who["device_id"], "HEIDIDEV01");
+    gws[0].restart();
+    // Both replicas keep serving it for a while: its grant is checked at the OP meanwhile.
+    for _ in 0..24 {
+        for gw in &gws {
+            assert_eq!(whoami(gw, &access).await.0, 200);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    op.settle().await;
+    let refreshes: Vec<String> = op
+        .output()
+        .into_iter()
+        .filter(|l| l.starts_with("TOKEN refresh_token"))
+        .collect();
+    // At most one check per interval over both replicas (a second one with the same refresh
+    // token would be refused, and the OP would revoke the grant: the session would end).
+    let most = opened.elapsed().as_secs() / 2 + 1;
+    assert!(
+        !refreshes.is_empty() && refreshes.len() as u64 <= most,
+        "{refreshes:?}: more than {most} grant refreshes at a 2 s interval over two replicas"
+    );
+    assert!(
+        refreshes.iter().all(|l| l.ends_with(" 200")),
+        "{refreshes:?}"
+    );
+    let r = reqwest::Client::new()
+        .post(gws[1].url("/_matrix/client/v3/logout"))
+        .bearer_auth(&access)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let started = std::time::Instant::now();
+    while whoami(&gws[0], &access).await.0 != 401 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the other replica still serves a logged-out compat session"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

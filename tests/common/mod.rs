@@ -366,3 +366,19 @@ pub async fn assert_matrix_error(
     );
     (headers, body)
 }
+
+/// `cfg` on fresh listener ports (a restarted gateway next to the stopped one).
+pub fn on_fresh_ports(cfg: &str) -> String {
+    cfg.lines()
+        .map(|l| {
+            if l.starts_with("public = ") {
+                format!("public = \"127.0.0.1:{}\"", free_port())
+            } else if l.starts_with("admin = ") {
+                format!("admin = \"127.0.0.1:{}\"", free_port())
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}

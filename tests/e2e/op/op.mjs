@@ -36,7 +36,8 @@
 //   does where no logout reaches the relying parties. Refresh tokens of those grants are then
 //   refused (`invalid_grant`). Loopback test set-up only.
 // - Prints one line `READY <issuer>` on stdout when it listens, then one line
-//   `REVOCATION <json of the parameters>` for every request to the revocation endpoint.
+//   `REVOCATION <json of the parameters>` for every request to the revocation endpoint and
+//   `TOKEN <grant_type> <status>` for every grant at the token endpoint.
 // - Test set-up only: the SSRF guard is lifted (a `fetch` that drops the dispatcher) so the OP
 //   can reach the gateway on loopback.
 import { generateKeyPairSync } from 'node:crypto';
@@ -87,8 +88,9 @@ const provider = new Provider(issuer, {
       client_id: 'gateway',
       client_secret: gatewaySecret,
       grant_types: [
-        ...(compatCallback ? ['authorization_code', 'refresh_token'] : []),
+        ...(compatCallback ? ['authorization_code'] : []),
         ...(passwordGrant ? ['password'] : []),
+        ...(compatCallback || passwordGrant ? ['refresh_token'] : []),
       ],
       response_types: compatCallback ? ['code'] : [],
       redirect_uris: compatCallback ? [compatCallback] : [],
@@ -222,6 +224,9 @@ provider.use(async (ctx, next) => {
   await next();
   if (ctx.path === '/token/introspection' && ctx.method === 'POST') {
     process.stdout.write('INTROSPECTION\n');
+  }
+  if (ctx.path === '/token' && ctx.method === 'POST' && ctx.oidc?.params?.grant_type) {
+    process.stdout.write(`TOKEN ${ctx.oidc.params.grant_type} ${ctx.status}\n`);
   }
   if (ctx.path === '/token/revocation' && ctx.method === 'POST') {
     process.stdout.write(`REVOCATION ${JSON.stringify({ status: ctx.status, params: ctx.oidc?.body ?? null })}\n`);
