@@ -206,6 +206,12 @@ impl OpClient {
             .ok_or(OpFailure::BadMetadata)
     }
 
+    /// How long a grant at the token endpoint may take: the issuer's timeout, and at least 10 s
+    /// (an answer lost to a short timeout can be a rotated refresh token lost with it).
+    pub fn grant_timeout(&self) -> std::time::Duration {
+        self.issuer.timeout.max(std::time::Duration::from_secs(10))
+    }
+
     /// A grant at the token endpoint (RFC 6749 §4.1.3, §6), authenticated with
     /// `client_secret_basic` as `client_id`. `Ok(Err(error))`: the OP refused the grant (its
     /// OAuth `error` code); `Err`: the OP could not be asked or answered nonsense.
@@ -219,6 +225,7 @@ impl OpClient {
         let resp = self
             .http
             .post(endpoint)
+            .timeout(self.grant_timeout())
             // RFC 6749 §2.3.1: form-urlencode both parts before Basic encoding.
             .basic_auth(form_encode(client_id), Some(form_encode(client_secret)))
             .header("Accept", "application/json")

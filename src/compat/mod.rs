@@ -206,7 +206,8 @@ enum GrantState {
     Fresh,
     /// Due for a check (run in the background; the session is served meanwhile).
     Due,
-    /// Not confirmed for longer than a sign-out is remembered: the session ends.
+    /// Not confirmed for longer than a sign-out is remembered: checked before the session is
+    /// served again.
     Lapsed,
 }
 
@@ -217,8 +218,10 @@ enum GrantCheck {
     Renewed,
     /// The grant is gone (or the session was signed out): the session ended.
     Ended,
-    /// Another check holds the lease, or did the check already.
+    /// Another check did it already.
     Skipped,
+    /// Another check holds the lease.
+    Busy,
     /// The OP or the store could not answer: tried again after the lease.
     Failed,
 }
@@ -228,7 +231,7 @@ impl GrantCheck {
         match self {
             GrantCheck::Renewed => "renewed",
             GrantCheck::Ended => "ended",
-            GrantCheck::Skipped => "skipped",
+            GrantCheck::Skipped | GrantCheck::Busy => "skipped",
             GrantCheck::Failed => "failed",
         }
     }
@@ -243,12 +246,15 @@ pub trait SessionHooks: Send + Sync {
     fn revoked(&self, identity: &Identity, access: &TokenHash) -> bool;
     /// Refuses the session's device everywhere and signs it out upstream.
     async fn sign_out(&self, identity: &Identity) -> Result<(), GatewayError>;
+    /// Verifies an OP access token as a request's would be.
+    async fn verify(&self, access_token: &str) -> Result<Arc<Identity>, GatewayError>;
 }
 
-/// The sealing context of a session's OP refresh token: its user and device.
-fn grant_context(identity: &Identity) -> Vec<u8> {
+/// The sealing context of an OP refresh token: the record it is stored in (`login:<key>` of a
+/// login token, `session:<id>`), its user and device.
+fn grant_context(record: &str, identity: &Identity) -> Vec<u8> {
     format!(
-        "compat-op-grant\u{0}{}\u{0}{}",
+        "compat-op-grant\u{0}{record}\u{0}{}\u{0}{}",
         identity.user_id,
         identity.device_id.as_deref().unwrap_or("")
     )
@@ -571,7 +577,8 @@ impl Compat {
             })?;
         let login_token = new_token(LOGIN_PREFIX);
         let identity = signed_in.identity;
-        let op_refresh = self.seal_refresh(&identity, signed_in.op_refresh.as_ref());
+        let record = format!("login:{}", stored_key(&login_token));
+        let op_refresh = self.seal_refresh(&record, &identity, signed_in.op_refresh.as_ref());
         let grant = Grant {
             identity: identity.clone(),
             op_refresh,
@@ -744,7 +751,12 @@ impl Compat {
             }
             Err(f) => {
                 tracing::warn!(reason = ?f, "compat: password grant failed");
-                refund();
+                // Given back only when the OP surely never saw the password: any answer, or
+                // a timeout, may have been a check (an OP answering guesses with garbage
+                // must not make them free).
+                if f == OpFailure::Unreachable {
+                    refund();
+                }
                 return Err(GatewayError::OpUnavailable(f));
             }
         };
@@ -783,9 +795,13 @@ impl Compat {
             .map_err(store_failure)?
             .ok_or(GatewayError::LoginRefused)?;
         let grant: Grant = serde_json::from_str(&taken).map_err(|_| GatewayError::LoginRefused)?;
+        let record = format!("login:{}", stored_key(login_token));
         let op_refresh = grant.op_refresh.as_deref().and_then(|sealed| {
-            let sealer = self.sealer.as_ref()?;
-            match sealer.open(sealed, &grant_context(&grant.identity)) {
+            let sealer = self
+                .sealer
+                .as_ref()
+                .filter(|_| crate::store::seal::is_sealed(sealed))?;
+            match sealer.open(sealed, &grant_context(&record, &grant.identity)) {
                 Ok(opened) => Some(OpRefresh(opened.plaintext)),
                 Err(e) => {
                     tracing::warn!(error = %e, "compat: the sign-in's OP grant cannot be opened; the session gets none");
@@ -801,9 +817,14 @@ impl Compat {
 
     /// The OP refresh token sealed for storing with `identity`'s session, when there is one
     /// and a key to seal it with.
-    fn seal_refresh(&self, identity: &Identity, refresh: Option<&OpRefresh>) -> Option<String> {
+    fn seal_refresh(
+        &self,
+        record: &str,
+        identity: &Identity,
+        refresh: Option<&OpRefresh>,
+    ) -> Option<String> {
         let (sealer, refresh) = (self.sealer.as_ref()?, refresh?);
-        match sealer.seal(&refresh.0, &grant_context(identity)) {
+        match sealer.seal(&refresh.0, &grant_context(record, identity)) {
             Ok(sealed) => Some(sealed),
             Err(e) => {
                 tracing::warn!(error = %e, "compat: the OP grant cannot be sealed; the session gets none");
@@ -827,14 +848,18 @@ impl Compat {
         // since then (say between the callback and this login) applies to this session too.
         let now = self.clock.now_ms();
         let identity = signed_in.identity;
-        let sealed = self.seal_refresh(&identity, signed_in.op_refresh.as_ref());
+        let id = new_token("");
+        let sealed = self.seal_refresh(
+            &format!("session:{id}"),
+            &identity,
+            signed_in.op_refresh.as_ref(),
+        );
         let lifetime = if sealed.is_some() {
             self.cfg.session_lifetime
         } else {
             self.cfg.session_lifetime.min(self.retention)
         };
         let ends_ms = now.saturating_add(lifetime.as_millis() as u64);
-        let id = new_token("");
         let op_grant = sealed.is_some();
         if let Some(refresh) = sealed {
             let grant = OpGrant {
@@ -927,23 +952,22 @@ impl Compat {
                 tracing::error!(error = %e, "compat: state store failed");
                 OpFailure::Unreachable
             })?;
+            // No grant record (its session half-forgotten): checked now, which ends it.
             match grant.map_or(GrantState::Lapsed, |g| self.grant_state(&g, now)) {
                 GrantState::Fresh => {}
                 GrantState::Due => {
                     let this = self.clone();
-                    tokio::spawn(async move { this.check_grant(&id).await });
-                }
-                GrantState::Lapsed => {
-                    tracing::info!(user = %session.identity.user_id, "compat: the session's OP grant was not confirmed in time; it ends");
-                    let this = self.clone();
                     tokio::spawn(async move {
-                        let ended = this.end_for_grant(&id, &session).await;
-                        crate::metrics::COMPAT_GRANT_CHECKS
-                            .with_label_values(&[if ended { "ended" } else { "failed" }])
-                            .inc();
+                        this.check_grant(&id).await;
                     });
-                    return Ok(None);
                 }
+                GrantState::Lapsed => match self.check_grant(&id).await {
+                    GrantCheck::Renewed | GrantCheck::Skipped => {}
+                    GrantCheck::Ended => return Ok(None),
+                    // Not confirmed now: 503 (the client retries), never a 401 that would
+                    // sign it out over an OP outage.
+                    GrantCheck::Busy | GrantCheck::Failed => return Err(OpFailure::Unreachable),
+                },
             }
         }
         Ok(Some(session.identity))
@@ -973,16 +997,22 @@ impl Compat {
         }
     }
 
-    /// How long one grant check holds its lease: the OP call's bound, and the wait before a
-    /// failed check is tried again (a quarter of the interval, at most a minute).
+    /// How long one grant check holds its lease: longer than the OP call may take (its
+    /// timeout and a second), so that no second check starts while one is at the OP.
     fn lease_ms(&self) -> u64 {
-        (self.cfg.grant_check_interval.as_millis() as u64 / 4).clamp(1, 60_000)
+        (self.op.grant_timeout() + std::time::Duration::from_secs(1)).as_millis() as u64
+    }
+
+    /// How long after a failed check the next may start: a quarter of the interval, between
+    /// a second and a minute.
+    fn backoff_ms(&self) -> u64 {
+        (self.cfg.grant_check_interval.as_millis() as u64 / 4).clamp(1_000, 60_000)
     }
 
     /// Checks session `id`'s OP grant (a refresh at the OP), under a lease so that of all
     /// replicas and requests one checks it (two refreshes with one refresh token would look
     /// like a stolen token to the OP, which then revokes the grant).
-    async fn check_grant(&self, id: &str) {
+    async fn check_grant(&self, id: &str) -> GrantCheck {
         let now = self.clock.now_ms();
         let claimed = self
             .store
@@ -995,8 +1025,25 @@ impl Compat {
             )
             .await;
         let result = match claimed {
-            Ok(true) => self.check_leased_grant(id, now).await,
-            Ok(false) => GrantCheck::Skipped,
+            Ok(true) => {
+                let result = self.check_leased_grant(id, now).await;
+                // Done: the lease goes, or, after a failure, stays as the backoff.
+                let released = if result == GrantCheck::Failed {
+                    let until = self.clock.now_ms().saturating_add(self.backoff_ms());
+                    self.store
+                        .put_expiring(Space::CompatGrantLease, id, "backoff", until)
+                        .await
+                } else {
+                    self.store
+                        .delete_expiring(Space::CompatGrantLease, id)
+                        .await
+                };
+                if let Err(e) = released {
+                    tracing::warn!(error = %e, "compat: a grant check's lease stays until it expires");
+                }
+                result
+            }
+            Ok(false) => GrantCheck::Busy,
             Err(e) => {
                 tracing::error!(error = %e, "compat: state store failed");
                 GrantCheck::Failed
@@ -1005,6 +1052,7 @@ impl Compat {
         crate::metrics::COMPAT_GRANT_CHECKS
             .with_label_values(&[result.label()])
             .inc();
+        result
     }
 
     async fn check_leased_grant(&self, id: &str, now: u64) -> GrantCheck {
@@ -1030,10 +1078,11 @@ impl Compat {
         {
             return self.ended(id, &session).await;
         }
-        let context = grant_context(&session.identity);
+        let context = grant_context(&format!("session:{id}"), &session.identity);
         let Some(refresh) = self
             .sealer
             .as_ref()
+            .filter(|_| crate::store::seal::is_sealed(&grant.refresh))
             .and_then(|s| s.open(&grant.refresh, &context).ok())
             .map(|o| o.plaintext)
         else {
@@ -1050,7 +1099,8 @@ impl Compat {
             .await;
         match answer {
             Ok(Ok(renewed)) => {
-                // The OP may rotate the refresh token; if it did not, the old one stays.
+                // The OP may rotate the refresh token; if it did not, the old one stays. Kept
+                // first: whatever happens next, the token the OP now holds is the stored one.
                 let refresh = renewed.refresh_token.unwrap_or(refresh);
                 let Some(sealed) = self
                     .sealer
@@ -1066,15 +1116,41 @@ impl Compat {
                 let Ok(value) = serde_json::to_string(&grant) else {
                     return GrantCheck::Failed;
                 };
-                match self
+                if let Err(e) = self
                     .store
                     .put_expiring(Space::CompatGrant, id, &value, session.ends_ms)
                     .await
                 {
-                    Ok(()) => GrantCheck::Renewed,
+                    tracing::error!(error = %e, "compat: state store failed");
+                    return GrantCheck::Failed;
+                }
+                // Ended while the OP was asked (`/logout`): its grant record goes too.
+                match self.session_by_id(id, self.clock.now_ms()).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        let _ = self.store.delete_expiring(Space::CompatGrant, id).await;
+                        return GrantCheck::Skipped;
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "compat: state store failed");
-                        GrantCheck::Failed
+                        return GrantCheck::Failed;
+                    }
+                }
+                // What the grant now gives must still be this session: the same user,
+                // subject and device, with the full API.
+                match self.hooks.verify(&renewed.access_token).await {
+                    Ok(now_granted)
+                        if now_granted.user_id == session.identity.user_id
+                            && now_granted.subject_key() == session.identity.subject_key()
+                            && now_granted.device_id == session.identity.device_id
+                            && now_granted.access == crate::auth::Access::Full =>
+                    {
+                        GrantCheck::Renewed
+                    }
+                    Err(GatewayError::OpUnavailable(_)) => GrantCheck::Failed,
+                    Ok(_) | Err(_) => {
+                        tracing::warn!(user = %session.identity.user_id, "compat: the OP's grant no longer gives this session's user, device or full access; it ends");
+                        self.ended(id, &session).await
                     }
                 }
             }
@@ -1248,6 +1324,24 @@ impl Compat {
             });
         }
         Ok(live)
+    }
+
+    /// Ends `user_id`'s compat sessions on `device_id` (a new sign-in takes the device over, as
+    /// a homeserver replaces a device's token on a login naming it): the hashes of their
+    /// access tokens, for purging them from caches.
+    pub async fn end_device_sessions(
+        &self,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<Vec<TokenHash>, GatewayError> {
+        let mut ended = Vec::new();
+        for live in self.sessions_of(user_id).await? {
+            if live.identity().device_id.as_deref() == Some(device_id) {
+                self.end(&live).await?;
+                ended.push(live.access);
+            }
+        }
+        Ok(ended)
     }
 
     /// Ends one session [`Compat::sessions_of`] found (after its device was revoked): its

@@ -33,6 +33,13 @@ impl SessionHooks for Hooks {
             .is_revoked(identity, access, self.clock.now_ms())
     }
 
+    async fn verify(
+        &self,
+        access_token: &str,
+    ) -> std::result::Result<Arc<crate::auth::Identity>, GatewayError> {
+        self.verifier.verify(access_token, None).await.result
+    }
+
     async fn sign_out(
         &self,
         identity: &crate::auth::Identity,
@@ -321,10 +328,38 @@ async fn login(
         return Ok(Err(e));
     }
     let identity = signed_in.identity.clone();
+    // A password login naming a device takes it over: the user's earlier compat sessions on
+    // it end (so an old session's token cannot sign the new one's device out later).
+    if let (true, Some(device)) = (req.device_id.is_some(), &identity.device_id) {
+        match compat.end_device_sessions(&identity.user_id, device).await {
+            Ok(ended) => {
+                for hash in ended {
+                    gw.verifier.purge_token_everywhere(&hash).await;
+                }
+            }
+            Err(e) => return Ok(Err(e)),
+        }
+    }
     let issued = match compat.open_session(signed_in, req.refresh_token).await {
         Ok(i) => i,
         Err(e) => return Ok(Err(e)),
     };
+    // A revocation recorded while the session was being opened found no session to end:
+    // checked again now that it is stored.
+    let hash = crate::auth::TokenHash::of(&issued.access_token);
+    if gw
+        .verifier
+        .revocations()
+        .is_revoked(&identity, &hash, gw.clock.now_ms())
+    {
+        if let Err(e) = compat
+            .end_session(TokenKind::Access, &issued.access_token)
+            .await
+        {
+            return Ok(Err(e));
+        }
+        return Ok(Err(GatewayError::LoginRefused));
+    }
     tracing::info!(user = %identity.user_id, device = ?identity.device_id, kind = %req.kind, "compat: session opened");
     write_tokens(gw, session, Some(&identity), &issued).await?;
     Ok(Ok(()))

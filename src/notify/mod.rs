@@ -136,7 +136,7 @@ impl Notifier {
         let key = selector.key();
         self.verifier
             .revocations()
-            .revoke(selector, now, until, capped)
+            .revoke(selector.clone(), now, until, capped)
             .await
             .map_err(|e| {
                 match &e {
@@ -152,6 +152,60 @@ impl Notifier {
                 until,
             })
             .await;
+        self.end_compat_sessions(&selector, now).await
+    }
+
+    /// Ends the compat sessions a revocation just recorded covers (their records are deleted
+    /// from the store, their tokens purged). The revocation refuses them already, but it is
+    /// forgotten after the retention, and a session tied to an OP grant may live longer: it
+    /// must not come back then. The caller signs the devices out upstream as for any session.
+    async fn end_compat_sessions(&self, selector: &Selector, at: u64) -> Result<(), GatewayError> {
+        let Some(compat) = self.verifier.compat() else {
+            return Ok(());
+        };
+        let split = |key: &str| {
+            key.split_once(crate::auth::identity::ISSUER_SEP)
+                .map(|(i, v)| (i.to_owned(), v.to_owned()))
+        };
+        let unavailable = |e: crate::store::StoreError| {
+            tracing::error!(error = %e, "cannot find the compat sessions a revocation covers");
+            GatewayError::BindingUnavailable(BindingFailure::Store)
+        };
+        let users: BTreeSet<String> = match selector {
+            Selector::User(u) | Selector::Device(u, _) => BTreeSet::from([u.clone()]),
+            Selector::Subject(key) => match split(key) {
+                Some((issuer, sub)) => self
+                    .binder
+                    .user_of_subject(&issuer, &sub)
+                    .await
+                    .map_err(unavailable)?
+                    .into_iter()
+                    .collect(),
+                None => BTreeSet::new(),
+            },
+            Selector::Session(key) => match split(key) {
+                Some((issuer, sid)) => self
+                    .binder
+                    .session_devices(&issuer, &sid)
+                    .await
+                    .map_err(unavailable)?
+                    .into_iter()
+                    .map(|(user, _)| user)
+                    .collect(),
+                None => BTreeSet::new(),
+            },
+            // A compat token's revocation ends its session where it is served.
+            Selector::Token(_) => BTreeSet::new(),
+        };
+        for user in users {
+            for live in compat.sessions_of(&user).await? {
+                if crate::auth::revocations::matches(selector, at, live.identity()) {
+                    compat.end(&live).await?;
+                    self.verifier.purge_token_everywhere(&live.access).await;
+                    tracing::info!(user = %user, device = ?live.identity().device_id, "compat session ended by a revocation");
+                }
+            }
+        }
         Ok(())
     }
 

@@ -452,17 +452,18 @@ impl Store for RedisStore {
         key: &str,
         value: &str,
         until_ms: u64,
-        _now_ms: u64,
+        now_ms: u64,
     ) -> Result<bool, StoreError> {
         let r = &self.redis;
-        // NX: only when absent (Redis drops expired keys itself).
+        // NX: only when absent (Redis drops expired keys itself). A relative expiry: a lease
+        // must last its length even when this replica's clock and Redis's disagree.
         let set: Option<String> = r
             .q(redis::cmd("SET")
                 .arg(r.key(&["x", space.name(), key]))
                 .arg(value)
                 .arg("NX")
-                .arg("PXAT")
-                .arg(until_ms.max(1)))
+                .arg("PX")
+                .arg(until_ms.saturating_sub(now_ms).max(1)))
             .await?;
         Ok(set.is_some())
     }
