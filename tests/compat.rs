@@ -1049,14 +1049,15 @@ async fn a_password_the_op_accepts_for_another_matrix_user_is_refused() {
 }
 
 /// Password attempts are budgeted per user and per client address (429 with `retry_after_ms`,
-/// whatever the password); an attempt the OP could not answer (503) is given back.
+/// whatever the password). An attempt the OP may have seen counts even when its answer was
+/// garbage (503): an OP answering guesses with errors must not make them free.
 #[tokio::test]
 async fn password_attempts_are_limited_per_user_and_per_address() {
     let (f, gw) = setup(
         "password_login = true\npassword_attempts_per_user = 2\npassword_attempts_per_address = 4",
     )
     .await;
-    // The OP is down for carol's first attempt: that one does not count.
+    // The OP answers carol's first attempt with a 500: it counts all the same.
     Mock::given(method("POST"))
         .and(path("/token"))
         .and(body_string_contains("username=carol"))
@@ -1081,11 +1082,9 @@ async fn password_attempts_are_limited_per_user_and_per_address() {
 
     let r = login(&gw, password_body("carol", "pw")).await;
     assert_eq!(r.status(), 503);
-    // Two attempts of this address spent (alice's), carol's 503 given back: two left.
-    for user in ["carol", "dave"] {
-        let r = login(&gw, password_body(user, "guess")).await;
-        assert_matrix_error(r, 403, "M_FORBIDDEN").await;
-    }
+    // Three attempts of this address spent (alice's two, carol's): one left.
+    let r = login(&gw, password_body("dave", "guess")).await;
+    assert_matrix_error(r, 403, "M_FORBIDDEN").await;
     let r = login(&gw, password_body("erin", "guess")).await;
     assert_matrix_error(r, 429, "M_LIMIT_EXCEEDED").await;
 }
@@ -1117,8 +1116,13 @@ async fn op_refreshes(f: &Fakes, refresh_token: &str) -> usize {
 }
 
 /// A browser sign-in where the OP's code exchange also brings `refresh_token`: the compat
-/// session's access token.
-async fn session_with_op_grant(f: &Fakes, gw: &TestGateway, n: u32, refresh_token: &str) -> String {
+/// session's access token and device.
+async fn session_with_op_grant(
+    f: &Fakes,
+    gw: &TestGateway,
+    n: u32,
+    refresh_token: &str,
+) -> (String, String) {
     let code = format!("code-grant-{n}");
     let s = start(gw, "https://client.example/app").await;
     op_grants(f, &s, &code, &format!("op-grant-{n}")).await;
@@ -1146,7 +1150,21 @@ async fn session_with_op_grant(f: &Fakes, gw: &TestGateway, n: u32, refresh_toke
     let r = login(gw, json!({"type": "m.login.token", "token": token})).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
-    v["access_token"].as_str().unwrap().to_owned()
+    (v["access_token"].as_str().unwrap().to_owned(), s.device)
+}
+
+/// The OP's introspection of the access tokens its refreshes issue (starting with `prefix`):
+/// `user` with the full API on `device`.
+async fn op_introspects_renewed(f: &Fakes, prefix: &str, user: &'static str, device: &str) {
+    let device = device.to_owned();
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .and(body_string_contains(format!("token={prefix}")))
+        .respond_with(move |_: &wiremock::Request| {
+            ResponseTemplate::new(200).set_body_json(active(user, &full_scope(&device)))
+        })
+        .mount(&f.op)
+        .await;
 }
 
 async fn admin_sessions(gw: &TestGateway, user: &str) -> Vec<Value> {
@@ -1217,7 +1235,8 @@ async fn a_compat_sessions_op_grant_is_checked_while_used_and_its_end_ends_the_s
         .mount(&f.op)
         .await;
     let opened = now_ms();
-    let access = session_with_op_grant(&f, &gw, 1, "op-rt-1").await;
+    let (access, device) = session_with_op_grant(&f, &gw, 1, "op-rt-1").await;
+    op_introspects_renewed(&f, "op-grant-renewed", "alice", &device).await;
     let listed = admin_sessions(&gw, "@alice:example.org").await;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["op_grant"], true);
@@ -1265,43 +1284,129 @@ async fn a_compat_sessions_op_grant_is_checked_while_used_and_its_end_ends_the_s
     );
 }
 
-/// An OP that cannot confirm a session's grant does not end it at once (the session is
-/// served, and the check is tried again), but a grant not confirmed for as long as a sign-out
-/// is remembered (the retention less the cache's window) ends the session: a sign-out the
-/// gateway has forgotten could otherwise never reach it.
+/// An OP that cannot confirm a session's grant never signs the session out: the session is
+/// served while the check fails, and once the grant has not been confirmed for as long as a
+/// sign-out is remembered (the retention less the cache's window) each request checks it first
+/// and gets 503 while the OP is down (never a 401 that would log the client out). When the OP
+/// is back, the session goes on.
 #[tokio::test]
-async fn a_grant_the_op_cannot_confirm_for_the_retention_ends_the_session() {
+async fn a_grant_the_op_cannot_confirm_is_a_503_not_a_sign_out() {
     let (f, gw) = setup(
         "grant_check_interval = \"1s\"\n\n[cache]\nmax_ttl = \"1s\"\nnegative_ttl = \"1s\"\n\n[notifications]\nrevocation_retention = \"5s\"",
     )
     .await;
+    // The OP's token endpoint answers refreshes 503 until `down` is cleared. (A switch, not a
+    // scoped mock: wiremock reorders mocks by priority, and a scoped mock's guard can then
+    // remove another.)
+    let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let switch = down.clone();
     Mock::given(method("POST"))
         .and(path("/token"))
         .and(body_string_contains("grant_type=refresh_token"))
-        .respond_with(ResponseTemplate::new(503))
+        .respond_with(move |_: &wiremock::Request| {
+            if switch.load(std::sync::atomic::Ordering::SeqCst) {
+                ResponseTemplate::new(503)
+            } else {
+                ResponseTemplate::new(200).set_body_json(json!({
+                    "access_token": "op-back-1", "token_type": "Bearer",
+                }))
+            }
+        })
         .mount(&f.op)
         .await;
     let opened = std::time::Instant::now();
-    let access = session_with_op_grant(&f, &gw, 2, "op-rt-down").await;
-    let seen = sync_until(&gw, &access, |status| async move { status == 401 }).await;
+    let (access, device) = session_with_op_grant(&f, &gw, 2, "op-rt-down").await;
+    let seen = sync_until(&gw, &access, |status| async move { status == 503 }).await;
     // Horizon: 5 s less the cache's 1 s.
     assert!(
         opened.elapsed() >= Duration::from_secs(4),
         "{:?}",
         opened.elapsed()
     );
+    let (last, served) = seen.split_last().unwrap();
+    assert!(served.iter().all(|s| *s == 200), "{seen:?}");
+    assert_eq!(*last, 503);
     assert!(
-        op_refreshes(&f, "op-rt-down").await >= 1,
-        "the grant was never checked"
+        op_refreshes(&f, "op-rt-down").await >= 2,
+        "the check was not retried"
     );
-    let served = seen.iter().filter(|s| **s == 200).count();
-    assert!(
-        served >= 10,
-        "the session was not served while the OP was down: {seen:?}"
-    );
-    let r = sync(&gw, &access).await;
-    assert_matrix_error(r, 401, "M_UNKNOWN_TOKEN").await;
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    op_introspects_renewed(&f, "op-back-", "alice", &device).await;
+    let seen = sync_until(&gw, &access, |status| async move { status == 200 }).await;
+    assert!(seen.iter().all(|s| *s == 503 || *s == 200), "{seen:?}");
+    assert_eq!(admin_sessions(&gw, "@alice:example.org").await.len(), 1);
+}
+
+/// The grant's refreshed access token must still be this session's: an OP whose grant now
+/// gives another user (or drops the device or the full API) ends the session.
+#[tokio::test]
+async fn a_grant_that_now_gives_another_user_ends_the_session() {
+    let (f, gw) =
+        setup("grant_check_interval = \"1s\"\n\n[cache]\nmax_ttl = \"1s\"\nnegative_ttl = \"1s\"")
+            .await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("refresh_token=op-rt-remap"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "access_token": "op-remapped-1", "token_type": "Bearer",
+        })))
+        .mount(&f.op)
+        .await;
+    let (access, device) = session_with_op_grant(&f, &gw, 3, "op-rt-remap").await;
+    op_introspects_renewed(&f, "op-remapped-", "mallory", &device).await;
+    let seen = sync_until(&gw, &access, |status| async move { status == 401 }).await;
+    assert!(seen[..seen.len() - 1].iter().all(|s| *s == 200), "{seen:?}");
     assert!(admin_sessions(&gw, "@alice:example.org").await.is_empty());
+}
+
+/// A sign-out recorded at the gateway ends the compat sessions it covers in the store at once
+/// (not only refuses them while it is remembered): the admin API's user logout leaves none.
+#[tokio::test]
+async fn a_recorded_sign_out_ends_the_compat_sessions_it_covers() {
+    let (f, gw) = setup("").await;
+    let a = compat_session(&f, &gw, 11, "alice").await;
+    let _b = compat_session(&f, &gw, 12, "alice").await;
+    let _c = compat_session(&f, &gw, 13, "bob").await;
+    assert_eq!(admin_sessions(&gw, "@alice:example.org").await.len(), 2);
+    let r = client()
+        .post(gw.admin_url("/admin/v1/users/@alice:example.org/logout"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(admin_sessions(&gw, "@alice:example.org").await.is_empty());
+    assert_eq!(admin_sessions(&gw, "@bob:example.org").await.len(), 1);
+    assert_matrix_error(sync(&gw, &a).await, 401, "M_UNKNOWN_TOKEN").await;
+}
+
+/// A password login naming a device takes it over: the user's earlier compat session on it
+/// ends, and its token can no longer sign the device out under the new session.
+#[tokio::test]
+async fn a_password_login_on_a_named_device_ends_the_old_session_there() {
+    let (f, gw) = setup("password_login = true").await;
+    op_password(&f, "alice", "pw", "alice").await;
+    let on_device = || {
+        let mut b = password_body("alice", "pw");
+        b["device_id"] = json!("BOTDEVICE");
+        b
+    };
+    let first: Value = login(&gw, on_device()).await.json().await.unwrap();
+    let old = first["access_token"].as_str().unwrap().to_owned();
+    let second: Value = login(&gw, on_device()).await.json().await.unwrap();
+    let new = second["access_token"].as_str().unwrap().to_owned();
+    assert_matrix_error(sync(&gw, &old).await, 401, "M_UNKNOWN_TOKEN").await;
+    let r = client()
+        .post(gw.url("/_matrix/client/v3/logout"))
+        .bearer_auth(&old)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the old session's /logout");
+    assert_eq!(sync(&gw, &new).await.status(), 200);
+    assert_eq!(admin_sessions(&gw, "@alice:example.org").await.len(), 1);
 }
 
 /// Compat sessions are the store's, not the process's: after a restart the access token still
@@ -1340,4 +1445,57 @@ async fn a_compat_session_survives_a_gateway_restart() {
     let access2 = renewed["access_token"].as_str().unwrap();
     assert_eq!(sync(&gw, access2).await.status(), 200);
     assert_matrix_error(sync(&gw, &access).await, 401, "M_UNKNOWN_TOKEN").await;
+}
+
+/// One grant check at a time for a session, across replicas: while one replica's refresh is at
+/// a slow OP, the other replica's requests find the check due too, but do not refresh with the
+/// same refresh token (an OP takes a refresh token used twice for a stolen one and revokes the
+/// grant). Each rotated refresh token is used once.
+#[tokio::test]
+async fn one_grant_check_runs_at_a_time_across_replicas() {
+    let (f, toml) = setup_config(
+        "grant_check_interval = \"1s\"\n\n[cache]\nmax_ttl = \"1s\"\nnegative_ttl = \"1s\"",
+    )
+    .await;
+    // Refreshing op-rt-N gives op-rt-(N+1), after 1.5 s.
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("grant_type=refresh_token"))
+        .respond_with(|req: &wiremock::Request| {
+            let q: HashMap<String, String> =
+                form_urlencoded::parse(&req.body).into_owned().collect();
+            let n: u32 = q["refresh_token"]
+                .strip_prefix("op-rt-")
+                .and_then(|n| n.parse().ok())
+                .unwrap();
+            ResponseTemplate::new(200)
+                .set_body_json(json!({
+                    "access_token": format!("op-renewed-{n}"),
+                    "token_type": "Bearer",
+                    "refresh_token": format!("op-rt-{}", n + 1),
+                }))
+                .set_delay(Duration::from_millis(1500))
+        })
+        .mount(&f.op)
+        .await;
+    // Two replicas sharing one store.
+    let gws = [spawn(&toml).await, spawn(&on_fresh_ports(&toml)).await];
+    let (access, device) = session_with_op_grant(&f, &gws[0], 1, "op-rt-1").await;
+    op_introspects_renewed(&f, "op-renewed-", "alice", &device).await;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(5500) {
+        for gw in &gws {
+            assert_eq!(sync(gw, &access).await.status(), 200);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let used: Vec<usize> = futures_util::future::join_all((1..=4).map(|n| {
+        let f = &f;
+        async move { op_refreshes(f, &format!("op-rt-{n}")).await }
+    }))
+    .await;
+    assert!(
+        used[0] == 1 && used.iter().all(|u| *u <= 1),
+        "refresh tokens used: {used:?}"
+    );
 }
