@@ -38,6 +38,11 @@ async fn setup(extra: &str) -> (Fakes, TestGateway) {
 
 /// The fakes (their OP's discovery and keys mounted) and the configuration [`setup`] starts.
 async fn setup_config(extra: &str) -> (Fakes, String) {
+    setup_config_hs("", extra).await
+}
+
+/// [`setup_config`] with `hs` added to `[homeserver]`.
+async fn setup_config_hs(hs: &str, extra: &str) -> (Fakes, String) {
     let f = Fakes::start().await;
     let op = f.op.uri();
     Mock::given(method("GET"))
@@ -57,7 +62,7 @@ async fn setup_config(extra: &str) -> (Fakes, String) {
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({"keys": [jwk]})))
         .mount(&f.op)
         .await;
-    let toml = f.config(&format!(
+    let toml = f.config_hs(hs, &format!(
         "logout_audiences = [\"gateway\"]\n\n[discovery]\npublic_base_url = \"https://matrix.example.org\"\n\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\n[compat]\nenabled = true\nredirect_allowlist = [\"https://client.example/app\"]\n{extra}\n"
     ));
     (f, toml)
@@ -1498,4 +1503,62 @@ async fn one_grant_check_runs_at_a_time_across_replicas() {
         used[0] == 1 && used.iter().all(|u| *u <= 1),
         "refresh tokens used: {used:?}"
     );
+}
+
+/// A `/logout` whose upstream sign-out fails is a 503 and leaves the session for the retry
+/// (with the same token) to finish; so does `/logout/all`, whose caller's own session ends
+/// last, after every other device is signed out.
+#[tokio::test]
+async fn a_failed_upstream_sign_out_leaves_the_session_for_the_retry() {
+    let (f, toml) =
+        setup_config_hs("kind = \"dendrite\"\nas_token = \"as-token\"", "password_login = true").await;
+    op_password(&f, "alice", "pw", "alice").await;
+    for (p, answer) in [
+        ("/_matrix/client/v3/register", json!({})),
+        (
+            "/_matrix/client/v3/login",
+            json!({"access_token": "alice-upstream", "device_id": "ALICEDEV01"}),
+        ),
+    ] {
+        Mock::given(method("POST"))
+            .and(path(p))
+            .respond_with(ResponseTemplate::new(200).set_body_json(answer))
+            .with_priority(1)
+            .mount(&f.hs)
+            .await;
+    }
+    // The homeserver fails the first upstream logout, then recovers.
+    Mock::given(method("POST"))
+        .and(path("/_matrix/client/v3/logout"))
+        .respond_with(ResponseTemplate::new(500).set_body_json(json!({"errcode": "M_UNKNOWN"})))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&f.hs)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/_matrix/client/v3/logout"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .with_priority(2)
+        .mount(&f.hs)
+        .await;
+    let gw = spawn(&toml).await;
+    let mut body = password_body("alice", "pw");
+    body["device_id"] = json!("ALICEDEV01");
+    let session: Value = login(&gw, body).await.json().await.unwrap();
+    let access = session["access_token"].as_str().expect("a session").to_owned();
+    let logout = || {
+        client()
+            .post(gw.url("/_matrix/client/v3/logout"))
+            .bearer_auth(&access)
+            .json(&json!({}))
+            .send()
+    };
+    assert_eq!(logout().await.unwrap().status(), 503);
+    assert_eq!(
+        admin_sessions(&gw, "@alice:example.org").await.len(),
+        1,
+        "the session went before its device was signed out"
+    );
+    assert_eq!(logout().await.unwrap().status(), 200, "the retry");
+    assert!(admin_sessions(&gw, "@alice:example.org").await.is_empty());
 }

@@ -285,6 +285,21 @@ pub struct LiveSession {
 }
 
 impl LiveSession {
+    /// The session `id` as listed, unless its record is unreadable (skipped, and logged: one
+    /// bad record must not stop a sign-out of the others).
+    fn of(id: String, session: Session) -> Option<LiveSession> {
+        let mut access = [0u8; 32];
+        if hex::decode_to_slice(&session.access, &mut access).is_err() {
+            tracing::error!("compat: a session record is unreadable; skipped");
+            return None;
+        }
+        Some(LiveSession {
+            id,
+            access: TokenHash(access),
+            session,
+        })
+    }
+
     /// Its identity (user, device, OP session).
     pub fn identity(&self) -> &Identity {
         &self.session.identity
@@ -717,12 +732,6 @@ impl Compat {
                 return Err(GatewayError::RateLimited { retry_after_ms });
             }
         }
-        let refund = || {
-            budgets.per_user.refund_now(user_key);
-            if let Some(ip) = login.client {
-                budgets.per_address.refund_now(ip);
-            }
-        };
         let scope = self.scope(login.device_id);
         let granted = match self
             .op
@@ -750,13 +759,9 @@ impl Compat {
                 return Err(GatewayError::LoginRefused);
             }
             Err(f) => {
+                // The attempt counts: whether the OP saw the password cannot be told (an OP
+                // answering guesses with errors or resets must not make them free).
                 tracing::warn!(reason = ?f, "compat: password grant failed");
-                // Given back only when the OP surely never saw the password: any answer, or
-                // a timeout, may have been a check (an OP answering guesses with garbage
-                // must not make them free).
-                if f == OpFailure::Unreachable {
-                    refund();
-                }
                 return Err(GatewayError::OpUnavailable(f));
             }
         };
@@ -766,7 +771,6 @@ impl Compat {
         {
             Ok(signed_in) => signed_in,
             Err(GrantRefused::Unavailable) => {
-                refund();
                 return Err(GatewayError::OpUnavailable(OpFailure::Unreachable));
             }
             Err(GrantRefused::Refused) => return Err(GatewayError::LoginRefused),
@@ -922,6 +926,11 @@ impl Compat {
         )
         .await
         .map_err(store_failure)?;
+        if let Some(op_session) = session.identity.session_key() {
+            s.add_member(Space::CompatOpSessions, &op_session, id, ends_ms)
+                .await
+                .map_err(store_failure)?;
+        }
         Ok(Issued {
             access_token,
             refresh_token,
@@ -961,13 +970,33 @@ impl Compat {
                         this.check_grant(&id).await;
                     });
                 }
-                GrantState::Lapsed => match self.check_grant(&id).await {
-                    GrantCheck::Renewed | GrantCheck::Skipped => {}
-                    GrantCheck::Ended => return Ok(None),
-                    // Not confirmed now: 503 (the client retries), never a 401 that would
-                    // sign it out over an OP outage.
-                    GrantCheck::Busy | GrantCheck::Failed => return Err(OpFailure::Unreachable),
-                },
+                GrantState::Lapsed => {
+                    // Its own task: a request given up on cannot cut the check between the
+                    // OP's rotation of the refresh token and its storing.
+                    let this = self.clone();
+                    let check_id = id.clone();
+                    let checked = tokio::spawn(async move { this.check_grant(&check_id).await })
+                        .await
+                        .unwrap_or(GrantCheck::Failed);
+                    match checked {
+                        // Still there after the check (it may have ended meanwhile)?
+                        GrantCheck::Renewed | GrantCheck::Skipped => {
+                            let still = self.session_by_id(&id, self.clock.now_ms()).await;
+                            if !matches!(still, Ok(Some(_))) {
+                                return still.map(|_| None).map_err(|e| {
+                                    tracing::error!(error = %e, "compat: state store failed");
+                                    OpFailure::Unreachable
+                                });
+                            }
+                        }
+                        GrantCheck::Ended => return Ok(None),
+                        // Not confirmed now: 503 (the client retries), never a 401 that would
+                        // sign it out over an OP outage.
+                        GrantCheck::Busy | GrantCheck::Failed => {
+                            return Err(OpFailure::Unreachable)
+                        }
+                    }
+                }
             }
         }
         Ok(Some(session.identity))
@@ -1026,20 +1055,34 @@ impl Compat {
             .await;
         let result = match claimed {
             Ok(true) => {
+                let started = std::time::Instant::now();
                 let result = self.check_leased_grant(id, now).await;
-                // Done: the lease goes, or, after a failure, stays as the backoff.
-                let released = if result == GrantCheck::Failed {
-                    let until = self.clock.now_ms().saturating_add(self.backoff_ms());
-                    self.store
-                        .put_expiring(Space::CompatGrantLease, id, "backoff", until)
-                        .await
-                } else {
-                    self.store
+                // Done: the lease goes (after a failure it is taken again as the backoff),
+                // unless the check outlived it (another check may hold it now).
+                if started.elapsed().as_millis() < u128::from(self.lease_ms()) {
+                    let released = self
+                        .store
                         .delete_expiring(Space::CompatGrantLease, id)
-                        .await
-                };
-                if let Err(e) = released {
-                    tracing::warn!(error = %e, "compat: a grant check's lease stays until it expires");
+                        .await;
+                    let backoff = match (&released, result) {
+                        (Ok(()), GrantCheck::Failed) => {
+                            let at = self.clock.now_ms();
+                            self.store
+                                .claim_expiring(
+                                    Space::CompatGrantLease,
+                                    id,
+                                    "backoff",
+                                    at.saturating_add(self.backoff_ms()),
+                                    at,
+                                )
+                                .await
+                                .map(|_| ())
+                        }
+                        _ => Ok(()),
+                    };
+                    if let Err(e) = released.and(backoff) {
+                        tracing::warn!(error = %e, "compat: a grant check's lease stays until it expires");
+                    }
                 }
                 result
             }
@@ -1109,19 +1152,12 @@ impl Compat {
                 else {
                     return GrantCheck::Failed;
                 };
-                let grant = OpGrant {
+                // Stored with the old check time: confirmed only once verified below.
+                let mut grant = OpGrant {
                     refresh: sealed,
-                    checked_ms: self.clock.now_ms(),
+                    checked_ms: grant.checked_ms,
                 };
-                let Ok(value) = serde_json::to_string(&grant) else {
-                    return GrantCheck::Failed;
-                };
-                if let Err(e) = self
-                    .store
-                    .put_expiring(Space::CompatGrant, id, &value, session.ends_ms)
-                    .await
-                {
-                    tracing::error!(error = %e, "compat: state store failed");
+                if !self.put_grant(id, &grant, session.ends_ms).await {
                     return GrantCheck::Failed;
                 }
                 // Ended while the OP was asked (`/logout`): its grant record goes too.
@@ -1145,7 +1181,12 @@ impl Compat {
                             && now_granted.device_id == session.identity.device_id
                             && now_granted.access == crate::auth::Access::Full =>
                     {
-                        GrantCheck::Renewed
+                        grant.checked_ms = self.clock.now_ms();
+                        if self.put_grant(id, &grant, session.ends_ms).await {
+                            GrantCheck::Renewed
+                        } else {
+                            GrantCheck::Failed
+                        }
                     }
                     Err(GatewayError::OpUnavailable(_)) => GrantCheck::Failed,
                     Ok(_) | Err(_) => {
@@ -1167,6 +1208,24 @@ impl Compat {
             Err(f) => {
                 tracing::warn!(reason = ?f, "compat: the grant check could not reach the OP");
                 GrantCheck::Failed
+            }
+        }
+    }
+
+    /// Stores session `id`'s grant record; `false` (logged) when the store failed.
+    async fn put_grant(&self, id: &str, grant: &OpGrant, ends_ms: u64) -> bool {
+        let Ok(value) = serde_json::to_string(grant) else {
+            return false;
+        };
+        match self
+            .store
+            .put_expiring(Space::CompatGrant, id, &value, ends_ms)
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "compat: state store failed");
+                false
             }
         }
     }
@@ -1276,6 +1335,11 @@ impl Compat {
 
     async fn forget(&self, id: &str, session: &Session) -> Result<(), GatewayError> {
         let s = &self.store;
+        // First: a `/refresh` that read the session before this end and writes it back after
+        // finds the marker and undoes its write.
+        s.put_expiring(Space::CompatEnded, id, "1", session.ends_ms.max(1))
+            .await
+            .map_err(store_failure)?;
         s.delete_expiring(Space::CompatAccess, &session.access)
             .await
             .map_err(store_failure)?;
@@ -1289,6 +1353,11 @@ impl Compat {
             .map_err(store_failure)?;
         if session.op_grant {
             s.delete_expiring(Space::CompatGrant, id)
+                .await
+                .map_err(store_failure)?;
+        }
+        if let Some(op_session) = session.identity.session_key() {
+            s.remove_member(Space::CompatOpSessions, &op_session, id)
                 .await
                 .map_err(store_failure)?;
         }
@@ -1314,16 +1383,42 @@ impl Compat {
             if session.identity.user_id != user_id {
                 continue;
             }
-            let mut access = [0u8; 32];
-            hex::decode_to_slice(&session.access, &mut access)
-                .map_err(|_| GatewayError::Internal)?;
-            live.push(LiveSession {
-                id,
-                access: TokenHash(access),
-                session,
-            });
+            live.extend(LiveSession::of(id, session));
         }
         Ok(live)
+    }
+
+    /// Ends the compat sessions of an OP session (issuer-scoped `sid`), after its devices
+    /// were signed out.
+    pub async fn end_op_session(&self, op_session: &str) -> Result<(), GatewayError> {
+        let now = self.clock.now_ms();
+        let ids = self
+            .store
+            .members(Space::CompatOpSessions, op_session, now)
+            .await
+            .map_err(store_failure)?;
+        for id in ids {
+            if let Some(session) = self.session_by_id(&id, now).await.map_err(store_failure)? {
+                if session.identity.session_key().as_deref() == Some(op_session) {
+                    self.forget(&id, &session).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the compat session whose access token has hash `token` (a token revocation or
+    /// purge), if any.
+    pub async fn end_token(&self, token: &TokenHash) -> Result<(), GatewayError> {
+        let key = hex::encode(token.0);
+        let found = self
+            .session_of(Space::CompatAccess, &key, self.clock.now_ms())
+            .await
+            .map_err(GatewayError::OpUnavailable)?;
+        if let Some((id, session)) = found.filter(|(_, s)| s.access == key) {
+            self.forget(&id, &session).await?;
+        }
+        Ok(())
     }
 
     /// Ends `user_id`'s compat sessions on `device_id` (a new sign-in takes the device over, as
@@ -1388,16 +1483,36 @@ impl Compat {
             .map_err(store_failure)?;
         let mut old = [0u8; 32];
         hex::decode_to_slice(&session.access, &mut old).map_err(|_| GatewayError::Internal)?;
+        if self.ended_meanwhile(&id).await? {
+            return Ok(None);
+        }
+        let identity = session.identity.clone();
         let issued = self
-            .issue(
-                &id,
-                session.identity,
-                session.ends_ms,
-                true,
-                session.op_grant,
-            )
+            .issue(&id, identity, session.ends_ms, true, session.op_grant)
             .await?;
+        // Ended while this refresh wrote (a device taken over, a sign-out): what it wrote
+        // goes, and the client gets no tokens.
+        if self.ended_meanwhile(&id).await? {
+            let written = Session {
+                identity: session.identity,
+                ends_ms: session.ends_ms,
+                access: stored_key(&issued.access_token),
+                refresh: issued.refresh_token.as_deref().map(stored_key),
+                op_grant: session.op_grant,
+            };
+            self.forget(&id, &written).await?;
+            return Ok(None);
+        }
         Ok(Some((issued, TokenHash(old))))
+    }
+
+    /// Whether session `id` was ended (its marker, written first by [`Compat::forget`]).
+    async fn ended_meanwhile(&self, id: &str) -> Result<bool, GatewayError> {
+        self.store
+            .get_expiring(Space::CompatEnded, id, self.clock.now_ms())
+            .await
+            .map(|m| m.is_some())
+            .map_err(store_failure)
     }
 }
 

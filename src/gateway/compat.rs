@@ -577,6 +577,10 @@ async fn logout_all(
         .collect();
     devices.sort_unstable();
     devices.dedup();
+    // The caller's device last: its sign-out ends the caller's session, and until every
+    // other device is done a failure must leave the caller a session to retry with.
+    let own_device = identity.device_id.as_deref();
+    devices.sort_by_key(|d| Some(*d) == own_device);
     for device in devices {
         if let Err(e) = gw
             .notifier

@@ -152,17 +152,19 @@ impl Notifier {
                 until,
             })
             .await;
-        self.end_compat_sessions(&selector, now).await
+        Ok(())
     }
 
-    /// Ends the compat sessions a revocation just recorded covers (their records are deleted
-    /// from the store, their tokens purged). The revocation refuses them already, but it is
-    /// forgotten after the retention, and a session tied to an OP grant may live longer: it
-    /// must not come back then. The caller signs the devices out upstream as for any session.
-    async fn end_compat_sessions(&self, selector: &Selector, at: u64) -> Result<(), GatewayError> {
+    /// Ends the compat sessions a sign-out covers (their records are deleted from the store,
+    /// their tokens purged), once its devices were signed out upstream: until then a failed
+    /// sign-out is retried by the client with the same session. The revocation refuses them
+    /// already, but it is forgotten after the retention, and a session tied to an OP grant may
+    /// live longer: it must not come back then.
+    async fn end_compat_sessions(&self, selector: &Selector) -> Result<(), GatewayError> {
         let Some(compat) = self.verifier.compat() else {
             return Ok(());
         };
+        let at = self.clock.now_ms();
         let split = |key: &str| {
             key.split_once(crate::auth::identity::ISSUER_SEP)
                 .map(|(i, v)| (i.to_owned(), v.to_owned()))
@@ -183,19 +185,16 @@ impl Notifier {
                     .collect(),
                 None => BTreeSet::new(),
             },
-            Selector::Session(key) => match split(key) {
-                Some((issuer, sid)) => self
-                    .binder
-                    .session_devices(&issuer, &sid)
-                    .await
-                    .map_err(unavailable)?
-                    .into_iter()
-                    .map(|(user, _)| user)
-                    .collect(),
-                None => BTreeSet::new(),
-            },
-            // A compat token's revocation ends its session where it is served.
-            Selector::Token(_) => BTreeSet::new(),
+            // The compat layer indexes its sessions by OP session itself (whatever the
+            // binding mode records).
+            Selector::Session(key) => {
+                compat.end_op_session(key).await?;
+                return Ok(());
+            }
+            Selector::Token(hash) => {
+                compat.end_token(hash).await?;
+                return Ok(());
+            }
         };
         for user in users {
             for live in compat.sessions_of(&user).await? {
@@ -302,9 +301,11 @@ impl Notifier {
         sub: Option<&str>,
         source: Source,
     ) -> Result<SignOut, GatewayError> {
+        let selector;
         let (purged, mut pairs) = if let Some(sid) = sid {
             let key = issuer_scoped(issuer, sid);
-            self.revoke(Selector::Session(key.clone())).await?;
+            selector = Selector::Session(key.clone());
+            self.revoke(selector.clone()).await?;
             let purged = self
                 .verifier
                 .purge_where(|i| i.session_key().as_deref() == Some(key.as_str()))
@@ -319,7 +320,8 @@ impl Notifier {
             (purged.len(), pairs)
         } else if let Some(sub) = sub {
             let key = issuer_scoped(issuer, sub);
-            self.revoke(Selector::Subject(key.clone())).await?;
+            selector = Selector::Subject(key.clone());
+            self.revoke(selector.clone()).await?;
             let purged = self.verifier.purge_where(|i| i.subject_key() == key).await;
             let mut pairs = Self::pairs(&purged);
             if let Ok(Some(user)) = self.binder.user_of_subject(issuer, sub).await {
@@ -333,7 +335,9 @@ impl Notifier {
             return Ok(SignOut::default());
         };
         pairs.retain(|(_, d)| !d.is_empty());
-        self.sign_out(source, pairs, purged).await
+        let out = self.sign_out(source, pairs, purged).await?;
+        self.end_compat_sessions(&selector).await?;
+        Ok(out)
     }
 
     /// Revokes one session (user + device): refuses its tokens, signs the device out.
@@ -344,20 +348,25 @@ impl Notifier {
         source: Source,
     ) -> Result<SignOut, GatewayError> {
         let selector = Selector::Device(user.to_owned(), device.to_owned());
-        self.record(selector, source == Source::Revocation).await?;
+        self.record(selector.clone(), source == Source::Revocation)
+            .await?;
         let purged = self
             .verifier
             .purge_where(|i| i.user_id == user && i.device_id.as_deref() == Some(device))
             .await;
         let pairs = BTreeSet::from([(user.to_owned(), device.to_owned())]);
-        self.sign_out(source, pairs, purged.len()).await
+        let out = self.sign_out(source, pairs, purged.len()).await?;
+        self.end_compat_sessions(&selector).await?;
+        Ok(out)
     }
 
     /// Signs out every session of a user.
     pub async fn logout_user(&self, user: &str, source: Source) -> Result<SignOut, GatewayError> {
-        self.revoke(Selector::User(user.to_owned())).await?;
+        let selector = Selector::User(user.to_owned());
+        self.revoke(selector.clone()).await?;
         let purged = self.verifier.purge_where(|i| i.user_id == user).await;
         let devices = self.binder.sign_out_user(user).await?;
+        self.end_compat_sessions(&selector).await?;
         tracing::info!(source = source.as_label(), user = %user, "all sessions signed out");
         Ok(SignOut {
             purged: purged.len(),
@@ -379,19 +388,23 @@ impl Notifier {
                 let hash = TokenHash::of(&token);
                 self.revoke(Selector::Token(hash)).await?;
                 self.verifier.purge_token_everywhere(&hash).await;
+                self.end_compat_sessions(&Selector::Token(hash)).await?;
                 1
             }
             Purge::Subject(issuer, sub) => {
                 let key = issuer_scoped(&issuer, &sub);
-                self.revoke(Selector::Subject(key.clone())).await?;
-                self.verifier
-                    .purge_where(|i| i.subject_key() == key)
-                    .await
-                    .len()
+                let selector = Selector::Subject(key.clone());
+                self.revoke(selector.clone()).await?;
+                let purged = self.verifier.purge_where(|i| i.subject_key() == key).await;
+                self.end_compat_sessions(&selector).await?;
+                purged.len()
             }
             Purge::User(user) => {
-                self.revoke(Selector::User(user.clone())).await?;
-                self.verifier.purge_where(|i| i.user_id == user).await.len()
+                let selector = Selector::User(user.clone());
+                self.revoke(selector.clone()).await?;
+                let purged = self.verifier.purge_where(|i| i.user_id == user).await;
+                self.end_compat_sessions(&selector).await?;
+                purged.len()
             }
         })
     }

@@ -231,6 +231,11 @@ pub enum Space {
     CompatGrant,
     /// The lease of a compat session's grant check (session ID → holder).
     CompatGrantLease,
+    /// An OP session's compat sessions (set: issuer-scoped `sid` → session IDs).
+    CompatOpSessions,
+    /// A compat session that was ended (session ID → marker), so that a `/refresh` racing
+    /// the end does not bring it back.
+    CompatEnded,
 }
 
 impl Space {
@@ -245,6 +250,8 @@ impl Space {
             Space::CompatUserSessions => "cus",
             Space::CompatGrant => "cg",
             Space::CompatGrantLease => "cgl",
+            Space::CompatOpSessions => "cos",
+            Space::CompatEnded => "cend",
         }
     }
 }
