@@ -547,6 +547,9 @@ async fn the_ops_backchannel_logout_of_the_session_ends_the_compat_session() {
         .unwrap();
     assert_eq!(r.status(), 200, "{:?}", r.text().await);
     assert_matrix_error(sync(&gw, &access).await, 401, "M_UNKNOWN_TOKEN").await;
+    // Ended in the store too (not only refused while the revocation is remembered), in this
+    // binding mode that records no OP sessions of its own.
+    assert!(admin_sessions(&gw, "@alice:example.org").await.is_empty());
 }
 
 /// The OP's answer is bound to this sign-in: an ID token with another nonce, issuer or
@@ -1371,7 +1374,7 @@ async fn a_recorded_sign_out_ends_the_compat_sessions_it_covers() {
     let (f, gw) = setup("").await;
     let a = compat_session(&f, &gw, 11, "alice").await;
     let _b = compat_session(&f, &gw, 12, "alice").await;
-    let _c = compat_session(&f, &gw, 13, "bob").await;
+    let c = compat_session(&f, &gw, 13, "bob").await;
     assert_eq!(admin_sessions(&gw, "@alice:example.org").await.len(), 2);
     let r = client()
         .post(gw.admin_url("/admin/v1/users/@alice:example.org/logout"))
@@ -1384,6 +1387,16 @@ async fn a_recorded_sign_out_ends_the_compat_sessions_it_covers() {
     assert!(admin_sessions(&gw, "@alice:example.org").await.is_empty());
     assert_eq!(admin_sessions(&gw, "@bob:example.org").await.len(), 1);
     assert_matrix_error(sync(&gw, &a).await, 401, "M_UNKNOWN_TOKEN").await;
+    // An admin purge of one compat token ends its session as well.
+    let r = client()
+        .post(gw.admin_url("/admin/v1/cache/purge"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"token": c}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(admin_sessions(&gw, "@bob:example.org").await.is_empty());
 }
 
 /// A password login naming a device takes it over: the user's earlier compat session on it
