@@ -1523,8 +1523,11 @@ async fn one_grant_check_runs_at_a_time_across_replicas() {
 /// last, after every other device is signed out.
 #[tokio::test]
 async fn a_failed_upstream_sign_out_leaves_the_session_for_the_retry() {
-    let (f, toml) =
-        setup_config_hs("kind = \"dendrite\"\nas_token = \"as-token\"", "password_login = true").await;
+    let (f, toml) = setup_config_hs(
+        "kind = \"dendrite\"\nas_token = \"as-token\"",
+        "password_login = true",
+    )
+    .await;
     op_password(&f, "alice", "pw", "alice").await;
     for (p, answer) in [
         ("/_matrix/client/v3/register", json!({})),
@@ -1558,7 +1561,10 @@ async fn a_failed_upstream_sign_out_leaves_the_session_for_the_retry() {
     let mut body = password_body("alice", "pw");
     body["device_id"] = json!("ALICEDEV01");
     let session: Value = login(&gw, body).await.json().await.unwrap();
-    let access = session["access_token"].as_str().expect("a session").to_owned();
+    let access = session["access_token"]
+        .as_str()
+        .expect("a session")
+        .to_owned();
     let logout = || {
         client()
             .post(gw.url("/_matrix/client/v3/logout"))
