@@ -897,6 +897,24 @@ async fn op_password(f: &Fakes, user: &str, password: &str, as_user: &'static st
                 "access_token": format!("op-pw-{device}"),
                 "token_type": "Bearer",
                 "expires_in": 300,
+                "refresh_token": format!("op-pw-rt-{device}"),
+            }))
+        })
+        .mount(&f.op)
+        .await;
+    // Its grants refresh (the same access token again).
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("refresh_token=op-pw-rt-"))
+        .respond_with(move |req: &wiremock::Request| {
+            let q = form(req);
+            let device = q["refresh_token"]
+                .strip_prefix("op-pw-rt-")
+                .unwrap()
+                .to_owned();
+            ResponseTemplate::new(200).set_body_json(json!({
+                "access_token": format!("op-pw-{device}"),
+                "token_type": "Bearer",
             }))
         })
         .mount(&f.op)
@@ -1580,4 +1598,69 @@ async fn a_failed_upstream_sign_out_leaves_the_session_for_the_retry() {
     );
     assert_eq!(logout().await.unwrap().status(), 200, "the retry");
     assert!(admin_sessions(&gw, "@alice:example.org").await.is_empty());
+}
+
+/// A sign-out whose upstream step keeps failing still ends the session for good: its token is
+/// refused at once, and stays refused after the revocation is forgotten, although the session
+/// has an OP grant the OP keeps confirming (its record stays for the retry of the sign-out).
+#[tokio::test]
+async fn a_sign_out_that_fails_upstream_never_lets_the_session_back() {
+    let (f, toml) = setup_config_hs(
+        "kind = \"dendrite\"\nas_token = \"as-token\"",
+        "password_login = true\ngrant_check_interval = \"1s\"\n\n[cache]\nmax_ttl = \"1s\"\nnegative_ttl = \"1s\"\n\n[notifications]\nrevocation_retention = \"3s\"",
+    )
+    .await;
+    op_password(&f, "alice", "pw", "alice").await;
+    for (p, answer) in [
+        ("/_matrix/client/v3/register", json!({})),
+        (
+            "/_matrix/client/v3/login",
+            json!({"access_token": "alice-upstream", "device_id": "ALICEDEV01"}),
+        ),
+    ] {
+        Mock::given(method("POST"))
+            .and(path(p))
+            .respond_with(ResponseTemplate::new(200).set_body_json(answer))
+            .with_priority(1)
+            .mount(&f.hs)
+            .await;
+    }
+    Mock::given(method("POST"))
+        .and(path("/_matrix/client/v3/logout"))
+        .respond_with(ResponseTemplate::new(500).set_body_json(json!({"errcode": "M_UNKNOWN"})))
+        .with_priority(1)
+        .mount(&f.hs)
+        .await;
+    let gw = spawn(&toml).await;
+    let mut body = password_body("alice", "pw");
+    body["device_id"] = json!("ALICEDEV01");
+    let session: Value = login(&gw, body).await.json().await.unwrap();
+    let access = session["access_token"]
+        .as_str()
+        .expect("a session")
+        .to_owned();
+    assert_eq!(sync(&gw, &access).await.status(), 200);
+    assert_eq!(
+        admin_sessions(&gw, "@alice:example.org").await[0]["op_grant"],
+        true
+    );
+    let r = client()
+        .post(gw.url("/_matrix/client/v3/logout"))
+        .bearer_auth(&access)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    // The client gives up. Past the retention (3 s) the revocation is forgotten.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        assert_eq!(
+            sync(&gw, &access).await.status(),
+            401,
+            "a signed-out session came back after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

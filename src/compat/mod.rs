@@ -300,6 +300,11 @@ impl LiveSession {
         })
     }
 
+    /// Its ID.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     /// Its identity (user, device, OP session).
     pub fn identity(&self) -> &Identity {
         &self.session.identity
@@ -706,8 +711,8 @@ impl Compat {
     /// resource-owner password grant (RFC 6749 §4.3) for the user `localpart`, for the device
     /// `device_id`; the result must be this server's `user_id`. Attempts are charged to the
     /// user's and the client address's budgets first (429); the OP's refusal, or an answer
-    /// for another user, is 403 `M_FORBIDDEN`; an OP that cannot answer, 503 (the attempt is
-    /// given back). The password goes to the OP's token endpoint and nowhere else: never
+    /// for another user, is 403 `M_FORBIDDEN`; an OP that cannot answer, 503 (the attempt
+    /// counts all the same). The password goes to the OP's token endpoint and nowhere else: never
     /// logged, never stored.
     pub async fn password_grant<F, Fut>(
         &self,
@@ -956,6 +961,14 @@ impl Compat {
         if session.access != key {
             return Ok(None);
         }
+        // Signed out (its devices' upstream sign-out may still be pending).
+        if self
+            .ended_meanwhile(&id)
+            .await
+            .map_err(|_| OpFailure::Unreachable)?
+        {
+            return Ok(None);
+        }
         if session.op_grant {
             let grant = self.grant_of(&id, now).await.map_err(|e| {
                 tracing::error!(error = %e, "compat: state store failed");
@@ -981,12 +994,16 @@ impl Compat {
                     match checked {
                         // Still there after the check (it may have ended meanwhile)?
                         GrantCheck::Renewed | GrantCheck::Skipped => {
-                            let still = self.session_by_id(&id, self.clock.now_ms()).await;
-                            if !matches!(still, Ok(Some(_))) {
-                                return still.map(|_| None).map_err(|e| {
+                            let still = self
+                                .session_by_id(&id, self.clock.now_ms())
+                                .await
+                                .map_err(|e| {
                                     tracing::error!(error = %e, "compat: state store failed");
                                     OpFailure::Unreachable
-                                });
+                                })?;
+                            // Ended, or refreshed (this token replaced) meanwhile.
+                            if still.is_none_or(|s| s.access != key) {
+                                return Ok(None);
                             }
                         }
                         GrantCheck::Ended => return Ok(None),
@@ -1042,47 +1059,46 @@ impl Compat {
     /// replicas and requests one checks it (two refreshes with one refresh token would look
     /// like a stolen token to the OP, which then revokes the grant).
     async fn check_grant(&self, id: &str) -> GrantCheck {
+        let started = std::time::Instant::now();
         let now = self.clock.now_ms();
+        let holder = new_token("");
         let claimed = self
             .store
             .claim_expiring(
                 Space::CompatGrantLease,
                 id,
-                "1",
+                &holder,
                 now.saturating_add(self.lease_ms()),
                 now,
             )
             .await;
         let result = match claimed {
             Ok(true) => {
-                let started = std::time::Instant::now();
                 let result = self.check_leased_grant(id, now).await;
-                // Done: the lease goes (after a failure it is taken again as the backoff),
-                // unless the check outlived it (another check may hold it now).
+                // Done: this check's lease goes (only while it is surely still this check's,
+                // and only if it still holds it); after a failure a backoff is claimed, unless
+                // another check holds the key.
                 if started.elapsed().as_millis() < u128::from(self.lease_ms()) {
-                    let released = self
+                    if let Err(e) = self
                         .store
-                        .delete_expiring(Space::CompatGrantLease, id)
-                        .await;
-                    let backoff = match (&released, result) {
-                        (Ok(()), GrantCheck::Failed) => {
-                            let at = self.clock.now_ms();
-                            self.store
-                                .claim_expiring(
-                                    Space::CompatGrantLease,
-                                    id,
-                                    "backoff",
-                                    at.saturating_add(self.backoff_ms()),
-                                    at,
-                                )
-                                .await
-                                .map(|_| ())
-                        }
-                        _ => Ok(()),
-                    };
-                    if let Err(e) = released.and(backoff) {
+                        .delete_expiring_if(Space::CompatGrantLease, id, &holder)
+                        .await
+                    {
                         tracing::warn!(error = %e, "compat: a grant check's lease stays until it expires");
                     }
+                }
+                if result == GrantCheck::Failed {
+                    let at = self.clock.now_ms();
+                    let _ = self
+                        .store
+                        .claim_expiring(
+                            Space::CompatGrantLease,
+                            id,
+                            "backoff",
+                            at.saturating_add(self.backoff_ms()),
+                            at,
+                        )
+                        .await;
                 }
                 result
             }
@@ -1114,6 +1130,11 @@ impl Compat {
         };
         if self.grant_state(&grant, now) == GrantState::Fresh {
             return GrantCheck::Skipped;
+        }
+        match self.ended_meanwhile(id).await {
+            Ok(false) => {}
+            Ok(true) => return self.ended(id, &session).await,
+            Err(_) => return GrantCheck::Failed,
         }
         let mut access = [0u8; 32];
         if hex::decode_to_slice(&session.access, &mut access).is_err()
@@ -1182,11 +1203,15 @@ impl Compat {
                             && now_granted.access == crate::auth::Access::Full =>
                     {
                         grant.checked_ms = self.clock.now_ms();
-                        if self.put_grant(id, &grant, session.ends_ms).await {
-                            GrantCheck::Renewed
-                        } else {
-                            GrantCheck::Failed
+                        if !self.put_grant(id, &grant, session.ends_ms).await {
+                            return GrantCheck::Failed;
                         }
+                        // Ended meanwhile: the record just written goes too.
+                        if !matches!(self.ended_meanwhile(id).await, Ok(false)) {
+                            let _ = self.store.delete_expiring(Space::CompatGrant, id).await;
+                            return GrantCheck::Skipped;
+                        }
+                        GrantCheck::Renewed
                     }
                     Err(GatewayError::OpUnavailable(_)) => GrantCheck::Failed,
                     Ok(_) | Err(_) => {
@@ -1388,37 +1413,61 @@ impl Compat {
         Ok(live)
     }
 
-    /// Ends the compat sessions of an OP session (issuer-scoped `sid`), after its devices
-    /// were signed out.
-    pub async fn end_op_session(&self, op_session: &str) -> Result<(), GatewayError> {
+    /// The compat sessions of an OP session (issuer-scoped `sid`).
+    pub async fn sessions_of_op_session(
+        &self,
+        op_session: &str,
+    ) -> Result<Vec<LiveSession>, GatewayError> {
         let now = self.clock.now_ms();
         let ids = self
             .store
             .members(Space::CompatOpSessions, op_session, now)
             .await
             .map_err(store_failure)?;
+        let mut live = Vec::new();
         for id in ids {
             if let Some(session) = self.session_by_id(&id, now).await.map_err(store_failure)? {
                 if session.identity.session_key().as_deref() == Some(op_session) {
-                    self.forget(&id, &session).await?;
+                    live.extend(LiveSession::of(id, session));
                 }
             }
         }
-        Ok(())
+        Ok(live)
     }
 
-    /// Ends the compat session whose access token has hash `token` (a token revocation or
-    /// purge), if any.
-    pub async fn end_token(&self, token: &TokenHash) -> Result<(), GatewayError> {
+    /// The compat session one of whose tokens (access or refresh) has hash `token`.
+    pub async fn session_of_token(
+        &self,
+        token: &TokenHash,
+    ) -> Result<Option<LiveSession>, GatewayError> {
         let key = hex::encode(token.0);
-        let found = self
-            .session_of(Space::CompatAccess, &key, self.clock.now_ms())
-            .await
-            .map_err(GatewayError::OpUnavailable)?;
-        if let Some((id, session)) = found.filter(|(_, s)| s.access == key) {
-            self.forget(&id, &session).await?;
+        let now = self.clock.now_ms();
+        for space in [Space::CompatAccess, Space::CompatRefresh] {
+            let found = self
+                .session_of(space, &key, now)
+                .await
+                .map_err(GatewayError::OpUnavailable)?;
+            if let Some((id, session)) =
+                found.filter(|(_, s)| s.access == key || s.refresh.as_deref() == Some(key.as_str()))
+            {
+                return Ok(LiveSession::of(id, session));
+            }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Marks a session signed out for good (a sign-out covers it): it is refused from now
+    /// on, whether or not its records are deleted later.
+    pub async fn mark_signed_out(&self, live: &LiveSession) -> Result<(), GatewayError> {
+        self.store
+            .put_expiring(
+                Space::CompatEnded,
+                &live.id,
+                "1",
+                live.session.ends_ms.max(1),
+            )
+            .await
+            .map_err(store_failure)
     }
 
     /// Ends `user_id`'s compat sessions on `device_id` (a new sign-in takes the device over, as

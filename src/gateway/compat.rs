@@ -523,13 +523,13 @@ struct LogoutAllRequest {
     only_compat_is_fine: bool,
 }
 
-/// `POST /logout/all` with a valid compat access token and `io.element.only_compat_is_fine`:
-/// every compat session of the user ends. Only sessions of the caller's own OP subject (after a
-/// user name moved to a new subject, an old session cannot end the new owner's), and the
-/// caller's own session always (also one the per-user index does not know). First every
-/// device is refused and signed out upstream; only then do the sessions end, the caller's
-/// last: a failure answers 503 and the retry, with the same token, finds everything not yet
-/// ended. Without the flag, or with an OAuth token: the usual 404 (signing out everywhere is
+/// `POST /logout/all` with a compat access token of a live session (expired or signed out
+/// too, as `/logout` takes it) and `io.element.only_compat_is_fine`: every compat session of
+/// the user ends. Only sessions of the caller's own OP subject (after a user name moved to a
+/// new subject, an old session cannot end the new owner's), and the caller's own session
+/// always (also one the per-user index does not know). Each device is refused and signed out
+/// upstream, the caller's last, and its sessions end once that worked: a failure answers 503
+/// and the retry, with the same token, finds everything not yet ended. Without the flag, or with an OAuth token: the usual 404 (signing out everywhere is
 /// the OP's).
 async fn logout_all(
     gw: &Gateway,
@@ -540,11 +540,15 @@ async fn logout_all(
         Ok(t) => t,
         Err(e) => return Ok(Err(e)),
     };
-    let client = client_of(gw, session);
-    // Verified like any request (expiry, revocations; a token not cached is charged to the
-    // address), then held to the user's pin and tombstone like a refresh.
-    let identity = match gw.verifier.verify(&token, client).await.result {
-        Ok(i) => i,
+    // The token's session, found as `/logout` finds it (one store lookup, charged to the
+    // address): expired or already signed out too, so that the retry of a sign-out that
+    // failed upstream can finish it. Then held to the user's pin and tombstone like a refresh.
+    if let Err(e) = charge(gw, session) {
+        return Ok(Err(e));
+    }
+    let identity = match compat.session_identity(TokenKind::Access, &token).await {
+        Ok(Some(i)) => i,
+        Ok(None) => return Ok(Err(GatewayError::UnknownToken(RejectReason::Inactive))),
         Err(e) => return Ok(Err(e)),
     };
     if let Err(e) = gw.binder.check_user(&identity).await {

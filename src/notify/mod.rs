@@ -18,6 +18,7 @@ use crate::auth::revocations::{RevokeError, Selector};
 use crate::auth::{Identity, TokenHash, Verifier};
 use crate::binding::Binder;
 use crate::clock::SharedClock;
+use crate::compat::LiveSession;
 use crate::error::{BindingFailure, GatewayError};
 use crate::store::redis::Event;
 use logout_token::{LogoutRejection, LogoutValidator};
@@ -123,14 +124,23 @@ impl Notifier {
         &self.binder
     }
 
-    /// Records and publishes a revocation (never refused for a full list).
-    async fn revoke(&self, selector: Selector) -> Result<(), GatewayError> {
+    /// Records and publishes a revocation (never refused for a full list); the compat
+    /// sessions it covers, marked signed out.
+    async fn revoke(&self, selector: Selector) -> Result<Vec<LiveSession>, GatewayError> {
         self.record(selector, false).await
     }
 
     /// Records and publishes a revocation; `capped` ones (the revocation proxy's: anyone can
-    /// cause them) are refused when the list is full.
-    async fn record(&self, selector: Selector, capped: bool) -> Result<(), GatewayError> {
+    /// cause them) are refused when the list is full. The compat sessions it covers are marked
+    /// signed out in the store for good (refused, whatever happens to the revocation, which is
+    /// forgotten after the retention, while a session tied to an OP grant may live longer);
+    /// they are returned, for the caller to end once their devices were signed out upstream
+    /// (until then a failed sign-out can be retried with the same session).
+    async fn record(
+        &self,
+        selector: Selector,
+        capped: bool,
+    ) -> Result<Vec<LiveSession>, GatewayError> {
         let now = self.clock.now_ms();
         let until = now + self.retention.as_millis() as u64;
         let key = selector.key();
@@ -152,19 +162,24 @@ impl Notifier {
                 until,
             })
             .await;
-        Ok(())
+        let covered = self.covered_compat(&selector, now).await?;
+        if let Some(compat) = self.verifier.compat() {
+            for live in &covered {
+                compat.mark_signed_out(live).await?;
+            }
+        }
+        Ok(covered)
     }
 
-    /// Ends the compat sessions a sign-out covers (their records are deleted from the store,
-    /// their tokens purged), once its devices were signed out upstream: until then a failed
-    /// sign-out is retried by the client with the same session. The revocation refuses them
-    /// already, but it is forgotten after the retention, and a session tied to an OP grant may
-    /// live longer: it must not come back then.
-    async fn end_compat_sessions(&self, selector: &Selector) -> Result<(), GatewayError> {
+    /// The compat sessions a revocation of `selector` made at `at` covers.
+    async fn covered_compat(
+        &self,
+        selector: &Selector,
+        at: u64,
+    ) -> Result<Vec<LiveSession>, GatewayError> {
         let Some(compat) = self.verifier.compat() else {
-            return Ok(());
+            return Ok(Vec::new());
         };
-        let at = self.clock.now_ms();
         let split = |key: &str| {
             key.split_once(crate::auth::identity::ISSUER_SEP)
                 .map(|(i, v)| (i.to_owned(), v.to_owned()))
@@ -173,6 +188,7 @@ impl Notifier {
             tracing::error!(error = %e, "cannot find the compat sessions a revocation covers");
             GatewayError::BindingUnavailable(BindingFailure::Store)
         };
+        let mut found = Vec::new();
         let users: BTreeSet<String> = match selector {
             Selector::User(u) | Selector::Device(u, _) => BTreeSet::from([u.clone()]),
             Selector::Subject(key) => match split(key) {
@@ -185,27 +201,59 @@ impl Notifier {
                     .collect(),
                 None => BTreeSet::new(),
             },
-            // The compat layer indexes its sessions by OP session itself (whatever the
-            // binding mode records).
+            // The compat layer's own index of OP sessions (whatever the binding mode
+            // records), and the users the binding saw in that OP session.
             Selector::Session(key) => {
-                compat.end_op_session(key).await?;
-                return Ok(());
+                found.extend(compat.sessions_of_op_session(key).await?);
+                match split(key) {
+                    Some((issuer, sid)) => self
+                        .binder
+                        .session_devices(&issuer, &sid)
+                        .await
+                        .map_err(unavailable)?
+                        .into_iter()
+                        .map(|(user, _)| user)
+                        .collect(),
+                    None => BTreeSet::new(),
+                }
             }
             Selector::Token(hash) => {
-                compat.end_token(hash).await?;
-                return Ok(());
+                found.extend(compat.session_of_token(hash).await?);
+                BTreeSet::new()
             }
         };
         for user in users {
             for live in compat.sessions_of(&user).await? {
                 if crate::auth::revocations::matches(selector, at, live.identity()) {
-                    compat.end(&live).await?;
-                    self.verifier.purge_token_everywhere(&live.access).await;
-                    tracing::info!(user = %user, device = ?live.identity().device_id, "compat session ended by a revocation");
+                    found.push(live);
                 }
             }
         }
+        found.sort_by(|a, b| a.id().cmp(b.id()));
+        found.dedup_by(|a, b| a.id() == b.id());
+        Ok(found)
+    }
+
+    /// Ends compat sessions a sign-out covered, once their devices were signed out upstream:
+    /// their records are deleted from the store, their tokens purged.
+    async fn end_compat(&self, covered: &[LiveSession]) -> Result<(), GatewayError> {
+        let Some(compat) = self.verifier.compat() else {
+            return Ok(());
+        };
+        for live in covered {
+            compat.end(live).await?;
+            self.verifier.purge_token_everywhere(&live.access).await;
+            tracing::info!(user = %live.identity().user_id, device = ?live.identity().device_id, "compat session ended by a sign-out");
+        }
         Ok(())
+    }
+
+    /// The (user, device) pairs of compat sessions, to sign out upstream.
+    fn compat_pairs(covered: &[LiveSession]) -> impl Iterator<Item = (String, String)> + '_ {
+        covered.iter().filter_map(|l| {
+            let i = l.identity();
+            i.device_id.clone().map(|d| (i.user_id.clone(), d))
+        })
     }
 
     /// Signs every pair out upstream (all are tried); an error when any of them failed, so
@@ -301,11 +349,10 @@ impl Notifier {
         sub: Option<&str>,
         source: Source,
     ) -> Result<SignOut, GatewayError> {
-        let selector;
+        let covered;
         let (purged, mut pairs) = if let Some(sid) = sid {
             let key = issuer_scoped(issuer, sid);
-            selector = Selector::Session(key.clone());
-            self.revoke(selector.clone()).await?;
+            covered = self.revoke(Selector::Session(key.clone())).await?;
             let purged = self
                 .verifier
                 .purge_where(|i| i.session_key().as_deref() == Some(key.as_str()))
@@ -320,8 +367,7 @@ impl Notifier {
             (purged.len(), pairs)
         } else if let Some(sub) = sub {
             let key = issuer_scoped(issuer, sub);
-            selector = Selector::Subject(key.clone());
-            self.revoke(selector.clone()).await?;
+            covered = self.revoke(Selector::Subject(key.clone())).await?;
             let purged = self.verifier.purge_where(|i| i.subject_key() == key).await;
             let mut pairs = Self::pairs(&purged);
             if let Ok(Some(user)) = self.binder.user_of_subject(issuer, sub).await {
@@ -334,9 +380,10 @@ impl Notifier {
         } else {
             return Ok(SignOut::default());
         };
+        pairs.extend(Self::compat_pairs(&covered));
         pairs.retain(|(_, d)| !d.is_empty());
         let out = self.sign_out(source, pairs, purged).await?;
-        self.end_compat_sessions(&selector).await?;
+        self.end_compat(&covered).await?;
         Ok(out)
     }
 
@@ -348,25 +395,23 @@ impl Notifier {
         source: Source,
     ) -> Result<SignOut, GatewayError> {
         let selector = Selector::Device(user.to_owned(), device.to_owned());
-        self.record(selector.clone(), source == Source::Revocation)
-            .await?;
+        let covered = self.record(selector, source == Source::Revocation).await?;
         let purged = self
             .verifier
             .purge_where(|i| i.user_id == user && i.device_id.as_deref() == Some(device))
             .await;
         let pairs = BTreeSet::from([(user.to_owned(), device.to_owned())]);
         let out = self.sign_out(source, pairs, purged.len()).await?;
-        self.end_compat_sessions(&selector).await?;
+        self.end_compat(&covered).await?;
         Ok(out)
     }
 
     /// Signs out every session of a user.
     pub async fn logout_user(&self, user: &str, source: Source) -> Result<SignOut, GatewayError> {
-        let selector = Selector::User(user.to_owned());
-        self.revoke(selector.clone()).await?;
+        let covered = self.revoke(Selector::User(user.to_owned())).await?;
         let purged = self.verifier.purge_where(|i| i.user_id == user).await;
         let devices = self.binder.sign_out_user(user).await?;
-        self.end_compat_sessions(&selector).await?;
+        self.end_compat(&covered).await?;
         tracing::info!(source = source.as_label(), user = %user, "all sessions signed out");
         Ok(SignOut {
             purged: purged.len(),
@@ -378,7 +423,13 @@ impl Notifier {
     /// `M_USER_DEACTIVATED`), purge, upstream sign-out and deactivation.
     pub async fn deactivate(&self, user: &str, erase: bool) -> Result<&'static str, GatewayError> {
         self.verifier.purge_where(|i| i.user_id == user).await;
-        self.binder.deactivate(user, erase).await
+        let done = self.binder.deactivate(user, erase).await?;
+        // Its compat sessions end for good (a lifted tombstone must not bring them back).
+        let covered = self
+            .covered_compat(&Selector::User(user.to_owned()), self.clock.now_ms())
+            .await?;
+        self.end_compat(&covered).await?;
+        Ok(done)
     }
 
     /// Purges cached identities without signing anything out upstream.
@@ -386,24 +437,22 @@ impl Notifier {
         Ok(match what {
             Purge::Token(token) => {
                 let hash = TokenHash::of(&token);
-                self.revoke(Selector::Token(hash)).await?;
+                let covered = self.revoke(Selector::Token(hash)).await?;
                 self.verifier.purge_token_everywhere(&hash).await;
-                self.end_compat_sessions(&Selector::Token(hash)).await?;
+                self.end_compat(&covered).await?;
                 1
             }
             Purge::Subject(issuer, sub) => {
                 let key = issuer_scoped(&issuer, &sub);
-                let selector = Selector::Subject(key.clone());
-                self.revoke(selector.clone()).await?;
+                let covered = self.revoke(Selector::Subject(key.clone())).await?;
                 let purged = self.verifier.purge_where(|i| i.subject_key() == key).await;
-                self.end_compat_sessions(&selector).await?;
+                self.end_compat(&covered).await?;
                 purged.len()
             }
             Purge::User(user) => {
-                let selector = Selector::User(user.clone());
-                self.revoke(selector.clone()).await?;
+                let covered = self.revoke(Selector::User(user.clone())).await?;
                 let purged = self.verifier.purge_where(|i| i.user_id == user).await;
-                self.end_compat_sessions(&selector).await?;
+                self.end_compat(&covered).await?;
                 purged.len()
             }
         })

@@ -66,8 +66,9 @@ impl Notifier {
         if answer.0 == 200 {
             if let Some(t) = &token {
                 let hash = TokenHash::of(t);
+                // A compat token is never forwarded here (`revoke_compat`): nothing to end.
                 let recorded = match learned {
-                    Some(_) => self.record(Selector::Token(hash), true).await,
+                    Some(_) => self.record(Selector::Token(hash), true).await.map(|_| ()),
                     None => Ok(()),
                 };
                 // Purged whatever happened to the record.

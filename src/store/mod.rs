@@ -192,6 +192,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
     /// Removes the value, if any.
     async fn delete_expiring(&self, space: Space, key: &str) -> Result<(), StoreError>;
+    /// Removes the value only while it is `value` (a lease's holder letting it go, never
+    /// another holder's).
+    async fn delete_expiring_if(
+        &self,
+        space: Space,
+        key: &str,
+        value: &str,
+    ) -> Result<(), StoreError>;
     /// Adds `member` to the set (`space`, `set`) until `until_ms` (adding it again sets its
     /// expiry anew). Sets index short-lived values (a user's compat sessions).
     async fn add_member(

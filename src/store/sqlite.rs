@@ -637,6 +637,23 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn delete_expiring_if(
+        &self,
+        space: Space,
+        key: &str,
+        value: &str,
+    ) -> Result<(), StoreError> {
+        let (k, v) = (key.to_owned(), value.to_owned());
+        self.run(move |c| {
+            c.execute(
+                "DELETE FROM expiring WHERE space = ?1 AND key = ?2 AND value = ?3",
+                params![space.name(), k, v],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
     async fn delete_expiring(&self, space: Space, key: &str) -> Result<(), StoreError> {
         let k = key.to_owned();
         self.run(move |c| {

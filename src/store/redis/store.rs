@@ -468,6 +468,21 @@ impl Store for RedisStore {
         Ok(set.is_some())
     }
 
+    async fn delete_expiring_if(
+        &self,
+        space: Space,
+        key: &str,
+        value: &str,
+    ) -> Result<(), StoreError> {
+        let r = &self.redis;
+        // Compare and delete in one step: never another holder's lease.
+        let script = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+            return redis.call('DEL', KEYS[1]) else return 0 end";
+        r.q::<i64>(&eval(script, &[r.key(&["x", space.name(), key])], &[value]))
+            .await
+            .map(|_| ())
+    }
+
     async fn delete_expiring(&self, space: Space, key: &str) -> Result<(), StoreError> {
         let r = &self.redis;
         r.q::<()>(redis::cmd("DEL").arg(r.key(&["x", space.name(), key])))
