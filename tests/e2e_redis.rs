@@ -712,6 +712,24 @@ async fn expiring_values_on_redis_are_shared_and_taken_once() {
         .claim_expiring(Space::CompatGrantLease, "sess2", "held", now + 60_000, now)
         .await
         .unwrap());
+    // Let go only by its holder.
+    let sp = Space::CompatGrantLease;
+    stores[1]
+        .delete_expiring_if(sp, "sess2", "other")
+        .await
+        .unwrap();
+    assert!(!stores[1]
+        .claim_expiring(sp, "sess2", "x", now + 60_000, now)
+        .await
+        .unwrap());
+    stores[1]
+        .delete_expiring_if(sp, "sess2", "held")
+        .await
+        .unwrap();
+    assert!(stores[1]
+        .claim_expiring(sp, "sess2", "x", now + 60_000, now)
+        .await
+        .unwrap());
 
     let takes = futures_util::future::join_all(
         (0..16).map(|i| stores[i % 2].take_expiring(Space::LoginToken, "t1", now)),

@@ -900,6 +900,19 @@ mod tests {
             .claim_expiring(sp, "other", "x", 2_000, 1_000)
             .await
             .unwrap());
+        // Let go only by its holder.
+        s.delete_expiring_if(sp, "sess", "someone-else")
+            .await
+            .unwrap();
+        assert!(!s
+            .claim_expiring(sp, "sess", "late", 3_000, 1_500)
+            .await
+            .unwrap());
+        s.delete_expiring_if(sp, "sess", "next").await.unwrap();
+        assert!(s
+            .claim_expiring(sp, "sess", "late", 3_000, 1_500)
+            .await
+            .unwrap());
     }
 
     #[tokio::test]
