@@ -44,18 +44,7 @@ async fn setup_config(extra: &str) -> (Fakes, String) {
 /// [`setup_config`] with `hs` added to `[homeserver]`.
 async fn setup_config_hs(hs: &str, extra: &str) -> (Fakes, String) {
     let f = Fakes::start().await;
-    let op = f.op.uri();
-    Mock::given(method("GET"))
-        .and(path("/.well-known/openid-configuration"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "issuer": format!("{op}/"),
-            "authorization_endpoint": format!("{op}/authorize"),
-            "token_endpoint": format!("{op}/token"),
-            "introspection_endpoint": format!("{op}/introspect"),
-            "jwks_uri": format!("{op}/jwks"),
-        })))
-        .mount(&f.op)
-        .await;
+    mount_op_discovery(&f.op).await;
     let jwk: Value = serde_json::from_str(&fixture("rsa1.jwk.json")).unwrap();
     Mock::given(method("GET"))
         .and(path("/jwks"))
@@ -1547,20 +1536,7 @@ async fn a_failed_upstream_sign_out_leaves_the_session_for_the_retry() {
     )
     .await;
     op_password(&f, "alice", "pw", "alice").await;
-    for (p, answer) in [
-        ("/_matrix/client/v3/register", json!({})),
-        (
-            "/_matrix/client/v3/login",
-            json!({"access_token": "alice-upstream", "device_id": "ALICEDEV01"}),
-        ),
-    ] {
-        Mock::given(method("POST"))
-            .and(path(p))
-            .respond_with(ResponseTemplate::new(200).set_body_json(answer))
-            .with_priority(1)
-            .mount(&f.hs)
-            .await;
-    }
+    mount_alice_provisioning(&f.hs).await;
     // The homeserver fails the first upstream logout, then recovers.
     Mock::given(method("POST"))
         .and(path("/_matrix/client/v3/logout"))
@@ -1576,13 +1552,7 @@ async fn a_failed_upstream_sign_out_leaves_the_session_for_the_retry() {
         .mount(&f.hs)
         .await;
     let gw = spawn(&toml).await;
-    let mut body = password_body("alice", "pw");
-    body["device_id"] = json!("ALICEDEV01");
-    let session: Value = login(&gw, body).await.json().await.unwrap();
-    let access = session["access_token"]
-        .as_str()
-        .expect("a session")
-        .to_owned();
+    let access = alice_on_device(&gw).await;
     let logout = || {
         client()
             .post(gw.url("/_matrix/client/v3/logout"))
@@ -1611,20 +1581,7 @@ async fn a_sign_out_that_fails_upstream_never_lets_the_session_back() {
     )
     .await;
     op_password(&f, "alice", "pw", "alice").await;
-    for (p, answer) in [
-        ("/_matrix/client/v3/register", json!({})),
-        (
-            "/_matrix/client/v3/login",
-            json!({"access_token": "alice-upstream", "device_id": "ALICEDEV01"}),
-        ),
-    ] {
-        Mock::given(method("POST"))
-            .and(path(p))
-            .respond_with(ResponseTemplate::new(200).set_body_json(answer))
-            .with_priority(1)
-            .mount(&f.hs)
-            .await;
-    }
+    mount_alice_provisioning(&f.hs).await;
     Mock::given(method("POST"))
         .and(path("/_matrix/client/v3/logout"))
         .respond_with(ResponseTemplate::new(500).set_body_json(json!({"errcode": "M_UNKNOWN"})))
@@ -1632,13 +1589,7 @@ async fn a_sign_out_that_fails_upstream_never_lets_the_session_back() {
         .mount(&f.hs)
         .await;
     let gw = spawn(&toml).await;
-    let mut body = password_body("alice", "pw");
-    body["device_id"] = json!("ALICEDEV01");
-    let session: Value = login(&gw, body).await.json().await.unwrap();
-    let access = session["access_token"]
-        .as_str()
-        .expect("a session")
-        .to_owned();
+    let access = alice_on_device(&gw).await;
     assert_eq!(sync(&gw, &access).await.status(), 200);
     assert_eq!(
         admin_sessions(&gw, "@alice:example.org").await[0]["op_grant"],
@@ -1663,4 +1614,15 @@ async fn a_sign_out_that_fails_upstream_never_lets_the_session_back() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Alice's password login on device ALICEDEV01: the compat access token.
+async fn alice_on_device(gw: &TestGateway) -> String {
+    let mut body = password_body("alice", "pw");
+    body["device_id"] = json!("ALICEDEV01");
+    let session: Value = login(gw, body).await.json().await.unwrap();
+    session["access_token"]
+        .as_str()
+        .expect("a session")
+        .to_owned()
 }

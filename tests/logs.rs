@@ -101,18 +101,7 @@ async fn raw_tokens_never_appear_in_logs() {
     assert_eq!(c.get(&q).send().await.unwrap().status(), 502);
     // Password logins (`[compat] password_login`): a right, a wrong and an OP failure.
     let f3 = Fakes::start().await;
-    let op = f3.op.uri();
-    Mock::given(method("GET"))
-        .and(path("/.well-known/openid-configuration"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "issuer": format!("{op}/"),
-            "authorization_endpoint": format!("{op}/authorize"),
-            "token_endpoint": format!("{op}/token"),
-            "introspection_endpoint": format!("{op}/introspect"),
-            "jwks_uri": format!("{op}/jwks"),
-        })))
-        .mount(&f3.op)
-        .await;
+    mount_op_discovery(&f3.op).await;
     Mock::given(method("POST"))
         .and(path("/token"))
         .and(wiremock::matchers::body_string_contains(

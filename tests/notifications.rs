@@ -402,24 +402,6 @@ async fn logout_all_that_cannot_reach_the_homeserver_is_a_503_not_a_200() {
     assert_eq!(code, 200, "{body}");
 }
 
-/// The homeserver registers alice and logs her device ALICEDEV01 in with token `alice-upstream`.
-async fn mount_alice_provisioning(hs: &wiremock::MockServer) {
-    for (p, answer) in [
-        ("/_matrix/client/v3/register", json!({})),
-        (
-            "/_matrix/client/v3/login",
-            json!({"access_token": "alice-upstream", "device_id": "ALICEDEV01"}),
-        ),
-    ] {
-        Mock::given(method("POST"))
-            .and(path(p))
-            .respond_with(ResponseTemplate::new(200).set_body_json(answer))
-            .with_priority(1)
-            .mount(hs)
-            .await;
-    }
-}
-
 async fn admin_devices(gw: &TestGateway, p: &str) -> Value {
     admin(gw, reqwest::Method::GET, p, None).await.1["devices"].clone()
 }

@@ -382,3 +382,38 @@ pub fn on_fresh_ports(cfg: &str) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// The OP's discovery document on `op` (authorization, token, introspection and JWKS
+/// endpoints under its URI).
+pub async fn mount_op_discovery(op: &MockServer) {
+    let uri = op.uri();
+    Mock::given(method("GET"))
+        .and(path("/.well-known/openid-configuration"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "issuer": format!("{uri}/"),
+            "authorization_endpoint": format!("{uri}/authorize"),
+            "token_endpoint": format!("{uri}/token"),
+            "introspection_endpoint": format!("{uri}/introspect"),
+            "jwks_uri": format!("{uri}/jwks"),
+        })))
+        .mount(op)
+        .await;
+}
+
+/// The homeserver registers alice and logs her device ALICEDEV01 in with token `alice-upstream`.
+pub async fn mount_alice_provisioning(hs: &MockServer) {
+    for (p, answer) in [
+        ("/_matrix/client/v3/register", json!({})),
+        (
+            "/_matrix/client/v3/login",
+            json!({"access_token": "alice-upstream", "device_id": "ALICEDEV01"}),
+        ),
+    ] {
+        Mock::given(method("POST"))
+            .and(path(p))
+            .respond_with(ResponseTemplate::new(200).set_body_json(answer))
+            .with_priority(1)
+            .mount(hs)
+            .await;
+    }
+}
