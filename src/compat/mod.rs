@@ -237,8 +237,9 @@ impl GrantCheck {
     }
 }
 
-/// What the compat layer needs from the rest of the gateway to end a session whose OP grant
-/// ended: the revocations, and the sign-out of its device.
+/// What the compat layer needs from the rest of the gateway: the verifier (for the OP's
+/// access tokens of sign-ins and grant checks), the revocations, and the sign-out of a
+/// session's device when its OP grant ended.
 #[async_trait::async_trait]
 pub trait SessionHooks: Send + Sync {
     /// Whether a sign-out recorded since it was issued applies to the session (its access
@@ -536,19 +537,14 @@ impl Compat {
 
     /// The browser came back from the OP with `state` and `code` (or `error`); `cookie` is
     /// the value of the browser's cookie for that state. The OP's access token is verified by
-    /// `verify` (the verifier every request goes through).
-    pub async fn finish<F, Fut>(
+    /// the verifier every request goes through ([`SessionHooks::verify`]).
+    pub async fn finish(
         &self,
         state: &str,
         code: Option<&str>,
         error: Option<&str>,
         cookie: Option<&str>,
-        verify: F,
-    ) -> Result<Finished, BrowserFault>
-    where
-        F: FnOnce(String) -> Fut,
-        Fut: std::future::Future<Output = Result<Arc<Identity>, GatewayError>>,
-    {
+    ) -> Result<Finished, BrowserFault> {
         let now = self.clock.now_ms();
         let stored = self
             .store
@@ -589,7 +585,7 @@ impl Compat {
                 BrowserFault::BadGrant
             })?;
         let signed_in = self
-            .accept_grant(granted, &pending.device_id, Some(&pending.nonce), verify)
+            .accept_grant(granted, &pending.device_id, Some(&pending.nonce))
             .await
             .map_err(|r| match r {
                 GrantRefused::Unavailable => BrowserFault::Unavailable,
@@ -624,19 +620,14 @@ impl Compat {
     }
 
     /// Checks the OP's answer to a grant the gateway asked for (a code exchange, a password
-    /// grant) and verifies its access token with `verify`: the identity of the device asked
-    /// for, with the full API scope. `nonce`: the ID token's, when the grant had one.
-    async fn accept_grant<F, Fut>(
+    /// grant) and verifies its access token like a request's: the identity of the device
+    /// asked for, with the full API scope. `nonce`: the ID token's, when the grant had one.
+    async fn accept_grant(
         &self,
         granted: TokenResponse,
         device_id: &str,
         nonce: Option<&str>,
-        verify: F,
-    ) -> Result<SignedIn, GrantRefused>
-    where
-        F: FnOnce(String) -> Fut,
-        Fut: std::future::Future<Output = Result<Arc<Identity>, GatewayError>>,
-    {
+    ) -> Result<SignedIn, GrantRefused> {
         let op_refresh = granted.refresh_token.map(OpRefresh);
         // Received straight from the token endpoint over the connection the gateway opened
         // (OIDC Core §3.1.3.7 6.): issuer, audience and nonce bind it to this sign-in. Its
@@ -662,7 +653,7 @@ impl Compat {
             }
             sid = str_claim("sid").map(str::to_owned);
         }
-        let identity = match verify(granted.access_token).await {
+        let identity = match self.hooks.verify(&granted.access_token).await {
             Ok(identity) => identity,
             Err(GatewayError::OpUnavailable(_)) => return Err(GrantRefused::Unavailable),
             Err(e) => {
@@ -714,15 +705,10 @@ impl Compat {
     /// for another user, is 403 `M_FORBIDDEN`; an OP that cannot answer, 503 (the attempt
     /// counts all the same). The password goes to the OP's token endpoint and nowhere else: never
     /// logged, never stored.
-    pub async fn password_grant<F, Fut>(
+    pub async fn password_grant(
         &self,
         login: PasswordAttempt<'_>,
-        verify: F,
-    ) -> Result<SignedIn, GatewayError>
-    where
-        F: FnOnce(String) -> Fut,
-        Fut: std::future::Future<Output = Result<Arc<Identity>, GatewayError>>,
-    {
+    ) -> Result<SignedIn, GatewayError> {
         let Some(budgets) = &self.password else {
             return Err(GatewayError::BadLogin);
         };
@@ -770,10 +756,7 @@ impl Compat {
                 return Err(GatewayError::OpUnavailable(f));
             }
         };
-        let signed_in = match self
-            .accept_grant(granted, login.device_id, None, verify)
-            .await
-        {
+        let signed_in = match self.accept_grant(granted, login.device_id, None).await {
             Ok(signed_in) => signed_in,
             Err(GrantRefused::Unavailable) => {
                 return Err(GatewayError::OpUnavailable(OpFailure::Unreachable));

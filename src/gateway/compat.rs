@@ -17,8 +17,8 @@ use crate::compat::{self, BrowserFault, Compat, Issued, SessionHooks, SignedIn, 
 use crate::error::{GatewayError, Refused, RejectReason};
 use crate::notify::Source;
 
-/// The compat layer's hooks into the gateway: revocations, and the sign-out of a session's
-/// device when its OP grant ended.
+/// The compat layer's hooks into the gateway: the verifier, revocations, and the sign-out of
+/// a session's device when its OP grant ended.
 pub(crate) struct Hooks {
     pub(crate) verifier: Arc<crate::auth::Verifier>,
     pub(crate) notifier: Arc<crate::notify::Notifier>,
@@ -195,14 +195,12 @@ async fn callback(gw: &Gateway, session: &mut Session, compat: &Compat) -> Resul
     let code = query_param(session, "code");
     let error = query_param(session, "error");
     let browser = cookie(session, &compat::cookie_name(&state));
-    let verifier = gw.verifier.clone();
     let finished = compat
         .finish(
             &state,
             code.as_deref(),
             error.as_deref(),
             browser.as_deref(),
-            |access_token| async move { verifier.verify(&access_token, None).await.result },
         )
         .await;
     let finished = match finished {
@@ -425,18 +423,14 @@ async fn password_login(
     // One OP call a client can cause without a session: the address's new-token budget too.
     charge(gw, session)?;
     let user_id = format!("@{localpart}:{server_name}");
-    let verifier = gw.verifier.clone();
     compat
-        .password_grant(
-            compat::PasswordAttempt {
-                user_id: &user_id,
-                localpart: &localpart,
-                password: &password.0,
-                device_id: &device_id,
-                client: client_of(gw, session),
-            },
-            |access_token| async move { verifier.verify(&access_token, None).await.result },
-        )
+        .password_grant(compat::PasswordAttempt {
+            user_id: &user_id,
+            localpart: &localpart,
+            password: &password.0,
+            device_id: &device_id,
+            client: client_of(gw, session),
+        })
         .await
 }
 
@@ -529,8 +523,8 @@ struct LogoutAllRequest {
 /// new subject, an old session cannot end the new owner's), and the caller's own session
 /// always (also one the per-user index does not know). Each device is refused and signed out
 /// upstream, the caller's last, and its sessions end once that worked: a failure answers 503
-/// and the retry, with the same token, finds everything not yet ended. Without the flag, or with an OAuth token: the usual 404 (signing out everywhere is
-/// the OP's).
+/// and the retry, with the same token, finds everything not yet ended. Without the flag, or
+/// with an OAuth token: the usual 404 (signing out everywhere is the OP's).
 async fn logout_all(
     gw: &Gateway,
     session: &mut Session,
