@@ -277,6 +277,16 @@ struct Session {
     op_grant: bool,
 }
 
+impl Session {
+    /// The hash of its current access token (its stored key, decoded); `None` when the record
+    /// is unreadable.
+    fn access_hash(&self) -> Option<TokenHash> {
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(&self.access, &mut hash).ok()?;
+        Some(TokenHash(hash))
+    }
+}
+
 /// A live compat session, as [`Compat::sessions_of`] finds it.
 pub struct LiveSession {
     id: String,
@@ -289,14 +299,13 @@ impl LiveSession {
     /// The session `id` as listed, unless its record is unreadable (skipped, and logged: one
     /// bad record must not stop a sign-out of the others).
     fn of(id: String, session: Session) -> Option<LiveSession> {
-        let mut access = [0u8; 32];
-        if hex::decode_to_slice(&session.access, &mut access).is_err() {
+        let Some(access) = session.access_hash() else {
             tracing::error!("compat: a session record is unreadable; skipped");
             return None;
-        }
+        };
         Some(LiveSession {
             id,
-            access: TokenHash(access),
+            access,
             session,
         })
     }
@@ -429,6 +438,22 @@ impl std::fmt::Debug for Compat {
 fn store_failure(e: crate::store::StoreError) -> GatewayError {
     tracing::error!(error = %e, "compat: state store failed");
     GatewayError::BindingUnavailable(BindingFailure::Store)
+}
+
+/// [`store_failure`] on the request path, where the verifier answers 503 for it.
+fn store_unreachable(e: crate::store::StoreError) -> OpFailure {
+    tracing::error!(error = %e, "compat: state store failed");
+    OpFailure::Unreachable
+}
+
+/// The sealing record of a login token's OP refresh token (see [`grant_context`]).
+fn login_record(login_token: &str) -> String {
+    format!("login:{}", stored_key(login_token))
+}
+
+/// The sealing record of a session's OP refresh token (see [`grant_context`]).
+fn session_record(id: &str) -> String {
+    format!("session:{id}")
 }
 
 impl Compat {
@@ -593,7 +618,7 @@ impl Compat {
             })?;
         let login_token = new_token(LOGIN_PREFIX);
         let identity = signed_in.identity;
-        let record = format!("login:{}", stored_key(&login_token));
+        let record = login_record(&login_token);
         let op_refresh = self.seal_refresh(&record, &identity, signed_in.op_refresh.as_ref());
         let grant = Grant {
             identity: identity.clone(),
@@ -787,7 +812,7 @@ impl Compat {
             .map_err(store_failure)?
             .ok_or(GatewayError::LoginRefused)?;
         let grant: Grant = serde_json::from_str(&taken).map_err(|_| GatewayError::LoginRefused)?;
-        let record = format!("login:{}", stored_key(login_token));
+        let record = login_record(login_token);
         let op_refresh = grant.op_refresh.as_deref().and_then(|sealed| {
             let sealer = self
                 .sealer
@@ -842,7 +867,7 @@ impl Compat {
         let identity = signed_in.identity;
         let id = new_token("");
         let sealed = self.seal_refresh(
-            &format!("session:{id}"),
+            &session_record(&id),
             &identity,
             signed_in.op_refresh.as_ref(),
         );
@@ -953,10 +978,7 @@ impl Compat {
             return Ok(None);
         }
         if session.op_grant {
-            let grant = self.grant_of(&id, now).await.map_err(|e| {
-                tracing::error!(error = %e, "compat: state store failed");
-                OpFailure::Unreachable
-            })?;
+            let grant = self.grant_of(&id, now).await.map_err(store_unreachable)?;
             // No grant record (its session half-forgotten): checked now, which ends it.
             match grant.map_or(GrantState::Lapsed, |g| self.grant_state(&g, now)) {
                 GrantState::Fresh => {}
@@ -980,10 +1002,7 @@ impl Compat {
                             let still = self
                                 .session_by_id(&id, self.clock.now_ms())
                                 .await
-                                .map_err(|e| {
-                                    tracing::error!(error = %e, "compat: state store failed");
-                                    OpFailure::Unreachable
-                                })?;
+                                .map_err(store_unreachable)?;
                             // Ended, or refreshed (this token replaced) meanwhile.
                             if still.is_none_or(|s| s.access != key) {
                                 return Ok(None);
@@ -1119,13 +1138,13 @@ impl Compat {
             Ok(true) => return self.ended(id, &session).await,
             Err(_) => return GrantCheck::Failed,
         }
-        let mut access = [0u8; 32];
-        if hex::decode_to_slice(&session.access, &mut access).is_err()
-            || self.hooks.revoked(&session.identity, &TokenHash(access))
+        if session
+            .access_hash()
+            .is_none_or(|access| self.hooks.revoked(&session.identity, &access))
         {
             return self.ended(id, &session).await;
         }
-        let context = grant_context(&format!("session:{id}"), &session.identity);
+        let context = grant_context(&session_record(id), &session.identity);
         let Some(refresh) = self
             .sealer
             .as_ref()
@@ -1266,22 +1285,18 @@ impl Compat {
         key: &str,
         now: u64,
     ) -> Result<Option<(String, Session)>, OpFailure> {
-        let unavailable = |e: crate::store::StoreError| {
-            tracing::error!(error = %e, "compat: state store failed");
-            OpFailure::Unreachable
-        };
         let Some(id) = self
             .store
             .get_expiring(space, key, now)
             .await
-            .map_err(unavailable)?
+            .map_err(store_unreachable)?
         else {
             return Ok(None);
         };
         Ok(self
             .session_by_id(&id, now)
             .await
-            .map_err(unavailable)?
+            .map_err(store_unreachable)?
             .map(|s| (id, s)))
     }
 
@@ -1345,9 +1360,7 @@ impl Compat {
         let s = &self.store;
         // First: a `/refresh` that read the session before this end and writes it back after
         // finds the marker and undoes its write.
-        s.put_expiring(Space::CompatEnded, id, "1", session.ends_ms.max(1))
-            .await
-            .map_err(store_failure)?;
+        self.mark_ended(id, session).await?;
         s.delete_expiring(Space::CompatAccess, &session.access)
             .await
             .map_err(store_failure)?;
@@ -1442,13 +1455,14 @@ impl Compat {
     /// Marks a session signed out for good (a sign-out covers it): it is refused from now
     /// on, whether or not its records are deleted later.
     pub async fn mark_signed_out(&self, live: &LiveSession) -> Result<(), GatewayError> {
+        self.mark_ended(&live.id, &live.session).await
+    }
+
+    /// Writes session `id`'s end marker (read by [`Compat::ended_meanwhile`]), kept as long as
+    /// the session could have lived.
+    async fn mark_ended(&self, id: &str, session: &Session) -> Result<(), GatewayError> {
         self.store
-            .put_expiring(
-                Space::CompatEnded,
-                &live.id,
-                "1",
-                live.session.ends_ms.max(1),
-            )
+            .put_expiring(Space::CompatEnded, id, "1", session.ends_ms.max(1))
             .await
             .map_err(store_failure)
     }
@@ -1513,8 +1527,7 @@ impl Compat {
             .delete_expiring(Space::CompatAccess, &session.access)
             .await
             .map_err(store_failure)?;
-        let mut old = [0u8; 32];
-        hex::decode_to_slice(&session.access, &mut old).map_err(|_| GatewayError::Internal)?;
+        let old = session.access_hash().ok_or(GatewayError::Internal)?;
         if self.ended_meanwhile(&id).await? {
             return Ok(None);
         }
@@ -1535,7 +1548,7 @@ impl Compat {
             self.forget(&id, &written).await?;
             return Ok(None);
         }
-        Ok(Some((issued, TokenHash(old))))
+        Ok(Some((issued, old)))
     }
 
     /// Whether session `id` was ended (its marker, written first by [`Compat::forget`]).
