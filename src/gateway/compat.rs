@@ -102,6 +102,16 @@ fn cookie(session: &Session, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
+/// Whether a sign-out recorded since `identity` was issued, or a revocation of `token`
+/// itself, applies to it now.
+fn revoked(gw: &Gateway, identity: &crate::auth::Identity, token: &str) -> bool {
+    gw.verifier.revocations().is_revoked(
+        identity,
+        &crate::auth::TokenHash::of(token),
+        gw.clock.now_ms(),
+    )
+}
+
 /// Charges one store lookup or write a client can cause without a session to its address's
 /// new-token budget.
 fn charge(gw: &Gateway, session: &Session) -> std::result::Result<(), GatewayError> {
@@ -344,12 +354,7 @@ async fn login(
     };
     // A revocation recorded while the session was being opened found no session to end:
     // checked again now that it is stored.
-    let hash = crate::auth::TokenHash::of(&issued.access_token);
-    if gw
-        .verifier
-        .revocations()
-        .is_revoked(&identity, &hash, gw.clock.now_ms())
-    {
+    if revoked(gw, &identity, &issued.access_token) {
         if let Err(e) = compat
             .end_session(TokenKind::Access, &issued.access_token)
             .await
@@ -375,12 +380,7 @@ async fn token_login(
     let signed_in = compat.redeem(&token).await?;
     // Signed out since the callback (its OP session, device, user or subject revoked): no
     // device is provisioned for it.
-    let hash = crate::auth::TokenHash::of(&token);
-    if gw
-        .verifier
-        .revocations()
-        .is_revoked(&signed_in.identity, &hash, gw.clock.now_ms())
-    {
+    if revoked(gw, &signed_in.identity, &token) {
         return Err(GatewayError::LoginRefused);
     }
     Ok(signed_in)
@@ -636,13 +636,9 @@ async fn refresh(
         Ok(None) => return Ok(Err(GatewayError::UnknownToken(RejectReason::Inactive))),
         Err(e) => return Ok(Err(e)),
     };
-    let hash = crate::auth::TokenHash::of(&req.refresh_token);
-    let revoked = gw
-        .verifier
-        .revocations()
-        .is_revoked(&identity, &hash, gw.clock.now_ms());
+    let signed_out = revoked(gw, &identity, &req.refresh_token);
     let refused = match gw.binder.check_user(&identity).await {
-        Ok(()) if !revoked => None,
+        Ok(()) if !signed_out => None,
         Ok(()) => Some(GatewayError::UnknownToken(RejectReason::Revoked)),
         Err(e @ (GatewayError::UserDeactivated | GatewayError::SubjectMismatch)) => Some(e),
         Err(e) => return Ok(Err(e)),
