@@ -289,13 +289,7 @@ async fn a_legacy_client_signs_in_with_sso_and_a_login_token_and_logs_out() {
     let body = assert_matrix_error(r, 403, "M_FORBIDDEN").await;
     drop(body);
 
-    let r = client()
-        .post(gw.url("/_matrix/client/v3/logout"))
-        .bearer_auth(&access)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let r = logout(&gw, &access).await;
     assert_eq!(r.status(), 200);
     let r = sync(&gw, &access).await;
     assert_matrix_error(r, 401, "M_UNKNOWN_TOKEN").await;
@@ -612,6 +606,17 @@ async fn compat_session(f: &Fakes, gw: &TestGateway, n: u32, user: &str) -> Stri
     v["access_token"].as_str().unwrap().to_owned()
 }
 
+/// `POST /logout` with `token` and an empty JSON body.
+async fn logout(gw: &TestGateway, token: &str) -> reqwest::Response {
+    client()
+        .post(gw.url("/_matrix/client/v3/logout"))
+        .bearer_auth(token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn logout_all(gw: &TestGateway, token: &str, body: Option<Value>) -> reqwest::Response {
     let mut r = client()
         .post(gw.url("/_matrix/client/v3/logout/all"))
@@ -824,13 +829,7 @@ async fn the_admin_api_lists_a_users_compat_sessions() {
         !listed.to_string().contains("mgc_"),
         "no token in the listing"
     );
-    let r = client()
-        .post(gw.url("/_matrix/client/v3/logout"))
-        .bearer_auth(&a)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let r = logout(&gw, &a).await;
     assert_eq!(r.status(), 200);
     assert_eq!(list(url).await["sessions"].as_array().unwrap().len(), 1);
 }
@@ -1422,13 +1421,7 @@ async fn a_password_login_on_a_named_device_ends_the_old_session_there() {
     let second: Value = login(&gw, on_device()).await.json().await.unwrap();
     let new = second["access_token"].as_str().unwrap().to_owned();
     assert_matrix_error(sync(&gw, &old).await, 401, "M_UNKNOWN_TOKEN").await;
-    let r = client()
-        .post(gw.url("/_matrix/client/v3/logout"))
-        .bearer_auth(&old)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let r = logout(&gw, &old).await;
     assert_eq!(r.status(), 401, "the old session's /logout");
     assert_eq!(sync(&gw, &new).await.status(), 200);
     assert_eq!(admin_sessions(&gw, "@alice:example.org").await.len(), 1);
@@ -1530,13 +1523,7 @@ async fn one_grant_check_runs_at_a_time_across_replicas() {
 /// last, after every other device is signed out.
 #[tokio::test]
 async fn a_failed_upstream_sign_out_leaves_the_session_for_the_retry() {
-    let (f, toml) = setup_config_hs(
-        "kind = \"dendrite\"\nas_token = \"as-token\"",
-        "password_login = true",
-    )
-    .await;
-    op_password(&f, "alice", "pw", "alice").await;
-    mount_alice_provisioning(&f.hs).await;
+    let (f, toml) = alice_with_a_password_on_dendrite("").await;
     // The homeserver fails the first upstream logout, then recovers.
     Mock::given(method("POST"))
         .and(path("/_matrix/client/v3/logout"))
@@ -1553,20 +1540,13 @@ async fn a_failed_upstream_sign_out_leaves_the_session_for_the_retry() {
         .await;
     let gw = spawn(&toml).await;
     let access = alice_on_device(&gw).await;
-    let logout = || {
-        client()
-            .post(gw.url("/_matrix/client/v3/logout"))
-            .bearer_auth(&access)
-            .json(&json!({}))
-            .send()
-    };
-    assert_eq!(logout().await.unwrap().status(), 503);
+    assert_eq!(logout(&gw, &access).await.status(), 503);
     assert_eq!(
         admin_sessions(&gw, "@alice:example.org").await.len(),
         1,
         "the session went before its device was signed out"
     );
-    assert_eq!(logout().await.unwrap().status(), 200, "the retry");
+    assert_eq!(logout(&gw, &access).await.status(), 200, "the retry");
     assert!(admin_sessions(&gw, "@alice:example.org").await.is_empty());
 }
 
@@ -1575,13 +1555,10 @@ async fn a_failed_upstream_sign_out_leaves_the_session_for_the_retry() {
 /// has an OP grant the OP keeps confirming (its record stays for the retry of the sign-out).
 #[tokio::test]
 async fn a_sign_out_that_fails_upstream_never_lets_the_session_back() {
-    let (f, toml) = setup_config_hs(
-        "kind = \"dendrite\"\nas_token = \"as-token\"",
-        "password_login = true\ngrant_check_interval = \"1s\"\n\n[cache]\nmax_ttl = \"1s\"\nnegative_ttl = \"1s\"\n\n[notifications]\nrevocation_retention = \"3s\"",
+    let (f, toml) = alice_with_a_password_on_dendrite(
+        "grant_check_interval = \"1s\"\n\n[cache]\nmax_ttl = \"1s\"\nnegative_ttl = \"1s\"\n\n[notifications]\nrevocation_retention = \"3s\"",
     )
     .await;
-    op_password(&f, "alice", "pw", "alice").await;
-    mount_alice_provisioning(&f.hs).await;
     Mock::given(method("POST"))
         .and(path("/_matrix/client/v3/logout"))
         .respond_with(ResponseTemplate::new(500).set_body_json(json!({"errcode": "M_UNKNOWN"})))
@@ -1595,13 +1572,7 @@ async fn a_sign_out_that_fails_upstream_never_lets_the_session_back() {
         admin_sessions(&gw, "@alice:example.org").await[0]["op_grant"],
         true
     );
-    let r = client()
-        .post(gw.url("/_matrix/client/v3/logout"))
-        .bearer_auth(&access)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let r = logout(&gw, &access).await;
     assert_eq!(r.status(), 503);
     // The client gives up. Past the retention (3 s) the revocation is forgotten.
     let started = std::time::Instant::now();
@@ -1614,6 +1585,19 @@ async fn a_sign_out_that_fails_upstream_never_lets_the_session_back() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Password login on (`extra` goes into `[compat]`), a Dendrite binding whose homeserver
+/// provisions alice's device ALICEDEV01, and the OP's password grant for alice (password `pw`).
+async fn alice_with_a_password_on_dendrite(extra: &str) -> (Fakes, String) {
+    let (f, toml) = setup_config_hs(
+        "kind = \"dendrite\"\nas_token = \"as-token\"",
+        &format!("password_login = true\n{extra}"),
+    )
+    .await;
+    op_password(&f, "alice", "pw", "alice").await;
+    mount_alice_provisioning(&f.hs).await;
+    (f, toml)
 }
 
 /// Alice's password login on device ALICEDEV01: the compat access token.
