@@ -15,6 +15,7 @@ import asyncio
 import json
 import secrets
 import sys
+import time
 
 from nio import (
     AsyncClient,
@@ -69,11 +70,20 @@ async def main(gateway, login_token, user, password):
         body = f"hello from nio {secrets.token_hex(3)}"
         sent = await client.room_send(room.room_id, "m.room.message", {"msgtype": "m.text", "body": body})
         check(isinstance(sent, RoomSendResponse), f"room_send: {sent}")
-        sync = await client.sync(timeout=0, full_state=True)
-        check(isinstance(sync, SyncResponse), f"sync: {sync}")
-        joined = sync.rooms.join.get(room.room_id)
+        # Dendrite's sync API takes events from its room server asynchronously: a message sent
+        # a moment ago may not be in the next sync yet. Full-state syncs for up to ten seconds,
+        # as a bot would see the message arrive.
+        deadline = time.monotonic() + 10
+        while True:
+            sync = await client.sync(timeout=0, full_state=True)
+            check(isinstance(sync, SyncResponse), f"sync: {sync}")
+            joined = sync.rooms.join.get(room.room_id)
+            events = joined.timeline.events if joined is not None else []
+            seen = [e for e in events if isinstance(e, RoomMessageText) and e.body == body]
+            if seen or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
         check(joined is not None, "the room is not in the bot's sync")
-        seen = [e for e in joined.timeline.events if isinstance(e, RoomMessageText) and e.body == body]
         check(seen, "the bot's message is not in its sync")
         out("message", {"room_id": room.room_id, "event_id": sent.event_id, "body": body})
 

@@ -13,11 +13,12 @@
 // server name is pointed there (what DNS and TLS do in a deployment).
 import { randomBytes } from 'node:crypto';
 import {
-  AutoDiscovery, AutoDiscoveryAction, createClient, Direction, MatrixError,
+  AutoDiscovery, AutoDiscoveryAction, createClient, MatrixError,
 } from 'matrix-js-sdk';
 import { OAuth2 } from 'matrix-js-sdk/lib/oauth/index.js';
 import { logger } from 'matrix-js-sdk/lib/logger.js';
 import { authorize } from '../op/browser.mjs';
+import { readUntilSeen } from './read.mjs';
 
 const args = Object.fromEntries(
   process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith('--') ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
@@ -114,9 +115,8 @@ try {
   await b.client.joinRoom(roomId);
   const body = `hello from ${a.user} ${randomBytes(3).toString('hex')}`;
   await a.client.sendTextMessage(roomId, body);
-  const page = await b.client.createMessagesRequest(roomId, null, 20, Direction.Backward);
-  const seen = page.chunk.find((e) => e.type === 'm.room.message' && e.content?.body === body);
-  check(seen && seen.sender === a.userId, `${b.user} did not read the message: ${JSON.stringify(page.chunk.map((e) => e.type))}`);
+  const { seen, chunk } = await readUntilSeen(b.client, roomId, body);
+  check(seen && seen.sender === a.userId, `${b.user} did not read the message: ${JSON.stringify(chunk.map((e) => e.type))}`);
   out('message', { room_id: roomId, from: a.userId, read_by: b.userId, body });
 
   // Refresh: once the access token has expired, the SDK refreshes it and the session goes on.

@@ -8,9 +8,10 @@
 // `--redirect` is the client's own URL, on the gateway's `compat.redirect_allowlist`. Prints
 // one line per step (`STEP <name> <json>`) and `OK` at the end; exits 1 on any failure.
 import { randomBytes } from 'node:crypto';
-import { createClient, Direction } from 'matrix-js-sdk';
+import { createClient } from 'matrix-js-sdk';
 import { logger } from 'matrix-js-sdk/lib/logger.js';
 import { authorize } from '../op/browser.mjs';
+import { readUntilSeen, syncUntilJoined } from './read.mjs';
 
 const args = Object.fromEntries(
   process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith('--') ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
@@ -78,10 +79,9 @@ try {
   await b.client.joinRoom(roomId);
   const body = `hello from ${a.user} ${randomBytes(3).toString('hex')}`;
   await a.client.sendTextMessage(roomId, body);
-  const page = await b.client.createMessagesRequest(roomId, null, 20, Direction.Backward);
-  const seen = page.chunk.find((e) => e.type === 'm.room.message' && e.content?.body === body);
-  check(seen && seen.sender === a.userId, `${b.user} did not read the message`);
-  const sync = await (await fetch(`${baseUrl}/_matrix/client/v3/sync?timeout=0`, { headers: { authorization: `Bearer ${b.accessToken}` } })).json();
+  const { seen, chunk } = await readUntilSeen(b.client, roomId, body);
+  check(seen && seen.sender === a.userId, `${b.user} did not read the message: ${JSON.stringify(chunk.map((e) => e.type))}`);
+  const sync = await syncUntilJoined(baseUrl, b.accessToken, roomId);
   check(sync.rooms?.join?.[roomId], `${b.user}'s sync lacks the room`);
   out('message', { room_id: roomId, from: a.userId, read_by: b.userId, body });
 
