@@ -466,10 +466,10 @@ impl AdminApp {
             sessions: sessions
                 .iter()
                 .map(|l| CompatSessionView {
-                    device_id: l.identity().device_id.clone(),
+                    device_id: l.identity().device_id().map(str::to_owned),
                     issuer: l.identity().issuer.to_string(),
-                    subject: l.identity().subject.clone(),
-                    op_session: l.identity().session_id.clone(),
+                    subject: l.identity().subject().to_owned(),
+                    op_session: l.identity().session_id().map(str::to_owned),
                     ends_at_ms: l.ends_at_ms(),
                     refreshable: l.refreshable(),
                     op_grant: l.op_grant(),

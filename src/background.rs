@@ -27,6 +27,27 @@ impl BackgroundService for MetadataRefresher {
     }
 }
 
+/// Frees the identity cache's entries whose window has ended (they are already invisible; this
+/// gives their memory back before eviction would).
+pub(crate) struct CacheSweeper {
+    pub(crate) verifier: Arc<crate::auth::Verifier>,
+}
+
+/// How often the identity cache is swept.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[async_trait]
+impl BackgroundService for CacheSweeper {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(SWEEP_EVERY) => self.verifier.sweep_cache(),
+            }
+        }
+    }
+}
+
 /// Receives the other replicas' revocations and binding changes; after missing some (Redis
 /// down, a failover) it resynchronises: reloads revocations and drops what was cached before the
 /// outage. The outage only ends when that reload succeeded: a replica that subscribed again but

@@ -15,7 +15,7 @@ use crate::auth::jwt::{JwtIssuer, JwtIssuers};
 use crate::auth::op::OpClient;
 use crate::auth::revocations::Revocations;
 use crate::auth::Verifier;
-use crate::background::{Fanout, JwksRefresher, MetadataRefresher};
+use crate::background::{CacheSweeper, Fanout, JwksRefresher, MetadataRefresher};
 use crate::binding::Binder;
 use crate::clock::SharedClock;
 use crate::config::Config;
@@ -216,6 +216,9 @@ pub fn start(config: Config, clock: SharedClock, upgrade: bool) -> Result<Proces
         binder = binder.with_shared(r.clone());
     }
     let verifier = Arc::new(verifier);
+    let sweeper = CacheSweeper {
+        verifier: verifier.clone(),
+    };
     let binder = Arc::new(binder);
     let logout_issuers = key_stores
         .iter()
@@ -315,6 +318,7 @@ pub fn start(config: Config, clock: SharedClock, upgrade: bool) -> Result<Proces
     admin_service.add_tcp(&config.listen.admin.to_string());
     server.add_service(admin_service);
     server.add_service(background_service("op-metadata", MetadataRefresher { op }));
+    server.add_service(background_service("cache-sweep", sweeper));
     server.add_service(background_service(
         "drain",
         Drain {

@@ -669,7 +669,7 @@ async fn identity_signature_is_added_with_a_secret() {
         .trim_start_matches("t=")
         .parse()
         .unwrap();
-    let identity = matrix_oidc_gateway::auth::Identity {
+    let identity: matrix_oidc_gateway::auth::Identity = matrix_oidc_gateway::auth::IdentityParts {
         user_id: "@alice:example.org".into(),
         device_id: Some("D1".into()),
         scope: full_scope("D1"),
@@ -680,7 +680,8 @@ async fn identity_signature_is_added_with_a_secret() {
         expires_at_ms: None,
         token_id: None,
         issued_at_ms: 0,
-    };
+    }
+    .into();
     let expected = matrix_oidc_gateway::gateway::headers::signature(
         secret.as_bytes(),
         ts,

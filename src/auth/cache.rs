@@ -1,17 +1,29 @@
-//! The verified-identity cache: a bounded moka cache keyed by [`TokenHash`], with per-entry
-//! lifetimes and single-flight loading.
+//! The verified-identity cache: a bounded quick_cache (CLOCK-Pro eviction) keyed by
+//! [`TokenHash`], with per-entry lifetimes, single-flight loading and per-key serialised
+//! changes.
 //!
 //! An entry is reused until `fresh_until_ms`: `min(now + cache.max_ttl, token expiry)` for an
 //! active token, `now + cache.negative_ttl` for a refusal. A cached active identity whose token
 //! has expired answers "expired" without a new introspection (Synapse's behaviour). OP failures
-//! are never inserted.
+//! are never inserted; a failed load's error is handed to the requests that waited on it, so
+//! an OP outage costs one call per token, not one per waiting request.
+//!
+//! An entry past its window stays readable for [`KEEP_ENDED`]: a cached identity whose token
+//! expired keeps answering "expired" without asking the OP, and the re-check of a token known
+//! to be valid keeps its priority over new tokens (a flood of new tokens cannot shed a user
+//! who paused). [`IdentityCache::sweep`] (every 30 s, a background service) then frees it,
+//! unless eviction did first.
+//! quick_cache rather than moka: the same bound, policy and single-flight for about 145 bytes
+//! of bookkeeping per entry instead of about 370 (bench/README.md, "Memory").
 
+use std::any::Any;
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use moka::future::Cache;
-use moka::Expiry;
+use quick_cache::sync::{Cache, EntryAction, EntryResult};
 
 use super::{Identity, TokenHash};
 use crate::clock::SharedClock;
@@ -131,41 +143,29 @@ impl CacheOutcome {
     }
 }
 
-/// Ends an entry's life in moka when its verdict stops being fresh, by the gateway's clock.
-struct FreshnessExpiry {
-    clock: SharedClock,
+/// How long past its window a loaded verdict is still handed to the requests that waited on
+/// it (a verdict at its edge is used by them, then dropped by the next request).
+const SLACK_MS: u64 = 1_000;
+
+/// How long past its window an entry is kept (see the module header).
+pub const KEEP_ENDED: Duration = Duration::from_secs(300);
+
+/// Whether `v` can still serve the requests that waited on its load at `now`.
+fn usable(v: &CachedVerdict, now: u64) -> bool {
+    now < v.fresh_until_ms.saturating_add(SLACK_MS)
 }
 
-impl FreshnessExpiry {
-    /// Memory bound only; correctness comes from `CachedVerdict::check` against the gateway's
-    /// clock. One second of slack keeps entries readable at their edge.
-    fn life(&self, value: &CachedVerdict) -> Duration {
-        let left = value.fresh_until_ms.saturating_sub(self.clock.now_ms());
-        Duration::from_millis(left) + Duration::from_secs(1)
-    }
-}
+/// How long a failed load's error is kept for the requests that waited on it.
+const FAILURE_SHARE: Duration = Duration::from_secs(1);
+/// Past this many recorded failures the old ones are swept on each new one.
+const FAILURE_SWEEP_AT: usize = 1_024;
 
-impl Expiry<TokenHash, CachedVerdict> for FreshnessExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &TokenHash,
-        value: &CachedVerdict,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        Some(self.life(value))
-    }
-
-    /// A replaced verdict (a background re-check's) lives by its own window, not the old one's
-    /// (moka keeps the old expiry by default).
-    fn expire_after_update(
-        &self,
-        _key: &TokenHash,
-        value: &CachedVerdict,
-        _updated_at: Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(self.life(value))
-    }
+/// A failed load, for the requests that were waiting on it.
+struct Failure {
+    /// The failure's place in the order of failures (see `IdentityCache::failure_seq`).
+    seq: u64,
+    at: Instant,
+    error: Box<dyn Any + Send + Sync>,
 }
 
 /// What [`IdentityCache::change`] does to an entry.
@@ -178,6 +178,13 @@ enum Change {
 /// The cache itself.
 pub struct IdentityCache {
     inner: Cache<TokenHash, CachedVerdict>,
+    clock: SharedClock,
+    /// Failed loads by key, so that the requests waiting on a load that failed get its error
+    /// rather than each asking the OP in turn.
+    failures: parking_lot::Mutex<HashMap<TokenHash, Failure>>,
+    /// Counts failures: a request applies a recorded failure only if it was recorded after
+    /// the request started waiting.
+    failure_seq: AtomicU64,
 }
 
 /// Whether `v` is the verdict `seen` (the same decision: decided at the same time for the same
@@ -190,10 +197,10 @@ impl IdentityCache {
     /// A cache holding at most `capacity` verdicts; freshness is judged by `clock`.
     pub fn new(capacity: u64, clock: SharedClock) -> Self {
         Self {
-            inner: Cache::builder()
-                .max_capacity(capacity)
-                .expire_after(FreshnessExpiry { clock })
-                .build(),
+            inner: Cache::new(usize::try_from(capacity).unwrap_or(usize::MAX).max(1)),
+            clock,
+            failures: parking_lot::Mutex::new(HashMap::new()),
+            failure_seq: AtomicU64::new(0),
         }
     }
 
@@ -205,21 +212,30 @@ impl IdentityCache {
         key: TokenHash,
         decide: impl FnOnce(Option<&CachedVerdict>) -> Change,
     ) -> Option<CachedVerdict> {
-        use moka::ops::compute::{CompResult, Op};
+        // Waits for a load of the same key in flight, then decides on what it brought.
+        let mut decide = Some(decide);
         let result = self
             .inner
-            .entry(key)
-            .and_compute_with(|current| {
-                let op = match decide(current.as_ref().map(|e| e.value())) {
-                    Change::Keep => Op::Nop,
-                    Change::Remove => Op::Remove,
-                    Change::Put(v) => Op::Put(v),
-                };
-                std::future::ready(op)
+            .entry_async(&key, |_, current| {
+                let decide = decide.take().expect("called once");
+                match decide(Some(current)) {
+                    Change::Keep => EntryAction::Retain(()),
+                    Change::Remove => EntryAction::Remove,
+                    Change::Put(v) => {
+                        *current = v;
+                        EntryAction::Retain(())
+                    }
+                }
             })
             .await;
         match result {
-            CompResult::Removed(entry) => Some(entry.into_value()),
+            EntryResult::Removed(_, v) => Some(v),
+            EntryResult::Vacant(guard) => {
+                if let Some(Change::Put(v)) = decide.take().map(|d| d(None)) {
+                    let _ = guard.insert(v);
+                }
+                None
+            }
             _ => None,
         }
     }
@@ -260,24 +276,79 @@ impl IdentityCache {
         .await;
     }
 
-    /// The cached verdict, if any.
+    /// The cached verdict, if any, fresh or not ([`CachedVerdict::check`] tells).
     pub async fn get(&self, key: &TokenHash) -> Option<CachedVerdict> {
-        self.inner.get(key).await
+        self.inner.get(key)
+    }
+
+    /// Drops every entry more than [`KEEP_ENDED`] past its window (the memory of tokens no
+    /// longer used).
+    pub fn sweep(&self) {
+        let now = self.clock.now_ms();
+        let keep = KEEP_ENDED.as_millis() as u64;
+        self.inner
+            .retain(|_, v| now < v.fresh_until_ms.saturating_add(keep));
+        let mut failures = self.failures.lock();
+        failures.retain(|_, f| f.at.elapsed() < FAILURE_SHARE);
+    }
+
+    /// The failure of a load of `key` recorded after `ticket`, if any.
+    fn failure_since<E: Copy + 'static>(&self, key: &TokenHash, ticket: u64) -> Option<E> {
+        let failures = self.failures.lock();
+        let f = failures.get(key)?;
+        (f.seq > ticket)
+            .then(|| f.error.downcast_ref::<E>().copied())
+            .flatten()
+    }
+
+    /// Records a failed load of `key` for the requests waiting on it.
+    fn record_failure<E: Copy + Send + Sync + 'static>(&self, key: TokenHash, error: E) {
+        let seq = self.failure_seq.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut failures = self.failures.lock();
+        if failures.len() >= FAILURE_SWEEP_AT {
+            failures.retain(|_, f| f.at.elapsed() < FAILURE_SHARE);
+        }
+        failures.insert(
+            key,
+            Failure {
+                seq,
+                at: Instant::now(),
+                error: Box::new(error),
+            },
+        );
     }
 
     /// Returns the cached verdict or runs `load` once for all concurrent callers of the same key.
-    /// The flag is `true` for the caller whose `load` ran. Failures are not cached.
+    /// The flag is `true` for the caller whose `load` ran. Failures are not cached; the callers
+    /// that waited on a failed load get its error.
     pub async fn get_or_load<E: Copy + Send + Sync + 'static>(
         &self,
         key: TokenHash,
         load: impl Future<Output = Result<CachedVerdict, E>>,
     ) -> Result<(CachedVerdict, bool), E> {
-        match self.inner.entry(key).or_try_insert_with(load).await {
-            Ok(entry) => {
-                let fresh = entry.is_fresh();
-                Ok((entry.into_value(), fresh))
+        let ticket = self.failure_seq.load(Ordering::Acquire);
+        let guard = loop {
+            match self.inner.get_value_or_guard_async(&key).await {
+                Ok(v) if usable(&v, self.clock.now_ms()) => return Ok((v, false)),
+                Ok(ended) => self.drop_ended(key, &ended).await,
+                Err(guard) => break guard,
             }
-            Err(e) => Err(*e),
+        };
+        // The load this request waited on failed: its answer is this request's too (the
+        // guard, dropped, passes to the next waiter, which does the same).
+        if let Some(e) = self.failure_since(&key, ticket) {
+            return Err(e);
+        }
+        match load.await {
+            Ok(v) => {
+                let _ = guard.insert(v.clone());
+                Ok((v, true))
+            }
+            Err(e) => {
+                self.record_failure(key, e);
+                drop(guard);
+                Err(e)
+            }
         }
     }
 
@@ -289,7 +360,7 @@ impl IdentityCache {
             .inner
             .iter()
             .filter(|(_, v)| v.decided_at_ms < before_ms)
-            .map(|(k, _)| *k)
+            .map(|(k, _)| k)
             .collect();
         for key in keys {
             let removed = self
@@ -312,7 +383,7 @@ impl IdentityCache {
             .inner
             .iter()
             .filter(|(_, v)| selected(v))
-            .map(|(k, _)| *k)
+            .map(|(k, _)| k)
             .collect();
         let mut purged = Vec::new();
         for key in keys {
@@ -333,9 +404,9 @@ impl IdentityCache {
         purged
     }
 
-    /// Approximate entry count.
+    /// Entry count (entries past their window count until swept).
     pub fn entry_count(&self) -> u64 {
-        self.inner.entry_count()
+        self.inner.len() as u64
     }
 }
 
@@ -346,7 +417,7 @@ mod tests {
 
     fn active_until(decided: u64, fresh_until: u64, expires: Option<u64>) -> CachedVerdict {
         CachedVerdict {
-            verdict: Verdict::Active(Arc::new(Identity {
+            verdict: Verdict::Active(Arc::new(Identity::from(crate::auth::IdentityParts {
                 user_id: "@alice:example.org".into(),
                 device_id: None,
                 scope: String::new(),
@@ -357,7 +428,7 @@ mod tests {
                 expires_at_ms: expires,
                 token_id: None,
                 issued_at_ms: decided,
-            })),
+            }))),
             fresh_until_ms: fresh_until,
             decided_at_ms: decided,
         }
@@ -436,29 +507,122 @@ mod tests {
         );
     }
 
-    #[test]
-    fn moka_expiry_counts_from_the_gateway_clock() {
+    #[tokio::test]
+    async fn entries_end_by_the_gateway_clock_and_the_sweep_frees_them() {
         // The gateway's clock runs an hour ahead of the system's (as a test's clock does, or
         // a verdict decided by another replica's clock): a verdict fresh for ten more minutes
-        // by that clock must leave moka in about ten minutes, not seventy.
+        // by that clock is fresh for ten minutes, kept five more, then freed by the sweep.
         let clock = OffsetClock::new();
         clock.advance(Duration::from_secs(3600));
         let shared: SharedClock = Arc::new(clock.clone());
-        let expiry = FreshnessExpiry {
-            clock: shared.clone(),
-        };
+        let cache = IdentityCache::new(10, shared.clone());
+        let now = shared.now_ms();
         let verdict = CachedVerdict {
             verdict: Verdict::Rejected(RejectReason::Inactive),
-            fresh_until_ms: shared.now_ms() + 600_000,
-            decided_at_ms: shared.now_ms(),
+            fresh_until_ms: now + 600_000,
+            decided_at_ms: now,
         };
         let key = TokenHash::of("t");
-        let left = expiry
-            .expire_after_create(&key, &verdict, Instant::now())
-            .expect("an expiry");
+        cache
+            .get_or_load::<()>(key, async { Ok(verdict) })
+            .await
+            .unwrap();
+        clock.advance(Duration::from_millis(599_000));
+        let v = cache.get(&key).await.expect("cached");
+        assert!(v.check(shared.now_ms()).is_some(), "fresh");
+        clock.advance(Duration::from_millis(1_000));
+        let v = cache.get(&key).await.expect("kept past its window");
+        assert!(v.check(shared.now_ms()).is_none(), "fresh past its window");
+        clock.advance(KEEP_ENDED - Duration::from_millis(1));
+        cache.sweep();
+        assert_eq!(cache.entry_count(), 1, "swept too early");
+        clock.advance(Duration::from_millis(1));
+        cache.sweep();
+        assert_eq!(cache.entry_count(), 0, "not swept");
+        // A load finding the ended entry loads again.
+        let (_, loaded) = cache
+            .get_or_load::<()>(key, async {
+                Ok(CachedVerdict {
+                    verdict: Verdict::Rejected(RejectReason::Inactive),
+                    fresh_until_ms: shared.now_ms() + 1_000,
+                    decided_at_ms: shared.now_ms(),
+                })
+            })
+            .await
+            .unwrap();
+        assert!(loaded);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_requests_waiting_on_a_failed_load_share_its_failure() {
+        // An OP that fails slowly: a hundred requests of one token must not ask it a hundred
+        // times in turn (each waiting the timeout), they all get the one failure.
+        let clock: SharedClock = Arc::new(OffsetClock::new());
+        let cache = Arc::new(IdentityCache::new(10, clock));
+        let calls = Arc::new(AtomicU64::new(0));
+        let key = TokenHash::of("flaky");
+        let tasks: Vec<_> = (0..100)
+            .map(|_| {
+                let (cache, calls) = (cache.clone(), calls.clone());
+                tokio::spawn(async move {
+                    cache
+                        .get_or_load::<u8>(key, async {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            Err(7)
+                        })
+                        .await
+                        .map(|_| ())
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Err(7));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one load for all waiters");
         assert!(
-            left <= Duration::from_secs(602) && left >= Duration::from_secs(599),
-            "{left:?}"
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        // A request after the failure asks again (failures are not cached).
+        let (_, loaded) = cache
+            .get_or_load::<u8>(key, async {
+                Ok(CachedVerdict {
+                    verdict: Verdict::Rejected(RejectReason::Inactive),
+                    fresh_until_ms: u64::MAX / 2,
+                    decided_at_ms: 0,
+                })
+            })
+            .await
+            .unwrap();
+        assert!(loaded);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purge_waits_for_a_load_in_flight_and_removes_what_it_brought() {
+        let clock: SharedClock = Arc::new(OffsetClock::new());
+        let cache = Arc::new(IdentityCache::new(10, clock.clone()));
+        let key = TokenHash::of("signed-out");
+        let now = clock.now_ms();
+        let loading = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                cache
+                    .get_or_load::<()>(key, async move {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        Ok(active_until(now, now + 60_000, None))
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        cache.purge(&key).await;
+        assert!(loading.await.unwrap().is_ok());
+        assert!(
+            cache.get(&key).await.is_none(),
+            "the load in flight put the purged verdict back"
         );
     }
 }

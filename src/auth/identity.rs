@@ -5,6 +5,7 @@
 //! through [`Claims`] → [`build_identity`].
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
@@ -32,9 +33,39 @@ pub enum Access {
     Guest,
 }
 
-/// A verified caller.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// A verified caller, as the request path and the cache hold it: the per-token strings
+/// (user, device, subject, OP session, `jti`) in one buffer, the issuer and the scope shared
+/// with every other identity that has the same ones (see [`intern_scope`]). About 200 bytes
+/// on the heap for a typical identity, against about 400 for six separate `String`s. Its
+/// serialised form (the shared cache's) is [`IdentityParts`], unchanged.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(from = "IdentityParts", into = "IdentityParts")]
 pub struct Identity {
+    /// `user_id`, `device_id`, `subject`, `session_id`, `token_id`, back to back.
+    text: Box<str>,
+    /// Where each of them ends in `text`.
+    ends: [u32; 5],
+    /// Which of the optional ones are present (bits: device, session, token ID), and whether
+    /// `scope` is a template.
+    present: u8,
+    /// The scope as the OP sent it, the device scope token's ID replaced by [`DEVICE_MARK`]
+    /// when it is this identity's device (so that equal grants share one string).
+    scope: Arc<str>,
+    /// Full or guest access.
+    pub access: Access,
+    /// The issuer that vouched for the token (as configured). Subjects and sessions are only
+    /// unique per issuer: see [`Identity::subject_key`].
+    pub issuer: Arc<str>,
+    /// When the token stops being valid (Unix ms), when known.
+    pub expires_at_ms: Option<u64>,
+    /// When the token was issued (Unix ms): `iat`, else when the OP first vouched for it.
+    /// Revocations of a subject, user or device apply to tokens issued before them.
+    pub issued_at_ms: u64,
+}
+
+/// A verified caller's parts: what builds an [`Identity`], and its serialised form.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IdentityParts {
     /// `@localpart:server_name`.
     pub user_id: String,
     /// The device from `device_id` or the device scope; `None` when the token names none.
@@ -43,10 +74,9 @@ pub struct Identity {
     pub scope: String,
     /// Full or guest access.
     pub access: Access,
-    /// The issuer that vouched for the token (as configured). Subjects and sessions are only
-    /// unique per issuer: see [`Identity::subject_key`].
+    /// The issuer that vouched for the token.
     #[serde(default)]
-    pub issuer: std::sync::Arc<str>,
+    pub issuer: Arc<str>,
     /// The OIDC subject.
     pub subject: String,
     /// The OP session (`sid`), when known.
@@ -55,9 +85,204 @@ pub struct Identity {
     pub expires_at_ms: Option<u64>,
     /// The token's `jti`, when known (for targeted purges).
     pub token_id: Option<String>,
-    /// When the token was issued (Unix ms): `iat`, else when the OP first vouched for it.
-    /// Revocations of a subject, user or device apply to tokens issued before them.
+    /// When the token was issued (Unix ms).
     pub issued_at_ms: u64,
+}
+
+/// Stands for the identity's own device ID inside an interned scope (a control character no
+/// scope token may contain: RFC 6749 section 3.3).
+const DEVICE_MARK: char = '\u{0}';
+/// At most this many distinct scopes are shared; past it each identity keeps its own copy
+/// (an OP minting a new scope per token must not grow the table without bound).
+const MAX_INTERNED_SCOPES: usize = 4_096;
+
+/// The shared copy of `scope` (a new one once the table is full).
+fn intern_scope(scope: &str) -> Arc<str> {
+    static SCOPES: std::sync::LazyLock<parking_lot::Mutex<std::collections::HashSet<Arc<str>>>> =
+        std::sync::LazyLock::new(Default::default);
+    let mut table = SCOPES.lock();
+    if let Some(shared) = table.get(scope) {
+        return shared.clone();
+    }
+    let new: Arc<str> = Arc::from(scope);
+    if table.len() < MAX_INTERNED_SCOPES {
+        table.insert(new.clone());
+    }
+    new
+}
+
+/// `scope` with each device scope token naming `device` written as the prefix and
+/// [`DEVICE_MARK`]; `None` when there is nothing to replace (or the scope already holds the
+/// mark, so a replacement could not be undone).
+fn scope_template(scope: &str, device: Option<&str>) -> Option<String> {
+    let device = device?;
+    if scope.contains(DEVICE_MARK) {
+        return None;
+    }
+    let mut out = String::with_capacity(scope.len());
+    let mut replaced = false;
+    for (i, token) in scope.split(' ').enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        let prefix = [DEVICE_PREFIX, DEVICE_PREFIX_UNSTABLE]
+            .into_iter()
+            .find(|p| token.strip_prefix(p) == Some(device));
+        match prefix {
+            Some(p) => {
+                out.push_str(p);
+                out.push(DEVICE_MARK);
+                replaced = true;
+            }
+            None => out.push_str(token),
+        }
+    }
+    replaced.then_some(out)
+}
+
+const HAS_DEVICE: u8 = 1;
+const HAS_SESSION: u8 = 2;
+const HAS_TOKEN_ID: u8 = 4;
+/// `scope` is a template: [`DEVICE_MARK`] stands for the device ID.
+const SCOPE_TEMPLATE: u8 = 8;
+
+impl From<IdentityParts> for Identity {
+    fn from(p: IdentityParts) -> Self {
+        let optional = [&p.device_id, &p.session_id, &p.token_id];
+        let len = p.user_id.len()
+            + p.subject.len()
+            + optional
+                .iter()
+                .map(|o| o.as_ref().map_or(0, String::len))
+                .sum::<usize>();
+        let mut text = String::with_capacity(len);
+        let mut ends = [0u32; 5];
+        let mut present = 0;
+        let fields = [
+            (Some(&p.user_id), 0),
+            (p.device_id.as_ref(), HAS_DEVICE),
+            (Some(&p.subject), 0),
+            (p.session_id.as_ref(), HAS_SESSION),
+            (p.token_id.as_ref(), HAS_TOKEN_ID),
+        ];
+        for (i, (value, bit)) in fields.into_iter().enumerate() {
+            if let Some(v) = value {
+                text.push_str(v);
+                present |= bit;
+            }
+            // Token claims are bounded far below 4 GiB by the token length limit.
+            ends[i] = u32::try_from(text.len()).unwrap_or(u32::MAX);
+        }
+        let scope = match scope_template(&p.scope, p.device_id.as_deref()) {
+            Some(template) => {
+                present |= SCOPE_TEMPLATE;
+                intern_scope(&template)
+            }
+            None => intern_scope(&p.scope),
+        };
+        Identity {
+            text: text.into_boxed_str(),
+            ends,
+            present,
+            scope,
+            access: p.access,
+            issuer: p.issuer,
+            expires_at_ms: p.expires_at_ms,
+            issued_at_ms: p.issued_at_ms,
+        }
+    }
+}
+
+impl From<Identity> for IdentityParts {
+    fn from(id: Identity) -> Self {
+        IdentityParts {
+            user_id: id.user_id().to_owned(),
+            device_id: id.device_id().map(str::to_owned),
+            scope: id.scope().into_owned(),
+            access: id.access,
+            issuer: id.issuer.clone(),
+            subject: id.subject().to_owned(),
+            session_id: id.session_id().map(str::to_owned),
+            expires_at_ms: id.expires_at_ms,
+            token_id: id.token_id().map(str::to_owned),
+            issued_at_ms: id.issued_at_ms,
+        }
+    }
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("user_id", &self.user_id())
+            .field("device_id", &self.device_id())
+            .field("scope", &self.scope())
+            .field("access", &self.access)
+            .field("issuer", &self.issuer)
+            .field("subject", &self.subject())
+            .field("session_id", &self.session_id())
+            .field("expires_at_ms", &self.expires_at_ms)
+            .field("token_id", &self.token_id())
+            .field("issued_at_ms", &self.issued_at_ms)
+            .finish()
+    }
+}
+
+impl Identity {
+    /// The `i`-th string of `text`.
+    fn part(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.text[start..self.ends[i] as usize]
+    }
+
+    fn optional(&self, i: usize, bit: u8) -> Option<&str> {
+        (self.present & bit != 0).then(|| self.part(i))
+    }
+
+    /// `@localpart:server_name`.
+    pub fn user_id(&self) -> &str {
+        self.part(0)
+    }
+
+    /// The device from `device_id` or the device scope; `None` when the token names none.
+    pub fn device_id(&self) -> Option<&str> {
+        self.optional(1, HAS_DEVICE)
+    }
+
+    /// The OIDC subject.
+    pub fn subject(&self) -> &str {
+        self.part(2)
+    }
+
+    /// The OP session (`sid`), when known.
+    pub fn session_id(&self) -> Option<&str> {
+        self.optional(3, HAS_SESSION)
+    }
+
+    /// The token's `jti`, when known (for targeted purges).
+    pub fn token_id(&self) -> Option<&str> {
+        self.optional(4, HAS_TOKEN_ID)
+    }
+
+    /// The granted scope, as the OP sent it.
+    pub fn scope(&self) -> std::borrow::Cow<'_, str> {
+        match self.device_id() {
+            Some(device) if self.present & SCOPE_TEMPLATE != 0 => {
+                let mut buf = [0u8; 4];
+                self.scope
+                    .replace(&*DEVICE_MARK.encode_utf8(&mut buf), device)
+                    .into()
+            }
+            _ => std::borrow::Cow::Borrowed(&self.scope),
+        }
+    }
+
+    /// The same identity with `parts` changed by `edit` (tests and the rare rewrite; the
+    /// request path never calls it).
+    pub fn edited(&self, edit: impl FnOnce(&mut IdentityParts)) -> Identity {
+        let mut parts = IdentityParts::from(self.clone());
+        edit(&mut parts);
+        parts.into()
+    }
 }
 
 /// Separates the issuer from the value in an issuer-scoped key (a control character no issuer
@@ -77,7 +302,7 @@ pub fn issuer_scoped(issuer: &str, value: &str) -> String {
 impl Identity {
     /// The issuer-scoped subject: the identity's owner key for user-ID pins.
     pub fn subject_key(&self) -> String {
-        issuer_scoped(&self.issuer, &self.subject)
+        issuer_scoped(&self.issuer, self.subject())
     }
 
     /// Whether `key` is this identity's [`Identity::subject_key`] (no allocation: the pin check
@@ -85,13 +310,12 @@ impl Identity {
     pub fn owns_subject_key(&self, key: &str) -> bool {
         key.strip_prefix(&*self.issuer)
             .and_then(|rest| rest.strip_prefix(ISSUER_SEP))
-            .is_some_and(|sub| sub == self.subject)
+            .is_some_and(|sub| sub == self.subject())
     }
 
     /// The issuer-scoped OP session, when known.
     pub fn session_key(&self) -> Option<String> {
-        self.session_id
-            .as_deref()
+        self.session_id()
             .map(|sid| issuer_scoped(&self.issuer, sid))
     }
 }
@@ -148,7 +372,7 @@ pub fn valid_localpart(lp: &str) -> bool {
 #[derive(Debug, Clone, Default)]
 pub struct Claims {
     /// The configured issuer that verified these claims.
-    pub issuer: std::sync::Arc<str>,
+    pub issuer: Arc<str>,
     /// `sub`.
     pub sub: Option<String>,
     /// `scope` (space-separated).
@@ -220,7 +444,7 @@ pub fn build_identity(
     if user_id.len() > 255 {
         return Err(IdentityError::Mapping(MappingFailure::InvalidLocalpart));
     }
-    Ok(Identity {
+    Ok(IdentityParts {
         user_id,
         device_id,
         scope: claims.scope.clone(),
@@ -231,7 +455,8 @@ pub fn build_identity(
         expires_at_ms: claims.expires_at_ms,
         token_id: None,
         issued_at_ms: claims.issued_at_ms,
-    })
+    }
+    .into())
 }
 
 #[cfg(test)]
@@ -266,8 +491,8 @@ mod tests {
         for s in [SCOPE_API, SCOPE_API_UNSTABLE] {
             let id = build(&claims(s, json!({"username": "alice"}))).unwrap();
             assert_eq!(id.access, Access::Full);
-            assert_eq!(id.user_id, "@alice:example.org");
-            assert_eq!(id.device_id, None);
+            assert_eq!(id.user_id(), "@alice:example.org");
+            assert_eq!(id.device_id(), None);
         }
     }
 
@@ -304,7 +529,7 @@ mod tests {
     fn device_scope_either_spelling_counts_once() {
         let s = format!("{SCOPE_API} {DEVICE_PREFIX}ABCDEFGHIJ {DEVICE_PREFIX_UNSTABLE}ABCDEFGHIJ");
         let id = build(&claims(&s, json!({"username": "a"}))).unwrap();
-        assert_eq!(id.device_id.as_deref(), Some("ABCDEFGHIJ"));
+        assert_eq!(id.device_id(), Some("ABCDEFGHIJ"));
     }
 
     #[test]
@@ -324,7 +549,7 @@ mod tests {
             json!({"username": "a", "device_id": "EXPLICIT"}),
         ))
         .unwrap();
-        assert_eq!(id.device_id.as_deref(), Some("EXPLICIT"));
+        assert_eq!(id.device_id(), Some("EXPLICIT"));
     }
 
     #[test]
@@ -359,11 +584,11 @@ mod tests {
     fn claim_order_and_mapping_failures() {
         // username wins over sub
         let id = build(&claims(SCOPE_API, json!({"username": "bob"}))).unwrap();
-        assert_eq!(id.user_id, "@bob:example.org");
+        assert_eq!(id.user_id(), "@bob:example.org");
         // falls back to sub
         let mut c = claims(SCOPE_API, json!({}));
         c.all.insert("sub".into(), json!("carol"));
-        assert_eq!(build(&c).unwrap().user_id, "@carol:example.org");
+        assert_eq!(build(&c).unwrap().user_id(), "@carol:example.org");
         // invalid localpart is a mapping failure (500), not a 401
         assert_eq!(
             build(&claims(SCOPE_API, json!({"username": "Bad Name"}))),
@@ -416,5 +641,102 @@ mod tests {
         assert!(!id.owns_subject_key(&issuer_scoped("https://op-a", "sub-10")));
         assert!(!id.owns_subject_key("sub-1"), "a bare, unscoped subject");
         assert!(!id.owns_subject_key(&issuer_scoped("https://op-a\u{1f}sub", "1")));
+    }
+
+    fn parts(device: Option<&str>, scope: &str) -> IdentityParts {
+        IdentityParts {
+            user_id: "@alice:example.org".into(),
+            device_id: device.map(str::to_owned),
+            scope: scope.into(),
+            access: Access::Full,
+            issuer: Arc::from("https://op-a"),
+            subject: "sub-1".into(),
+            session_id: Some("sid-1".into()),
+            expires_at_ms: Some(9),
+            token_id: None,
+            issued_at_ms: 7,
+        }
+    }
+
+    #[test]
+    fn every_part_reads_back_as_given() {
+        let cases = [
+            (Some("DEV1"), "openid urn:matrix:client:api:* urn:matrix:client:device:DEV1"),
+            // Order, the unstable spelling and odd spacing are kept.
+            (Some("DEV1"), "urn:matrix:org.matrix.msc2967.client:device:DEV1  urn:matrix:client:api:*"),
+            // Both spellings of the device, and a device scope naming another device (MAS
+            // sends `device_id` explicitly).
+            (
+                Some("DEV1"),
+                "urn:matrix:client:device:DEV1 urn:matrix:org.matrix.msc2967.client:device:DEV1 urn:matrix:client:device:OTHER urn:matrix:client:api:*",
+            ),
+            // A device ID that is a prefix of another's, or of a longer token.
+            (Some("D"), "urn:matrix:client:device:DD urn:matrix:client:device:D urn:matrix:client:api:*"),
+            (None, "urn:matrix:client:api:* urn:matrix:client:device:DEV1"),
+            (Some("DEV1"), ""),
+            // A scope holding the mark itself stays as sent.
+            (Some("DEV1"), "urn:matrix:client:api:* urn:matrix:client:device:DEV1 x\u{0}y"),
+        ];
+        for (device, scope) in cases {
+            let mut p = parts(device, scope);
+            p.token_id = Some("jti-1".into());
+            let id = Identity::from(p.clone());
+            assert_eq!(IdentityParts::from(id.clone()), p, "{scope:?}");
+            assert_eq!(id.scope(), scope);
+            assert_eq!(id.device_id(), device);
+            assert_eq!(id.user_id(), "@alice:example.org");
+            assert_eq!(id.subject(), "sub-1");
+            assert_eq!(id.session_id(), Some("sid-1"));
+            assert_eq!(id.token_id(), Some("jti-1"));
+        }
+        // Absent and empty are told apart.
+        let mut p = parts(None, "");
+        p.session_id = Some(String::new());
+        let id = Identity::from(p);
+        assert_eq!((id.session_id(), id.token_id()), (Some(""), None));
+    }
+
+    #[test]
+    fn identities_with_the_same_grant_share_one_scope() {
+        let a = Identity::from(parts(
+            Some("AAA"),
+            "openid urn:matrix:client:api:* urn:matrix:client:device:AAA",
+        ));
+        let b = Identity::from(parts(
+            Some("BBB"),
+            "openid urn:matrix:client:api:* urn:matrix:client:device:BBB",
+        ));
+        assert!(Arc::ptr_eq(&a.scope, &b.scope));
+        assert_ne!(a.scope(), b.scope());
+    }
+
+    #[test]
+    fn the_serialised_form_is_the_parts() {
+        // Replicas of an earlier version share the cache through Redis: the form must not
+        // change.
+        let p = parts(
+            Some("DEV1"),
+            "urn:matrix:client:api:* urn:matrix:client:device:DEV1",
+        );
+        let id = Identity::from(p.clone());
+        let json = serde_json::to_value(&id).unwrap();
+        assert_eq!(json, serde_json::to_value(&p).unwrap());
+        assert_eq!(json["user_id"], "@alice:example.org");
+        assert_eq!(
+            json["scope"],
+            "urn:matrix:client:api:* urn:matrix:client:device:DEV1"
+        );
+        let back: Identity = serde_json::from_value(json).unwrap();
+        assert_eq!(back, id);
+    }
+
+    #[test]
+    fn an_identity_is_small() {
+        // The per-token part: the struct (in its `Arc`) and one string buffer.
+        assert!(
+            std::mem::size_of::<Identity>() <= 96,
+            "{}",
+            std::mem::size_of::<Identity>()
+        );
     }
 }

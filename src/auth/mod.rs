@@ -26,7 +26,7 @@ use crate::store::redis::Redis;
 use budget::AddressBudget;
 use cache::{CacheOutcome, CachedVerdict, IdentityCache, Verdict};
 use identity::{build_identity, Claims, IdentityError};
-pub use identity::{Access, Identity};
+pub use identity::{Access, Identity, IdentityParts};
 use jwt::{JwtIssuer, JwtIssuers, JwtOutcome};
 use op::{IntrospectionResponse, OpClient};
 use revocations::Revocations;
@@ -245,6 +245,11 @@ impl Verifier {
     /// Drops one token's cached verdict.
     pub async fn purge_token(&self, key: &TokenHash) {
         self.cache.purge(key).await;
+    }
+
+    /// Frees the cached verdicts whose window has ended.
+    pub fn sweep_cache(&self) {
+        self.cache.sweep();
     }
 
     /// Number of cached verdicts (approximate).
@@ -812,8 +817,11 @@ impl Verifier {
     fn verdict_from_claims(&self, claims: Claims, jti: Option<String>, now: u64) -> CachedVerdict {
         let negative = |reason| self.negative(reason, now);
         match build_identity(&claims, &self.user_id_claims, &self.server_name) {
-            Ok(mut identity) => {
-                identity.token_id = jti;
+            Ok(identity) => {
+                let identity = match jti {
+                    Some(jti) => identity.edited(|p| p.token_id = Some(jti)),
+                    None => identity,
+                };
                 self.active(identity, now)
             }
             Err(IdentityError::Reject(r)) => negative(r),

@@ -270,11 +270,13 @@ impl Revocations {
                 .session_key()
                 .is_some_and(|s| live(&Selector::Session(s)).is_some())
             || before(&Selector::Subject(identity.subject_key()))
-            || before(&Selector::User(identity.user_id.clone()))
-            || identity
-                .device_id
-                .as_ref()
-                .is_some_and(|d| before(&Selector::Device(identity.user_id.clone(), d.clone())))
+            || before(&Selector::User(identity.user_id().to_owned()))
+            || identity.device_id().is_some_and(|d| {
+                before(&Selector::Device(
+                    identity.user_id().to_owned(),
+                    d.to_owned(),
+                ))
+            })
     }
 
     /// Number of revocations held.
@@ -295,9 +297,9 @@ pub fn matches(selector: &Selector, at_ms: u64, identity: &Identity) -> bool {
     match selector {
         Selector::Session(s) => identity.session_key().as_deref() == Some(s.as_str()),
         Selector::Subject(s) => before && identity.subject_key() == *s,
-        Selector::User(u) => before && identity.user_id == *u,
+        Selector::User(u) => before && identity.user_id() == *u,
         Selector::Device(u, d) => {
-            before && identity.user_id == *u && identity.device_id.as_deref() == Some(d.as_str())
+            before && identity.user_id() == *u && identity.device_id() == Some(d.as_str())
         }
         Selector::Token(_) => false,
     }
@@ -306,11 +308,12 @@ pub fn matches(selector: &Selector, at_ms: u64, identity: &Identity) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::identity::IdentityParts;
     use crate::auth::Access;
     use crate::store::sqlite::SqliteStore;
 
     fn id(issued_at_ms: u64) -> Identity {
-        Identity {
+        IdentityParts {
             user_id: "@a:x".into(),
             device_id: Some("D1".into()),
             scope: String::new(),
@@ -322,6 +325,7 @@ mod tests {
             token_id: None,
             issued_at_ms,
         }
+        .into()
     }
 
     #[tokio::test]
@@ -390,8 +394,7 @@ mod tests {
             .put_revocation("sub:sub-a", 6_000, 10_000)
             .await
             .unwrap();
-        let mut other = id(5_500);
-        other.session_id = None;
+        let mut other = id(5_500).edited(|p| p.session_id = None);
         let single = Revocations::new(store.clone(), &["https://op-a".to_owned()]);
         single.load(7_000).await.unwrap();
         assert!(single.is_revoked(&other, &t, 7_000));

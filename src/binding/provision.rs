@@ -32,32 +32,35 @@ impl Binder {
         self.check_pin(identity).await?;
         if self.mode == BindingMode::Headers {
             return Ok(Arc::new(Bound {
-                user_id: identity.user_id.clone(),
-                device_id: identity.device_id.clone(),
+                user_id: identity.user_id().to_owned(),
+                device_id: identity.device_id().map(str::to_owned),
                 credential: Credential::None,
             }));
         }
-        let device = match (&identity.device_id, self.mode) {
-            (Some(d), _) => Some(d.clone()),
+        let device = match (identity.device_id(), self.mode) {
+            (Some(d), _) => Some(d.to_owned()),
             // A device is needed to log in; tokens without a device scope share one per subject.
-            (None, BindingMode::AppserviceLogin) => Some(derived_device_id(&identity.subject)),
+            (None, BindingMode::AppserviceLogin) => Some(derived_device_id(identity.subject())),
             (None, _) => None,
         };
         self.record_session(identity, device.as_deref()).await;
-        let key = (identity.user_id.clone(), device.clone().unwrap_or_default());
+        let key = (
+            identity.user_id().to_owned(),
+            device.clone().unwrap_or_default(),
+        );
         self.bound
-            .try_get_with(key, self.provision(&identity.user_id, device))
+            .try_get_with(key, self.provision(identity.user_id(), device))
             .await
             .map_err(|e| (*e).clone())
     }
 
     async fn check_pin(&self, identity: &Identity) -> Result<(), GatewayError> {
-        let state = match self.users.get(&identity.user_id).await {
+        let state = match self.users.get(identity.user_id()).await {
             Some(state) => state,
             None => {
                 let state = self.load_user_state(identity).await?;
                 self.users
-                    .insert(identity.user_id.clone(), state.clone())
+                    .insert(identity.user_id().to_owned(), state.clone())
                     .await;
                 state
             }
@@ -67,7 +70,7 @@ impl Binder {
         }
         if !identity.owns_subject_key(&state.owner) {
             tracing::warn!(
-                user = %identity.user_id,
+                user = %identity.user_id(),
                 "a token's subject does not own this user ID (reassigned username at the OP?); refused until an operator re-pins it"
             );
             return Err(GatewayError::SubjectMismatch);
@@ -78,13 +81,13 @@ impl Binder {
     async fn load_user_state(&self, identity: &Identity) -> Result<Arc<UserState>, GatewayError> {
         let tombstoned = self
             .store
-            .is_tombstoned(&identity.user_id)
+            .is_tombstoned(identity.user_id())
             .await
             .map_err(store_failed)?;
         let key = identity.subject_key();
         let owner = match self
             .store
-            .pin_subject(&identity.user_id, &key)
+            .pin_subject(identity.user_id(), &key)
             .await
             .map_err(store_failed)?
         {
@@ -95,11 +98,11 @@ impl Binder {
             // issuer (admin API).
             Pin::Conflict { owner }
                 if !owner.contains(ISSUER_SEP)
-                    && owner == identity.subject
+                    && owner == identity.subject()
                     && self.legacy_issuer.as_deref() == Some(&*identity.issuer) =>
             {
                 self.store
-                    .repin_subject(&identity.user_id, &key)
+                    .repin_subject(identity.user_id(), &key)
                     .await
                     .map_err(store_failed)?;
                 key
@@ -107,7 +110,7 @@ impl Binder {
             Pin::Conflict { owner } if !owner.contains(ISSUER_SEP) => {
                 if self.legacy_issuer.is_none() {
                     tracing::warn!(
-                        user = %identity.user_id,
+                        user = %identity.user_id(),
                         "this user ID is pinned to a subject from before pins named their issuer; with several issuers configured it is refused until an operator re-pins it with `issuer`"
                     );
                 }
@@ -123,14 +126,14 @@ impl Binder {
 
     /// Remembers which OP session a device belongs to (for back-channel logout by `sid`).
     async fn record_session(&self, identity: &Identity, device: Option<&str>) {
-        let (Some(sid), Some(device)) = (&identity.session_id, device) else {
+        let (Some(sid), Some(device)) = (identity.session_id(), device) else {
             return;
         };
         // Runs on every request: the issuer-scoped key is only built when it must be stored.
         let key = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            (&*identity.issuer, sid, &identity.user_id, device).hash(&mut h);
+            (&*identity.issuer, sid, identity.user_id(), device).hash(&mut h);
             h.finish()
         };
         if self.sessions_seen.get(&key).await.is_some() {
@@ -139,7 +142,7 @@ impl Binder {
         let sid = issuer_scoped(&identity.issuer, sid);
         match self
             .store
-            .record_session(&sid, &identity.user_id, device)
+            .record_session(&sid, identity.user_id(), device)
             .await
         {
             Ok(()) => self.sessions_seen.insert(key, ()).await,

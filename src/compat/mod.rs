@@ -256,8 +256,8 @@ pub trait SessionHooks: Send + Sync {
 fn grant_context(record: &str, identity: &Identity) -> Vec<u8> {
     format!(
         "compat-op-grant\u{0}{record}\u{0}{}\u{0}{}",
-        identity.user_id,
-        identity.device_id.as_deref().unwrap_or("")
+        identity.user_id(),
+        identity.device_id().unwrap_or("")
     )
     .into_bytes()
 }
@@ -636,7 +636,7 @@ impl Compat {
         redirect
             .query_pairs_mut()
             .append_pair("loginToken", &login_token);
-        tracing::info!(user = %identity.user_id, device = %pending.device_id, allowed, "compat: login token issued");
+        tracing::info!(user = %identity.user_id(), device = %pending.device_id, allowed, "compat: login token issued");
         Ok(Finished {
             redirect,
             allowed,
@@ -689,16 +689,14 @@ impl Compat {
                 return Err(GrantRefused::Refused);
             }
         };
-        if identity.device_id.as_deref() != Some(device_id)
-            || identity.access != crate::auth::Access::Full
-        {
+        if identity.device_id() != Some(device_id) || identity.access != crate::auth::Access::Full {
             tracing::warn!("compat: the OP granted another device or no full API scope");
             return Err(GrantRefused::Refused);
         }
-        let mut identity = (*identity).clone();
-        if identity.session_id.is_none() {
-            identity.session_id = sid;
-        }
+        let identity = match (identity.session_id(), sid) {
+            (None, Some(sid)) => identity.edited(|p| p.session_id = Some(sid)),
+            _ => (*identity).clone(),
+        };
         Ok(SignedIn {
             identity,
             op_refresh,
@@ -788,7 +786,7 @@ impl Compat {
             }
             Err(GrantRefused::Refused) => return Err(GatewayError::LoginRefused),
         };
-        let granted_user = &signed_in.identity.user_id;
+        let granted_user = signed_in.identity.user_id();
         if granted_user != login.user_id {
             // The OP signed in a user who maps to another Matrix ID: the client asked for one
             // user and must not get another.
@@ -933,7 +931,7 @@ impl Compat {
         }
         s.add_member(
             Space::CompatUserSessions,
-            &session.identity.user_id,
+            session.identity.user_id(),
             id,
             ends_ms,
         )
@@ -1199,9 +1197,9 @@ impl Compat {
                 // subject and device, with the full API.
                 match self.hooks.verify(&renewed.access_token).await {
                     Ok(now_granted)
-                        if now_granted.user_id == session.identity.user_id
+                        if now_granted.user_id() == session.identity.user_id()
                             && now_granted.subject_key() == session.identity.subject_key()
-                            && now_granted.device_id == session.identity.device_id
+                            && now_granted.device_id() == session.identity.device_id()
                             && now_granted.access == crate::auth::Access::Full =>
                     {
                         grant.checked_ms = self.clock.now_ms();
@@ -1217,13 +1215,13 @@ impl Compat {
                     }
                     Err(GatewayError::OpUnavailable(_)) => GrantCheck::Failed,
                     Ok(_) | Err(_) => {
-                        tracing::warn!(user = %session.identity.user_id, "compat: the OP's grant no longer gives this session's user, device or full access; it ends");
+                        tracing::warn!(user = %session.identity.user_id(), "compat: the OP's grant no longer gives this session's user, device or full access; it ends");
                         self.ended(id, &session).await
                     }
                 }
             }
             Ok(Err(e)) if e == "invalid_grant" => {
-                tracing::info!(user = %session.identity.user_id, device = ?session.identity.device_id, "compat: the session's OP grant is gone; it ends");
+                tracing::info!(user = %session.identity.user_id(), device = ?session.identity.device_id(), "compat: the session's OP grant is gone; it ends");
                 self.ended(id, &session).await
             }
             Ok(Err(e)) => {
@@ -1383,7 +1381,7 @@ impl Compat {
                 .map_err(store_failure)?;
         }
         // Last: until the session is gone, /logout/all can still find it.
-        s.remove_member(Space::CompatUserSessions, &session.identity.user_id, id)
+        s.remove_member(Space::CompatUserSessions, session.identity.user_id(), id)
             .await
             .map_err(store_failure)
     }
@@ -1401,7 +1399,7 @@ impl Compat {
             let Some(session) = self.session_by_id(&id, now).await.map_err(store_failure)? else {
                 continue;
             };
-            if session.identity.user_id != user_id {
+            if session.identity.user_id() != user_id {
                 continue;
             }
             live.extend(LiveSession::of(id, session));
@@ -1477,7 +1475,7 @@ impl Compat {
     ) -> Result<Vec<TokenHash>, GatewayError> {
         let mut ended = Vec::new();
         for live in self.sessions_of(user_id).await? {
-            if live.identity().device_id.as_deref() == Some(device_id) {
+            if live.identity().device_id() == Some(device_id) {
                 self.end(&live).await?;
                 ended.push(live.access);
             }

@@ -44,10 +44,10 @@ impl SessionHooks for Hooks {
         &self,
         identity: &crate::auth::Identity,
     ) -> std::result::Result<(), GatewayError> {
-        match &identity.device_id {
+        match identity.device_id() {
             Some(device) => self
                 .notifier
-                .revoke_device(&identity.user_id, device, Source::OpGrantEnded)
+                .revoke_device(identity.user_id(), device, Source::OpGrantEnded)
                 .await
                 .map(|_| ()),
             None => Ok(()),
@@ -338,8 +338,8 @@ async fn login(
     let identity = signed_in.identity.clone();
     // A password login naming a device takes it over: the user's earlier compat sessions on
     // it end (so an old session's token cannot sign the new one's device out later).
-    if let (true, Some(device)) = (req.device_id.is_some(), &identity.device_id) {
-        match compat.end_device_sessions(&identity.user_id, device).await {
+    if let (true, Some(device)) = (req.device_id.is_some(), identity.device_id()) {
+        match compat.end_device_sessions(identity.user_id(), device).await {
             Ok(ended) => {
                 for hash in ended {
                     gw.verifier.purge_token_everywhere(&hash).await;
@@ -363,7 +363,7 @@ async fn login(
         }
         return Ok(Err(GatewayError::LoginRefused));
     }
-    tracing::info!(user = %identity.user_id, device = ?identity.device_id, kind = %req.kind, "compat: session opened");
+    tracing::info!(user = %identity.user_id(), device = ?identity.device_id(), kind = %req.kind, "compat: session opened");
     write_tokens(gw, session, Some(&identity), &issued).await?;
     Ok(Ok(()))
 }
@@ -441,8 +441,8 @@ async fn write_tokens(
     issued: &Issued,
 ) -> Result<()> {
     let body = LoginResponse {
-        user_id: identity.map(|i| i.user_id.as_str()),
-        device_id: identity.and_then(|i| i.device_id.as_deref()),
+        user_id: identity.map(|i| i.user_id()),
+        device_id: identity.and_then(|i| i.device_id()),
         home_server: identity.map(|_| gw.config.homeserver.server_name.as_str()),
         access_token: &issued.access_token,
         refresh_token: issued.refresh_token.as_deref(),
@@ -487,12 +487,12 @@ async fn logout(
         Ok(None) => return Ok(Err(GatewayError::UnknownToken(RejectReason::Inactive))),
         Err(e) => return Ok(Err(e)),
     };
-    if let Some(device) = &identity.device_id {
+    if let Some(device) = identity.device_id() {
         // First refuse the device's tokens and sign it out upstream: if that fails the client
         // gets 503 and its retry finds the session still there to end.
         if let Err(e) = gw
             .notifier
-            .revoke_device(&identity.user_id, device, Source::Logout)
+            .revoke_device(identity.user_id(), device, Source::Logout)
             .await
         {
             return Ok(Err(e));
@@ -504,7 +504,7 @@ async fn logout(
     gw.verifier
         .purge_token_everywhere(&crate::auth::TokenHash::of(&token))
         .await;
-    tracing::info!(user = %identity.user_id, device = ?identity.device_id, "compat: session ended by /logout");
+    tracing::info!(user = %identity.user_id(), device = ?identity.device_id(), "compat: session ended by /logout");
     respond::json_response(session, 200, &respond::Empty {}, &[]).await?;
     Ok(Ok(()))
 }
@@ -561,7 +561,7 @@ async fn logout_all(
     }
     let own = crate::auth::TokenHash::of(&token);
     let subject = identity.subject_key();
-    let mut sessions: Vec<_> = match compat.sessions_of(&identity.user_id).await {
+    let mut sessions: Vec<_> = match compat.sessions_of(identity.user_id()).await {
         Ok(s) => s,
         Err(e) => return Ok(Err(e)),
     };
@@ -570,19 +570,19 @@ async fn logout_all(
     sessions.sort_by_key(|l| l.access == own);
     let mut devices: Vec<&str> = sessions
         .iter()
-        .filter_map(|l| l.identity().device_id.as_deref())
-        .chain(identity.device_id.as_deref())
+        .filter_map(|l| l.identity().device_id())
+        .chain(identity.device_id())
         .collect();
     devices.sort_unstable();
     devices.dedup();
     // The caller's device last: its sign-out ends the caller's session, and until every
     // other device is done a failure must leave the caller a session to retry with.
-    let own_device = identity.device_id.as_deref();
+    let own_device = identity.device_id();
     devices.sort_by_key(|d| Some(*d) == own_device);
     for device in devices {
         if let Err(e) = gw
             .notifier
-            .revoke_device(&identity.user_id, device, Source::Logout)
+            .revoke_device(identity.user_id(), device, Source::Logout)
             .await
         {
             return Ok(Err(e));
@@ -598,7 +598,7 @@ async fn logout_all(
         return Ok(Err(e));
     }
     gw.verifier.purge_token_everywhere(&own).await;
-    tracing::info!(user = %identity.user_id, sessions = sessions.len(), "compat: sessions ended by /logout/all");
+    tracing::info!(user = %identity.user_id(), sessions = sessions.len(), "compat: sessions ended by /logout/all");
     respond::json_response(session, 200, &respond::Empty {}, &[]).await?;
     Ok(Ok(()))
 }

@@ -69,19 +69,19 @@ pub async fn cross_signing(
     let approved = gw
         .binder
         .store()
-        .take_cross_signing_reset(&identity.user_id, gw.clock.now_ms())
+        .take_cross_signing_reset(identity.user_id(), gw.clock.now_ms())
         .await
         .map_err(store_failed)?;
     if !approved {
         return Err(GatewayError::CrossSigningResetRequired);
     }
-    tracing::info!(user = %identity.user_id, "approved cross-signing reset used");
+    tracing::info!(user = %identity.user_id(), "approved cross-signing reset used");
     if gw.config.homeserver.kind == HomeserverKind::Synapse
         && matches!(bound.credential, Credential::DeviceToken(_))
     {
         ctx.as_appservice = true;
         tracing::info!(
-            user = %identity.user_id,
+            user = %identity.user_id(),
             device = bound.device_id.as_deref().unwrap_or(""),
             "approved cross-signing replacement sent as the application service"
         );

@@ -23,11 +23,11 @@ use crate::config::{IdentityHeaders, Secret};
 pub fn signing_input(timestamp: u64, method: &str, target: &str, identity: &Identity) -> String {
     format!(
         "v1\n{timestamp}\n{method}\n{target}\n{}\n{}\n{}\n{}\n{}",
-        identity.user_id,
-        identity.device_id.as_deref().unwrap_or(""),
-        identity.scope,
+        identity.user_id(),
+        identity.device_id().unwrap_or(""),
+        identity.scope(),
         identity.access == Access::Guest,
-        identity.subject,
+        identity.subject(),
     )
 }
 
@@ -104,18 +104,18 @@ pub fn inject(
     identity: &Identity,
     now_secs: u64,
 ) -> Result<()> {
-    req.insert_header(names.user_id.clone(), identity.user_id.as_str())?;
-    if let Some(d) = &identity.device_id {
-        req.insert_header(names.device_id.clone(), d.as_str())?;
+    req.insert_header(names.user_id.clone(), identity.user_id())?;
+    if let Some(d) = identity.device_id() {
+        req.insert_header(names.device_id.clone(), d)?;
     }
-    req.insert_header(names.scope.clone(), identity.scope.as_str())?;
+    req.insert_header(names.scope.clone(), &*identity.scope())?;
     let guest = if identity.access == Access::Guest {
         "true"
     } else {
         "false"
     };
     req.insert_header(names.guest.clone(), guest)?;
-    req.insert_header(names.subject.clone(), identity.subject.as_str())?;
+    req.insert_header(names.subject.clone(), identity.subject())?;
     if let Some(secret) = &names.signing_secret {
         let target = String::from_utf8_lossy(req.raw_path()).into_owned();
         let sig = signature(
@@ -211,6 +211,7 @@ pub fn forwarded(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::IdentityParts;
     use crate::config::Secret;
     use http::HeaderName;
 
@@ -228,7 +229,11 @@ mod tests {
     }
 
     fn alice() -> Identity {
-        Identity {
+        alice_parts().into()
+    }
+
+    fn alice_parts() -> IdentityParts {
+        IdentityParts {
             user_id: "@alice:example.org".into(),
             device_id: Some("DEV".into()),
             scope: "urn:matrix:client:api:*".into(),
@@ -355,7 +360,7 @@ mod tests {
                 .unwrap_or_else(|| panic!("{name} missing from the vector"))
                 .to_owned()
         };
-        let identity = Identity {
+        let identity: Identity = IdentityParts {
             user_id: field("user id "),
             device_id: Some(field("device id ")),
             scope: field("scope "),
@@ -365,8 +370,9 @@ mod tests {
                 Access::Full
             },
             subject: field("sub "),
-            ..alice()
-        };
+            ..alice_parts()
+        }
+        .into();
         let t: u64 = field("t ").parse().unwrap();
         let header = signature(
             field("secret ").as_bytes(),
@@ -381,8 +387,7 @@ mod tests {
     #[test]
     fn signature_depends_on_every_field() {
         let base = signature(b"key", 1, "GET", "/a", &alice());
-        let mut other = alice();
-        other.device_id = Some("OTHER".into());
+        let other = alice().edited(|p| p.device_id = Some("OTHER".into()));
         assert_ne!(base, signature(b"key", 1, "GET", "/a", &other));
         assert_ne!(base, signature(b"key", 1, "GET", "/b", &alice()));
         assert_ne!(base, signature(b"key", 2, "GET", "/a", &alice()));

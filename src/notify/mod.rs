@@ -243,7 +243,7 @@ impl Notifier {
         for live in covered {
             compat.end(live).await?;
             self.verifier.purge_token_everywhere(&live.access).await;
-            tracing::info!(user = %live.identity().user_id, device = ?live.identity().device_id, "compat session ended by a sign-out");
+            tracing::info!(user = %live.identity().user_id(), device = ?live.identity().device_id(), "compat session ended by a sign-out");
         }
         Ok(())
     }
@@ -252,7 +252,8 @@ impl Notifier {
     fn compat_pairs(covered: &[LiveSession]) -> impl Iterator<Item = (String, String)> + '_ {
         covered.iter().filter_map(|l| {
             let i = l.identity();
-            i.device_id.clone().map(|d| (i.user_id.clone(), d))
+            i.device_id()
+                .map(|d| (i.user_id().to_owned(), d.to_owned()))
         })
     }
 
@@ -302,7 +303,10 @@ impl Notifier {
     fn pairs(identities: &[Arc<Identity>]) -> BTreeSet<(String, String)> {
         identities
             .iter()
-            .filter_map(|i| i.device_id.as_ref().map(|d| (i.user_id.clone(), d.clone())))
+            .filter_map(|i| {
+                i.device_id()
+                    .map(|d| (i.user_id().to_owned(), d.to_owned()))
+            })
             .collect()
     }
 
@@ -398,7 +402,7 @@ impl Notifier {
         let covered = self.record(selector, source == Source::Revocation).await?;
         let purged = self
             .verifier
-            .purge_where(|i| i.user_id == user && i.device_id.as_deref() == Some(device))
+            .purge_where(|i| i.user_id() == user && i.device_id() == Some(device))
             .await;
         let pairs = BTreeSet::from([(user.to_owned(), device.to_owned())]);
         let out = self.sign_out(source, pairs, purged.len()).await?;
@@ -409,7 +413,7 @@ impl Notifier {
     /// Signs out every session of a user.
     pub async fn logout_user(&self, user: &str, source: Source) -> Result<SignOut, GatewayError> {
         let covered = self.revoke(Selector::User(user.to_owned())).await?;
-        let purged = self.verifier.purge_where(|i| i.user_id == user).await;
+        let purged = self.verifier.purge_where(|i| i.user_id() == user).await;
         let devices = self.binder.sign_out_user(user).await?;
         self.end_compat(&covered).await?;
         tracing::info!(source = source.as_label(), user = %user, "all sessions signed out");
@@ -422,7 +426,7 @@ impl Notifier {
     /// Deactivates a user: tombstone (every token of the user now gets 403
     /// `M_USER_DEACTIVATED`), purge, upstream sign-out and deactivation.
     pub async fn deactivate(&self, user: &str, erase: bool) -> Result<&'static str, GatewayError> {
-        self.verifier.purge_where(|i| i.user_id == user).await;
+        self.verifier.purge_where(|i| i.user_id() == user).await;
         let done = self.binder.deactivate(user, erase).await?;
         // Its compat sessions end for good (a lifted tombstone must not bring them back).
         let covered = self
@@ -451,7 +455,7 @@ impl Notifier {
             }
             Purge::User(user) => {
                 let covered = self.revoke(Selector::User(user.clone())).await?;
-                let purged = self.verifier.purge_where(|i| i.user_id == user).await;
+                let purged = self.verifier.purge_where(|i| i.user_id() == user).await;
                 self.end_compat(&covered).await?;
                 purged.len()
             }

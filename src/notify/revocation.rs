@@ -102,15 +102,15 @@ impl Notifier {
             return Ok(None);
         };
         if let Some(identity) = compat.session_identity(kind, token).await? {
-            if let Some(device) = &identity.device_id {
-                self.revoke_device(&identity.user_id, device, Source::Revocation)
+            if let Some(device) = identity.device_id() {
+                self.revoke_device(identity.user_id(), device, Source::Revocation)
                     .await?;
             }
             compat.end_session(kind, token).await?;
             self.verifier
                 .purge_token_everywhere(&TokenHash::of(token))
                 .await;
-            tracing::info!(user = %identity.user_id, device = ?identity.device_id, "compat: session ended by revocation");
+            tracing::info!(user = %identity.user_id(), device = ?identity.device_id(), "compat: session ended by revocation");
         }
         Ok(Some((
             200,
@@ -143,12 +143,12 @@ impl Notifier {
         };
         let cached = self.verifier.cached_identity(&TokenHash::of(token)).await;
         if let Some(id) = cached {
-            if !owned(&id.issuer, &id.subject, &id.user_id).await? {
+            if !owned(&id.issuer, id.subject(), id.user_id()).await? {
                 return Ok(None);
             }
             return Ok(Some(Learned {
-                user: id.user_id.clone(),
-                device: id.device_id.clone(),
+                user: id.user_id().to_owned(),
+                device: id.device_id().map(str::to_owned),
                 refresh: false,
             }));
         }
@@ -170,12 +170,12 @@ impl Notifier {
                         let Some(id) = self.map_identity(&claims) else {
                             return Ok(None);
                         };
-                        if !owned(&id.issuer, &id.subject, &id.user_id).await? {
+                        if !owned(&id.issuer, id.subject(), id.user_id()).await? {
                             return Ok(None);
                         }
                         Ok(Some(Learned {
-                            user: id.user_id,
-                            device: id.device_id,
+                            user: id.user_id().to_owned(),
+                            device: id.device_id().map(str::to_owned),
                             refresh: false,
                         }))
                     }
