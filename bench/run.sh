@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# The side-by-side benchmark: the gateway against nginx references measured in the same run.
+# The side-by-side benchmark: the gateway against nginx references and the do-it-yourself
+# competitors, all measured in the same run.
 #
 #   bench/run.sh            # full run (3 x 10 s per scenario, 1,000,000 cached identities)
 #   bench/run.sh --smoke    # seconds, no thresholds (CI)
 #
-# Scenarios (wrk -t1 -c64, loopback, one worker each, medians):
-#   direct      wrk -> nginx upstream (the physical limit)
-#   nginx       wrk -> nginx proxy_pass (keepalive) -> upstream, no auth
-#   gateway     wrk -> gateway (valid, cached token) -> upstream
-#   nginx-401   nginx answering 401 JSON itself
-#   gateway-401 gateway refusing a negative-cached token
-# Plus: RSS of N cached identities, introspections for 1,000 concurrent first requests of one
-# token, first-seen RS256 JWT validations per second on one core, and a sustained run with
-# 10,000 distinct tokens through a 5,000-entry cache.
+# Scenarios (wrk -t1 -c64, loopback; every proxy is one worker in a process of its own, in
+# front of the same upstream, a separate nginx process):
+#   direct          wrk -> upstream (the physical limit)
+#   nginx           wrk -> nginx proxy_pass (keepalive) -> upstream, no auth
+#   nginx-authreq   wrk -> nginx auth_request + proxy_cache keyed on Authorization (the
+#                   do-it-yourself edge, as ingress-nginx's auth-cache-key builds it; the
+#                   introspection adapter behind it only sees misses) -> upstream
+#   gateway         wrk -> gateway (introspection mode, a valid cached token) -> upstream
+#   oauth2-proxy    wrk -> oauth2-proxy --skip-jwt-bearer-tokens (an RS256 JWT) -> upstream
+#   gateway-jwt     wrk -> gateway (jwt mode, the same JWT) -> upstream
+#   nginx-401       nginx answering 401 JSON itself
+#   gateway-401     gateway refusing a negative-cached token
+# Each runs RUNS times; the table gives min / median / max req/s and the median run's
+# latencies. Plus: RSS of N cached identities (and of the cache's own cost per entry, against
+# moka's), introspections for 1,000 concurrent first requests of one token, first-seen RS256
+# JWT validations per second on one core, and a sustained run with 10,000 distinct tokens
+# through a 5,000-entry cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 smoke=false
@@ -25,76 +34,138 @@ bench_install
 
 # BENCH_SCENARIOS="nginx gateway" limits the load scenarios; BENCH_EXTRAS=0 skips the rest;
 # BENCH_CARGO_FLAGS (e.g. --no-default-features) builds a variant for comparisons.
-SCENARIOS=${BENCH_SCENARIOS:-direct nginx gateway nginx-401 gateway-401}
+SCENARIOS=${BENCH_SCENARIOS:-direct nginx nginx-authreq gateway oauth2-proxy gateway-jwt nginx-401 gateway-401}
 EXTRAS=${BENCH_EXTRAS:-1}
+has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
+if has oauth2-proxy; then
+  echo "== oauth2-proxy (scripts/peers/install-oauth2-proxy.sh)"
+  O2P_BIN=$(scripts/peers/install-oauth2-proxy.sh | tail -1)
+fi
 echo "== building (release)"
 # shellcheck disable=SC2086
 cargo build --release --quiet --bin matrix-oidc-gateway --examples ${BENCH_CARGO_FLAGS:-}
 
 bench_workdir
-UP=$(free_port); PROXY=$(free_port); N401=$(free_port); OP=$(free_port); GW=$(free_port); ADMIN=$(free_port)
+UP=$(free_port); PROXY=$(free_port); AUTHN=$(free_port); N401=$(free_port); OP=$(free_port)
+GW=$(free_port); ADMIN=$(free_port); GWJ=$(free_port); ADMINJ=$(free_port); O2P=$(free_port)
+BODY='{"versions":["v1.11"],"ok":true}'
 
-cat >"$work/nginx.conf" <<NGINX
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
+write_nginx_conf upstream "  keepalive_requests 1000000;
+$(static_json_server "$UP" "$BODY")"
+write_nginx_conf proxy "
   keepalive_requests 1000000;
   upstream up { server 127.0.0.1:$UP; keepalive 128; }
-  server {
-    listen 127.0.0.1:$UP;
-    location / { default_type application/json; return 200 '{"versions":["v1.11"],"ok":true}'; }
-  }
   server {
     listen 127.0.0.1:$PROXY;
     location / {
       proxy_pass http://up;
       proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header X-Matrix-User-Id "@bench:example.org";
+      proxy_set_header Connection \"\";
+      proxy_set_header X-Matrix-User-Id \"@bench:example.org\";
     }
   }
   server {
     listen 127.0.0.1:$N401;
-    location / { default_type application/json; return 401 '{"errcode":"M_UNKNOWN_TOKEN","error":"Invalid access token","soft_logout":false}'; }
-  }
-}
-NGINX
-nginx -c "$work/nginx.conf" -p "$work"
+    location / { default_type application/json; return 401 '{\"errcode\":\"M_UNKNOWN_TOKEN\",\"error\":\"Invalid access token\",\"soft_logout\":false}'; }
+  }"
+write_nginx_conf authreq "
+  keepalive_requests 1000000;
+  proxy_cache_path $work/authcache levels=1:2 keys_zone=auth:10m max_size=100m inactive=10m;
+  upstream up { server 127.0.0.1:$UP; keepalive 128; }
+  upstream op { server 127.0.0.1:$OP; keepalive 16; }
+  server {
+    listen 127.0.0.1:$AUTHN;
+    location / {
+      auth_request /_auth;
+      auth_request_set \$matrix_user \$upstream_http_x_matrix_user_id;
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_set_header X-Matrix-User-Id \$matrix_user;
+    }
+    location = /_auth {
+      internal;
+      proxy_pass http://op/auth;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length \"\";
+      proxy_cache auth;
+      proxy_cache_key \$http_authorization;
+      proxy_cache_valid 200 401 120s;
+      proxy_cache_lock on;
+    }
+  }"
+for n in upstream proxy authreq; do nginx -c "$work/$n.conf" -p "$work"; done
 python3 bench/op_stub.py "$OP" >/dev/null 2>&1 &
 pids+=($!)
-wait_port "$UP"; wait_port "$OP"
+wait_port "$UP"; wait_port "$OP"; wait_port "$AUTHN"
 
-cat >"$work/gateway.toml" <<TOML
+# gateway_conf PORT ADMIN ISSUER_BLOCK: a gateway configuration (one worker thread).
+gateway_conf() {
+  cat <<TOML
 [listen]
-public = "127.0.0.1:$GW"
-admin = "127.0.0.1:$ADMIN"
+public = "127.0.0.1:$1"
+admin = "127.0.0.1:$2"
 threads = 1
 [homeserver]
 url = "http://127.0.0.1:$UP"
 server_name = "example.org"
 [store]
-path = "$work/state.sqlite3"
+path = "$work/state-$1.sqlite3"
 encryption_key = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
 [[issuers]]
 issuer = "http://127.0.0.1:$OP/"
-introspection_endpoint = "http://127.0.0.1:$OP/introspect"
-client_id = "bench"
-client_secret = "bench"
+$3
 [cache]
 capacity = 5000
 [log]
 level = "warn"
 TOML
+}
+gateway_conf "$GW" "$ADMIN" "introspection_endpoint = \"http://127.0.0.1:$OP/introspect\"
+client_id = \"bench\"
+client_secret = \"bench\"" >"$work/gateway.toml"
+gateway_conf "$GWJ" "$ADMINJ" "mode = \"jwt\"
+audiences = [\"bench\"]
+jwks_uri = \"http://127.0.0.1:$OP/jwks\"" >"$work/gateway-jwt.toml"
 ./target/release/matrix-oidc-gateway --config "$work/gateway.toml" >"$work/gateway.log" 2>&1 &
 pids+=($!)
+if has gateway-jwt; then
+  ./target/release/matrix-oidc-gateway --config "$work/gateway-jwt.toml" >"$work/gateway-jwt.log" 2>&1 &
+  pids+=($!)
+  wait_port "$GWJ"
+fi
+JWT=$(./target/release/examples/bench_mint_jwt "http://127.0.0.1:$OP/" bench 1)
+if has oauth2-proxy; then
+  GOMAXPROCS=1 "$O2P_BIN" --http-address="127.0.0.1:$O2P" --provider=oidc \
+    --oidc-issuer-url="http://127.0.0.1:$OP/" --skip-oidc-discovery \
+    --login-url="http://127.0.0.1:$OP/authorize" --redeem-url="http://127.0.0.1:$OP/token" \
+    --oidc-jwks-url="http://127.0.0.1:$OP/jwks" --client-id=bench --client-secret=bench \
+    --cookie-secret=0123456789abcdef0123456789abcdef --cookie-secure=false --email-domain='*' \
+    --redirect-url="http://127.0.0.1:$O2P/oauth2/callback" --upstream="http://127.0.0.1:$UP/" \
+    --skip-jwt-bearer-tokens=true --request-logging=false --auth-logging=false \
+    --standard-logging=false >"$work/oauth2-proxy.log" 2>&1 &
+  pids+=($!)
+  wait_port "$O2P"
+fi
 wait_port "$GW"
-curl -s -o /dev/null -H "Authorization: Bearer good-token" "http://127.0.0.1:$GW/_matrix/client/v3/sync"
-curl -s -o /dev/null -H "Authorization: Bearer bad-token" "http://127.0.0.1:$GW/_matrix/client/v3/sync"
+U="/_matrix/client/v3/sync"
+# The first request of each token is a miss everywhere; the load measures the cached path.
+expect() {
+  local got
+  got=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $2" "$3")
+  [ "$got" = "$1" ] || { echo "bench: $3 answered $got, not $1" >&2; cat "$work"/*.log >&2; exit 1; }
+}
+expect 200 good-token "http://127.0.0.1:$GW$U"
+expect 401 bad-token "http://127.0.0.1:$GW$U"
+expect 200 good-token "http://127.0.0.1:$AUTHN$U"
+expect 401 bad-token "http://127.0.0.1:$AUTHN$U"
+has gateway-jwt && expect 200 "$JWT" "http://127.0.0.1:$GWJ$U"
+has oauth2-proxy && expect 200 "$JWT" "http://127.0.0.1:$O2P$U"
 
-# wrk_run NAME URL [extra wrk args...] -> appends "NAME rps p50_ms p99_ms" (median of RUNS)
+# wrk_run NAME URL [extra wrk args...] -> appends "NAME min median max p50_ms p99_ms" (the
+# latencies of the median run) over RUNS runs.
 results="$work/results"
 : >"$results"
 wrk_run() {
@@ -110,20 +181,34 @@ wrk_run() {
     p99=$(awk '$1=="99%" {print $2}' <<<"$out" | to_ms)
     rows+=("$rps $p50 $p99")
   done
-  printf '%s\n' "${rows[@]}" | sort -n -k1 | awk -v n="$name" '{a[NR]=$0} END {print n, a[int((NR+1)/2)]}' >>"$results"
+  printf '%s\n' "${rows[@]}" | sort -n -k1 | awk -v n="$name" '
+    {a[NR]=$0; split($0, f, " "); r[NR]=f[1]}
+    END {m=a[int((NR+1)/2)]; split(m, f, " "); print n, r[1], f[1], r[NR], f[2], f[3]}' >>"$results"
 }
-U="/_matrix/client/v3/sync"
 echo "== load (wrk -t1 -c64 -d$DUR, $RUNS run(s) each)"
-has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 has direct && wrk_run direct "http://127.0.0.1:$UP$U"
 has nginx && wrk_run nginx "http://127.0.0.1:$PROXY$U"
+has nginx-authreq && wrk_run nginx-authreq "http://127.0.0.1:$AUTHN$U" -H "Authorization: Bearer good-token"
 has gateway && wrk_run gateway "http://127.0.0.1:$GW$U" -H "Authorization: Bearer good-token"
+has oauth2-proxy && wrk_run oauth2-proxy "http://127.0.0.1:$O2P$U" -H "Authorization: Bearer $JWT"
+has gateway-jwt && wrk_run gateway-jwt "http://127.0.0.1:$GWJ$U" -H "Authorization: Bearer $JWT"
 has nginx-401 && wrk_run nginx-401 "http://127.0.0.1:$N401$U"
 has gateway-401 && wrk_run gateway-401 "http://127.0.0.1:$GW$U" -H "Authorization: Bearer bad-token"
+# The reference of each scenario's ratio: nginx's own 401 for refusals, the competitor for
+# the competitors' rows, nginx proxy_pass otherwise.
+table() {
+  awk -v d="$(awk '$1=="direct"{print $3}' "$results")" -v n="$(awk '$1=="nginx"{print $3}' "$results")" \
+      -v n401="$(awk '$1=="nginx-401"{print $3}' "$results")" -v ar="$(awk '$1=="nginx-authreq"{print $3}' "$results")" \
+      -v o2p="$(awk '$1=="oauth2-proxy"{print $3}' "$results")" '
+    function ratio(x, ref) { return ref > 0 ? sprintf("%.2f", x / ref) : "-" }
+    BEGIN { printf "| scenario | req/s min | median | max | p50 ms | p99 ms | vs nginx | vs direct | vs competitor |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n" }
+    { ref = ($1 ~ /401/) ? n401 : n
+      comp = ($1 == "gateway") ? ratio($3, ar) : ($1 == "gateway-jwt") ? ratio($3, o2p) : "-"
+      printf "| %s | %.0f | %.0f | %.0f | %.2f | %.2f | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, ratio($3, ref), ratio($3, d), comp }' "$results"
+}
 if [ "$EXTRAS" = 0 ]; then
   echo
-  awk -v n="$(awk '$1=="nginx"{print $2}' "$results")" -v n401="$(awk '$1=="nginx-401"{print $2}' "$results")" '
-    { ref = ($1 ~ /401/) ? n401 : n; printf "%s %.0f req/s p50 %.2f ms p99 %.2f ms ratio %.2f\n", $1, $2, $3, $4, (ref > 0 ? $2/ref : 0) }' "$results"
+  table
   exit 0
 fi
 
@@ -151,20 +236,20 @@ if command -v node >/dev/null && [ -d tests/e2e/op/node_modules/oidc-provider ];
   kit="$(awk '/Requests\/sec/ {print $2}' <<<"$kit_out") req/s over real OP tokens ($(grep -o 'minted [0-9]* tokens' <<<"$kit_out"))"
 fi
 
-memory=$(./target/release/examples/bench_cache_memory "$CACHE_N")
+memory=$(./target/release/examples/bench_cache_memory "$CACHE_N" identities)
+memory_refusals=$(./target/release/examples/bench_cache_memory "$CACHE_N" refusals)
+memory_moka=$(./target/release/examples/bench_cache_memory "$CACHE_N" moka-refusals)
 jwt=$(./target/release/examples/bench_jwt "$JWT_N")
 
 echo
 echo "matrix-oidc-gateway benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -m)$($smoke && echo ', SMOKE (not for conclusions)')"
 echo
-awk -v d="$(awk '$1=="direct"{print $2}' "$results")" -v n="$(awk '$1=="nginx"{print $2}' "$results")" \
-    -v n401="$(awk '$1=="nginx-401"{print $2}' "$results")" '
-  BEGIN { printf "| scenario | req/s | p50 ms | p99 ms | vs nginx | vs direct |\n|---|---:|---:|---:|---:|---:|\n" }
-  { ref = ($1 ~ /401/) ? n401 : n
-    printf "| %s | %.0f | %.2f | %.2f | %.2f | %.2f |\n", $1, $2, $3, $4, $2/ref, $2/d }' "$results"
+table
 echo
 echo "- 1,000 concurrent first requests of one token: $first, introspections: $intros"
 echo "- sustained, 10,000 tokens through a 5,000-entry cache: $sustained req/s, introspections: $sustained_intros"
 echo "- $memory"
+echo "- $memory_refusals (the cache's own cost per entry)"
+echo "- $memory_moka (the same in moka, as before)"
 echo "- $jwt"
 echo "- load-test kit: $kit"
