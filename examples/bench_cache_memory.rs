@@ -101,7 +101,9 @@ fn main() {
                     } else {
                         identity(i, &issuer)
                     };
-                    let _ = cache.get_or_load::<()>(key(i), async { Ok(verdict) }).await;
+                    let _ = cache
+                        .get_or_load::<()>(key(i), async { Ok(verdict) }, |_| true)
+                        .await;
                 }
                 cache.entry_count()
             }

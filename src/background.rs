@@ -27,8 +27,8 @@ impl BackgroundService for MetadataRefresher {
     }
 }
 
-/// Frees the identity cache's entries whose window has ended (they are already invisible; this
-/// gives their memory back before eviction would).
+/// Frees the identity cache's entries whose window has ended (kept a while: see
+/// `auth::cache`), giving their memory back before eviction would.
 pub(crate) struct CacheSweeper {
     pub(crate) verifier: Arc<crate::auth::Verifier>,
 }

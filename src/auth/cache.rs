@@ -157,8 +157,10 @@ fn usable(v: &CachedVerdict, now: u64) -> bool {
 
 /// How long a failed load's error is kept for the requests that waited on it.
 const FAILURE_SHARE: Duration = Duration::from_secs(1);
-/// Past this many recorded failures the old ones are swept on each new one.
+/// Past this many recorded failures the old ones are swept (at most once a second).
 const FAILURE_SWEEP_AT: usize = 1_024;
+/// At most this many failures are recorded at a time.
+const FAILURE_CAP: usize = 16_384;
 
 /// A failed load, for the requests that were waiting on it.
 struct Failure {
@@ -185,6 +187,11 @@ pub struct IdentityCache {
     /// Counts failures: a request applies a recorded failure only if it was recorded after
     /// the request started waiting.
     failure_seq: AtomicU64,
+    /// When `failures` was last swept (Unix ms).
+    failures_swept_ms: AtomicU64,
+    /// Bumped by every removal that found a load in flight (and by every bulk purge): a load
+    /// that sees it changed drops what it just inserted.
+    generation: AtomicU64,
 }
 
 /// Whether `v` is the verdict `seen` (the same decision: decided at the same time for the same
@@ -201,41 +208,43 @@ impl IdentityCache {
             clock,
             failures: parking_lot::Mutex::new(HashMap::new()),
             failure_seq: AtomicU64::new(0),
+            failures_swept_ms: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         }
     }
 
-    /// Changes one entry by `decide` (given its current verdict), serialised with every other
-    /// such change of the same key: purges and background replacements never interleave.
-    /// Returns the verdict removed, if `decide` removed one.
-    async fn change(
+    /// Changes one entry by `decide` (given its current verdict), atomically with every other
+    /// change of the same key: purges and background replacements never interleave. Never
+    /// waits for a load in flight (a load may itself end in a purge of its own token: a
+    /// compat session whose OP grant is gone): a change that removes finds the load's
+    /// placeholder and bumps `generation` instead, and the load does not keep what it
+    /// brings. Returns the verdict removed, if `decide` removed one.
+    fn change(
         &self,
         key: TokenHash,
         decide: impl FnOnce(Option<&CachedVerdict>) -> Change,
     ) -> Option<CachedVerdict> {
-        // Waits for a load of the same key in flight, then decides on what it brought.
         let mut decide = Some(decide);
-        let result = self
-            .inner
-            .entry_async(&key, |_, current| {
-                let decide = decide.take().expect("called once");
-                match decide(Some(current)) {
-                    Change::Keep => EntryAction::Retain(()),
-                    Change::Remove => EntryAction::Remove,
-                    Change::Put(v) => {
-                        *current = v;
-                        EntryAction::Retain(())
-                    }
+        let result = self.inner.entry(&key, Some(Duration::ZERO), |_, current| {
+            let decide = decide.take().expect("called once");
+            match decide(Some(current)) {
+                Change::Keep => EntryAction::Retain(()),
+                Change::Remove => EntryAction::Remove,
+                Change::Put(v) => {
+                    *current = v;
+                    EntryAction::Retain(())
                 }
-            })
-            .await;
+            }
+        });
         match result {
             EntryResult::Removed(_, v) => Some(v),
-            EntryResult::Vacant(guard) => {
-                if let Some(Change::Put(v)) = decide.take().map(|d| d(None)) {
-                    let _ = guard.insert(v);
+            EntryResult::Timeout => {
+                if let Some(Change::Remove) = decide.take().map(|d| d(None)) {
+                    self.generation.fetch_add(1, Ordering::SeqCst);
                 }
                 None
             }
+            // Nothing cached (the placeholder this made is dropped with the guard), or kept.
             _ => None,
         }
     }
@@ -243,7 +252,7 @@ impl IdentityCache {
     /// Drops one entry because it must not be used any more (not merely because its window
     /// ended): a background re-check in flight will not put it back.
     pub async fn purge(&self, key: &TokenHash) {
-        self.change(*key, |_| Change::Remove).await;
+        self.change(*key, |_| Change::Remove);
     }
 
     /// Replaces the verdict a background re-check started from (`seen`) with what it brought
@@ -262,8 +271,7 @@ impl IdentityCache {
                 Change::Put(new)
             }
             _ => Change::Keep,
-        })
-        .await;
+        });
         replaced
     }
 
@@ -272,8 +280,7 @@ impl IdentityCache {
         self.change(key, |current| match current {
             Some(v) if same_decision(v, seen) => Change::Remove,
             _ => Change::Keep,
-        })
-        .await;
+        });
     }
 
     /// The cached verdict, if any, fresh or not ([`CachedVerdict::check`] tells).
@@ -281,13 +288,18 @@ impl IdentityCache {
         self.inner.get(key)
     }
 
-    /// Drops every entry more than [`KEEP_ENDED`] past its window (the memory of tokens no
-    /// longer used).
+    /// Drops every valid verdict more than [`KEEP_ENDED`] past its window, and every other
+    /// verdict past its window (the memory of tokens no longer used).
     pub fn sweep(&self) {
         let now = self.clock.now_ms();
         let keep = KEEP_ENDED.as_millis() as u64;
-        self.inner
-            .retain(|_, v| now < v.fresh_until_ms.saturating_add(keep));
+        self.inner.retain(|_, v| {
+            let kept = match v.verdict {
+                Verdict::Active(_) => keep,
+                _ => SLACK_MS,
+            };
+            now < v.fresh_until_ms.saturating_add(kept)
+        });
         let mut failures = self.failures.lock();
         failures.retain(|_, f| f.at.elapsed() < FAILURE_SHARE);
     }
@@ -301,12 +313,22 @@ impl IdentityCache {
             .flatten()
     }
 
-    /// Records a failed load of `key` for the requests waiting on it.
+    /// Records a failed load of `key` for the requests waiting on it (at most [`FAILURE_CAP`]
+    /// at a time: past it, waiters load for themselves).
     fn record_failure<E: Copy + Send + Sync + 'static>(&self, key: TokenHash, error: E) {
         let seq = self.failure_seq.fetch_add(1, Ordering::AcqRel) + 1;
         let mut failures = self.failures.lock();
         if failures.len() >= FAILURE_SWEEP_AT {
-            failures.retain(|_, f| f.at.elapsed() < FAILURE_SHARE);
+            // At most once a second: an outage must not make each failure scan them all.
+            let now = self.clock.now_ms();
+            let swept = self.failures_swept_ms.load(Ordering::Relaxed);
+            if now.saturating_sub(swept) >= 1_000 {
+                self.failures_swept_ms.store(now, Ordering::Relaxed);
+                failures.retain(|_, f| f.at.elapsed() < FAILURE_SHARE);
+            }
+            if failures.len() >= FAILURE_CAP {
+                return;
+            }
         }
         failures.insert(
             key,
@@ -319,12 +341,14 @@ impl IdentityCache {
     }
 
     /// Returns the cached verdict or runs `load` once for all concurrent callers of the same key.
-    /// The flag is `true` for the caller whose `load` ran. Failures are not cached; the callers
-    /// that waited on a failed load get its error.
+    /// The flag is `true` for the caller whose `load` ran. Failures are not cached; a failure
+    /// `shared` accepts (one that is not about the loading request itself) is handed to the
+    /// callers that waited on that load, the others load for themselves.
     pub async fn get_or_load<E: Copy + Send + Sync + 'static>(
         &self,
         key: TokenHash,
         load: impl Future<Output = Result<CachedVerdict, E>>,
+        shared: impl Fn(&E) -> bool,
     ) -> Result<(CachedVerdict, bool), E> {
         let ticket = self.failure_seq.load(Ordering::Acquire);
         let guard = loop {
@@ -339,13 +363,22 @@ impl IdentityCache {
         if let Some(e) = self.failure_since(&key, ticket) {
             return Err(e);
         }
+        let generation = self.generation.load(Ordering::SeqCst);
         match load.await {
             Ok(v) => {
                 let _ = guard.insert(v.clone());
+                // A removal found this load in flight: what it brought does not stay (the
+                // requests already waiting on it have it, as they would have had it a moment
+                // before the removal).
+                if self.generation.load(Ordering::SeqCst) != generation {
+                    self.inner.remove_if(&key, |cur| same_decision(cur, &v));
+                }
                 Ok((v, true))
             }
             Err(e) => {
-                self.record_failure(key, e);
+                if shared(&e) {
+                    self.record_failure(key, e);
+                }
                 drop(guard);
                 Err(e)
             }
@@ -355,6 +388,8 @@ impl IdentityCache {
     /// Drops every entry decided before `before_ms` (after a shared-state outage: those may
     /// have missed revocations).
     pub async fn purge_decided_before(&self, before_ms: u64) -> usize {
+        // Loads in flight are not listed: none of them keeps what it brings.
+        self.generation.fetch_add(1, Ordering::SeqCst);
         let mut n = 0;
         let keys: Vec<TokenHash> = self
             .inner
@@ -363,12 +398,10 @@ impl IdentityCache {
             .map(|(k, _)| k)
             .collect();
         for key in keys {
-            let removed = self
-                .change(key, |current| match current {
-                    Some(v) if v.decided_at_ms < before_ms => Change::Remove,
-                    _ => Change::Keep,
-                })
-                .await;
+            let removed = self.change(key, |current| match current {
+                Some(v) if v.decided_at_ms < before_ms => Change::Remove,
+                _ => Change::Keep,
+            });
             n += usize::from(removed.is_some());
         }
         n
@@ -378,6 +411,8 @@ impl IdentityCache {
     /// Complete when it returns: the next lookup of any of them misses, and no background
     /// re-check puts one back.
     pub async fn purge_where(&self, matches: impl Fn(&Identity) -> bool) -> Vec<Arc<Identity>> {
+        // Loads in flight are not listed: none of them keeps what it brings.
+        self.generation.fetch_add(1, Ordering::SeqCst);
         let selected = |v: &CachedVerdict| matches!(&v.verdict, Verdict::Active(id) if matches(id));
         let keys: Vec<TokenHash> = self
             .inner
@@ -387,12 +422,10 @@ impl IdentityCache {
             .collect();
         let mut purged = Vec::new();
         for key in keys {
-            let removed = self
-                .change(key, |current| match current {
-                    Some(v) if selected(v) => Change::Remove,
-                    _ => Change::Keep,
-                })
-                .await;
+            let removed = self.change(key, |current| match current {
+                Some(v) if selected(v) => Change::Remove,
+                _ => Change::Keep,
+            });
             if let Some(CachedVerdict {
                 verdict: Verdict::Active(id),
                 ..
@@ -480,7 +513,7 @@ mod tests {
         let key = TokenHash([7; 32]);
         let old = active_until(now, now, None); // memory bound: 1 s of slack
         let (_, loaded) = cache
-            .get_or_load::<()>(key, async { Ok(old.clone()) })
+            .get_or_load::<()>(key, async { Ok(old.clone()) }, |_| true)
             .await
             .unwrap();
         assert!(loaded);
@@ -494,7 +527,7 @@ mod tests {
         assert!(cache.get(&key).await.is_none());
         // An unrelated purge changes nothing.
         let (_, _) = cache
-            .get_or_load::<()>(key, async { Ok(old.clone()) })
+            .get_or_load::<()>(key, async { Ok(old.clone()) }, |_| true)
             .await
             .unwrap();
         cache.purge(&TokenHash([8; 32])).await;
@@ -511,20 +544,30 @@ mod tests {
     async fn entries_end_by_the_gateway_clock_and_the_sweep_frees_them() {
         // The gateway's clock runs an hour ahead of the system's (as a test's clock does, or
         // a verdict decided by another replica's clock): a verdict fresh for ten more minutes
-        // by that clock is fresh for ten minutes, kept five more, then freed by the sweep.
+        // by that clock is fresh for ten minutes, kept five more, then freed by the sweep; a
+        // refusal is freed at the end of its window.
         let clock = OffsetClock::new();
         clock.advance(Duration::from_secs(3600));
         let shared: SharedClock = Arc::new(clock.clone());
         let cache = IdentityCache::new(10, shared.clone());
         let now = shared.now_ms();
-        let verdict = CachedVerdict {
+        let key = TokenHash::of("t");
+        let refused = TokenHash::of("refused");
+        cache
+            .get_or_load::<()>(
+                key,
+                async { Ok(active_until(now, now + 600_000, None)) },
+                |_| true,
+            )
+            .await
+            .unwrap();
+        let refusal = CachedVerdict {
             verdict: Verdict::Rejected(RejectReason::Inactive),
             fresh_until_ms: now + 600_000,
             decided_at_ms: now,
         };
-        let key = TokenHash::of("t");
         cache
-            .get_or_load::<()>(key, async { Ok(verdict) })
+            .get_or_load::<()>(refused, async { Ok(refusal) }, |_| true)
             .await
             .unwrap();
         clock.advance(Duration::from_millis(599_000));
@@ -533,7 +576,18 @@ mod tests {
         clock.advance(Duration::from_millis(1_000));
         let v = cache.get(&key).await.expect("kept past its window");
         assert!(v.check(shared.now_ms()).is_none(), "fresh past its window");
-        clock.advance(KEEP_ENDED - Duration::from_millis(1));
+        cache.sweep();
+        assert!(
+            cache.get(&refused).await.is_some(),
+            "a refusal swept inside the slack"
+        );
+        clock.advance(Duration::from_millis(1_000));
+        cache.sweep();
+        assert!(
+            cache.get(&refused).await.is_none(),
+            "a refusal kept past its window"
+        );
+        clock.advance(KEEP_ENDED - Duration::from_millis(1_001));
         cache.sweep();
         assert_eq!(cache.entry_count(), 1, "swept too early");
         clock.advance(Duration::from_millis(1));
@@ -541,13 +595,17 @@ mod tests {
         assert_eq!(cache.entry_count(), 0, "not swept");
         // A load finding the ended entry loads again.
         let (_, loaded) = cache
-            .get_or_load::<()>(key, async {
-                Ok(CachedVerdict {
-                    verdict: Verdict::Rejected(RejectReason::Inactive),
-                    fresh_until_ms: shared.now_ms() + 1_000,
-                    decided_at_ms: shared.now_ms(),
-                })
-            })
+            .get_or_load::<()>(
+                key,
+                async {
+                    Ok(CachedVerdict {
+                        verdict: Verdict::Rejected(RejectReason::Inactive),
+                        fresh_until_ms: shared.now_ms() + 1_000,
+                        decided_at_ms: shared.now_ms(),
+                    })
+                },
+                |_| true,
+            )
             .await
             .unwrap();
         assert!(loaded);
@@ -566,11 +624,15 @@ mod tests {
                 let (cache, calls) = (cache.clone(), calls.clone());
                 tokio::spawn(async move {
                     cache
-                        .get_or_load::<u8>(key, async {
-                            calls.fetch_add(1, Ordering::SeqCst);
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                            Err(7)
-                        })
+                        .get_or_load::<u8>(
+                            key,
+                            async {
+                                calls.fetch_add(1, Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                Err(7)
+                            },
+                            |_| true,
+                        )
                         .await
                         .map(|_| ())
                 })
@@ -588,20 +650,24 @@ mod tests {
         );
         // A request after the failure asks again (failures are not cached).
         let (_, loaded) = cache
-            .get_or_load::<u8>(key, async {
-                Ok(CachedVerdict {
-                    verdict: Verdict::Rejected(RejectReason::Inactive),
-                    fresh_until_ms: u64::MAX / 2,
-                    decided_at_ms: 0,
-                })
-            })
+            .get_or_load::<u8>(
+                key,
+                async {
+                    Ok(CachedVerdict {
+                        verdict: Verdict::Rejected(RejectReason::Inactive),
+                        fresh_until_ms: u64::MAX / 2,
+                        decided_at_ms: 0,
+                    })
+                },
+                |_| true,
+            )
             .await
             .unwrap();
         assert!(loaded);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_purge_waits_for_a_load_in_flight_and_removes_what_it_brought() {
+    async fn a_purge_during_a_load_in_flight_removes_what_it_brought() {
         let clock: SharedClock = Arc::new(OffsetClock::new());
         let cache = Arc::new(IdentityCache::new(10, clock.clone()));
         let key = TokenHash::of("signed-out");
@@ -610,10 +676,14 @@ mod tests {
             let cache = cache.clone();
             tokio::spawn(async move {
                 cache
-                    .get_or_load::<()>(key, async move {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        Ok(active_until(now, now + 60_000, None))
-                    })
+                    .get_or_load::<()>(
+                        key,
+                        async move {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            Ok(active_until(now, now + 60_000, None))
+                        },
+                        |_| true,
+                    )
                     .await
             })
         };
@@ -624,5 +694,80 @@ mod tests {
             cache.get(&key).await.is_none(),
             "the load in flight put the purged verdict back"
         );
+    }
+
+    #[tokio::test]
+    async fn a_load_that_purges_its_own_token_does_not_wait_for_itself() {
+        // A compat session whose OP grant is gone ends inside its own token's load, and that
+        // purges the token: the purge must not wait for the load it is part of.
+        let clock: SharedClock = Arc::new(OffsetClock::new());
+        let cache = IdentityCache::new(10, clock.clone());
+        let key = TokenHash::of("grant-gone");
+        let now = clock.now_ms();
+        let loaded = tokio::time::timeout(
+            Duration::from_secs(5),
+            cache.get_or_load::<()>(
+                key,
+                async {
+                    cache.purge(&key).await;
+                    Ok(active_until(now, now + 60_000, None))
+                },
+                |_| true,
+            ),
+        )
+        .await
+        .expect("the purge waited for the load it runs in");
+        assert!(loaded.is_ok());
+        assert!(
+            cache.get(&key).await.is_none(),
+            "the purged token stayed cached"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failure_about_the_loading_request_alone_is_not_handed_on() {
+        // The loader was refused for its own reasons (its address's budget): the requests
+        // waiting on it load for themselves.
+        let clock: SharedClock = Arc::new(OffsetClock::new());
+        let cache = Arc::new(IdentityCache::new(10, clock));
+        let calls = Arc::new(AtomicU64::new(0));
+        let key = TokenHash::of("shared-nat");
+        let tasks: Vec<_> = (0..3)
+            .map(|_| {
+                let (cache, calls) = (cache.clone(), calls.clone());
+                tokio::spawn(async move {
+                    cache
+                        .get_or_load::<u8>(
+                            key,
+                            async {
+                                let n = calls.fetch_add(1, Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                if n == 0 {
+                                    Err(1)
+                                } else {
+                                    Ok(CachedVerdict {
+                                        verdict: Verdict::Rejected(RejectReason::Inactive),
+                                        fresh_until_ms: u64::MAX / 2,
+                                        decided_at_ms: 0,
+                                    })
+                                }
+                            },
+                            |e| *e != 1,
+                        )
+                        .await
+                        .map(|_| ())
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        assert_eq!(
+            results.iter().filter(|r| r.is_err()).count(),
+            1,
+            "{results:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "the second load is shared");
     }
 }

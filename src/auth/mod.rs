@@ -234,12 +234,10 @@ impl Verifier {
         self.cache.purge_where(matches).await
     }
 
-    /// The identity cached for a token, if it is cached as active.
+    /// The identity cached for a token, if it is cached as active and still fresh (an entry
+    /// past its window, or whose token expired, vouches for nobody).
     pub async fn cached_identity(&self, key: &TokenHash) -> Option<Arc<Identity>> {
-        match self.cache.get(key).await?.verdict {
-            Verdict::Active(identity) => Some(identity),
-            _ => None,
-        }
+        self.cache.get(key).await?.check(self.clock.now_ms())?.ok()
     }
 
     /// Drops one token's cached verdict.
@@ -327,7 +325,13 @@ impl Verifier {
         };
         let loaded = self
             .cache
-            .get_or_load(key, async { self.load_shared(key, token, ask).await })
+            .get_or_load(
+                key,
+                async { self.load_shared(key, token, ask).await },
+                // An OP that failed is everyone's answer; a budget or a shed call is only the
+                // loading request's own (a known user waiting on it must not inherit it).
+                |f| matches!(f, LoadFailure::Op(o) if *o != OpFailure::Overloaded),
+            )
             .await;
         match loaded {
             Ok((entry, fresh)) => Verified {

@@ -108,7 +108,8 @@ pub fn inject(
     if let Some(d) = identity.device_id() {
         req.insert_header(names.device_id.clone(), d)?;
     }
-    req.insert_header(names.scope.clone(), &*identity.scope())?;
+    // Owned: the header value takes the string without copying it again.
+    req.insert_header(names.scope.clone(), identity.scope().into_owned())?;
     let guest = if identity.access == Access::Guest {
         "true"
     } else {
