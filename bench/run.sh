@@ -46,6 +46,8 @@ echo "== building (release)"
 cargo build --release --quiet --bin matrix-oidc-gateway --examples ${BENCH_CARGO_FLAGS:-}
 
 bench_workdir
+# nginx workers run as nobody: they read and write the auth cache under $work.
+chmod 755 "$work"
 UP=$(free_port); PROXY=$(free_port); AUTHN=$(free_port); N401=$(free_port); OP=$(free_port)
 GW=$(free_port); ADMIN=$(free_port); GWJ=$(free_port); ADMINJ=$(free_port); O2P=$(free_port)
 BODY='{"versions":["v1.11"],"ok":true}'

@@ -10,6 +10,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+// The gateway's allocator (src/main.rs), so that the figure is the gateway's.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use matrix_oidc_gateway::auth::cache::{CachedVerdict, IdentityCache, Verdict};
 use matrix_oidc_gateway::auth::{Access, IdentityParts, TokenHash};
 use matrix_oidc_gateway::error::RejectReason;
@@ -77,7 +82,8 @@ fn main() {
         .unwrap();
     let key = |i: u64| TokenHash::of(&format!("token-{i}"));
     let before = rss_kib();
-    let entries = rt.block_on(async {
+    // (entries, RSS in KiB), read while the cache is still alive.
+    let (entries, after) = rt.block_on(async {
         match shape.as_str() {
             "moka-refusals" => {
                 let cache: moka::future::Cache<TokenHash, CachedVerdict> =
@@ -89,7 +95,7 @@ fn main() {
                     cache.insert(key(i), refusal()).await;
                 }
                 cache.run_pending_tasks().await;
-                cache.entry_count()
+                (cache.entry_count(), rss_kib())
             }
             "refusals" | "identities" => {
                 let cache =
@@ -105,12 +111,11 @@ fn main() {
                         .get_or_load::<()>(key(i), async { Ok(verdict) }, |_| true)
                         .await;
                 }
-                cache.entry_count()
+                (cache.entry_count(), rss_kib())
             }
             other => panic!("unknown shape {other}: identities, refusals or moka-refusals"),
         }
     });
-    let after = rss_kib();
     println!(
         "cache_memory shape={shape} entries={entries} rss_mib={:.1} per_entry_bytes={:.0}",
         (after.saturating_sub(before)) as f64 / 1024.0,
