@@ -51,3 +51,10 @@ NGINX
 static_json_server() {
   printf "  server {\n    listen 127.0.0.1:%s;\n    location / { default_type application/json; return 200 '%s'; }\n  }\n" "$1" "$2"
 }
+# cache_lookups ADMIN_PORT [RESULT]: a gateway's count of identity-cache lookups (with that
+# result label: hit, negative_hit, miss, ...), from its metrics.
+cache_lookups() {
+  curl -s "http://127.0.0.1:$1/metrics" | awk -v r="${2:-}" '
+    /^matrix_oidc_gateway_auth_cache_lookups_total\{/ && (r == "" || index($0, "result=\"" r "\"")) {s += $NF}
+    END {printf "%d\n", s}'
+}

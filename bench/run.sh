@@ -223,9 +223,14 @@ intros=$((after - before))
 # Sustained: 10,000 distinct tokens through a 5,000-entry cache.
 seq 1 10000 | sed 's/^/cycle-token-/' >"$work/tokens.txt"
 before=$(op_count "$OP" introspections)
+sustained_hits0=$(cache_lookups "$ADMIN" hit); sustained_all0=$(cache_lookups "$ADMIN")
 sustained=$(TOKENS_FILE="$work/tokens.txt" wrk -t1 -c64 -d"$DUR" -s bench/tokens.lua "http://127.0.0.1:$GW$U" | awk '/Requests\/sec/ {print $2}')
 after=$(op_count "$OP" introspections)
 sustained_intros=$((after - before))
+sustained_hits=$(( $(cache_lookups "$ADMIN" hit) - sustained_hits0 ))
+sustained_all=$(( $(cache_lookups "$ADMIN") - sustained_all0 ))
+sustained_ratio=$(awk -v h="$sustained_hits" -v a="$sustained_all" 'BEGIN {printf "%.3f", a > 0 ? h / a : 0}')
+sustained_rate=$(awk -v n="$sustained_intros" -v d="${DUR%s}" 'BEGIN {printf "%.0f", n / d}')
 
 # The load-test kit, end to end: real tokens from the development OP, cycled through the gateway.
 kit="skipped (no Node.js)"
@@ -238,6 +243,41 @@ if command -v node >/dev/null && [ -d tests/e2e/op/node_modules/oidc-provider ];
   kit="$(awk '/Requests\/sec/ {print $2}' <<<"$kit_out") req/s over real OP tokens ($(grep -o 'minted [0-9]* tokens' <<<"$kit_out"))"
 fi
 
+# Cost growth: the cached-token path and the gateway's RSS with 10^3, 10^5 and 10^6 identities
+# cached (10^3 and 10^4 in smoke mode), filled through a gateway in jwt mode with HS256 (fast
+# local checks; the cached verdict is the same as an introspected token's).
+GWH=$(free_port); ADMINH=$(free_port)
+HS_SECRET=bench-hmac-secret-0123456789abcdef
+gateway_conf "$GWH" "$ADMINH" "mode = \"jwt\"
+audiences = [\"bench\"]
+algorithms = [\"HS256\"]
+hmac_secret = \"$HS_SECRET\"
+jwks_uri = \"http://127.0.0.1:$OP/jwks\"" | sed 's/^capacity = 5000$/capacity = 1100000/' >"$work/gateway-hs.toml"
+./target/release/matrix-oidc-gateway --config "$work/gateway-hs.toml" >"$work/gateway-hs.log" 2>&1 &
+gwh_pid=$!
+pids+=($gwh_pid)
+wait_port "$GWH"
+rss_mib() { awk '/^VmRSS:/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
+growth="$work/growth"
+echo "| cached identities | RSS MiB | RSS per identity B | cached-token req/s | p99 ms | hit ratio |" >"$growth"
+echo "|---:|---:|---:|---:|---:|---:|" >>"$growth"
+rss0=$(rss_mib "$gwh_pid")
+filled=0
+for target in $($smoke && echo "1000 10000" || echo "1000 100000 1000000"); do
+  before_fill=$filled
+  fill=$(./target/release/examples/bench_fill "http://127.0.0.1:$GWH" "http://127.0.0.1:$OP/" "$HS_SECRET" $((target - filled)) "$filled")
+  filled=$target
+  token=$(sed -n 's/.* token=//p' <<<"$fill")
+  hits=$(cache_lookups "$ADMINH" hit); all=$(cache_lookups "$ADMINH")
+  out=$(wrk -t1 -c64 -d"$DUR" --latency -H "Authorization: Bearer $token" "http://127.0.0.1:$GWH$U")
+  hits2=$(cache_lookups "$ADMINH" hit); all2=$(cache_lookups "$ADMINH")
+  rss=$(rss_mib "$gwh_pid")
+  awk -v n="$target" -v rss="$rss" -v rss0="$rss0" -v rps="$(awk '/Requests\/sec/ {print $2}' <<<"$out")" \
+      -v p99="$(awk '$1=="99%" {print $2}' <<<"$out" | to_ms)" -v h=$((hits2 - hits)) -v a=$((all2 - all)) -v f="$fill" \
+    'BEGIN { printf "| %d | %d | %.0f | %.0f | %.2f | %.4f |\n", n, rss, (rss - rss0) * 1048576 / n, rps, p99, (a > 0 ? h / a : 0) }' >>"$growth"
+  grep -q " ok=$((target - before_fill)) " <<<"$fill" || { echo "bench: fill to $target: ${fill% token=*}" >&2; exit 1; }
+done
+
 memory=$(./target/release/examples/bench_cache_memory "$CACHE_N" identities)
 memory_refusals=$(./target/release/examples/bench_cache_memory "$CACHE_N" refusals)
 memory_moka=$(./target/release/examples/bench_cache_memory "$CACHE_N" moka-refusals)
@@ -249,7 +289,12 @@ echo
 table
 echo
 echo "- 1,000 concurrent first requests of one token: $first, introspections: $intros"
-echo "- sustained, 10,000 tokens through a 5,000-entry cache: $sustained req/s, introspections: $sustained_intros"
+echo "- sustained, 10,000 tokens through a 5,000-entry cache: $sustained req/s, introspections: $sustained_intros ($sustained_rate/s), hit ratio $sustained_ratio"
+echo
+echo "Cost growth (gateway in jwt mode, HS256 tokens; RSS of the whole process, per identity over the empty gateway's $rss0 MiB):"
+echo
+cat "$growth"
+echo
 echo "- $memory"
 echo "- $memory_refusals (the cache's own cost per entry)"
 echo "- $memory_moka (the same in moka, as before)"

@@ -127,6 +127,41 @@ pub fn error_response(
     err: &GatewayError,
     settings: &ErrorSettings,
 ) -> Result<(ResponseHeader, Bytes)> {
+    match canned(err) {
+        Some(answer) => Ok(answer),
+        None => render(err, settings),
+    }
+}
+
+/// The answers to a missing or refused token (what a flood of made-up tokens gets), rendered
+/// once per kind and thread, then cloned: the clone shares the header values' and the body's
+/// bytes. Their rendering depends on nothing but the error (not on `ErrorSettings`).
+fn canned(err: &GatewayError) -> Option<(ResponseHeader, Bytes)> {
+    type Canned = Vec<(GatewayError, ResponseHeader, Bytes)>;
+    thread_local! {
+        // At most one entry per reason of the two variants: a bounded, small list.
+        static CANNED: std::cell::RefCell<Canned> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    if !matches!(
+        err,
+        GatewayError::MissingToken(_) | GatewayError::UnknownToken(_)
+    ) {
+        return None;
+    }
+    CANNED.with(|canned| {
+        if let Some((_, h, b)) = canned.borrow().iter().find(|(e, _, _)| e == err) {
+            return Some((h.clone(), b.clone()));
+        }
+        let (h, b) = render(err, &ErrorSettings::default()).ok()?;
+        canned
+            .borrow_mut()
+            .push((err.clone(), h.clone(), b.clone()));
+        Some((h, b))
+    })
+}
+
+/// Renders `err` (see [`error_response`]).
+fn render(err: &GatewayError, settings: &ErrorSettings) -> Result<(ResponseHeader, Bytes)> {
     let mut extra: Vec<(&str, String)> = Vec::new();
     match err {
         GatewayError::OpUnavailable(_) | GatewayError::BindingUnavailable(_) => {
@@ -323,4 +358,54 @@ async fn write(session: &mut Session, mut h: ResponseHeader, body: Bytes) -> Res
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{MissingTokenReason, RejectReason};
+
+    fn parts(answer: &(ResponseHeader, Bytes)) -> (u16, Vec<(String, String)>, Bytes) {
+        let (h, b) = answer;
+        let headers = h
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        (h.status.as_u16(), headers, b.clone())
+    }
+
+    #[test]
+    fn a_canned_refusal_is_the_rendered_one_every_time() {
+        let errors = [
+            GatewayError::MissingToken(MissingTokenReason::Absent),
+            GatewayError::MissingToken(MissingTokenReason::Malformed),
+            GatewayError::UnknownToken(RejectReason::Inactive),
+            GatewayError::UnknownToken(RejectReason::Expired),
+            GatewayError::UnknownToken(RejectReason::Revoked),
+        ];
+        let settings = ErrorSettings {
+            retry_after_secs: 7,
+            account_management_uri: Some("https://op.example/account".into()),
+        };
+        for err in &errors {
+            let fresh = parts(&render(err, &settings).unwrap());
+            for _ in 0..3 {
+                assert_eq!(
+                    parts(&error_response(err, &settings).unwrap()),
+                    fresh,
+                    "{err:?}"
+                );
+            }
+        }
+        // Each kind has its own answer.
+        let a = parts(&error_response(&errors[0], &settings).unwrap());
+        let b = parts(&error_response(&errors[2], &settings).unwrap());
+        assert_ne!(a.2, b.2);
+        // Errors that depend on the settings or the moment are never canned.
+        assert!(canned(&GatewayError::RateLimited {
+            retry_after_ms: 1_500
+        })
+        .is_none());
+    }
 }
