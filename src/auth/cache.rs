@@ -611,38 +611,57 @@ mod tests {
         assert!(loaded);
     }
 
+    fn refusal_forever() -> CachedVerdict {
+        CachedVerdict {
+            verdict: Verdict::Rejected(RejectReason::Inactive),
+            fresh_until_ms: u64::MAX / 2,
+            decided_at_ms: 0,
+        }
+    }
+
+    /// `n` concurrent requests of `key` in `cache`; the load that runs `i`-th (from 0) takes
+    /// `ms` and answers `answer(i)`; failures are shared as `shared` says. Returns what each
+    /// request got and how many loads ran.
+    async fn concurrent_loads(
+        cache: &Arc<IdentityCache>,
+        key: TokenHash,
+        n: usize,
+        ms: u64,
+        answer: fn(u64) -> Result<CachedVerdict, u8>,
+        shared: fn(&u8) -> bool,
+    ) -> (Vec<Result<(), u8>>, u64) {
+        let calls = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let (cache, calls) = (cache.clone(), calls.clone());
+                tokio::spawn(async move {
+                    let load = async {
+                        let i = calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        answer(i)
+                    };
+                    cache.get_or_load(key, load, shared).await.map(|_| ())
+                })
+            })
+            .collect();
+        let mut got = Vec::new();
+        for t in tasks {
+            got.push(t.await.unwrap());
+        }
+        (got, calls.load(Ordering::SeqCst))
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_requests_waiting_on_a_failed_load_share_its_failure() {
         // An OP that fails slowly: a hundred requests of one token must not ask it a hundred
         // times in turn (each waiting the timeout), they all get the one failure.
         let clock: SharedClock = Arc::new(OffsetClock::new());
         let cache = Arc::new(IdentityCache::new(10, clock));
-        let calls = Arc::new(AtomicU64::new(0));
         let key = TokenHash::of("flaky");
-        let tasks: Vec<_> = (0..100)
-            .map(|_| {
-                let (cache, calls) = (cache.clone(), calls.clone());
-                tokio::spawn(async move {
-                    cache
-                        .get_or_load::<u8>(
-                            key,
-                            async {
-                                calls.fetch_add(1, Ordering::SeqCst);
-                                tokio::time::sleep(Duration::from_millis(200)).await;
-                                Err(7)
-                            },
-                            |_| true,
-                        )
-                        .await
-                        .map(|_| ())
-                })
-            })
-            .collect();
         let started = Instant::now();
-        for t in tasks {
-            assert_eq!(t.await.unwrap(), Err(7));
-        }
-        assert_eq!(calls.load(Ordering::SeqCst), 1, "one load for all waiters");
+        let (got, calls) = concurrent_loads(&cache, key, 100, 200, |_| Err(7), |_| true).await;
+        assert!(got.iter().all(|r| *r == Err(7)), "{got:?}");
+        assert_eq!(calls, 1, "one load for all waiters");
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "{:?}",
@@ -650,17 +669,7 @@ mod tests {
         );
         // A request after the failure asks again (failures are not cached).
         let (_, loaded) = cache
-            .get_or_load::<u8>(
-                key,
-                async {
-                    Ok(CachedVerdict {
-                        verdict: Verdict::Rejected(RejectReason::Inactive),
-                        fresh_until_ms: u64::MAX / 2,
-                        decided_at_ms: 0,
-                    })
-                },
-                |_| true,
-            )
+            .get_or_load::<u8>(key, async { Ok(refusal_forever()) }, |_| true)
             .await
             .unwrap();
         assert!(loaded);
@@ -730,44 +739,16 @@ mod tests {
         // waiting on it load for themselves.
         let clock: SharedClock = Arc::new(OffsetClock::new());
         let cache = Arc::new(IdentityCache::new(10, clock));
-        let calls = Arc::new(AtomicU64::new(0));
         let key = TokenHash::of("shared-nat");
-        let tasks: Vec<_> = (0..3)
-            .map(|_| {
-                let (cache, calls) = (cache.clone(), calls.clone());
-                tokio::spawn(async move {
-                    cache
-                        .get_or_load::<u8>(
-                            key,
-                            async {
-                                let n = calls.fetch_add(1, Ordering::SeqCst);
-                                tokio::time::sleep(Duration::from_millis(100)).await;
-                                if n == 0 {
-                                    Err(1)
-                                } else {
-                                    Ok(CachedVerdict {
-                                        verdict: Verdict::Rejected(RejectReason::Inactive),
-                                        fresh_until_ms: u64::MAX / 2,
-                                        decided_at_ms: 0,
-                                    })
-                                }
-                            },
-                            |e| *e != 1,
-                        )
-                        .await
-                        .map(|_| ())
-                })
-            })
-            .collect();
-        let mut results = Vec::new();
-        for t in tasks {
-            results.push(t.await.unwrap());
-        }
-        assert_eq!(
-            results.iter().filter(|r| r.is_err()).count(),
-            1,
-            "{results:?}"
-        );
-        assert_eq!(calls.load(Ordering::SeqCst), 2, "the second load is shared");
+        let answer = |i| {
+            if i == 0 {
+                Err(1)
+            } else {
+                Ok(refusal_forever())
+            }
+        };
+        let (got, calls) = concurrent_loads(&cache, key, 3, 100, answer, |e| *e != 1).await;
+        assert_eq!(got.iter().filter(|r| r.is_err()).count(), 1, "{got:?}");
+        assert_eq!(calls, 2, "the second load is shared");
     }
 }
