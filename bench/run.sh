@@ -229,7 +229,7 @@ after=$(op_count "$OP" introspections)
 sustained_intros=$((after - before))
 sustained_hits=$(( $(cache_lookups "$ADMIN" hit) - sustained_hits0 ))
 sustained_all=$(( $(cache_lookups "$ADMIN") - sustained_all0 ))
-sustained_ratio=$(awk -v h="$sustained_hits" -v a="$sustained_all" 'BEGIN {printf "%.3f", a > 0 ? h / a : 0}')
+sustained_ratio=$(awk -v h="$sustained_hits" -v a="$sustained_all" 'BEGIN {printf "%.3f", (a > 0 ? h / a : 0)}')
 sustained_rate=$(awk -v n="$sustained_intros" -v d="${DUR%s}" 'BEGIN {printf "%.0f", n / d}')
 
 # The load-test kit, end to end: real tokens from the development OP, cycled through the gateway.
@@ -253,6 +253,8 @@ audiences = [\"bench\"]
 algorithms = [\"HS256\"]
 hmac_secret = \"$HS_SECRET\"
 jwks_uri = \"http://127.0.0.1:$OP/jwks\"" | sed 's/^capacity = 5000$/capacity = 1100000/' >"$work/gateway-hs.toml"
+# One loopback address sends every new token of the fill: no per-address budget.
+printf '[auth]\nnew_tokens_per_address = 0\n' >>"$work/gateway-hs.toml"
 ./target/release/matrix-oidc-gateway --config "$work/gateway-hs.toml" >"$work/gateway-hs.log" 2>&1 &
 gwh_pid=$!
 pids+=($gwh_pid)
