@@ -984,3 +984,53 @@ async fn revoking_an_impostors_cached_token_does_not_sign_out_the_owner() {
         "the impostor's revocation signed alice's device out"
     );
 }
+
+/// A verdict past its reuse window vouches for nobody at the revocation proxy: its token may
+/// have been revoked at the OP since, and whoever presents it must not get to sign its former
+/// owner's device out on the strength of the old verdict. Found by a hostile read of the
+/// identity cache, which keeps valid verdicts a while past their window.
+#[tokio::test]
+async fn a_stale_cached_identity_does_not_attribute_a_revocation() {
+    let (f, gw, _) = setup("", "").await;
+    let was_alice = active("alice", &full_scope("ALICEDEV01"));
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .and(wiremock::matchers::body_string_contains(
+            "token=gone-token&",
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(was_alice))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&f.op)
+        .await;
+    // Revoked at the OP since: inactive from then on.
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .and(wiremock::matchers::body_string_contains(
+            "token=gone-token&",
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"active": false})))
+        .with_priority(2)
+        .mount(&f.op)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/revoke"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&f.op)
+        .await;
+    assert_eq!(status(&gw, "alice-token").await, 200);
+    assert_eq!(status(&gw, "gone-token").await, 200, "cached as alice's");
+    // Past the reuse window (cache.max_ttl, 120 s), inside the time an ended verdict is kept.
+    gw.clock.advance(std::time::Duration::from_secs(150));
+    let r = revoke_through_proxy(
+        &gw,
+        &[("token", "gone-token"), ("client_id", "matrix-client")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        status(&gw, "alice-token").await,
+        200,
+        "a stale cached verdict signed alice's device out"
+    );
+}
