@@ -128,6 +128,9 @@ TOML
 gateway_conf "$GW" "$ADMIN" "introspection_endpoint = \"http://127.0.0.1:$OP/introspect\"
 client_id = \"bench\"
 client_secret = \"bench\"" >"$work/gateway.toml"
+# The sustained run's new tokens all come from one loopback address: no per-address budget,
+# so that it measures the cache (bench/flood.sh measures the budget).
+printf '[auth]\nnew_tokens_per_address = 0\n' >>"$work/gateway.toml"
 gateway_conf "$GWJ" "$ADMINJ" "mode = \"jwt\"
 audiences = [\"bench\"]
 jwks_uri = \"http://127.0.0.1:$OP/jwks\"" >"$work/gateway-jwt.toml"
