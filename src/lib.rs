@@ -12,6 +12,7 @@ pub mod clock;
 pub mod compat;
 pub mod config;
 pub mod error;
+pub mod front;
 pub mod gateway;
 pub mod http_client;
 pub mod lifecycle;

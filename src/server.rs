@@ -298,11 +298,13 @@ pub fn start(config: Config, clock: SharedClock, upgrade: bool) -> Result<Proces
         notifier,
         in_flight.clone(),
     );
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        gateway,
-        "matrix-oidc-gateway",
+    // The public listener: the HTTP/1 driver, with Pingora's proxy behind it (`front`).
+    let front = crate::front::Front::new(
+        gateway.clone(),
+        pingora::proxy::http_proxy(&server.configuration, gateway),
     );
+    let mut proxy =
+        pingora::services::listening::Service::new("matrix-oidc-gateway".to_owned(), front);
     proxy.add_tcp(&config.listen.public.to_string());
     if let Some(tls) = &config.listen.tls {
         proxy

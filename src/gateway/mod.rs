@@ -59,7 +59,9 @@ use ctx::Ctx;
 use respond::ErrorSettings;
 use upstream::Upstream;
 
-/// The gateway service.
+/// The gateway service. Cloning shares everything (the public listener's HTTP/1 driver and
+/// Pingora's proxy each hold one).
+#[derive(Clone)]
 pub struct Gateway {
     pub(crate) config: Arc<Config>,
     pub(crate) verifier: Arc<Verifier>,
@@ -173,7 +175,7 @@ impl Gateway {
     /// request_filter's steps in the order of the phase chart: classify → extract and verify
     /// → authorise → bind → guard. Each step returns early with what the gateway answers
     /// itself, or refuses.
-    async fn admit(
+    pub(crate) async fn admit(
         &self,
         req: &RequestHeader,
         peer: Option<IpAddr>,
@@ -201,6 +203,59 @@ impl Gateway {
         guard::cross_signing(self, &route, &identity, ctx).await?;
         Ok(Decision::Proxy)
     }
+
+    /// upstream_request_filter's work, shared with the HTTP/1 driver (`crate::front`): strip
+    /// what a client could spoof, apply the binding's credential and the upstream target,
+    /// inject the identity, set the forwarding headers.
+    pub(crate) fn prepare_upstream(
+        &self,
+        req: &mut RequestHeader,
+        ctx: &Ctx,
+        peer: Option<IpAddr>,
+        tls: bool,
+    ) -> Result<()> {
+        let names = &self.config.identity_headers;
+        let client_route = ctx.route != Some(RouteClass::Federation);
+        headers::strip(req, names, client_route);
+        // The credential of this request: the binding's own, or the application service's for
+        // the one request `guard` admitted as such.
+        let credential = ctx.bound.as_deref().map(|b| {
+            if ctx.as_appservice {
+                &Credential::Masquerade
+            } else {
+                &b.credential
+            }
+        });
+        let assert = ctx.bound.as_deref().and_then(|b| match credential {
+            Some(Credential::Masquerade) => Some(target::Assert {
+                user_id: &b.user_id,
+                device_id: b.device_id.as_deref(),
+            }),
+            _ => None,
+        });
+        if let Some(t) = target::upstream(req.raw_path(), ctx.query.as_ref(), assert) {
+            req.set_raw_path(t.as_bytes())?;
+        }
+        if let Some(credential) = credential {
+            headers::bind(req, credential, self.binder.as_token())?;
+        }
+        if let Some(identity) = &ctx.identity {
+            headers::inject(req, names, identity, self.clock.now_secs())?;
+        }
+        if let ctx::RequestBody::Replaced(body) = &ctx.request_body {
+            req.remove_header(&http::header::TRANSFER_ENCODING);
+            req.remove_header(&http::header::EXPECT);
+            req.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        }
+        rewrite::prepare_request(req, ctx);
+        let client_ip = peer.map(|ip| ip.to_string());
+        headers::forwarded(
+            req,
+            client_ip,
+            tls,
+            self.config.listen.trust_forwarded_headers,
+        )
+    }
 }
 
 /// The TCP peer's address (`None` for a Unix-socket peer).
@@ -213,7 +268,7 @@ fn peer_ip(session: &Session) -> Option<IpAddr> {
 
 /// What request_filter decided.
 #[derive(Debug)]
-enum Decision {
+pub(crate) enum Decision {
     /// Forward to the homeserver.
     Proxy,
     /// Answer a CORS preflight.
@@ -265,48 +320,9 @@ impl ProxyHttp for Gateway {
         req: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let names = &self.config.identity_headers;
-        let client_route = ctx.route != Some(RouteClass::Federation);
-        headers::strip(req, names, client_route);
-        // The credential of this request: the binding's own, or the application service's for
-        // the one request `guard` admitted as such.
-        let credential = ctx.bound.as_deref().map(|b| {
-            if ctx.as_appservice {
-                &Credential::Masquerade
-            } else {
-                &b.credential
-            }
-        });
-        let assert = ctx.bound.as_deref().and_then(|b| match credential {
-            Some(Credential::Masquerade) => Some(target::Assert {
-                user_id: &b.user_id,
-                device_id: b.device_id.as_deref(),
-            }),
-            _ => None,
-        });
-        if let Some(t) = target::upstream(req.raw_path(), ctx.query.as_ref(), assert) {
-            req.set_raw_path(t.as_bytes())?;
-        }
-        if let Some(credential) = credential {
-            headers::bind(req, credential, self.binder.as_token())?;
-        }
-        if let Some(identity) = &ctx.identity {
-            headers::inject(req, names, identity, self.clock.now_secs())?;
-        }
-        if let ctx::RequestBody::Replaced(body) = &ctx.request_body {
-            req.remove_header(&http::header::TRANSFER_ENCODING);
-            req.remove_header(&http::header::EXPECT);
-            req.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-        }
-        rewrite::prepare_request(req, ctx);
-        let client_ip = peer_ip(session).map(|ip| ip.to_string());
+        let peer = peer_ip(session);
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        headers::forwarded(
-            req,
-            client_ip,
-            tls,
-            self.config.listen.trust_forwarded_headers,
-        )
+        self.prepare_upstream(req, ctx, peer, tls)
     }
 
     async fn request_body_filter(

@@ -29,17 +29,22 @@ pub fn ensure_request_id(req: &mut pingora::http::RequestHeader) {
     }
 }
 
-/// Emits the access-log line.
+/// Emits the access-log line of a request Pingora's proxy served.
 pub fn access_log(session: &Session, error: Option<&pingora::Error>, ctx: &Ctx) {
-    let req = session.req_header();
     let status = session
         .response_written()
         .map(|r| r.status.as_u16())
         .unwrap_or(0);
-    let outcome = match (&ctx.rejection, error) {
+    record(session.req_header(), status, error.is_some(), ctx);
+}
+
+/// The metrics and the access-log line of one request (status 0: no response was written;
+/// `failed`: proxying failed after admission).
+pub fn record(req: &pingora::http::RequestHeader, status: u16, failed: bool, ctx: &Ctx) {
+    let outcome = match (&ctx.rejection, failed) {
         (Some(e), _) => e.reason_label(),
-        (None, Some(_)) => "proxy_error",
-        (None, None) => "ok",
+        (None, true) => "proxy_error",
+        (None, false) => "ok",
     };
     let upstream_secs = ctx.upstream_started.map(|t| t.elapsed().as_secs_f64());
     let upstream_ms = upstream_secs.map(|s| s * 1000.0);

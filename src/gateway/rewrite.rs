@@ -30,34 +30,42 @@ pub fn prepare_request(req: &mut RequestHeader, ctx: &Ctx) {
 /// Inspects the homeserver's response header.
 pub async fn response_header(gw: &Gateway, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
     let status = resp.status.as_u16();
-    if let Some(bound) = &ctx.bound {
-        let suspicious = match bound.credential {
-            Credential::DeviceToken(_) => status == 401,
-            Credential::Masquerade => matches!(status, 400 | 401),
-            Credential::None => false,
-        };
-        if suspicious && !gw.binder.still_valid(bound).await {
-            tracing::warn!(
-                user = %bound.user_id,
-                device = bound.device_id.as_deref().unwrap_or(""),
-                "the homeserver no longer accepts this binding; it is provisioned again on the next request"
-            );
-            gw.binder
-                .drop_binding(&bound.user_id, bound.device_id.as_deref())
-                .await;
-            let err = GatewayError::BindingUnavailable(BindingFailure::Lost);
-            let (fresh, body) = respond::error_response(&err, &gw.error_settings())?;
-            *resp = fresh;
-            ctx.body = BodyEdit::Replace(body);
-            ctx.rejection = Some(err);
-            return Ok(());
-        }
+    if let Some(err) = binding_lost(gw, status, ctx).await {
+        let (fresh, body) = respond::error_response(&err, &gw.error_settings())?;
+        *resp = fresh;
+        ctx.body = BodyEdit::Replace(body);
+        ctx.rejection = Some(err);
+        return Ok(());
     }
     if status == 200 && matches!(ctx.special, Special::Versions | Special::Capabilities) {
         resp.remove_header(&http::header::CONTENT_LENGTH);
         ctx.body = BodyEdit::Rewrite(ctx.special, Vec::new());
     }
     Ok(())
+}
+
+/// Whether an answer with `status` says the homeserver no longer accepts the request's bound
+/// credential (checked with `whoami`); then the binding is dropped, and the answer to the
+/// client is the returned error in place of the homeserver's. Shared with the HTTP/1 driver.
+pub async fn binding_lost(gw: &Gateway, status: u16, ctx: &Ctx) -> Option<GatewayError> {
+    let bound = ctx.bound.as_ref()?;
+    let suspicious = match bound.credential {
+        Credential::DeviceToken(_) => status == 401,
+        Credential::Masquerade => matches!(status, 400 | 401),
+        Credential::None => false,
+    };
+    if !suspicious || gw.binder.still_valid(bound).await {
+        return None;
+    }
+    tracing::warn!(
+        user = %bound.user_id,
+        device = bound.device_id.as_deref().unwrap_or(""),
+        "the homeserver no longer accepts this binding; it is provisioned again on the next request"
+    );
+    gw.binder
+        .drop_binding(&bound.user_id, bound.device_id.as_deref())
+        .await;
+    Some(GatewayError::BindingUnavailable(BindingFailure::Lost))
 }
 
 /// Applies the body edit decided in [`response_header`].

@@ -32,6 +32,26 @@ impl Upstream {
         })
     }
 
+    /// The homeserver's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Whether the homeserver is reached over TLS.
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+
+    /// How long a connection may take to open.
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        self.connect_timeout
+    }
+
+    /// How long each read or write may take.
+    pub fn read_timeout(&self) -> std::time::Duration {
+        self.read_timeout
+    }
+
     /// A peer for one request; connections are pooled and reused by Pingora.
     pub fn peer(&self) -> HttpPeer {
         let mut peer = HttpPeer::new(self.addr, self.tls, self.sni.clone());
