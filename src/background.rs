@@ -31,6 +31,8 @@ impl BackgroundService for MetadataRefresher {
 /// `auth::cache`), giving their memory back before eviction would.
 pub(crate) struct CacheSweeper {
     pub(crate) verifier: Arc<crate::auth::Verifier>,
+    /// The HTTP/1 driver's idle homeserver connections, swept on the same schedule.
+    pub(crate) pool: Option<Arc<crate::front::pool::Pool>>,
 }
 
 /// How often the identity cache is swept.
@@ -42,7 +44,12 @@ impl BackgroundService for CacheSweeper {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(SWEEP_EVERY) => self.verifier.sweep_cache(),
+                _ = tokio::time::sleep(SWEEP_EVERY) => {
+                    self.verifier.sweep_cache();
+                    if let Some(pool) = &self.pool {
+                        pool.sweep();
+                    }
+                }
             }
         }
     }

@@ -7,6 +7,25 @@
 
 use std::time::Duration;
 
+/// Sends a request that only reads at the other end (introspection, discovery, keys), once more
+/// on a fresh connection when the first attempt failed on the connection itself without an
+/// answer: a pooled connection the server closed while idle (Node's default keep-alive is 5 s)
+/// fails the request that takes it, and that must not turn into a 503. A refused connection
+/// or a timeout is not retried.
+pub async fn send_read(req: reqwest::RequestBuilder) -> reqwest::Result<reqwest::Response> {
+    let again = req.try_clone();
+    match req.send().await {
+        Err(e) if e.is_request() && !e.is_connect() && !e.is_timeout() => match again {
+            Some(again) => {
+                tracing::debug!(error = %e, "OP connection closed under a request; sending it again");
+                again.send().await
+            }
+            None => Err(e),
+        },
+        other => other,
+    }
+}
+
 /// Builds the client used for an OP with the given per-request timeout.
 pub fn build(timeout: Duration) -> reqwest::Result<reqwest::Client> {
     #[allow(clippy::disallowed_methods)] // this is the place

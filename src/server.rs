@@ -216,8 +216,9 @@ pub fn start(config: Config, clock: SharedClock, upgrade: bool) -> Result<Proces
         binder = binder.with_shared(r.clone());
     }
     let verifier = Arc::new(verifier);
-    let sweeper = CacheSweeper {
+    let mut sweeper = CacheSweeper {
         verifier: verifier.clone(),
+        pool: None,
     };
     let binder = Arc::new(binder);
     let logout_issuers = key_stores
@@ -303,6 +304,7 @@ pub fn start(config: Config, clock: SharedClock, upgrade: bool) -> Result<Proces
         gateway.clone(),
         pingora::proxy::http_proxy(&server.configuration, gateway),
     );
+    sweeper.pool = front.pool();
     let mut proxy =
         pingora::services::listening::Service::new("matrix-oidc-gateway".to_owned(), front);
     proxy.add_tcp(&config.listen.public.to_string());

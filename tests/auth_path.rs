@@ -1500,3 +1500,78 @@ async fn the_https_listener_serves_the_same_gateway() {
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["errcode"], "M_MISSING_TOKEN");
 }
+
+#[tokio::test]
+async fn an_op_connection_closed_under_an_introspection_is_retried_not_a_503() {
+    // Found by the e2e suite (matrix-js-sdk on Dendrite): oidc-provider, like any Node server,
+    // closes a kept-alive connection after 5 idle seconds, and an introspection that took that
+    // connection at that moment failed as "OP unreachable", a 503 for the user. This OP answers
+    // the first request of each connection and closes the connection under the second one.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let op_addr = listener.local_addr().unwrap();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                for answered in 0.. {
+                    // One whole request: the head, then Content-Length bytes.
+                    let (end, len) = loop {
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                            let len = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length: ").map(str::to_owned))
+                                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                            if buf.len() >= end + 4 + len {
+                                break (end, len);
+                            }
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                    buf.drain(..end + 4 + len);
+                    if answered == 1 {
+                        return; // closes the connection without an answer
+                    }
+                    let user = if body.contains("token=tok-one") {
+                        "one"
+                    } else {
+                        "two"
+                    };
+                    let answer = active(user, &full_scope("D1")).to_string();
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let f = Fakes::start().await;
+    let cfg = f.config("").replace(
+        &format!("{}/introspect", f.op.uri()),
+        &format!("http://{op_addr}/introspect"),
+    );
+    let gw = spawn(&cfg).await;
+    for (token, user) in [
+        ("tok-one", "@one:example.org"),
+        ("tok-two", "@two:example.org"),
+    ] {
+        let resp = get(&gw, SYNC, Some(token)).await;
+        assert_eq!(resp.status(), 200, "{token}");
+        let echo: Value = resp.json().await.unwrap();
+        assert_eq!(echo["headers"]["x-matrix-user-id"], json!([user]));
+    }
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

@@ -290,7 +290,10 @@ async fn relayed_and_proxied_requests_share_a_connection_in_any_order() {
         let (head, body) = read_response(&mut s, &mut buf).await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
         let body = String::from_utf8_lossy(&body);
-        assert!(body.contains(&format!("\"saw\":\"{want} ")), "{want}: {body}");
+        assert!(
+            body.contains(&format!("\"saw\":\"{want} ")),
+            "{want}: {body}"
+        );
     }
 }
 
@@ -399,4 +402,163 @@ async fn what_the_homeserver_receives_is_the_prepared_request_only() {
     assert!(!head.contains("connection:"), "{head}");
     assert!(!head.contains("6.6.6.6"), "{head}");
     assert!(head.contains("x-forwarded-for: 127.0.0.1"), "{head}");
+}
+
+#[tokio::test]
+async fn status_lines_without_or_with_unusual_reasons_pass() {
+    // httparse hands out such reasons outside the read buffer: the driver once sliced the
+    // buffer with them (a panic, so with `panic = "abort"` the whole process).
+    let hs = raw_homeserver(Arc::new(|head: &str| {
+        let line = if head.contains("/none") {
+            "HTTP/1.1 200\r\n"
+        } else if head.contains("/latin") {
+            "HTTP/1.1 404 N\u{e3}o encontrado\r\n"
+        } else {
+            "HTTP/1.1 418 \r\n"
+        };
+        (
+            format!("{line}Content-Length: 2\r\n\r\n{{}}").into_bytes(),
+            false,
+        )
+    }))
+    .await;
+    let f = Fakes::start().await;
+    let gw = gateway(&f, &hs).await;
+    let reqs: Vec<String> = ["/none", "/latin", "/empty"]
+        .iter()
+        .map(|p| get(&format!("/_matrix/client/v3/x{p}")))
+        .collect();
+    let out = raw_sequence(
+        gw.addr,
+        &reqs.iter().map(|r| r.as_bytes()).collect::<Vec<_>>(),
+    )
+    .await;
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert!(out[0].starts_with("HTTP/1.1 200 OK\r\n"), "{}", out[0]);
+    assert!(
+        out[1].starts_with("HTTP/1.1 404 Not Found\r\n"),
+        "{}",
+        out[1]
+    );
+    assert!(out[2].starts_with("HTTP/1.1 418 "), "{}", out[2]);
+    assert!(out.iter().all(|o| o.ends_with("\r\n\r\n{}")), "{out:?}");
+}
+
+#[tokio::test]
+async fn stray_bytes_after_an_answer_never_reach_the_next_request() {
+    // The homeserver answers a HEAD with a body, in a second write after a pause: the gateway
+    // has given the connection back by then. The next request (another client's) must get its
+    // own answer, not those bytes.
+    let hs_addr = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        while let Some(end) = find(&buf, b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                            buf.drain(..end + 4);
+                            if head.starts_with("HEAD") {
+                                let _ = s
+                                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 52\r\n\r\n")
+                                    .await;
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                let stray =
+                                    b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{\"x\":\"y\"}";
+                                let _ = s.write_all(stray).await;
+                            } else {
+                                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"own\":\"1\"}").await;
+                            }
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    };
+    let f = Fakes::start().await;
+    f.introspection("t", active("alice", &full_scope("D1")), 1)
+        .await;
+    let cfg = f
+        .config("")
+        .replace(&f.hs.uri(), &format!("http://{hs_addr}"));
+    let gw = spawn(&cfg).await;
+    let head =
+        format!("HEAD {SYNC} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer t\r\n\r\n");
+    let out = raw_exchange(gw.addr, head.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        out.ends_with("\r\n\r\n"),
+        "a HEAD answer has no body: {out}"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let out = raw_exchange(gw.addr, get(SYNC).as_bytes()).await;
+    assert!(out.ends_with("{\"own\":\"1\"}"), "{out}");
+}
+
+#[tokio::test]
+async fn refusals_on_the_drivers_path_are_matrix_json_and_keep_the_connection() {
+    let hs = raw_homeserver(Arc::new(|_: &str| {
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_vec(),
+            false,
+        )
+    }))
+    .await;
+    let f = Fakes::start().await;
+    let gw = gateway(&f, &hs).await;
+    let no_token = format!("GET {SYNC} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let owned = "GET /_matrix/client/v3/login HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let head = format!("HEAD {SYNC} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let out = raw_sequence(
+        gw.addr,
+        &[
+            no_token.as_bytes(),
+            owned.as_bytes(),
+            head.as_bytes(),
+            get(SYNC).as_bytes(),
+        ],
+    )
+    .await;
+    assert_eq!(out.len(), 4, "{out:?}");
+    assert!(out[0].starts_with("HTTP/1.1 401"), "{}", out[0]);
+    assert!(
+        out[0].contains("\"errcode\":\"M_MISSING_TOKEN\""),
+        "{}",
+        out[0]
+    );
+    assert!(out[1].starts_with("HTTP/1.1 404"), "{}", out[1]);
+    assert!(
+        out[1].contains("\"errcode\":\"M_UNRECOGNIZED\""),
+        "{}",
+        out[1]
+    );
+    assert!(
+        out[2].starts_with("HTTP/1.1 401") && out[2].ends_with("\r\n\r\n"),
+        "{}",
+        out[2]
+    );
+    assert!(out[3].starts_with("HTTP/1.1 200"), "{}", out[3]);
+    for o in &out[..3] {
+        let lower = o.to_ascii_lowercase();
+        assert!(
+            lower.contains("\r\ncontent-type: application/json\r\n"),
+            "{o}"
+        );
+        assert!(lower.contains("\r\nx-request-id: "), "{o}");
+        assert!(!lower.contains("connection: close"), "{o}");
+    }
+    assert!(
+        out[3].to_ascii_lowercase().contains("\r\nx-request-id: "),
+        "{}",
+        out[3]
+    );
+    assert_eq!(hs.connections.load(Ordering::SeqCst), 1);
 }

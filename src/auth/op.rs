@@ -390,7 +390,9 @@ impl OpClient {
                 req = req.bearer_auth(secret);
             }
         }
-        let resp = req.form(&form).send().await.map_err(classify)?;
+        let resp = crate::http_client::send_read(req.form(&form))
+            .await
+            .map_err(classify)?;
         let value = self.read_json(resp).await?;
         serde_json::from_value(value).map_err(|_| OpFailure::InvalidBody)
     }
@@ -401,13 +403,10 @@ impl OpClient {
 
     /// GETs a JSON document and returns it with its `Cache-Control: max-age`, if any.
     pub async fn get_json_cached(&self, url: Url) -> Result<(Value, Option<Duration>), OpFailure> {
-        let resp = self
-            .http
-            .get(url)
-            .header("Accept", "application/json")
-            .send()
-            .await
-            .map_err(classify)?;
+        let resp =
+            crate::http_client::send_read(self.http.get(url).header("Accept", "application/json"))
+                .await
+                .map_err(classify)?;
         let max_age = resp
             .headers()
             .get_all(reqwest::header::CACHE_CONTROL)

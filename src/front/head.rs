@@ -70,7 +70,14 @@ fn relayable(req: &httparse::Request<'_, '_>, options: classify::Options<'_>) ->
     if !path.starts_with('/') {
         return None;
     }
-    let route = classify::classify(&method, path.as_bytes(), options).ok()?;
+    let mut header =
+        RequestHeader::build_no_case(method, path.as_bytes(), Some(req.headers.len())).ok()?;
+    // What is classified (here and by `admit`) and forwarded is the head's `raw_path`: it must
+    // be the client's bytes exactly (a URI parser drops a `#fragment`, for one).
+    if header.raw_path() != path.as_bytes() {
+        return None;
+    }
+    let route = classify::classify(&header.method, header.raw_path(), options).ok()?;
     let proxied = matches!(
         route.class,
         RouteClass::Public
@@ -81,8 +88,6 @@ fn relayable(req: &httparse::Request<'_, '_>, options: classify::Options<'_>) ->
     if !proxied || !matches!(route.special, Special::None | Special::JoinedMembers) {
         return None;
     }
-    let mut header =
-        RequestHeader::build_no_case(method, path.as_bytes(), Some(req.headers.len())).ok()?;
     let mut close = false;
     let mut hosts = 0;
     for h in req.headers.iter() {
@@ -117,12 +122,26 @@ fn relayable(req: &httparse::Request<'_, '_>, options: classify::Options<'_>) ->
                 return None;
             }
         }
+        if DROPPED.into_iter().any(is) {
+            // Hop-by-hop: Pingora's proxy does not forward them either.
+            continue;
+        }
         let name = HeaderName::from_bytes(name).ok()?;
         let value = HeaderValue::from_bytes(h.value).ok()?;
         header.append_header(name, value).ok()?;
     }
+    // Pingora's own authority checks (userinfo in `Host`, for one): a head that fails them is
+    // Pingora's to refuse.
+    pingora::protocols::http::authority::validate_request_authority(&header).ok()?;
     Some(Request { header, close })
 }
+
+/// Request headers that are not forwarded (as on Pingora's path).
+const DROPPED: [&str; 3] = [
+    "proxy-authorization",
+    "proxy-authenticate",
+    "http2-settings",
+];
 
 #[cfg(test)]
 mod tests {
@@ -169,6 +188,17 @@ mod tests {
     }
 
     #[test]
+    fn proxy_credentials_are_not_forwarded() {
+        let r = relayed(&format!(
+            "{SYNC}Proxy-Authorization: Basic eDp5\r\nHTTP2-Settings: AAA\r\nProxy-Authenticate: x\r\n\r\n"
+        ))
+        .unwrap();
+        for h in DROPPED {
+            assert!(r.header.headers.get(h).is_none(), "{h}");
+        }
+    }
+
+    #[test]
     fn anything_with_a_body_or_a_protocol_change_goes_to_pingora() {
         for extra in [
             "Content-Length: 0",
@@ -183,6 +213,7 @@ mod tests {
             "Keep-Alive: timeout=5",
             "Proxy-Connection: keep-alive",
             "Host: other",
+            "Host: user@hs",
         ] {
             assert!(
                 relayed(&format!("{SYNC}{extra}\r\n\r\n")).is_none(),
@@ -204,6 +235,7 @@ mod tests {
             "GET /.well-known/matrix/client HTTP/1.1\r\n\r\n",
             "GET /_matrix/client/v1/auth_metadata HTTP/1.1\r\n\r\n",
             "GET /_matrix/client/v3/sync HTTP/1.1\r\nBad Header: x\r\n\r\n",
+            "GET /_matrix/client/v3/login#/../sync HTTP/1.1\r\n\r\n",
         ] {
             assert!(relayed(head).is_none(), "{head}");
         }

@@ -19,7 +19,7 @@
 //! homeserver (a TLS homeserver is served by Pingora's path alone). HTTP/2 goes to Pingora.
 
 mod head;
-mod pool;
+pub(crate) mod pool;
 mod relay;
 
 use std::net::IpAddr;
@@ -49,7 +49,7 @@ pub struct Front {
     gateway: Gateway,
     proxy: Arc<HttpProxy<Gateway>>,
     /// The homeserver's connections; `None` for a TLS homeserver (Pingora serves everything).
-    pool: Option<pool::Pool>,
+    pool: Option<Arc<pool::Pool>>,
 }
 
 impl Front {
@@ -57,13 +57,23 @@ impl Front {
     /// around a clone of the same gateway).
     pub fn new(gateway: Gateway, proxy: HttpProxy<Gateway>) -> Self {
         let up = &gateway.upstream;
-        let pool = (!up.tls())
-            .then(|| pool::Pool::new(up.addr(), up.connect_timeout(), up.read_timeout()));
+        let pool = (!up.tls()).then(|| {
+            Arc::new(pool::Pool::new(
+                up.addr(),
+                up.connect_timeout(),
+                up.read_timeout(),
+            ))
+        });
         Self {
             gateway,
             proxy: Arc::new(proxy),
             pool,
         }
+    }
+
+    /// The homeserver connection pool, for the background sweep.
+    pub(crate) fn pool(&self) -> Option<Arc<pool::Pool>> {
+        self.pool.clone()
     }
 
     /// Relays one request and answers it; whether the connection takes another.
@@ -79,6 +89,20 @@ impl Front {
             close: req.close || gw.in_flight.is_draining() || *conn.shutdown.borrow(),
         };
         let done = match gw.admit(&header, conn.peer, &mut ctx).await {
+            // `head` keeps out the routes whose body or answer the gateway handles (the
+            // cross-signing upload, `/versions`, `/capabilities`); checked again here, so that
+            // a change there cannot make the driver skip that handling.
+            Ok(Decision::Proxy) if !relayable(&ctx) => {
+                tracing::error!("a request that needs Pingora's path reached the driver");
+                relay::refuse(
+                    gw,
+                    &mut conn.stream,
+                    &mut ctx,
+                    GatewayError::Internal,
+                    &answer,
+                )
+                .await
+            }
             Ok(Decision::Proxy) => {
                 match gw.prepare_upstream(&mut header, &ctx, conn.peer, conn.tls) {
                     Ok(()) => {
@@ -161,6 +185,21 @@ impl ServerApp for Front {
     async fn cleanup(&self) {
         ServerApp::cleanup(self.proxy.as_ref()).await;
     }
+}
+
+/// Whether what `admit` decided leaves nothing for Pingora's path to do with the body or the
+/// answer.
+fn relayable(ctx: &Ctx) -> bool {
+    matches!(
+        ctx.request_body,
+        crate::gateway::ctx::RequestBody::Forwarded
+    ) && !ctx.cross_signing_claim
+        && !ctx.as_appservice
+        && matches!(
+            ctx.special,
+            crate::gateway::classify::Special::None
+                | crate::gateway::classify::Special::JoinedMembers
+        )
 }
 
 /// What came in on a connection.

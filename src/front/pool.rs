@@ -41,15 +41,24 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection, if one is fresh enough.
+    /// The most recently used idle connection that is fresh enough and still clean: the
+    /// homeserver has neither closed it nor sent anything on it since its last answer (stray
+    /// bytes would be read as the next request's answer, which may be another client's).
     pub fn take(&self) -> Option<TcpStream> {
-        let mut idle = self.idle.lock();
-        while let Some((conn, since)) = idle.pop_back() {
-            if since.elapsed() < IDLE_FOR {
+        loop {
+            let (conn, since) = self.idle.lock().pop_back()?;
+            if since.elapsed() < IDLE_FOR && clean(&conn) {
                 return Some(conn);
             }
         }
-        None
+    }
+
+    /// Closes the idle connections that are too old or no longer clean (run every 30 s, so
+    /// that connections the homeserver closed do not linger after traffic stopped).
+    pub fn sweep(&self) {
+        self.idle
+            .lock()
+            .retain(|(conn, since)| since.elapsed() < IDLE_FOR && clean(conn));
     }
 
     /// Gives a connection back for reuse.
@@ -75,5 +84,21 @@ impl Pool {
             })??;
         conn.set_nodelay(true)?;
         Ok(conn)
+    }
+}
+
+/// Whether an idle connection has nothing to read and is open. A non-blocking read: no system
+/// call at all when the runtime has seen no event on the connection since its last read ran
+/// dry.
+fn clean(conn: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    match conn.try_read(&mut probe) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+        Ok(0) => false,
+        Ok(_) => {
+            tracing::warn!("the homeserver sent data on an idle connection; it is closed");
+            false
+        }
+        Err(_) => false,
     }
 }

@@ -19,7 +19,7 @@ use crate::gateway::{respond, rewrite, Gateway};
 
 /// The largest response head read from the homeserver.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-const MAX_RESPONSE_HEADERS: usize = 128;
+const MAX_RESPONSE_HEADERS: usize = 256;
 const READ_CHUNK: usize = 16 * 1024;
 
 /// How an exchange ended.
@@ -82,7 +82,13 @@ pub async fn exchange(
     wire.put_slice(b"HTTP/1.1 ");
     wire.put_slice(head.status.to_string().as_bytes());
     wire.put_u8(b' ');
-    wire.put_slice(&rbuf[head.reason.0..head.reason.1]);
+    // The standard reason phrase, not the homeserver's (clients ignore it; httparse does not
+    // always give it as bytes of the buffer).
+    let reason = http::StatusCode::from_u16(head.status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    wire.put_slice(reason.as_bytes());
     wire.put_slice(b"\r\n");
     for &(name, value) in &head.headers {
         let n = &rbuf[name.0..name.1];
@@ -138,12 +144,21 @@ pub async fn refuse(
     answer: &Answer<'_>,
 ) -> Done {
     let status = err.status();
-    let written = write_error(gw, down, &err, answer).await;
-    ctx.rejection = Some(err);
-    Done {
-        status: if written.is_ok() { status } else { 0 },
-        keep_alive: written.is_ok() && !answer.close,
-        failed: false,
+    match write_error(gw, down, &err, answer).await {
+        Ok(()) => {
+            ctx.rejection = Some(err);
+            Done {
+                status,
+                keep_alive: !answer.close,
+                failed: false,
+            }
+        }
+        // As on Pingora's path: an answer that could not be written is a proxy error.
+        Err(_) => Done {
+            status: 0,
+            keep_alive: false,
+            failed: true,
+        },
     }
 }
 
@@ -153,20 +168,37 @@ async fn write_error(
     err: &GatewayError,
     answer: &Answer<'_>,
 ) -> io::Result<()> {
-    let (h, body) = respond::error_response(err, &gw.error_settings()).map_err(io::Error::other)?;
-    let mut wire = BytesMut::with_capacity(512 + body.len());
-    wire.put_slice(b"HTTP/1.1 ");
-    wire.put_slice(h.status.as_str().as_bytes());
-    wire.put_u8(b' ');
-    wire.put_slice(h.status.canonical_reason().unwrap_or("").as_bytes());
-    wire.put_slice(b"\r\n");
-    h.header_to_h1_wire(&mut wire);
+    let (head, body) =
+        respond::error_wire(err, || gw.error_settings()).map_err(io::Error::other)?;
+    let mut wire = BytesMut::with_capacity(head.len() + 128 + body.len());
+    wire.put_slice(&head);
     end_head(&mut wire, answer.request_id, answer.close);
     if !answer.head_only {
         wire.put_slice(&body);
     }
-    down.write_all(&wire).await?;
-    down.flush().await
+    send_down(down, &wire).await
+}
+
+/// A client that takes longer than this to accept a write is dropped (its homeserver
+/// connection with it).
+const CLIENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Writes to the client, bounded by [`CLIENT_WRITE_TIMEOUT`] (no timer is set when the write
+/// completes at once).
+async fn write_down(down: &mut Stream, bytes: &[u8]) -> io::Result<()> {
+    tokio::time::timeout(CLIENT_WRITE_TIMEOUT, down.write_all(bytes))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))?
+}
+
+/// Writes the last bytes of an answer and flushes.
+async fn send_down(down: &mut Stream, bytes: &[u8]) -> io::Result<()> {
+    if !bytes.is_empty() {
+        write_down(down, bytes).await?;
+    }
+    tokio::time::timeout(CLIENT_WRITE_TIMEOUT, down.flush())
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))?
 }
 
 fn end_head(wire: &mut BytesMut, request_id: Option<&HeaderValue>, close: bool) {
@@ -272,7 +304,6 @@ fn timed_out() -> io::Error {
 struct ResponseHead {
     len: usize,
     status: u16,
-    reason: (usize, usize),
     headers: Vec<((usize, usize), (usize, usize))>,
     framing: Framing,
     /// The homeserver keeps the connection open after this answer.
@@ -303,12 +334,15 @@ fn parse_response(buf: &[u8]) -> io::Result<Option<ResponseHead>> {
         // No informational answer is expected: the request has no body and asks no upgrade.
         return Err(io::Error::other(format!("unexpected status {status}")));
     }
+    // Header names and values are slices of `buf`; checked all the same, so that a parser
+    // that ever hands out other memory makes a 502, not a panic.
     let base = buf.as_ptr() as usize;
     let span = |s: &[u8]| {
-        let start = s.as_ptr() as usize - base;
-        (start, start + s.len())
+        let start = (s.as_ptr() as usize).checked_sub(base)?;
+        let end = start.checked_add(s.len())?;
+        (end <= buf.len()).then_some((start, end))
     };
-    let reason = resp.reason.map_or((0, 0), |r| span(r.as_bytes()));
+    let bad_span = || io::Error::other("response head outside its buffer");
     let mut keep_alive = resp.version == Some(1);
     let mut length: Option<u64> = None;
     let mut chunked = None;
@@ -339,7 +373,10 @@ fn parse_response(buf: &[u8]) -> io::Result<Option<ResponseHead>> {
                 length = Some(v);
             }
         }
-        spans.push((span(name), span(h.value)));
+        spans.push((
+            span(name).ok_or_else(bad_span)?,
+            span(h.value).ok_or_else(bad_span)?,
+        ));
     }
     let framing = match (chunked, length) {
         (Some(true), _) => Framing::Chunked(Chunked::default()),
@@ -353,7 +390,6 @@ fn parse_response(buf: &[u8]) -> io::Result<Option<ResponseHead>> {
     Ok(Some(ResponseHead {
         len,
         status,
-        reason,
         headers: spans,
         framing,
         keep_alive,
@@ -387,11 +423,11 @@ async fn body(
         };
         wire.put_slice(&pending[..take]);
         let extra = pending.len() > take;
-        down.write_all(&wire).await?;
         if done {
-            down.flush().await?;
+            send_down(down, &wire).await?;
             return Ok(!extra);
         }
+        write_down(down, &wire).await?;
         wire.clear();
         pending.clear();
         if pending.capacity() < READ_CHUNK {
@@ -401,7 +437,7 @@ async fn body(
             .await
             .map_err(|_| timed_out())??;
         if n == 0 {
-            down.flush().await?;
+            send_down(down, &[]).await?;
             return match framing {
                 Framing::UntilClose => Ok(false),
                 _ => Err(io::Error::new(
@@ -477,6 +513,7 @@ impl Chunked {
                 (TrailerStart, b'\r') => EndLf,
                 (TrailerStart, b'\n') => return Err(bad()),
                 (Trailer, b'\r') => TrailerLf,
+                (Trailer, b'\n') => return Err(bad()),
                 (TrailerStart | Trailer, _) => Trailer,
                 (TrailerLf, b'\n') => TrailerStart,
                 (EndLf, b'\n') => Done,
@@ -532,6 +569,7 @@ mod tests {
             b"10000000000000000\r\n",
             b"5\r\nhello\r\n0\r\n",
             b"5\r\nhel",
+            b"0\r\nX: a\n\nHTTP/1.1 200 OK\r\n\r\n",
         ] {
             assert_eq!(
                 ends_at(body, 1),

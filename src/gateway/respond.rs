@@ -160,6 +160,43 @@ fn canned(err: &GatewayError) -> Option<(ResponseHeader, Bytes)> {
     })
 }
 
+/// `err` for the public listener's HTTP/1 driver (`crate::front`), as wire bytes: the status
+/// line and headers of [`error_response`] without the empty line that ends the head (the
+/// driver adds the request ID and `Connection` first), and the body. The answers to a missing
+/// or refused token are serialised once per kind and thread; `settings` is only asked for
+/// the others.
+pub fn error_wire(
+    err: &GatewayError,
+    settings: impl FnOnce() -> ErrorSettings,
+) -> Result<(Bytes, Bytes)> {
+    thread_local! {
+        // As `canned`: at most one entry per reason of its two variants.
+        static WIRE: std::cell::RefCell<Vec<(GatewayError, Bytes, Bytes)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let serialise = |(h, body): (ResponseHeader, Bytes)| {
+        let mut head = bytes::BytesMut::with_capacity(320);
+        head.extend_from_slice(b"HTTP/1.1 ");
+        head.extend_from_slice(h.status.as_str().as_bytes());
+        head.extend_from_slice(b" ");
+        head.extend_from_slice(h.status.canonical_reason().unwrap_or("").as_bytes());
+        head.extend_from_slice(b"\r\n");
+        h.header_to_h1_wire(&mut head);
+        (head.freeze(), body)
+    };
+    let Some(answer) = canned(err) else {
+        return render(err, &settings()).map(serialise);
+    };
+    Ok(WIRE.with(|wire| {
+        if let Some((_, h, b)) = wire.borrow().iter().find(|(e, _, _)| e == err) {
+            return (h.clone(), b.clone());
+        }
+        let (h, b) = serialise(answer);
+        wire.borrow_mut().push((err.clone(), h.clone(), b.clone()));
+        (h, b)
+    }))
+}
+
 /// Renders `err` (see [`error_response`]).
 fn render(err: &GatewayError, settings: &ErrorSettings) -> Result<(ResponseHeader, Bytes)> {
     let mut extra: Vec<(&str, String)> = Vec::new();
@@ -397,6 +434,29 @@ mod tests {
                     "{err:?}"
                 );
             }
+        }
+        // The driver's wire form says the same.
+        for err in &errors {
+            let (h, b) = render(err, &settings).unwrap();
+            let (head, body) = error_wire(err, || settings.clone()).unwrap();
+            let head = String::from_utf8(head.to_vec()).unwrap();
+            assert!(
+                head.starts_with(&format!("HTTP/1.1 {} ", h.status.as_u16())),
+                "{head}"
+            );
+            for (k, v) in h.headers.iter() {
+                let line = format!("{}: {}\r\n", k.as_str(), v.to_str().unwrap());
+                assert!(
+                    head.to_ascii_lowercase()
+                        .contains(&line.to_ascii_lowercase()),
+                    "{line} in {head}"
+                );
+            }
+            assert_eq!(body, b);
+            assert_eq!(
+                error_wire(err, || settings.clone()).unwrap().0,
+                head.as_bytes()
+            );
         }
         // Each kind has its own answer.
         let a = parts(&error_response(&errors[0], &settings).unwrap());
