@@ -26,6 +26,104 @@ macro_rules! name {
 
 /// Requests by route class, outcome (errcode of a gateway answer, else the status class) and
 /// the kind of token verified (`none`, `oauth`, `compat`).
+/// Handles of labelled metrics, cached per thread and keyed by the labels' addresses: the
+/// request path's labels are `'static` and few, so a short list beats `with_label_values`
+/// (hashing and a lock) on every request. Past [`HANDLES_MAX`] entries it falls back to
+/// `with_label_values`.
+pub mod handles {
+    use std::cell::RefCell;
+
+    use prometheus::{Histogram, IntCounter};
+
+    const HANDLES_MAX: usize = 512;
+
+    type Key = [usize; 3];
+
+    fn key(labels: &[&'static str]) -> Key {
+        let mut k = [0; 3];
+        for (slot, l) in k.iter_mut().zip(labels) {
+            *slot = l.as_ptr() as usize ^ (l.len() << 48);
+        }
+        k
+    }
+
+    thread_local! {
+        static COUNTERS: RefCell<Vec<(usize, Key, IntCounter)>> = const { RefCell::new(Vec::new()) };
+        static HISTOGRAMS: RefCell<Vec<(usize, Key, Histogram)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn counter(
+        which: usize,
+        vec: &prometheus::IntCounterVec,
+        labels: &[&'static str],
+    ) -> IntCounter {
+        let k = key(labels);
+        COUNTERS.with(|c| {
+            if let Some((_, _, h)) = c
+                .borrow()
+                .iter()
+                .find(|(w, key, _)| *w == which && *key == k)
+            {
+                return h.clone();
+            }
+            let h = vec.with_label_values(labels);
+            let mut c = c.borrow_mut();
+            if c.len() < HANDLES_MAX {
+                c.push((which, k, h.clone()));
+            }
+            h
+        })
+    }
+
+    /// `requests_total{route, outcome, token_kind}`.
+    pub fn requests(route: &'static str, outcome: &'static str, kind: &'static str) -> IntCounter {
+        counter(0, &super::REQUESTS, &[route, outcome, kind])
+    }
+
+    /// `auth_cache_lookups_total{result}`.
+    pub fn cache_lookups(result: &'static str) -> IntCounter {
+        counter(1, &super::CACHE_LOOKUPS, &[result])
+    }
+
+    /// `request_duration_seconds{route}`.
+    pub fn request_duration(route: &'static str) -> Histogram {
+        let k = key(&[route]);
+        HISTOGRAMS.with(|c| {
+            if let Some((_, _, h)) = c.borrow().iter().find(|(_, key, _)| *key == k) {
+                return h.clone();
+            }
+            let h = super::REQUEST_DURATION.with_label_values(&[route]);
+            let mut c = c.borrow_mut();
+            if c.len() < HANDLES_MAX {
+                c.push((0, k, h.clone()));
+            }
+            h
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn a_cached_handle_is_the_labelled_metric() {
+            let before = super::super::REQUESTS
+                .with_label_values(&["authenticated", "2xx", "oauth"])
+                .get();
+            for _ in 0..3 {
+                super::requests("authenticated", "2xx", "oauth").inc();
+            }
+            // Same values at other addresses: the same series.
+            let route = String::from("authenticated").leak();
+            super::requests(route, "2xx", "oauth").inc();
+            assert_eq!(
+                super::super::REQUESTS
+                    .with_label_values(&["authenticated", "2xx", "oauth"])
+                    .get(),
+                before + 4
+            );
+        }
+    }
+}
+
 pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         name!("requests_total"),

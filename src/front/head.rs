@@ -37,6 +37,10 @@ pub enum Parsed {
 pub struct Request {
     /// The head as Pingora would have parsed it (the `Connection` header removed).
     pub header: RequestHeader,
+    /// Its classification (`classify::classify` of the head, done once).
+    pub class: RouteClass,
+    /// Its extra handling (`Special::None` or `Special::JoinedMembers`).
+    pub special: Special,
     /// The client asked to close the connection after this request.
     pub close: bool,
 }
@@ -78,14 +82,15 @@ fn relayable(req: &httparse::Request<'_, '_>, options: classify::Options<'_>) ->
         return None;
     }
     let route = classify::classify(&header.method, header.raw_path(), options).ok()?;
+    let (class, special) = (route.class, route.special);
     let proxied = matches!(
-        route.class,
+        class,
         RouteClass::Public
             | RouteClass::Authenticated
             | RouteClass::Federation
             | RouteClass::Refused(_)
     );
-    if !proxied || !matches!(route.special, Special::None | Special::JoinedMembers) {
+    if !proxied || !matches!(special, Special::None | Special::JoinedMembers) {
         return None;
     }
     let mut close = false;
@@ -133,7 +138,12 @@ fn relayable(req: &httparse::Request<'_, '_>, options: classify::Options<'_>) ->
     // Pingora's own authority checks (userinfo in `Host`, for one): a head that fails them is
     // Pingora's to refuse.
     pingora::protocols::http::authority::validate_request_authority(&header).ok()?;
-    Some(Request { header, close })
+    Some(Request {
+        class,
+        special,
+        header,
+        close,
+    })
 }
 
 /// Request headers that are not forwarded (as on Pingora's path).

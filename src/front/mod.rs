@@ -88,7 +88,19 @@ impl Front {
             head_only: header.method == http::Method::HEAD,
             close: req.close || gw.in_flight.is_draining() || *conn.shutdown.borrow(),
         };
-        let done = match gw.admit(&header, conn.peer, &mut ctx).await {
+        let admitted = match classify::target_parts(&header.method, header.raw_path()) {
+            Ok((method, path)) => {
+                let route = classify::Route {
+                    class: req.class,
+                    method,
+                    path,
+                    special: req.special,
+                };
+                gw.admit_route(&header, route, conn.peer, &mut ctx).await
+            }
+            Err(e) => Err(e),
+        };
+        let done = match admitted {
             // `head` keeps out the routes whose body or answer the gateway handles (the
             // cross-signing upload, `/versions`, `/capabilities`); checked again here, so that
             // a change there cannot make the driver skip that handling.

@@ -257,12 +257,12 @@ const GUEST_SYNAPSE_EXTRA: &[(&str, &str)] = &[
     ("GET", "thirdparty/location/*"),
 ];
 
-/// Classifies a request. `raw_target` is the request target exactly as it will be forwarded.
-pub fn classify<'a>(
+/// The method as classified (`HEAD` → `GET`) and the path (the raw target up to the first
+/// `?`) of a request, or why its target is refused: not UTF-8, not origin-form, a fragment.
+pub fn target_parts<'a>(
     method: &'a Method,
     raw_target: &'a [u8],
-    options: Options<'_>,
-) -> Result<Route<'a>, GatewayError> {
+) -> Result<(&'a str, &'a str), GatewayError> {
     let target = std::str::from_utf8(raw_target).map_err(|_| GatewayError::BadRequestTarget)?;
     if !target.starts_with('/') || target.contains('#') {
         return Err(GatewayError::BadRequestTarget);
@@ -272,6 +272,16 @@ pub fn classify<'a>(
         Method::HEAD => "GET",
         ref m => m.as_str(),
     };
+    Ok((method, path))
+}
+
+/// Classifies a request. `raw_target` is the request target exactly as it will be forwarded.
+pub fn classify<'a>(
+    method: &'a Method,
+    raw_target: &'a [u8],
+    options: Options<'_>,
+) -> Result<Route<'a>, GatewayError> {
+    let (method, path) = target_parts(method, raw_target)?;
     let endpoint = client_endpoint(path);
     let mut special = Special::None;
     let class = if path.starts_with("/_matrix/federation/") || path.starts_with("/_matrix/key/") {
@@ -424,24 +434,69 @@ fn listed(table: &[(&str, &str)], method: &str, endpoint: &str) -> bool {
         .any(|(m, pattern)| *m == method && matches(pattern, endpoint))
 }
 
-/// Segment-wise match: `*` is exactly one segment (possibly empty), `**` one or more.
+/// Segment-wise match: `*` is exactly one segment (possibly empty), `**` one or more. (On
+/// bytes: this runs for every table entry of every request.)
 fn matches(pattern: &str, path: &str) -> bool {
-    let mut pat = pattern.split('/');
-    let mut segs = path.split('/');
+    let (mut pat, mut segs) = (pattern.as_bytes(), path.as_bytes());
     loop {
-        match (pat.next(), segs.next()) {
-            (Some("**"), Some(_)) => return true,
-            (Some("*"), Some(_)) => {}
-            (Some(p), Some(s)) if p == s => {}
-            (None, None) => return true,
+        let (p, pat_rest) = segment(pat);
+        let (s, segs_rest) = segment(segs);
+        match p {
+            b"**" => return true,
+            b"*" => {}
+            p if p == s => {}
             _ => return false,
         }
+        match (pat_rest, segs_rest) {
+            (None, None) => return true,
+            (Some(p), Some(s)) => (pat, segs) = (p, s),
+            _ => return false,
+        }
+    }
+}
+
+/// The first `/`-separated segment of `b`, and what follows its `/` if there is one.
+fn segment(b: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match b.iter().position(|&c| c == b'/') {
+        Some(i) => (&b[..i], Some(&b[i + 1..])),
+        None => (b, None),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn segment_matching() {
+        let yes = [
+            ("a/b", "a/b"),
+            ("a/*", "a/"),
+            ("a/*", "a/x"),
+            ("a/**", "a/x/y/z"),
+            ("a/**", "a/"),
+            ("*/b", "/b"),
+            ("*", ""),
+            ("", ""),
+        ];
+        let no = [
+            ("a/b", "a/b/"),
+            ("a/b", "a"),
+            ("a/*", "a"),
+            ("a/*", "a/x/y"),
+            ("a/**", "a"),
+            ("a/b", "a/c"),
+            ("a", "ab"),
+            ("ab", "a"),
+            ("", "/"),
+        ];
+        for (p, s) in yes {
+            assert!(matches(p, s), "{p} ~ {s}");
+        }
+        for (p, s) in no {
+            assert!(!matches(p, s), "{p} !~ {s}");
+        }
+    }
 
     fn class(method: Method, target: &str) -> RouteClass {
         classify(&method, target.as_bytes(), Options::default())

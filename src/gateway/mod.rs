@@ -186,6 +186,18 @@ impl Gateway {
             req.raw_path(),
             classify::Options::of(&self.config),
         )?;
+        self.admit_route(req, route, peer, ctx).await
+    }
+
+    /// `admit` for a request already classified (the HTTP/1 driver classifies before it
+    /// decides to relay; `route` must be `classify`'s answer for `req`).
+    pub(crate) async fn admit_route(
+        &self,
+        req: &RequestHeader,
+        route: classify::Route<'_>,
+        peer: Option<IpAddr>,
+        ctx: &mut Ctx,
+    ) -> Result<Decision, GatewayError> {
         ctx.route = Some(route.class);
         ctx.special = route.special;
         match route.class {

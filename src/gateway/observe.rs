@@ -25,7 +25,15 @@ pub fn ensure_request_id(req: &mut pingora::http::RequestHeader) {
         use rand::RngCore;
         let mut bytes = [0u8; 12];
         rand::rng().fill_bytes(&mut bytes);
-        let _ = req.insert_header(REQUEST_ID, hex::encode(bytes));
+        // Lower-case hex, written in place (this runs for most requests).
+        let mut id = [0u8; 24];
+        for (pair, b) in id.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = b"0123456789abcdef"[usize::from(b >> 4)];
+            pair[1] = b"0123456789abcdef"[usize::from(b & 15)];
+        }
+        if let Ok(value) = http::HeaderValue::from_bytes(&id) {
+            let _ = req.insert_header(REQUEST_ID, value);
+        }
     }
 }
 
@@ -60,19 +68,14 @@ pub fn record(req: &pingora::http::RequestHeader, status: u16, failed: bool, ctx
             _ => "aborted",
         },
     };
-    metrics::REQUESTS
-        .with_label_values(&[route, metric_outcome, ctx.token_kind.as_label()])
-        .inc();
-    metrics::REQUEST_DURATION
-        .with_label_values(&[route])
-        .observe(ctx.started.elapsed().as_secs_f64());
+    let elapsed = ctx.started.elapsed().as_secs_f64();
+    metrics::handles::requests(route, metric_outcome, ctx.token_kind.as_label()).inc();
+    metrics::handles::request_duration(route).observe(elapsed);
     if let Some(s) = upstream_secs {
         metrics::UPSTREAM_DURATION.observe(s);
     }
     if ctx.cache != CacheOutcome::None {
-        metrics::CACHE_LOOKUPS
-            .with_label_values(&[ctx.cache.as_label()])
-            .inc();
+        metrics::handles::cache_lookups(ctx.cache.as_label()).inc();
     }
     tracing::info!(
         target: "access",
@@ -86,7 +89,7 @@ pub fn record(req: &pingora::http::RequestHeader, status: u16, failed: bool, ctx
         user = ctx.identity.as_ref().map(|i| i.user_id()),
         device = ctx.identity.as_ref().and_then(|i| i.device_id()),
         token = ctx.token.map(|t| t.short()),
-        duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+        duration_ms = elapsed * 1000.0,
         upstream_ms,
         "request"
     );

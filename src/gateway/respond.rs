@@ -184,17 +184,21 @@ pub fn error_wire(
         h.header_to_h1_wire(&mut head);
         (head.freeze(), body)
     };
+    let cached = WIRE.with(|wire| {
+        wire.borrow()
+            .iter()
+            .find(|(e, _, _)| e == err)
+            .map(|(_, h, b)| (h.clone(), b.clone()))
+    });
+    if let Some(answer) = cached {
+        return Ok(answer);
+    }
     let Some(answer) = canned(err) else {
         return render(err, &settings()).map(serialise);
     };
-    Ok(WIRE.with(|wire| {
-        if let Some((_, h, b)) = wire.borrow().iter().find(|(e, _, _)| e == err) {
-            return (h.clone(), b.clone());
-        }
-        let (h, b) = serialise(answer);
-        wire.borrow_mut().push((err.clone(), h.clone(), b.clone()));
-        (h, b)
-    }))
+    let (h, b) = serialise(answer);
+    WIRE.with(|wire| wire.borrow_mut().push((err.clone(), h.clone(), b.clone())));
+    Ok((h, b))
 }
 
 /// Renders `err` (see [`error_response`]).
