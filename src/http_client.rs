@@ -14,17 +14,30 @@ use std::time::Duration;
 /// or a timeout is not retried.
 pub async fn send_read(req: reqwest::RequestBuilder) -> reqwest::Result<reqwest::Response> {
     let again = req.try_clone();
+    let started = std::time::Instant::now();
     match req.send().await {
-        Err(e) if e.is_request() && !e.is_connect() && !e.is_timeout() => match again {
-            Some(again) => {
-                tracing::debug!(error = %e, "OP connection closed under a request; sending it again");
-                again.send().await
+        // A stale connection fails at once; a failure after a while is the OP's own, and a
+        // second attempt would only double the wait (each has the full timeout).
+        Err(e)
+            if e.is_request()
+                && !e.is_connect()
+                && !e.is_timeout()
+                && started.elapsed() < STALE_FAILS_WITHIN =>
+        {
+            match again {
+                Some(again) => {
+                    tracing::debug!(error = %e, "OP connection closed under a request; sending it again");
+                    again.send().await
+                }
+                None => Err(e),
             }
-            None => Err(e),
-        },
+        }
         other => other,
     }
 }
+
+/// A request on a connection the server had already closed fails within this.
+const STALE_FAILS_WITHIN: Duration = Duration::from_millis(500);
 
 /// Builds the client used for an OP with the given per-request timeout.
 pub fn build(timeout: Duration) -> reqwest::Result<reqwest::Client> {

@@ -24,8 +24,6 @@ macro_rules! name {
     };
 }
 
-/// Requests by route class, outcome (errcode of a gateway answer, else the status class) and
-/// the kind of token verified (`none`, `oauth`, `compat`).
 /// Handles of labelled metrics, cached per thread and keyed by the labels' addresses: the
 /// request path's labels are `'static` and few, so a short list beats `with_label_values`
 /// (hashing and a lock) on every request. Past [`HANDLES_MAX`] entries it falls back to
@@ -124,6 +122,8 @@ pub mod handles {
     }
 }
 
+/// Requests by route class, outcome (errcode of a gateway answer, else the status class) and
+/// the kind of token verified (`none`, `oauth`, `compat`).
 pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         name!("requests_total"),

@@ -562,3 +562,51 @@ async fn refusals_on_the_drivers_path_are_matrix_json_and_keep_the_connection() 
     );
     assert_eq!(hs.connections.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn a_bodiless_answer_that_announced_a_body_does_not_reuse_its_connection() {
+    // A HEAD answer with a length (or a 204 with chunks): the homeserver may still send the
+    // body it announced, so the connection is closed rather than lent to the next request.
+    let hs = raw_homeserver(Arc::new(|head: &str| {
+        let answer = if head.starts_with("HEAD") {
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+        } else if head.contains("/nocontent") {
+            "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n"
+        } else {
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+        };
+        (answer.as_bytes().to_vec(), false)
+    }))
+    .await;
+    let f = Fakes::start().await;
+    let gw = gateway(&f, &hs).await;
+    let head =
+        format!("HEAD {SYNC} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer t\r\n\r\n");
+    let nocontent = get("/_matrix/client/v3/x/nocontent");
+    let out = raw_sequence(
+        gw.addr,
+        &[
+            head.as_bytes(),
+            get(SYNC).as_bytes(),
+            nocontent.as_bytes(),
+            get(SYNC).as_bytes(),
+            get(SYNC).as_bytes(),
+        ],
+    )
+    .await;
+    assert_eq!(out.len(), 5, "{out:?}");
+    assert!(
+        out[0].starts_with("HTTP/1.1 200") && out[0].ends_with("\r\n\r\n"),
+        "{}",
+        out[0]
+    );
+    assert!(out[1].ends_with("{}"), "{}", out[1]);
+    assert!(
+        out[2].starts_with("HTTP/1.1 204") && out[2].ends_with("\r\n\r\n"),
+        "{}",
+        out[2]
+    );
+    assert!(out[3].ends_with("{}") && out[4].ends_with("{}"), "{out:?}");
+    // HEAD's connection and the 204's were closed; the plain answers' connection was reused.
+    assert_eq!(hs.connections.load(Ordering::SeqCst), 3);
+}

@@ -106,6 +106,9 @@ impl Front {
             // a change there cannot make the driver skip that handling.
             Ok(Decision::Proxy) if !relayable(&ctx) => {
                 tracing::error!("a request that needs Pingora's path reached the driver");
+                // What the cross-signing guard claimed is given back, as Pingora's `logging`
+                // would.
+                crate::gateway::guard::release_claim(gw, &ctx, None).await;
                 relay::refuse(
                     gw,
                     &mut conn.stream,

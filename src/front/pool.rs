@@ -87,12 +87,14 @@ impl Pool {
     }
 }
 
-/// Whether an idle connection has nothing to read and is open. A non-blocking read: no system
-/// call at all when the runtime has seen no event on the connection since its last read ran
-/// dry.
+/// Whether an idle connection has nothing to read and is open: a non-blocking `MSG_PEEK`
+/// system call, so that it sees what the kernel holds now (tokio's `try_read` answers from the
+/// readiness its driver last saw, which can lag behind under load). Bytes that arrive after
+/// this check and before the next answer are not caught: a homeserver that sends them is
+/// broken, and Pingora's pool has the same window.
 fn clean(conn: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    match conn.try_read(&mut probe) {
+    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match socket2::SockRef::from(conn).peek(&mut probe) {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
         Ok(0) => false,
         Ok(_) => {

@@ -72,7 +72,11 @@ pub async fn exchange(
         // The homeserver's body is not read: its connection is closed, not reused.
         return refuse(gw, down, ctx, err, answer).await;
     }
-    let framing = if answer.head_only || matches!(head.status, 204 | 304) {
+    let bodiless = answer.head_only || matches!(head.status, 204 | 304);
+    // An answer without a body that announced one (a length, chunks): the homeserver may yet
+    // send those bytes, so its connection is not reused.
+    let announced_body = !matches!(head.framing, Framing::Length(0));
+    let framing = if bodiless {
         Framing::Length(0)
     } else {
         head.framing
@@ -107,7 +111,7 @@ pub async fn exchange(
     let status = head.status;
     match body(pool, down, &mut up, rbuf, wire, framing).await {
         Ok(reusable) => {
-            if reusable && head.keep_alive {
+            if reusable && head.keep_alive && !(bodiless && announced_body) {
                 pool.put(up);
             }
             Done {
