@@ -77,6 +77,15 @@ async fn raw_homeserver(script: Script) -> RawHomeserver {
     RawHomeserver { addr, connections }
 }
 
+/// A `200` with `{}`.
+const EMPTY_OBJECT: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+
+/// A script that answers every request with `answer` (closing the connection after it when
+/// `close`).
+fn always(answer: &'static str, close: bool) -> Script {
+    Arc::new(move |_: &str| (answer.as_bytes().to_vec(), close))
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
@@ -301,13 +310,7 @@ async fn relayed_and_proxied_requests_share_a_connection_in_any_order() {
 async fn a_homeserver_connection_closed_while_idle_is_replaced_unseen() {
     // The homeserver closes every connection after its answer without saying so: the pooled
     // connection is dead when the next request takes it.
-    let hs = raw_homeserver(Arc::new(|_: &str| {
-        (
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_vec(),
-            true,
-        )
-    }))
-    .await;
+    let hs = raw_homeserver(always(EMPTY_OBJECT, true)).await;
     let f = Fakes::start().await;
     let gw = gateway(&f, &hs).await;
     let req = get(SYNC);
@@ -321,13 +324,7 @@ async fn a_homeserver_connection_closed_while_idle_is_replaced_unseen() {
 
 #[tokio::test]
 async fn homeserver_connections_are_reused_across_clients() {
-    let hs = raw_homeserver(Arc::new(|_: &str| {
-        (
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_vec(),
-            false,
-        )
-    }))
-    .await;
+    let hs = raw_homeserver(always(EMPTY_OBJECT, false)).await;
     let f = Fakes::start().await;
     let gw = gateway(&f, &hs).await;
     let req = get(SYNC);
@@ -505,13 +502,7 @@ async fn stray_bytes_after_an_answer_never_reach_the_next_request() {
 
 #[tokio::test]
 async fn refusals_on_the_drivers_path_are_matrix_json_and_keep_the_connection() {
-    let hs = raw_homeserver(Arc::new(|_: &str| {
-        (
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_vec(),
-            false,
-        )
-    }))
-    .await;
+    let hs = raw_homeserver(always(EMPTY_OBJECT, false)).await;
     let f = Fakes::start().await;
     let gw = gateway(&f, &hs).await;
     let no_token = format!("GET {SYNC} HTTP/1.1\r\nHost: localhost\r\n\r\n");

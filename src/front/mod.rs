@@ -109,14 +109,7 @@ impl Front {
                 // What the cross-signing guard claimed is given back, as Pingora's `logging`
                 // would.
                 crate::gateway::guard::release_claim(gw, &ctx, None).await;
-                relay::refuse(
-                    gw,
-                    &mut conn.stream,
-                    &mut ctx,
-                    GatewayError::Internal,
-                    &answer,
-                )
-                .await
+                internal(gw, conn, &mut ctx, &answer).await
             }
             Ok(Decision::Proxy) => {
                 match gw.prepare_upstream(&mut header, &ctx, conn.peer, conn.tls) {
@@ -126,28 +119,12 @@ impl Front {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "could not prepare the upstream request");
-                        relay::refuse(
-                            gw,
-                            &mut conn.stream,
-                            &mut ctx,
-                            GatewayError::Internal,
-                            &answer,
-                        )
-                        .await
+                        internal(gw, conn, &mut ctx, &answer).await
                     }
                 }
             }
             // `head` lets through proxied routes only, which `admit` never answers itself.
-            Ok(_) => {
-                relay::refuse(
-                    gw,
-                    &mut conn.stream,
-                    &mut ctx,
-                    GatewayError::Internal,
-                    &answer,
-                )
-                .await
-            }
+            Ok(_) => internal(gw, conn, &mut ctx, &answer).await,
             Err(err) => relay::refuse(gw, &mut conn.stream, &mut ctx, err, &answer).await,
         };
         observe::record(&header, done.status, done.failed, &ctx);
@@ -200,6 +177,16 @@ impl ServerApp for Front {
     async fn cleanup(&self) {
         ServerApp::cleanup(self.proxy.as_ref()).await;
     }
+}
+
+/// Answers 500 `M_UNKNOWN` for a request the driver cannot serve after all.
+async fn internal(
+    gw: &Gateway,
+    conn: &mut Connection,
+    ctx: &mut Ctx,
+    answer: &relay::Answer<'_>,
+) -> relay::Done {
+    relay::refuse(gw, &mut conn.stream, ctx, GatewayError::Internal, answer).await
 }
 
 /// Whether what `admit` decided leaves nothing for Pingora's path to do with the body or the
