@@ -29,8 +29,17 @@ request = function()
   end
   return wrk.format("GET", nil, headers)
 end
--- $FLOOD_DELAY_MS between a connection's requests (0: as fast as possible).
+-- $FLOOD_DELAY_MS between a connection's requests on average (0: as fast as possible). The
+-- pauses are drawn from an exponential distribution, so the connections' requests arrive as
+-- independent clients' would (a Poisson stream), not in lock-step bursts of every connection
+-- at once. $FLOOD_LOCKSTEP=1: exactly $FLOOD_DELAY_MS every time (the connections stay in
+-- step, and each burst reaches the gateway at once).
 local pause = tonumber(os.getenv("FLOOD_DELAY_MS") or "0")
+local lockstep = os.getenv("FLOOD_LOCKSTEP") == "1"
 if pause > 0 then
-  delay = function() return pause end
+  if lockstep then
+    delay = function() return pause end
+  else
+    delay = function() return math.floor(-pause * math.log(1 - math.random()) + 0.5) end
+  end
 end
