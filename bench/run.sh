@@ -2,7 +2,8 @@
 # The side-by-side benchmark: the gateway against nginx references and the do-it-yourself
 # competitors, all measured in the same run.
 #
-#   bench/run.sh            # full run (3 x 10 s per scenario, 1,000,000 cached identities)
+#   bench/run.sh            # full run (5 interleaved rounds of 10 s per scenario, 1,000,000
+#                           # cached identities; BENCH_RUNS sets the rounds)
 #   bench/run.sh --smoke    # seconds, no thresholds (CI)
 #
 # Scenarios (wrk -t1 -c64, loopback; every proxy is one worker in a process of its own, in
@@ -17,8 +18,8 @@
 #   gateway-jwt     wrk -> gateway (jwt mode, the same JWT) -> upstream
 #   nginx-401       nginx answering 401 JSON itself
 #   gateway-401     gateway refusing a negative-cached token
-# Each runs RUNS times; the table gives min / median / max req/s and the median run's
-# latencies. Plus: RSS of N cached identities (and of the cache's own cost per entry, against
+# They run interleaved, RUNS rounds of each; the table gives min / median / max req/s and the
+# medians of the rounds' p50 and p99. Plus: RSS of N cached identities (and of the cache's own cost per entry, against
 # moka's), introspections for 1,000 concurrent first requests of one token, first-seen RS256
 # JWT validations per second on one core, and a sustained run with 10,000 distinct tokens
 # through a 5,000-entry cache.
@@ -26,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 smoke=false
 [ "${1:-}" = "--smoke" ] && smoke=true
-if $smoke; then DUR=2s; RUNS=1; CACHE_N=100000; JWT_N=2000; else DUR=10s; RUNS=3; CACHE_N=1000000; JWT_N=20000; fi
+if $smoke; then DUR=2s; RUNS=1; CACHE_N=100000; JWT_N=2000; else DUR=10s; RUNS=${BENCH_RUNS:-5}; CACHE_N=1000000; JWT_N=20000; fi
 
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
@@ -169,36 +170,54 @@ expect 401 bad-token "http://127.0.0.1:$AUTHN$U"
 has gateway-jwt && expect 200 "$JWT" "http://127.0.0.1:$GWJ$U"
 has oauth2-proxy && expect 200 "$JWT" "http://127.0.0.1:$O2P$U"
 
-# wrk_run NAME URL [extra wrk args...] -> appends "NAME min median max p50_ms p99_ms" (the
-# latencies of the median run) over RUNS runs.
+# The load scenarios run interleaved: round after round, each scenario once per round (after a
+# 1 s warm-up each), so that a burst of other load on the machine's cores costs one run of
+# each scenario it overlaps rather than all the runs of one scenario. Per scenario, the table
+# gives min / median / max req/s over the rounds and the medians of their p50 and p99.
 results="$work/results"
+runs="$work/runs"
 : >"$results"
-wrk_run() {
-  local name=$1 url=$2; shift 2
-  wrk -t1 -c64 -d1s "$@" "$url" >/dev/null 2>&1 || true
-  local rows=()
-  for _ in $(seq 1 "$RUNS"); do
-    local out
-    out=$(wrk -t1 -c64 -d"$DUR" --latency "$@" "$url")
-    local rps p50 p99
-    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-    p50=$(awk '$1=="50%" {print $2}' <<<"$out" | to_ms)
-    p99=$(awk '$1=="99%" {print $2}' <<<"$out" | to_ms)
-    rows+=("$rps $p50 $p99")
-  done
-  printf '%s\n' "${rows[@]}" | sort -n -k1 | awk -v n="$name" '
-    {a[NR]=$0; split($0, f, " "); r[NR]=f[1]}
-    END {m=a[int((NR+1)/2)]; split(m, f, " "); print n, r[1], f[1], r[NR], f[2], f[3]}' >>"$results"
+: >"$runs"
+load() { # NAME: one wrk run of that scenario, as "NAME rps p50_ms p99_ms"
+  local name=$1 url token=""
+  case $name in
+    direct) url="http://127.0.0.1:$UP$U" ;;
+    nginx) url="http://127.0.0.1:$PROXY$U" ;;
+    nginx-authreq) url="http://127.0.0.1:$AUTHN$U" token=good-token ;;
+    gateway) url="http://127.0.0.1:$GW$U" token=good-token ;;
+    oauth2-proxy) url="http://127.0.0.1:$O2P$U" token=$JWT ;;
+    gateway-jwt) url="http://127.0.0.1:$GWJ$U" token=$JWT ;;
+    nginx-401) url="http://127.0.0.1:$N401$U" ;;
+    gateway-401) url="http://127.0.0.1:$GW$U" token=bad-token ;;
+  esac
+  local args=()
+  [ -n "$token" ] && args=(-H "Authorization: Bearer $token")
+  args+=("$url")
+  if [ "${2:-}" = warm ]; then
+    wrk -t1 -c64 -d1s "${args[@]}" >/dev/null 2>&1 || true
+    return
+  fi
+  local out
+  out=$(wrk -t1 -c64 -d"$DUR" --latency "${args[@]}")
+  printf '%s %s %s %s\n' "$name" "$(awk '/Requests\/sec/ {print $2}' <<<"$out")" \
+    "$(awk '$1=="50%" {print $2}' <<<"$out" | to_ms)" "$(awk '$1=="99%" {print $2}' <<<"$out" | to_ms)"
 }
-echo "== load (wrk -t1 -c64 -d$DUR, $RUNS run(s) each)"
-has direct && wrk_run direct "http://127.0.0.1:$UP$U"
-has nginx && wrk_run nginx "http://127.0.0.1:$PROXY$U"
-has nginx-authreq && wrk_run nginx-authreq "http://127.0.0.1:$AUTHN$U" -H "Authorization: Bearer good-token"
-has gateway && wrk_run gateway "http://127.0.0.1:$GW$U" -H "Authorization: Bearer good-token"
-has oauth2-proxy && wrk_run oauth2-proxy "http://127.0.0.1:$O2P$U" -H "Authorization: Bearer $JWT"
-has gateway-jwt && wrk_run gateway-jwt "http://127.0.0.1:$GWJ$U" -H "Authorization: Bearer $JWT"
-has nginx-401 && wrk_run nginx-401 "http://127.0.0.1:$N401$U"
-has gateway-401 && wrk_run gateway-401 "http://127.0.0.1:$GW$U" -H "Authorization: Bearer bad-token"
+LOADS=()
+for name in direct nginx nginx-authreq gateway oauth2-proxy gateway-jwt nginx-401 gateway-401; do
+  has "$name" && LOADS+=("$name")
+done
+echo "== load (wrk -t1 -c64 -d$DUR, $RUNS interleaved round(s) of ${LOADS[*]})"
+for name in "${LOADS[@]}"; do load "$name" warm; done
+for _ in $(seq 1 "$RUNS"); do
+  for name in "${LOADS[@]}"; do load "$name" >>"$runs"; done
+done
+median_of() { sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
+for name in "${LOADS[@]}"; do
+  rps=$(awk -v n="$name" '$1==n {print $2}' "$runs" | sort -g)
+  printf '%s %s %s %s %s %s\n' "$name" "$(head -1 <<<"$rps")" "$(median_of <<<"$rps")" "$(tail -1 <<<"$rps")" \
+    "$(awk -v n="$name" '$1==n {print $3}' "$runs" | median_of)" \
+    "$(awk -v n="$name" '$1==n {print $4}' "$runs" | median_of)" >>"$results"
+done
 # The reference of each scenario's ratio: nginx's own 401 for refusals, the competitor for
 # the competitors' rows, nginx proxy_pass otherwise.
 table() {

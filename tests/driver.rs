@@ -458,7 +458,16 @@ async fn stray_bytes_after_an_answer_never_reach_the_next_request() {
                         while let Some(end) = find(&buf, b"\r\n\r\n") {
                             let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                             buf.drain(..end + 4);
-                            if head.starts_with("HEAD") {
+                            if head.contains("x-test-stray") {
+                                // A whole answer, then, after a pause, bytes nobody asked for.
+                                let _ = s
+                                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n{\"first\":\"1\"}")
+                                    .await;
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                let stray =
+                                    b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{\"x\":\"y\"}";
+                                let _ = s.write_all(stray).await;
+                            } else if head.starts_with("HEAD") {
                                 let _ = s
                                     .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 52\r\n\r\n")
                                     .await;
@@ -495,6 +504,17 @@ async fn stray_bytes_after_an_answer_never_reach_the_next_request() {
         out.ends_with("\r\n\r\n"),
         "a HEAD answer has no body: {out}"
     );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let out = raw_exchange(gw.addr, get(SYNC).as_bytes()).await;
+    assert!(out.ends_with("{\"own\":\"1\"}"), "{out}");
+
+    // A whole answer that the homeserver follows with stray bytes while its connection is
+    // idle in the pool: that connection is not lent to the next request.
+    let stray = format!(
+        "GET {SYNC} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer t\r\nX-Test-Stray: 1\r\n\r\n"
+    );
+    let out = raw_exchange(gw.addr, stray.as_bytes()).await;
+    assert!(out.ends_with("{\"first\":\"1\"}"), "{out}");
     tokio::time::sleep(Duration::from_millis(400)).await;
     let out = raw_exchange(gw.addr, get(SYNC).as_bytes()).await;
     assert!(out.ends_with("{\"own\":\"1\"}"), "{out}");

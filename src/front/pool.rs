@@ -87,12 +87,26 @@ impl Pool {
     }
 }
 
-/// Whether an idle connection has nothing to read and is open: a non-blocking `MSG_PEEK`
-/// system call, so that it sees what the kernel holds now (tokio's `try_read` answers from the
-/// readiness its driver last saw, which can lag behind under load). Bytes that arrive after
-/// this check and before the next answer are not caught: a homeserver that sends them is
-/// broken, and Pingora's pool has the same window.
+/// Whether an idle connection has nothing to read and is open.
+///
+/// First the reactor's view, without a system call: tokio clears a connection's read
+/// readiness when a read drains it (a short read, as the last read of an answer is), and sets
+/// it again when epoll reports bytes or a close. Not readable since the answer: clean, the
+/// check nginx's and Pingora's pools make (both watch idle connections through their event
+/// loops). Readable: a non-blocking `MSG_PEEK` system call decides, since the readiness may be
+/// left over from a read that filled its buffer. Bytes that reach the kernel after the event
+/// loop last polled, or after this check and before the next answer, are not caught: a
+/// homeserver that sends them is broken, and nginx and Pingora have the same window.
 fn clean(conn: &TcpStream) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if conn.poll_read_ready(&mut cx).is_pending() {
+        return true;
+    }
+    peek_clean(conn)
+}
+
+/// Whether the kernel holds nothing to read on `conn` and it is open (`MSG_PEEK`).
+fn peek_clean(conn: &TcpStream) -> bool {
     let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
     match socket2::SockRef::from(conn).peek(&mut probe) {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
@@ -102,5 +116,67 @@ fn clean(conn: &TcpStream) -> bool {
             false
         }
         Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let conn = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (conn, server)
+    }
+
+    /// Long enough for the event loop to have seen what the peer did.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    #[tokio::test]
+    async fn a_quiet_connection_is_clean() {
+        let (conn, _server) = pair().await;
+        settle().await;
+        assert!(clean(&conn));
+    }
+
+    #[tokio::test]
+    async fn bytes_or_a_close_after_the_answer_make_it_unclean() {
+        let (mut conn, mut server) = pair().await;
+        // An answer read whole (a short read clears the readiness), then stray bytes.
+        server.write_all(b"answer").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(conn.read(&mut buf).await.unwrap(), 6);
+        settle().await;
+        assert!(clean(&conn), "nothing arrived after the answer");
+        server.write_all(b"stray").await.unwrap();
+        settle().await;
+        assert!(!clean(&conn), "stray bytes were not seen");
+
+        let (conn, server) = pair().await;
+        drop(server);
+        settle().await;
+        assert!(!clean(&conn), "a closed connection was taken as clean");
+    }
+
+    #[tokio::test]
+    async fn readiness_left_over_from_a_full_read_is_checked_with_the_kernel() {
+        let (mut conn, mut server) = pair().await;
+        server.write_all(b"12345678").await.unwrap();
+        settle().await;
+        // A read that fills its buffer leaves the readiness set although nothing is left.
+        let mut buf = [0u8; 8];
+        conn.read_exact(&mut buf).await.unwrap();
+        assert!(clean(&conn));
+        server.write_all(b"9").await.unwrap();
+        settle().await;
+        assert!(!clean(&conn));
     }
 }

@@ -84,7 +84,12 @@ pub async fn exchange(
     let close = answer.close || matches!(framing, Framing::UntilClose);
     let mut wire = BytesMut::with_capacity(head.len + 256);
     wire.put_slice(b"HTTP/1.1 ");
-    wire.put_slice(head.status.to_string().as_bytes());
+    // Three digits (`parse_response` admits 200..=999 only).
+    wire.put_slice(&[
+        b'0' + (head.status / 100 % 10) as u8,
+        b'0' + (head.status / 10 % 10) as u8,
+        b'0' + (head.status % 10) as u8,
+    ]);
     wire.put_u8(b' ');
     // The standard reason phrase, not the homeserver's (clients ignore it; httparse does not
     // always give it as bytes of the buffer).

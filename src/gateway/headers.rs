@@ -186,14 +186,20 @@ pub fn forwarded(
     tls: bool,
     trust_incoming: bool,
 ) -> Result<()> {
-    let incoming = req
-        .headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join(", ");
-    while req.remove_header("x-forwarded-for").is_some() {}
+    // Collected only when a client sent one (most requests have none).
+    let incoming = if req.headers.contains_key("x-forwarded-for") {
+        let joined = req
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ");
+        while req.remove_header("x-forwarded-for").is_some() {}
+        joined
+    } else {
+        String::new()
+    };
     let value = match (trust_incoming && !incoming.is_empty(), client_ip) {
         (true, Some(ip)) => Some(format!("{incoming}, {ip}")),
         (true, None) => Some(incoming),
