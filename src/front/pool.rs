@@ -87,26 +87,16 @@ impl Pool {
     }
 }
 
-/// Whether an idle connection has nothing to read and is open.
-///
-/// First the reactor's view, without a system call: tokio clears a connection's read
-/// readiness when a read drains it (a short read, as the last read of an answer is), and sets
-/// it again when epoll reports bytes or a close. Not readable since the answer: clean, the
-/// check nginx's and Pingora's pools make (both watch idle connections through their event
-/// loops). Readable: a non-blocking `MSG_PEEK` system call decides, since the readiness may be
-/// left over from a read that filled its buffer. Bytes that reach the kernel after the event
-/// loop last polled, or after this check and before the next answer, are not caught: a
-/// homeserver that sends them is broken, and nginx and Pingora have the same window.
+/// Whether an idle connection has nothing to read and is open: a non-blocking `MSG_PEEK`
+/// system call, so that it sees what the kernel holds now. Not the event loop's readiness
+/// (tokio's `try_read`, `poll_read_ready`): it lags behind the kernel until the event loop
+/// next polls, which under load is milliseconds (nginx and Pingora check that way, and have
+/// that window), and `poll_read_ready` answers `Pending` whenever the task's cooperative
+/// budget is spent, whatever the socket holds. A readiness-first variant was measured and
+/// dropped for those reasons (bench/README.md, "The pool's check"). Bytes that arrive after
+/// this check and before the next answer are not caught: a homeserver that sends them is
+/// broken.
 fn clean(conn: &TcpStream) -> bool {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    if conn.poll_read_ready(&mut cx).is_pending() {
-        return true;
-    }
-    peek_clean(conn)
-}
-
-/// Whether the kernel holds nothing to read on `conn` and it is open (`MSG_PEEK`).
-fn peek_clean(conn: &TcpStream) -> bool {
     let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
     match socket2::SockRef::from(conn).peek(&mut probe) {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
@@ -164,6 +154,22 @@ mod tests {
         drop(server);
         settle().await;
         assert!(!clean(&conn), "a closed connection was taken as clean");
+    }
+
+    #[tokio::test]
+    async fn bytes_the_event_loop_has_not_seen_yet_make_it_unclean() {
+        let (mut conn, server) = pair().await;
+        server.try_write(b"answer").unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(conn.read(&mut buf).await.unwrap(), 6);
+        // Stray bytes arrive while the event loop is busy (no `.await` from here on): only
+        // the kernel knows of them.
+        server.try_write(b"stray").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !clean(&conn),
+            "stray bytes the event loop had not seen were missed"
+        );
     }
 
     #[tokio::test]
