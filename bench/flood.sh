@@ -112,7 +112,6 @@ all_ok() {
     exit 1
   fi
 }
-median() { sort -g | awk '{v[NR]=$1} END {if (NR == 0) print 0; else if (NR % 2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
 rows="$work/rows"
 : >"$rows"
 # Scenarios: name, the flood's token (empty: made-up ones), pace (ms between a connection's

@@ -58,3 +58,5 @@ cache_lookups() {
     /^matrix_oidc_gateway_auth_cache_lookups_total\{/ && (r == "" || index($0, "result=\"" r "\"")) {s += $NF}
     END {printf "%d\n", s}'
 }
+# median: the median of the numbers on stdin, one a line (0 for none).
+median() { sort -g | awk '{v[NR]=$1} END {if (NR == 0) print 0; else if (NR % 2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }

@@ -211,12 +211,11 @@ for name in "${LOADS[@]}"; do load "$name" warm; done
 for _ in $(seq 1 "$RUNS"); do
   for name in "${LOADS[@]}"; do load "$name" >>"$runs"; done
 done
-median_of() { sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
 for name in "${LOADS[@]}"; do
   rps=$(awk -v n="$name" '$1==n {print $2}' "$runs" | sort -g)
-  printf '%s %s %s %s %s %s\n' "$name" "$(head -1 <<<"$rps")" "$(median_of <<<"$rps")" "$(tail -1 <<<"$rps")" \
-    "$(awk -v n="$name" '$1==n {print $3}' "$runs" | median_of)" \
-    "$(awk -v n="$name" '$1==n {print $4}' "$runs" | median_of)" >>"$results"
+  printf '%s %s %s %s %s %s\n' "$name" "$(head -1 <<<"$rps")" "$(median <<<"$rps")" "$(tail -1 <<<"$rps")" \
+    "$(awk -v n="$name" '$1==n {print $3}' "$runs" | median)" \
+    "$(awk -v n="$name" '$1==n {print $4}' "$runs" | median)" >>"$results"
 done
 # The reference of each scenario's ratio: nginx's own 401 for refusals, the competitor for
 # the competitors' rows, nginx proxy_pass otherwise.
