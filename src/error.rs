@@ -46,6 +46,9 @@ pub enum RejectReason {
     NoVerifier,
     /// Revoked through back-channel logout, the revocation proxy or the admin API.
     Revoked,
+    /// The introspection answer's `iat` is further in the future than the issuer's leeway (an
+    /// issue time no revocation could ever precede).
+    IssuedInFuture,
 }
 
 /// How a call to the OP failed (503, never 401).
@@ -427,6 +430,7 @@ impl GatewayError {
                 RejectReason::InvalidJwt => "invalid_jwt",
                 RejectReason::NoVerifier => "no_verifier",
                 RejectReason::Revoked => "revoked",
+                RejectReason::IssuedInFuture => "issued_in_future",
             },
             GatewayError::GuestAccessForbidden => "guest_forbidden",
             GatewayError::BadRequestTarget => "bad_target",

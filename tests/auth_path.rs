@@ -451,8 +451,8 @@ async fn extreme_times_from_the_op_neither_overflow_nor_pass_when_past() {
     for (token, fields, times) in [
         ("max-exp", json!({"exp": i64::MAX}), 2),
         ("max-expires-in", json!({"expires_in": i64::MAX}), 1),
-        ("max-iat", json!({"iat": i64::MAX}), 1),
         ("neg-iat", json!({"iat": i64::MIN}), 1),
+        ("skewed-iat", json!({"iat": now_secs() + 10}), 1),
     ] {
         f.introspection(token, with(fields), times).await;
     }
@@ -460,11 +460,17 @@ async fn extreme_times_from_the_op_neither_overflow_nor_pass_when_past() {
         .await;
     f.introspection("neg-expires-in", with(json!({"expires_in": -5})), 1)
         .await;
+    // An `iat` in the future would put the token out of reach of every revocation (they
+    // cover what was issued before them) until then: past the leeway (30 s), refused.
+    f.introspection("max-iat", with(json!({"iat": i64::MAX})), 1)
+        .await;
+    f.introspection("ahead-iat", with(json!({"iat": now_secs() + 3600})), 1)
+        .await;
     let gw = spawn(&f.config("")).await;
-    for token in ["max-exp", "max-expires-in", "max-iat", "neg-iat"] {
+    for token in ["max-exp", "max-expires-in", "neg-iat", "skewed-iat"] {
         assert_eq!(get(&gw, SYNC, Some(token)).await.status(), 200, "{token}");
     }
-    for token in ["min-exp", "neg-expires-in"] {
+    for token in ["min-exp", "neg-expires-in", "max-iat", "ahead-iat"] {
         assert_matrix_error(get(&gw, SYNC, Some(token)).await, 401, "M_UNKNOWN_TOKEN").await;
     }
     gw.clock.advance(Duration::from_secs(121));
@@ -1574,4 +1580,11 @@ async fn an_op_connection_closed_under_an_introspection_is_retried_not_a_503() {
         assert_eq!(echo["headers"]["x-matrix-user-id"], json!([user]));
     }
     assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }

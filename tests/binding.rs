@@ -970,6 +970,17 @@ async fn pins_from_before_issuer_scoping_are_upgraded_only_with_a_single_issuer(
 
 #[tokio::test]
 async fn the_cross_signing_guard_fails_closed() {
+    // The gateway's error lines, to check that the store failure below is logged (the only
+    // test in this binary that installs a subscriber).
+    let sink = LogSink::default();
+    let writer = sink.clone();
+    matrix_oidc_gateway::logging::init_with_writer(
+        &matrix_oidc_gateway::config::LogSettings {
+            format: matrix_oidc_gateway::config::LogFormat::Json,
+            level: "error".into(),
+        },
+        move || writer.clone(),
+    );
     let f = Fakes::start().await;
     let answers = [
         (
@@ -1035,6 +1046,11 @@ async fn the_cross_signing_guard_fails_closed() {
         .unwrap();
     let r = upload("storefail").await.unwrap();
     assert_eq!(r.status(), 503);
+    let logged = String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned();
+    assert!(
+        logged.contains("state store failed during the cross-signing guard"),
+        "the store failure must be an error log line: {logged}"
+    );
     // None of these reached the homeserver's upload endpoint.
     let uploads =
         f.hs.received_requests()
@@ -1044,4 +1060,18 @@ async fn the_cross_signing_guard_fails_closed() {
             .filter(|r| r.url.path().ends_with("device_signing/upload"))
             .count();
     assert_eq!(uploads, 0);
+}
+
+/// Collects what the gateway logs.
+#[derive(Clone, Default)]
+struct LogSink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -624,6 +624,69 @@ async fn a_cross_signing_claim_on_redis_is_won_once() {
 /// Short-lived values on Redis: shared by replicas, single-use when taken (of many concurrent
 /// takes across two replicas exactly one gets a login token), and gone at their expiry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repinned_user_is_no_longer_found_by_its_old_subject_on_redis() {
+    // A back-channel logout by `sub` signs out the devices of `user_of_subject(sub)`. After an
+    // operator moves a user ID to another subject, the old subject must find nobody, on every
+    // replica, or a logout by the old owner signs the new owner out (SQLite: the same, in
+    // `notifications::repin_...`).
+    use matrix_oidc_gateway::config::{RedisMode, RedisSettings};
+    use matrix_oidc_gateway::store::redis::{Redis, RedisStore};
+    use matrix_oidc_gateway::store::Store;
+    let redis = RedisServer::start();
+    let settings = RedisSettings {
+        mode: RedisMode::Standalone,
+        urls: vec![redis.url()],
+        sentinel_service: None,
+        password: None,
+        key_prefix: "mog-test:".into(),
+        timeout: Duration::from_secs(2),
+    };
+    let stores: Vec<RedisStore> = (0..2)
+        .map(|_| RedisStore::new(Redis::new(&settings).expect("redis client")))
+        .collect();
+    let alice = "@alice:example.org";
+    stores[0].pin_subject(alice, "iss|old-sub").await.unwrap();
+    assert_eq!(
+        stores[1]
+            .user_of_subject("iss|old-sub")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(alice)
+    );
+    stores[0].repin_subject(alice, "iss|new-sub").await.unwrap();
+    for store in &stores {
+        assert_eq!(store.user_of_subject("iss|old-sub").await.unwrap(), None);
+        assert_eq!(
+            store
+                .user_of_subject("iss|new-sub")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(alice)
+        );
+    }
+    // A reverse entry left by an earlier version (which kept it on a re-pin) is stale: the
+    // pin decides.
+    let mut c = redis::Client::open(redis.url().as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("mog-test:sub")
+        .arg("iss|older-sub")
+        .arg(alice)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(
+        stores[1].user_of_subject("iss|older-sub").await.unwrap(),
+        None
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn expiring_values_on_redis_are_shared_and_taken_once() {
     use matrix_oidc_gateway::config::{RedisMode, RedisSettings};
     use matrix_oidc_gateway::store::redis::{Redis, RedisStore};

@@ -465,16 +465,19 @@ async fn key_rotation() {
     // with it are refused.
     op.fakes.op.reset().await;
     op.publish(&["rsa2"], 1).await;
+    // Wait for the gateway to have swapped its key set (its key-count gauge, set after the
+    // swap), not for the OP to have seen the request: between the two, the old key still
+    // validates.
+    let keys = format!("matrix_oidc_gateway_jwks_keys{{issuer=\"{}\"}}", op.issuer);
+    let mut swapped = false;
     for _ in 0..100 {
-        if op.jwks_fetches().await >= 1 {
+        if op.jwks_fetches().await >= 1 && gw.metric(&keys).await == Some(1.0) {
+            swapped = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(
-        op.jwks_fetches().await >= 1,
-        "no scheduled JWKS refresh happened"
-    );
+    assert!(swapped, "no scheduled JWKS refresh swapped the key set in");
     // A token signed with the withdrawn key is never accepted again. It is refused (401) once
     // the gateway may look the `kid` up again; until then it cannot tell a withdrawn key from
     // one rotated in since its last fetch, and answers 503.

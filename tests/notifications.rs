@@ -356,6 +356,69 @@ async fn a_failed_upstream_sign_out_is_a_503_and_the_retry_completes_it() {
 }
 
 #[tokio::test]
+async fn a_store_failure_while_finding_a_sessions_devices_is_a_503_and_the_retry_completes_it() {
+    // The device behind an OP session is found in the state store when no cached identity
+    // names it (a restart, an eviction, another replica served the user). If that lookup
+    // fails, nothing was signed out: the OP must hear a 5xx and retry, never a 200 that leaves
+    // the device signed in upstream. By `sid` (the sessions index) and by `sub` alone (the
+    // subject's user).
+    store_failure_during_logout(true, "sessions").await;
+    store_failure_during_logout(false, "users").await;
+}
+
+async fn store_failure_during_logout(with_sid: bool, table: &str) {
+    let hs = "kind = \"dendrite\"\nas_token = \"as-token\"";
+    let (f, gw, issuer) = setup("", hs).await;
+    mount_alice_provisioning(&f.hs).await;
+    Mock::given(method("POST"))
+        .and(path("/_matrix/client/v3/logout"))
+        .and(header("authorization", "Bearer alice-upstream"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .with_priority(1)
+        .expect(1)
+        .mount(&f.hs)
+        .await;
+    let db = f.state.path().join("state.sqlite3");
+    let sql = |q: &str| {
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute_batch(q)
+            .unwrap()
+    };
+    let p = "/admin/v1/users/@alice:example.org/devices";
+    assert_eq!(status(&gw, "alice-token").await, 200);
+    // A restart: no cached identity is left to name the device.
+    gw.stop().await;
+    let cfg = f.config_hs(
+        hs,
+        &format!("logout_audiences = [\"matrix-client\"]\n\n[admin]\ntoken = \"{ADMIN_TOKEN}\""),
+    );
+    let gw = spawn(&cfg).await;
+    assert_eq!(admin_devices(&gw, p).await, json!(["ALICEDEV01"]));
+    let mut claims = logout_claims(&issuer);
+    if !with_sid {
+        claims.as_object_mut().unwrap().remove("sid");
+    }
+    let token = logout_token(&claims);
+    sql(&format!("ALTER TABLE {table} RENAME TO {table}_gone"));
+    let (code, body) = post_logout(&gw, &token).await;
+    sql(&format!("ALTER TABLE {table}_gone RENAME TO {table}"));
+    assert_eq!(
+        code, 503,
+        "{table}: a sign-out the store could not resolve must not be a 200: {body}"
+    );
+    assert_eq!(
+        admin_devices(&gw, p).await,
+        json!(["ALICEDEV01"]),
+        "{table}"
+    );
+    // The store is back; the OP retries the same logout token, and it completes.
+    let (code, body) = post_logout(&gw, &token).await;
+    assert_eq!(code, 200, "{table}: {body}");
+    assert_eq!(admin_devices(&gw, p).await, json!([]), "{table}");
+}
+
+#[tokio::test]
 async fn logout_all_that_cannot_reach_the_homeserver_is_a_503_not_a_200() {
     // Dendrite: signing a user out ends with the appservice `logout/all`, which also reaches
     // the devices the gateway never bound. carol has none bound, so that call is all there is:

@@ -792,6 +792,21 @@ impl Verifier {
         if expires_at_ms.is_some_and(|e| e <= now) {
             return negative(RejectReason::Expired);
         }
+        // Revocations cover what was issued before them: an `iat` in the future would make
+        // the token immune to every sign-out until then. Past the issuer's leeway it is refused
+        // (as a JWT's is); within it, the token counts as issued now.
+        let leeway = issuer
+            .jwt
+            .as_ref()
+            .map_or(crate::config::DEFAULT_LEEWAY, |j| j.leeway);
+        let leeway_ms = u64::try_from(leeway.as_millis()).unwrap_or(u64::MAX);
+        let issued_at_ms = match a.iat.map(secs_to_ms) {
+            Some(iat) if iat > now.saturating_add(leeway_ms) => {
+                return negative(RejectReason::IssuedInFuture);
+            }
+            // Without `iat`, the time the OP vouched for it.
+            iat => iat.map_or(now, |iat| iat.min(now)),
+        };
         let jti = a
             .other
             .get("jti")
@@ -810,8 +825,7 @@ impl Verifier {
             device_id: a.device_id,
             sid: a.sid,
             expires_at_ms,
-            // Without `iat`, the time the OP vouched for it.
-            issued_at_ms: a.iat.map_or(now, secs_to_ms),
+            issued_at_ms,
             all,
         };
         self.verdict_from_claims(claims, jti, now)

@@ -261,6 +261,10 @@ pub enum VerifyMode {
     Auto,
 }
 
+/// The clock skew allowed for an issuer's times when its `jwt` section does not set `leeway`
+/// (also the bound on an introspection answer's `iat` ahead of the gateway's clock).
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+
 /// JWT validation settings of an issuer.
 #[derive(Debug, Clone)]
 pub struct JwtSettings {

@@ -366,7 +366,7 @@ impl Notifier {
                 self.binder
                     .session_devices(issuer, sid)
                     .await
-                    .unwrap_or_default(),
+                    .map_err(unresolved)?,
             );
             (purged.len(), pairs)
         } else if let Some(sub) = sub {
@@ -374,9 +374,14 @@ impl Notifier {
             covered = self.revoke(Selector::Subject(key.clone())).await?;
             let purged = self.verifier.purge_where(|i| i.subject_key() == key).await;
             let mut pairs = Self::pairs(&purged);
-            if let Ok(Some(user)) = self.binder.user_of_subject(issuer, sub).await {
+            let user = self
+                .binder
+                .user_of_subject(issuer, sub)
+                .await
+                .map_err(unresolved)?;
+            if let Some(user) = user {
                 let store = self.binder.store();
-                for d in store.devices_of(&user).await.unwrap_or_default() {
+                for d in store.devices_of(&user).await.map_err(unresolved)? {
                     pairs.insert((user.clone(), d));
                 }
             }
@@ -472,4 +477,12 @@ pub enum Purge {
     Subject(String, String),
     /// Every identity of a Matrix user.
     User(String),
+}
+
+/// A store failure while finding the devices an OP session or subject covers: nothing was
+/// signed out, so the caller (the OP, an operator) is told to retry. The revocation itself is
+/// recorded already and keeps the tokens refused meanwhile.
+fn unresolved(e: crate::store::StoreError) -> GatewayError {
+    tracing::error!(error = %e, "cannot find the devices to sign out; the caller is told to retry");
+    GatewayError::BindingUnavailable(BindingFailure::Store)
 }
