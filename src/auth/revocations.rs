@@ -87,12 +87,16 @@ const PRUNE_EVERY_MS: u64 = 60_000;
 
 /// The revocation list. Reads (every request) take a shared lock and a few hash lookups; only
 /// revocations take the exclusive lock, for one insertion (plus, at most once a minute or when
-/// full, a sweep of expired entries).
+/// full and some entry can have ended, a sweep of expired entries). Asking whether a full list
+/// has room takes the shared lock only, unless a sweep could free some.
 pub struct Revocations {
     entries: RwLock<HashMap<Selector, Entry>>,
     any: AtomicBool,
     max: usize,
     next_prune_ms: AtomicU64,
+    /// No entry ends before this (`u64::MAX`: none held): a full list of entries that cannot
+    /// have ended yet is refused without a sweep or an exclusive lock.
+    earliest_until_ms: AtomicU64,
     store: Arc<dyn Store>,
     /// The configured issuers: a session or subject revocation persisted before revocations
     /// were issuer-scoped cannot be attributed to one of them, so it applies to each (failing
@@ -114,6 +118,7 @@ impl Revocations {
             any: AtomicBool::new(false),
             max,
             next_prune_ms: AtomicU64::new(0),
+            earliest_until_ms: AtomicU64::new(u64::MAX),
             store,
             legacy_issuers: issuers.to_vec(),
         }
@@ -175,6 +180,8 @@ impl Revocations {
                 let held = map.entry(sel).or_insert(e);
                 held.at_ms = held.at_ms.max(e.at_ms);
                 held.until_ms = held.until_ms.max(e.until_ms);
+                self.earliest_until_ms
+                    .fetch_min(held.until_ms, Ordering::AcqRel);
             }
             self.any.store(!map.is_empty(), Ordering::Release);
         }
@@ -184,11 +191,20 @@ impl Revocations {
     /// Whether `n` more capped revocations fit at `now_ms` (the revocation proxy asks before it
     /// asks the OP, so that it does not start work it could not record).
     pub fn has_room(&self, n: usize, now_ms: u64) -> bool {
-        let mut map = self.entries.write();
-        if map.len().saturating_add(n) > self.max {
-            self.prune(&mut map, now_ms);
+        if self.entries.read().len().saturating_add(n) <= self.max {
+            return true;
         }
+        if !self.may_have_ended(now_ms) {
+            return false;
+        }
+        let mut map = self.entries.write();
+        self.prune(&mut map, now_ms);
         map.len().saturating_add(n) <= self.max
+    }
+
+    /// Whether some entry can have ended by `now_ms` (a sweep could free room).
+    fn may_have_ended(&self, now_ms: u64) -> bool {
+        now_ms >= self.earliest_until_ms.load(Ordering::Acquire)
     }
 
     /// Records a revocation at `now_ms`, remembered until `until_ms`; persisted before return.
@@ -208,7 +224,9 @@ impl Revocations {
             let mut map = self.entries.write();
             self.prune_if_due(&mut map, now_ms);
             if capped && map.len() >= self.max && !map.contains_key(&selector) {
-                self.prune(&mut map, now_ms);
+                if self.may_have_ended(now_ms) {
+                    self.prune(&mut map, now_ms);
+                }
                 if map.len() >= self.max {
                     return Err(RevokeError::Full(map.len()));
                 }
@@ -226,6 +244,7 @@ impl Revocations {
                     until_ms,
                 },
             );
+            self.earliest_until_ms.fetch_min(until_ms, Ordering::AcqRel);
             self.any.store(true, Ordering::Release);
         }
         Ok(())
@@ -238,7 +257,16 @@ impl Revocations {
     }
 
     fn prune(&self, map: &mut HashMap<Selector, Entry>, now_ms: u64) {
-        map.retain(|_, e| e.until_ms > now_ms);
+        let mut earliest = u64::MAX;
+        map.retain(|_, e| {
+            let keep = e.until_ms > now_ms;
+            if keep {
+                earliest = earliest.min(e.until_ms);
+            }
+            keep
+        });
+        // Under the exclusive lock: no insertion races this store.
+        self.earliest_until_ms.store(earliest, Ordering::Release);
         self.next_prune_ms
             .store(now_ms.saturating_add(PRUNE_EVERY_MS), Ordering::Relaxed);
     }
@@ -251,6 +279,7 @@ impl Revocations {
             for selector in self.scope_legacy(selector) {
                 map.insert(selector, Entry { at_ms, until_ms });
             }
+            self.earliest_until_ms.fetch_min(until_ms, Ordering::AcqRel);
             self.any.store(true, Ordering::Release);
         }
     }
@@ -437,6 +466,30 @@ mod tests {
             .unwrap();
         assert!(r.is_revoked(&id(500), &TokenHash::of("x"), 7_500));
         assert_eq!(r.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn asking_for_room_in_a_full_list_of_live_entries_takes_no_exclusive_lock() {
+        // The revocation proxy asks on every call, before any budget or OP call: when nothing
+        // in the full list can have expired yet, the answer must not stall readers (every
+        // request's `is_revoked`) behind an exclusive lock and a sweep of the whole list.
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let r = Arc::new(Revocations::bounded(store, &["https://op-a".to_owned()], 2));
+        let token = |n: &str| Selector::Token(TokenHash::of(n));
+        r.revoke(token("a"), 1_000, 5_000, true).await.unwrap();
+        r.revoke(token("b"), 1_000, 10_000, true).await.unwrap();
+        let reader = r.entries.read();
+        let asker = r.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(asker.has_room(1, 2_000)).unwrap());
+        let answer = rx.recv_timeout(std::time::Duration::from_secs(2));
+        drop(reader);
+        assert_eq!(answer, Ok(false), "has_room waited for the exclusive lock");
+        // Once the earliest entry can have expired, a sweep makes room.
+        assert!(r.has_room(1, 5_000));
+        r.revoke(token("c"), 5_000, 10_000, true).await.unwrap();
+        assert!(!r.has_room(1, 6_000));
     }
 
     #[tokio::test]
