@@ -46,9 +46,6 @@ pub enum RejectReason {
     NoVerifier,
     /// Revoked through back-channel logout, the revocation proxy or the admin API.
     Revoked,
-    /// The introspection answer's `iat` is further in the future than the issuer's leeway (an
-    /// issue time no revocation could ever precede).
-    IssuedInFuture,
 }
 
 /// How a call to the OP failed (503, never 401).
@@ -69,6 +66,9 @@ pub enum OpFailure {
     /// Shed by the gateway: `max_concurrent_introspections` calls in flight and the queue full
     /// (a flood of new tokens); the OP was not asked.
     Overloaded,
+    /// The OP vouched for a new token whose `iat` is further ahead of the gateway's clock than
+    /// the issuer's leeway (an issue time no revocation could precede).
+    ClockSkew,
 }
 
 /// Why a verified token could not be mapped to a Matrix user (500: an OP misconfiguration).
@@ -430,7 +430,6 @@ impl GatewayError {
                 RejectReason::InvalidJwt => "invalid_jwt",
                 RejectReason::NoVerifier => "no_verifier",
                 RejectReason::Revoked => "revoked",
-                RejectReason::IssuedInFuture => "issued_in_future",
             },
             GatewayError::GuestAccessForbidden => "guest_forbidden",
             GatewayError::BadRequestTarget => "bad_target",
@@ -442,6 +441,7 @@ impl GatewayError {
                 OpFailure::TooLarge => "op_too_large",
                 OpFailure::BadMetadata => "op_bad_metadata",
                 OpFailure::Overloaded => "op_overloaded",
+                OpFailure::ClockSkew => "op_clock_skew",
             },
             GatewayError::UpstreamUnavailable => "upstream_unreachable",
             GatewayError::UserMapping(m) => match m {

@@ -461,20 +461,45 @@ async fn extreme_times_from_the_op_neither_overflow_nor_pass_when_past() {
     f.introspection("neg-expires-in", with(json!({"expires_in": -5})), 1)
         .await;
     // An `iat` in the future would put the token out of reach of every revocation (they
-    // cover what was issued before them) until then: past the leeway (30 s), refused.
+    // cover what was issued before them) until then. Past the leeway (30 s) the OP's answer
+    // contradicts the gateway's clock: an OP-side fault, 503 (never a 401 that signs the
+    // client out), not cached.
     f.introspection("max-iat", with(json!({"iat": i64::MAX})), 1)
         .await;
     f.introspection("ahead-iat", with(json!({"iat": now_secs() + 3600})), 1)
         .await;
+    // A token known valid whose re-check comes back with an `iat` far ahead (the OP's clock
+    // stepped) keeps working, with the issue time it had.
+    Mock::given(method("POST"))
+        .and(path("/introspect"))
+        .and(wiremock::matchers::body_string_contains("token=stepped&"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(with(json!({}))))
+        .with_priority(1)
+        .up_to_n_times(1)
+        .expect(1)
+        .mount(&f.op)
+        .await;
+    f.introspection("stepped", with(json!({"iat": now_secs() + 3600})), 1)
+        .await;
     let gw = spawn(&f.config("")).await;
-    for token in ["max-exp", "max-expires-in", "neg-iat", "skewed-iat"] {
+    for token in [
+        "max-exp",
+        "max-expires-in",
+        "neg-iat",
+        "skewed-iat",
+        "stepped",
+    ] {
         assert_eq!(get(&gw, SYNC, Some(token)).await.status(), 200, "{token}");
     }
-    for token in ["min-exp", "neg-expires-in", "max-iat", "ahead-iat"] {
+    for token in ["min-exp", "neg-expires-in"] {
         assert_matrix_error(get(&gw, SYNC, Some(token)).await, 401, "M_UNKNOWN_TOKEN").await;
+    }
+    for token in ["max-iat", "ahead-iat"] {
+        assert_matrix_error(get(&gw, SYNC, Some(token)).await, 503, "M_UNKNOWN").await;
     }
     gw.clock.advance(Duration::from_secs(121));
     assert_eq!(get(&gw, SYNC, Some("max-exp")).await.status(), 200);
+    assert_eq!(get(&gw, SYNC, Some("stepped")).await.status(), 200);
 }
 
 #[tokio::test]

@@ -272,8 +272,9 @@ impl JwtIssuer {
             sid: c.sid,
             expires_at_ms: Some((exp * 1000.0) as u64),
             // Without `iat` a JWT counts as issued before any revocation.
-            // An `iat` within the leeway ahead counts as now: no revocation made from now on
-            // misses it.
+            // An `iat` within the leeway ahead counts as now (a later `iat` was refused
+            // above): while the verdict is cached, every revocation made from now on covers
+            // it.
             issued_at_ms: c.iat.map_or(0, |i| {
                 ((i.max(0.0) * 1000.0) as u64).min(self.clock.now_ms())
             }),

@@ -645,7 +645,7 @@ impl Verifier {
             .charge_new_token(ask.charge)
             .map_err(|retry_after_ms| LoadFailure::OverBudget { retry_after_ms })?;
         let decided = self
-            .load(token, ask.priority)
+            .load(token, ask.priority, ask.earliest.is_some())
             .await
             .map(|v| v.issued_no_later_than(ask.earliest));
         // An OP that failed gives the unit back (an outage stays a 503 for everyone); a call
@@ -666,7 +666,14 @@ impl Verifier {
 
     /// Decides a token that is not cached: locally for a JWT of a JWT issuer, otherwise by
     /// introspection at the primary issuer.
-    async fn load(&self, token: &str, priority: bool) -> Result<CachedVerdict, OpFailure> {
+    /// `known`: the token was valid when last decided (a re-check), so it has an issue time
+    /// already.
+    async fn load(
+        &self,
+        token: &str,
+        priority: bool,
+        known: bool,
+    ) -> Result<CachedVerdict, OpFailure> {
         if let Some(compat) = self
             .compat
             .get()
@@ -689,7 +696,7 @@ impl Verifier {
                 .op
                 .introspect_as(token, "access_token", priority)
                 .await?;
-            Ok(self.judge(&self.op, answer, self.clock.now_ms()))
+            self.judge(&self.op, answer, self.clock.now_ms(), known)
         } else {
             Ok(self.negative(RejectReason::NoVerifier, self.clock.now_ms()))
         }
@@ -759,8 +766,15 @@ impl Verifier {
     }
 
     /// Turns an introspection answer into a cacheable verdict (pure; `now` in Unix ms).
-    fn judge(&self, op: &OpClient, a: IntrospectionResponse, now: u64) -> CachedVerdict {
-        let negative = |reason| self.negative(reason, now);
+    /// `known`: see [`Verifier::load`]. An `Err` is an answer the gateway cannot use (503).
+    fn judge(
+        &self,
+        op: &OpClient,
+        a: IntrospectionResponse,
+        now: u64,
+        known: bool,
+    ) -> Result<CachedVerdict, OpFailure> {
+        let negative = |reason| Ok(self.negative(reason, now));
         if !a.active {
             return negative(RejectReason::Inactive);
         }
@@ -793,20 +807,26 @@ impl Verifier {
             return negative(RejectReason::Expired);
         }
         // Revocations cover what was issued before them: an `iat` in the future would make
-        // the token immune to every sign-out until then. Past the issuer's leeway it is refused
-        // (as a JWT's is); within it, the token counts as issued now.
+        // the token immune to every sign-out until then, so it counts as issued now at the
+        // latest. Past the issuer's leeway the OP's answer contradicts the gateway's clock (an
+        // OP-side fault, never a 401 that signs the client out): a new token gets a 503 (not
+        // cached); a token already known valid keeps the issue time it had (the caller clamps
+        // to it), so a clock step at the OP does not refuse users mid-session.
         let leeway = issuer
             .jwt
             .as_ref()
             .map_or(crate::config::DEFAULT_LEEWAY, |j| j.leeway);
         let leeway_ms = u64::try_from(leeway.as_millis()).unwrap_or(u64::MAX);
-        let issued_at_ms = match a.iat.map(secs_to_ms) {
-            Some(iat) if iat > now.saturating_add(leeway_ms) => {
-                return negative(RejectReason::IssuedInFuture);
-            }
-            // Without `iat`, the time the OP vouched for it.
-            iat => iat.map_or(now, |iat| iat.min(now)),
-        };
+        let iat = a.iat.map(secs_to_ms);
+        if iat.is_some_and(|iat| iat > now.saturating_add(leeway_ms)) && !known {
+            tracing::warn!(
+                issuer = %issuer.issuer,
+                "the OP vouched for a token issued beyond the leeway in the future (clock skew?); answered 503"
+            );
+            return Err(OpFailure::ClockSkew);
+        }
+        // Without `iat`, the time the OP vouched for it.
+        let issued_at_ms = iat.map_or(now, |iat| iat.min(now));
         let jti = a
             .other
             .get("jti")
@@ -828,7 +848,7 @@ impl Verifier {
             issued_at_ms,
             all,
         };
-        self.verdict_from_claims(claims, jti, now)
+        Ok(self.verdict_from_claims(claims, jti, now))
     }
 
     /// Applies the MSC2967 rules to verified claims (either token kind).

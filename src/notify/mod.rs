@@ -354,37 +354,42 @@ impl Notifier {
         source: Source,
     ) -> Result<SignOut, GatewayError> {
         let covered;
+        // The store's devices are looked up before the cached identities are purged: when the
+        // lookup fails (503, the OP retries), the cache still names the devices it knew, for
+        // the retry. The revocation, recorded first, keeps the tokens refused meanwhile.
         let (purged, mut pairs) = if let Some(sid) = sid {
             let key = issuer_scoped(issuer, sid);
             covered = self.revoke(Selector::Session(key.clone())).await?;
+            let stored = self
+                .binder
+                .session_devices(issuer, sid)
+                .await
+                .map_err(unresolved)?;
             let purged = self
                 .verifier
                 .purge_where(|i| i.session_key().as_deref() == Some(key.as_str()))
                 .await;
             let mut pairs = Self::pairs(&purged);
-            pairs.extend(
-                self.binder
-                    .session_devices(issuer, sid)
-                    .await
-                    .map_err(unresolved)?,
-            );
+            pairs.extend(stored);
             (purged.len(), pairs)
         } else if let Some(sub) = sub {
             let key = issuer_scoped(issuer, sub);
             covered = self.revoke(Selector::Subject(key.clone())).await?;
-            let purged = self.verifier.purge_where(|i| i.subject_key() == key).await;
-            let mut pairs = Self::pairs(&purged);
             let user = self
                 .binder
                 .user_of_subject(issuer, sub)
                 .await
                 .map_err(unresolved)?;
+            let mut stored = Vec::new();
             if let Some(user) = user {
                 let store = self.binder.store();
                 for d in store.devices_of(&user).await.map_err(unresolved)? {
-                    pairs.insert((user.clone(), d));
+                    stored.push((user.clone(), d));
                 }
             }
+            let purged = self.verifier.purge_where(|i| i.subject_key() == key).await;
+            let mut pairs = Self::pairs(&purged);
+            pairs.extend(stored);
             (purged.len(), pairs)
         } else {
             return Ok(SignOut::default());
