@@ -365,7 +365,7 @@ async fn a_store_failure_while_finding_a_sessions_devices_is_a_503_and_the_retry
     store_failure_during_logout(true, "sessions", true).await;
     store_failure_during_logout(false, "users", true).await;
     // The other way round: only the cached identity names the device (its session record
-    // was lost). A failed lookup must not have purged it, or the retry finds nothing.
+    // was lost). It is signed out even though the lookup failed: a retry could not find it.
     store_failure_during_logout(true, "sessions", false).await;
 }
 
@@ -417,11 +417,14 @@ async fn store_failure_during_logout(with_sid: bool, table: &str, restart: bool)
         code, 503,
         "{table}: a sign-out the store could not resolve must not be a 200: {body}"
     );
-    assert_eq!(
-        admin_devices(&gw, p).await,
-        json!(["ALICEDEV01"]),
-        "{table}"
-    );
+    // A device the store could not name stays bound for the retry; one only the cache named
+    // is signed out at once (the revocation's fan-out may purge the cache before a retry).
+    let left = if restart {
+        json!(["ALICEDEV01"])
+    } else {
+        json!([])
+    };
+    assert_eq!(admin_devices(&gw, p).await, left, "{table}");
     // The store is back; the OP retries the same logout token, and it completes.
     let (code, body) = post_logout(&gw, &token).await;
     assert_eq!(code, 200, "{table}: {body}");

@@ -437,6 +437,17 @@ impl IdentityCache {
         purged
     }
 
+    /// The active identities `matches` selects, left in place (a snapshot).
+    pub fn cached_where(&self, matches: impl Fn(&Identity) -> bool) -> Vec<Arc<Identity>> {
+        self.inner
+            .iter()
+            .filter_map(|(_, v)| match v.verdict {
+                Verdict::Active(id) if matches(&id) => Some(id),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Entry count (entries past their window count until swept).
     pub fn entry_count(&self) -> u64 {
         self.inner.len() as u64

@@ -234,6 +234,11 @@ impl Verifier {
         self.cache.purge_where(matches).await
     }
 
+    /// The cached active identities `matches` selects, left in place.
+    pub fn cached_where(&self, matches: impl Fn(&Identity) -> bool) -> Vec<Arc<Identity>> {
+        self.cache.cached_where(matches)
+    }
+
     /// The identity cached for a token, if it is cached as active and still fresh (an entry
     /// past its window, or whose token expired, vouches for nobody).
     pub async fn cached_identity(&self, key: &TokenHash) -> Option<Arc<Identity>> {
@@ -328,9 +333,13 @@ impl Verifier {
             .get_or_load(
                 key,
                 async { self.load_shared(key, token, ask).await },
-                // An OP that failed is everyone's answer; a budget or a shed call is only the
-                // loading request's own (a known user waiting on it must not inherit it).
-                |f| matches!(f, LoadFailure::Op(o) if *o != OpFailure::Overloaded),
+                // An OP that failed is everyone's answer; a budget, a shed call or a clock-skewed
+                // new token is only the loading request's own (a known user waiting on it must
+                // not inherit it: its own load keeps the issue time it had).
+                |f| {
+                    matches!(f, LoadFailure::Op(o)
+                        if !matches!(o, OpFailure::Overloaded | OpFailure::ClockSkew))
+                },
             )
             .await;
         match loaded {
@@ -650,7 +659,8 @@ impl Verifier {
             .map(|v| v.issued_no_later_than(ask.earliest));
         // An OP that failed gives the unit back (an outage stays a 503 for everyone); a call
         // the gateway shed itself does not: under a flood the address's budget must run out.
-        if matches!(decided, Err(f) if f != OpFailure::Overloaded) {
+        // A clock-skewed answer cost the OP a call: not given back either.
+        if matches!(decided, Err(f) if !matches!(f, OpFailure::Overloaded | OpFailure::ClockSkew)) {
             self.refund_new_token(charged);
         }
         decided.map_err(LoadFailure::Op)

@@ -354,43 +354,39 @@ impl Notifier {
         source: Source,
     ) -> Result<SignOut, GatewayError> {
         let covered;
-        // The store's devices are looked up before the cached identities are purged: when the
-        // lookup fails (503, the OP retries), the cache still names the devices it knew, for
-        // the retry. The revocation, recorded first, keeps the tokens refused meanwhile.
+        // The devices the cache names are taken before the revocation: its fan-out comes back
+        // to this replica too and purges them, maybe before the store lookup below returns.
+        // When that lookup fails (503, the OP retries), the cache's devices are signed out
+        // first, so that a retry, which finds the store's only, loses none. The revocation,
+        // recorded first, keeps the tokens refused meanwhile.
         let (purged, mut pairs) = if let Some(sid) = sid {
             let key = issuer_scoped(issuer, sid);
+            let in_session = |i: &Identity| i.session_key().as_deref() == Some(key.as_str());
+            let known = self.verifier.cached_where(in_session);
             covered = self.revoke(Selector::Session(key.clone())).await?;
-            let stored = self
-                .binder
-                .session_devices(issuer, sid)
-                .await
-                .map_err(unresolved)?;
-            let purged = self
-                .verifier
-                .purge_where(|i| i.session_key().as_deref() == Some(key.as_str()))
-                .await;
-            let mut pairs = Self::pairs(&purged);
+            let stored = match self.binder.session_devices(issuer, sid).await {
+                Ok(stored) => stored,
+                Err(e) => return Err(self.unresolved(source, &known, e).await),
+            };
+            let purged = self.verifier.purge_where(in_session).await;
+            let mut pairs = Self::pairs(&known);
+            pairs.extend(Self::pairs(&purged));
             pairs.extend(stored);
-            (purged.len(), pairs)
+            (purged.len().max(known.len()), pairs)
         } else if let Some(sub) = sub {
             let key = issuer_scoped(issuer, sub);
+            let of_subject = |i: &Identity| i.subject_key() == key;
+            let known = self.verifier.cached_where(of_subject);
             covered = self.revoke(Selector::Subject(key.clone())).await?;
-            let user = self
-                .binder
-                .user_of_subject(issuer, sub)
-                .await
-                .map_err(unresolved)?;
-            let mut stored = Vec::new();
-            if let Some(user) = user {
-                let store = self.binder.store();
-                for d in store.devices_of(&user).await.map_err(unresolved)? {
-                    stored.push((user.clone(), d));
-                }
-            }
-            let purged = self.verifier.purge_where(|i| i.subject_key() == key).await;
-            let mut pairs = Self::pairs(&purged);
+            let stored = match self.subject_devices(issuer, sub).await {
+                Ok(stored) => stored,
+                Err(e) => return Err(self.unresolved(source, &known, e).await),
+            };
+            let purged = self.verifier.purge_where(of_subject).await;
+            let mut pairs = Self::pairs(&known);
+            pairs.extend(Self::pairs(&purged));
             pairs.extend(stored);
-            (purged.len(), pairs)
+            (purged.len().max(known.len()), pairs)
         } else {
             return Ok(SignOut::default());
         };
@@ -399,6 +395,38 @@ impl Notifier {
         let out = self.sign_out(source, pairs, purged).await?;
         self.end_compat(&covered).await?;
         Ok(out)
+    }
+
+    /// The (user, device) pairs the store holds for `issuer`'s subject `sub`.
+    async fn subject_devices(
+        &self,
+        issuer: &str,
+        sub: &str,
+    ) -> Result<Vec<(String, String)>, crate::store::StoreError> {
+        let Some(user) = self.binder.user_of_subject(issuer, sub).await? else {
+            return Ok(Vec::new());
+        };
+        let devices = self.binder.store().devices_of(&user).await?;
+        Ok(devices.into_iter().map(|d| (user.clone(), d)).collect())
+    }
+
+    /// A store failure while finding the devices an OP session or subject covers: the devices
+    /// the cache named (`known`) are signed out now (a retry would not find them), and the
+    /// caller (the OP, an operator) is told to retry for the rest.
+    async fn unresolved(
+        &self,
+        source: Source,
+        known: &[Arc<Identity>],
+        e: crate::store::StoreError,
+    ) -> GatewayError {
+        tracing::error!(error = %e, "cannot find the devices to sign out; the caller is told to retry");
+        let mut pairs = Self::pairs(known);
+        pairs.retain(|(_, d)| !d.is_empty());
+        if !pairs.is_empty() {
+            // Failures are logged by `sign_out`; the answer is a 503 either way.
+            let _ = self.sign_out(source, pairs, 0).await;
+        }
+        GatewayError::BindingUnavailable(BindingFailure::Store)
     }
 
     /// Revokes one session (user + device): refuses its tokens, signs the device out.
@@ -482,12 +510,4 @@ pub enum Purge {
     Subject(String, String),
     /// Every identity of a Matrix user.
     User(String),
-}
-
-/// A store failure while finding the devices an OP session or subject covers: nothing was
-/// signed out, so the caller (the OP, an operator) is told to retry. The revocation itself is
-/// recorded already and keeps the tokens refused meanwhile.
-fn unresolved(e: crate::store::StoreError) -> GatewayError {
-    tracing::error!(error = %e, "cannot find the devices to sign out; the caller is told to retry");
-    GatewayError::BindingUnavailable(BindingFailure::Store)
 }
