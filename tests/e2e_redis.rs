@@ -590,21 +590,9 @@ async fn a_provisioning_that_lost_its_lock_does_not_overwrite_the_new_holder() {
 /// replicas' first uploads) exactly one wins, and a released claim can be taken again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cross_signing_claim_on_redis_is_won_once() {
-    use matrix_oidc_gateway::config::{RedisMode, RedisSettings};
-    use matrix_oidc_gateway::store::redis::{Redis, RedisStore};
     use matrix_oidc_gateway::store::Store;
     let redis = RedisServer::start();
-    let settings = RedisSettings {
-        mode: RedisMode::Standalone,
-        urls: vec![redis.url()],
-        sentinel_service: None,
-        password: None,
-        key_prefix: "mog-test:".into(),
-        timeout: Duration::from_secs(2),
-    };
-    let stores: Vec<RedisStore> = (0..2)
-        .map(|_| RedisStore::new(Redis::new(&settings).expect("redis client")))
-        .collect();
+    let stores = two_stores(&redis);
     let claims = futures_util::future::join_all(
         (0..16).map(|i| stores[i % 2].claim_cross_signing("@alice:localhost")),
     )
@@ -621,29 +609,15 @@ async fn a_cross_signing_claim_on_redis_is_won_once() {
         .unwrap());
 }
 
-/// Short-lived values on Redis: shared by replicas, single-use when taken (of many concurrent
-/// takes across two replicas exactly one gets a login token), and gone at their expiry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_repinned_user_is_no_longer_found_by_its_old_subject_on_redis() {
     // A back-channel logout by `sub` signs out the devices of `user_of_subject(sub)`. After an
     // operator moves a user ID to another subject, the old subject must find nobody, on every
     // replica, or a logout by the old owner signs the new owner out (SQLite: the same, in
     // `notifications::repin_...`).
-    use matrix_oidc_gateway::config::{RedisMode, RedisSettings};
-    use matrix_oidc_gateway::store::redis::{Redis, RedisStore};
     use matrix_oidc_gateway::store::Store;
     let redis = RedisServer::start();
-    let settings = RedisSettings {
-        mode: RedisMode::Standalone,
-        urls: vec![redis.url()],
-        sentinel_service: None,
-        password: None,
-        key_prefix: "mog-test:".into(),
-        timeout: Duration::from_secs(2),
-    };
-    let stores: Vec<RedisStore> = (0..2)
-        .map(|_| RedisStore::new(Redis::new(&settings).expect("redis client")))
-        .collect();
+    let stores = two_stores(&redis);
     let alice = "@alice:example.org";
     stores[0].pin_subject(alice, "iss|old-sub").await.unwrap();
     assert_eq!(
@@ -686,23 +660,13 @@ async fn a_repinned_user_is_no_longer_found_by_its_old_subject_on_redis() {
     );
 }
 
+/// Short-lived values on Redis: shared by replicas, single-use when taken (of many concurrent
+/// takes across two replicas exactly one gets a login token), and gone at their expiry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn expiring_values_on_redis_are_shared_and_taken_once() {
-    use matrix_oidc_gateway::config::{RedisMode, RedisSettings};
-    use matrix_oidc_gateway::store::redis::{Redis, RedisStore};
     use matrix_oidc_gateway::store::{Space, Store};
     let redis = RedisServer::start();
-    let settings = RedisSettings {
-        mode: RedisMode::Standalone,
-        urls: vec![redis.url()],
-        sentinel_service: None,
-        password: None,
-        key_prefix: "mog-test:".into(),
-        timeout: Duration::from_secs(2),
-    };
-    let stores: Vec<RedisStore> = (0..2)
-        .map(|_| RedisStore::new(Redis::new(&settings).expect("redis client")))
-        .collect();
+    let stores = two_stores(&redis);
     // Redis expires by its own clock: give it the real time.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -973,4 +937,21 @@ async fn compat_sessions_are_shared_by_replicas_and_survive_a_restart() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Two store clients on `redis` (two replicas' view of the shared state).
+fn two_stores(redis: &RedisServer) -> Vec<matrix_oidc_gateway::store::redis::RedisStore> {
+    use matrix_oidc_gateway::config::{RedisMode, RedisSettings};
+    use matrix_oidc_gateway::store::redis::{Redis, RedisStore};
+    let settings = RedisSettings {
+        mode: RedisMode::Standalone,
+        urls: vec![redis.url()],
+        sentinel_service: None,
+        password: None,
+        key_prefix: "mog-test:".into(),
+        timeout: Duration::from_secs(2),
+    };
+    (0..2)
+        .map(|_| RedisStore::new(Redis::new(&settings).expect("redis client")))
+        .collect()
 }
