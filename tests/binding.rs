@@ -1061,17 +1061,3 @@ async fn the_cross_signing_guard_fails_closed() {
             .count();
     assert_eq!(uploads, 0);
 }
-
-/// Collects what the gateway logs.
-#[derive(Clone, Default)]
-struct LogSink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}

@@ -417,3 +417,17 @@ pub async fn mount_alice_provisioning(hs: &MockServer) {
             .await;
     }
 }
+
+/// Collects what the gateway logs (a writer for `logging::init_with_writer`).
+#[derive(Clone, Default)]
+pub struct LogSink(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
