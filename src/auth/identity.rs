@@ -92,6 +92,8 @@ pub struct IdentityParts {
 /// Stands for the identity's own device ID inside an interned scope (a control character no
 /// scope token may contain: RFC 6749 section 3.3).
 const DEVICE_MARK: char = '\u{0}';
+/// [`DEVICE_MARK`]'s one byte in UTF-8.
+const DEVICE_MARK_BYTE: u8 = 0;
 /// At most this many distinct scopes are shared; past it each identity keeps its own copy
 /// (an OP minting a new scope per token must not grow the table without bound).
 const MAX_INTERNED_SCOPES: usize = 4_096;
@@ -267,10 +269,20 @@ impl Identity {
     pub fn scope(&self) -> std::borrow::Cow<'_, str> {
         match self.device_id() {
             Some(device) if self.present & SCOPE_TEMPLATE != 0 => {
-                let mut buf = [0u8; 4];
-                self.scope
-                    .replace(&*DEVICE_MARK.encode_utf8(&mut buf), device)
-                    .into()
+                // One allocation of the final size (`str::replace` grows its string as it goes;
+                // this runs for every proxied request).
+                let scope: &str = &self.scope;
+                let marks = scope.bytes().filter(|&b| b == DEVICE_MARK_BYTE).count();
+                let mut out = String::with_capacity(scope.len() + marks * device.len());
+                let mut rest = scope;
+                // The mark is one ASCII byte: every position found is a character boundary.
+                while let Some(at) = rest.bytes().position(|b| b == DEVICE_MARK_BYTE) {
+                    out.push_str(&rest[..at]);
+                    out.push_str(device);
+                    rest = &rest[at + 1..];
+                }
+                out.push_str(rest);
+                out.into()
             }
             _ => std::borrow::Cow::Borrowed(&self.scope),
         }

@@ -75,8 +75,14 @@ fn relayable(req: &httparse::Request<'_, '_>, options: classify::Options<'_>) ->
     if !path.starts_with('/') {
         return None;
     }
-    let mut header =
-        RequestHeader::build_no_case(method, path.as_bytes(), Some(req.headers.len())).ok()?;
+    // Room for what the gateway adds (request ID, identity, forwarding headers), so that the
+    // map does not grow while they go in.
+    let mut header = RequestHeader::build_no_case(
+        method,
+        path.as_bytes(),
+        Some(req.headers.len() + ADDED_HEADERS),
+    )
+    .ok()?;
     // What is classified (here and by `admit`) and forwarded is the head's `raw_path`: it must
     // be the client's bytes exactly (a URI parser drops a `#fragment`, for one).
     if header.raw_path() != path.as_bytes() {
@@ -146,6 +152,9 @@ fn relayable(req: &httparse::Request<'_, '_>, options: classify::Options<'_>) ->
         close,
     })
 }
+
+/// About how many headers the gateway adds to a relayed request.
+const ADDED_HEADERS: usize = 10;
 
 /// Request headers that are not forwarded (as on Pingora's path).
 const DROPPED: [&str; 3] = [

@@ -18,6 +18,7 @@
 //! takes requests whose framing is trivial (see `head`), and only towards a plain-HTTP
 //! homeserver (a TLS homeserver is served by Pingora's path alone). HTTP/2 goes to Pingora.
 
+mod deadline;
 mod head;
 pub(crate) mod pool;
 mod relay;
@@ -82,7 +83,7 @@ impl Front {
         let mut header = req.header;
         let mut ctx = Ctx::counted(&gw.in_flight);
         observe::ensure_request_id(&mut header);
-        let request_id = header.headers.get(observe::REQUEST_ID).cloned();
+        let request_id = header.headers.get(&observe::REQUEST_ID_NAME).cloned();
         let answer = relay::Answer {
             request_id: request_id.as_ref(),
             head_only: header.method == http::Method::HEAD,

@@ -63,23 +63,24 @@ impl Pool {
 
     /// Gives a connection back for reuse.
     pub fn put(&self, conn: TcpStream) {
+        let now = Instant::now();
         let mut idle = self.idle.lock();
         while idle
             .front()
-            .is_some_and(|(_, since)| since.elapsed() >= IDLE_FOR)
+            .is_some_and(|(_, since)| now.saturating_duration_since(*since) >= IDLE_FOR)
         {
             idle.pop_front();
         }
         if idle.len() < MAX_IDLE {
-            idle.push_back((conn, Instant::now()));
+            idle.push_back((conn, now));
         }
     }
 
     /// A new connection.
     pub async fn connect(&self) -> std::io::Result<TcpStream> {
-        let conn = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
+        let conn = super::deadline::within(self.connect_timeout, TcpStream::connect(self.addr))
             .await
-            .map_err(|_| {
+            .ok_or_else(|| {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
             })??;
         conn.set_nodelay(true)?;

@@ -12,6 +12,7 @@ use pingora::protocols::Stream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::deadline::within;
 use super::pool::Pool;
 use crate::error::GatewayError;
 use crate::gateway::ctx::Ctx;
@@ -195,9 +196,9 @@ const CLIENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// Writes to the client, bounded by [`CLIENT_WRITE_TIMEOUT`] (no timer is set when the write
 /// completes at once).
 async fn write_down(down: &mut Stream, bytes: &[u8]) -> io::Result<()> {
-    tokio::time::timeout(CLIENT_WRITE_TIMEOUT, down.write_all(bytes))
+    within(CLIENT_WRITE_TIMEOUT, down.write_all(bytes))
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))?
 }
 
 /// Writes the last bytes of an answer and flushes.
@@ -205,9 +206,9 @@ async fn send_down(down: &mut Stream, bytes: &[u8]) -> io::Result<()> {
     if !bytes.is_empty() {
         write_down(down, bytes).await?;
     }
-    tokio::time::timeout(CLIENT_WRITE_TIMEOUT, down.flush())
+    within(CLIENT_WRITE_TIMEOUT, down.flush())
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))?
 }
 
 fn end_head(wire: &mut BytesMut, request_id: Option<&HeaderValue>, close: bool) {
@@ -259,18 +260,18 @@ async fn try_send(
     out: &[u8],
     rbuf: &mut BytesMut,
 ) -> Result<ResponseHead, Attempt> {
-    match tokio::time::timeout(pool.io_timeout, conn.write_all(out)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) if is_reset(&e) => return Err(Attempt::Stale),
-        Ok(Err(e)) => return Err(Attempt::Failed(e)),
-        Err(_) => return Err(Attempt::Failed(timed_out())),
+    match within(pool.io_timeout, conn.write_all(out)).await {
+        Some(Ok(())) => {}
+        Some(Err(e)) if is_reset(&e) => return Err(Attempt::Stale),
+        Some(Err(e)) => return Err(Attempt::Failed(e)),
+        None => return Err(Attempt::Failed(timed_out())),
     }
     loop {
-        let n = match tokio::time::timeout(pool.io_timeout, conn.read_buf(rbuf)).await {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) if rbuf.is_empty() && is_reset(&e) => return Err(Attempt::Stale),
-            Ok(Err(e)) => return Err(Attempt::Failed(e)),
-            Err(_) => return Err(Attempt::Failed(timed_out())),
+        let n = match within(pool.io_timeout, conn.read_buf(rbuf)).await {
+            Some(Ok(n)) => n,
+            Some(Err(e)) if rbuf.is_empty() && is_reset(&e) => return Err(Attempt::Stale),
+            Some(Err(e)) => return Err(Attempt::Failed(e)),
+            None => return Err(Attempt::Failed(timed_out())),
         };
         if n == 0 {
             return Err(if rbuf.is_empty() {
@@ -447,9 +448,9 @@ async fn body(
         if pending.capacity() < READ_CHUNK {
             pending.reserve(READ_CHUNK);
         }
-        let n = tokio::time::timeout(pool.io_timeout, up.read_buf(&mut pending))
+        let n = within(pool.io_timeout, up.read_buf(&mut pending))
             .await
-            .map_err(|_| timed_out())??;
+            .ok_or_else(timed_out)??;
         if n == 0 {
             send_down(down, &[]).await?;
             return match framing {

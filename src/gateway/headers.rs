@@ -165,7 +165,7 @@ pub fn client_address(
     // earlier in the list must not make the proxy's entry unreadable.
     let last = req
         .headers
-        .get_all("x-forwarded-for")
+        .get_all(&X_FORWARDED_FOR)
         .iter()
         .next_back()
         .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
@@ -179,6 +179,33 @@ pub fn client_address(
     .or(peer)
 }
 
+static X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+
+/// An address as `X-Forwarded-For` gives it; IPv4 written without the formatting machinery
+/// (this runs for every proxied request).
+pub fn ip_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut s = String::with_capacity(15);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                if octet >= 100 {
+                    s.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    s.push(char::from(b'0' + octet / 10 % 10));
+                }
+                s.push(char::from(b'0' + octet % 10));
+            }
+            s
+        }
+        IpAddr::V6(_) => ip.to_string(),
+    }
+}
+
 /// Sets `X-Forwarded-For` / `X-Forwarded-Proto` for the homeserver.
 pub fn forwarded(
     req: &mut RequestHeader,
@@ -187,15 +214,15 @@ pub fn forwarded(
     trust_incoming: bool,
 ) -> Result<()> {
     // Collected only when a client sent one (most requests have none).
-    let incoming = if req.headers.contains_key("x-forwarded-for") {
+    let incoming = if req.headers.contains_key(&X_FORWARDED_FOR) {
         let joined = req
             .headers
-            .get_all("x-forwarded-for")
+            .get_all(&X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect::<Vec<_>>()
             .join(", ");
-        while req.remove_header("x-forwarded-for").is_some() {}
+        while req.remove_header(&X_FORWARDED_FOR).is_some() {}
         joined
     } else {
         String::new()
@@ -209,7 +236,7 @@ pub fn forwarded(
         req.insert_header("X-Forwarded-For", v)?;
     }
     if !trust_incoming {
-        while req.remove_header("x-forwarded-proto").is_some() {}
+        while req.remove_header(&X_FORWARDED_PROTO).is_some() {}
         req.insert_header("X-Forwarded-Proto", if tls { "https" } else { "http" })?;
     }
     Ok(())
@@ -251,6 +278,23 @@ mod tests {
             expires_at_ms: None,
             token_id: None,
             issued_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn addresses_are_written_as_their_display_form() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.100.255",
+            "192.0.2.9",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::5",
+            "::ffff:192.0.2.1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
         }
     }
 

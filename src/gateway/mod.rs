@@ -260,7 +260,7 @@ impl Gateway {
             req.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         }
         rewrite::prepare_request(req, ctx);
-        let client_ip = peer.map(|ip| ip.to_string());
+        let client_ip = peer.map(headers::ip_text);
         headers::forwarded(
             req,
             client_ip,

@@ -10,11 +10,14 @@ use crate::metrics;
 /// upstream and returned in the response.
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// [`REQUEST_ID`] as a header name, for lookups that do not parse the name each time.
+pub static REQUEST_ID_NAME: http::HeaderName = http::HeaderName::from_static(REQUEST_ID);
+
 /// Makes sure the request carries a usable request ID.
 pub fn ensure_request_id(req: &mut pingora::http::RequestHeader) {
     let ok = req
         .headers
-        .get(REQUEST_ID)
+        .get(&REQUEST_ID_NAME)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
             (1..=128).contains(&v.len())
@@ -54,7 +57,11 @@ pub fn record(req: &pingora::http::RequestHeader, status: u16, failed: bool, ctx
         (None, true) => "proxy_error",
         (None, false) => "ok",
     };
-    let upstream_secs = ctx.upstream_started.map(|t| t.elapsed().as_secs_f64());
+    // One clock read for both durations.
+    let now = std::time::Instant::now();
+    let upstream_secs = ctx
+        .upstream_started
+        .map(|t| now.saturating_duration_since(t).as_secs_f64());
     let upstream_ms = upstream_secs.map(|s| s * 1000.0);
     let route = ctx.route.map_or("unclassified", |r| r.as_label());
     let metric_outcome = match &ctx.rejection {
@@ -68,7 +75,7 @@ pub fn record(req: &pingora::http::RequestHeader, status: u16, failed: bool, ctx
             _ => "aborted",
         },
     };
-    let elapsed = ctx.started.elapsed().as_secs_f64();
+    let elapsed = now.saturating_duration_since(ctx.started).as_secs_f64();
     metrics::handles::requests(route, metric_outcome, ctx.token_kind.as_label()).inc();
     metrics::handles::request_duration(route).observe(elapsed);
     if let Some(s) = upstream_secs {
@@ -82,7 +89,7 @@ pub fn record(req: &pingora::http::RequestHeader, status: u16, failed: bool, ctx
         method = %req.method,
         path = %req.uri.path(),
         route,
-        request_id = req.headers.get("x-request-id").and_then(|v| v.to_str().ok()),
+        request_id = req.headers.get(&REQUEST_ID_NAME).and_then(|v| v.to_str().ok()),
         status,
         outcome,
         cache = ctx.cache.as_label(),
