@@ -1,11 +1,13 @@
 //! Time limits on the driver's socket operations that cost nothing when the operation is
 //! done at once.
 //!
-//! `tokio::time::timeout` reads the clock and builds a timer entry for every call, and drops
-//! it afterwards, even when the wrapped write completes on its first poll, which on a
-//! loopback or LAN socket with room in its buffer is nearly always. [`within`] polls the
-//! operation once first and only sets a timer when it has to wait (profile of the cached-token
-//! path: timer entries and clock reads were about 4 % of the gateway's samples, bench/README.md).
+//! `tokio::time::timeout` reads the clock and sets up a timer (registered on its first wait,
+//! dropped afterwards) for every call, even when the wrapped write completes on its first
+//! poll, which on a loopback or LAN socket with room in its buffer is nearly always.
+//! [`within`] polls the operation once first and only then sets a timer. For writes, flushes
+//! and connects; reads that usually wait keep `tokio::time::timeout` (`within` would poll them
+//! twice). Profile of the cached-token path: timers and clock reads were about 4 % of the
+//! gateway's samples (bench/README.md).
 
 use std::future::Future;
 use std::pin::pin;

@@ -37,8 +37,8 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::GatewayError;
-use crate::gateway::classify;
 use crate::gateway::ctx::Ctx;
+use crate::gateway::{classify, headers};
 use crate::gateway::{observe, Decision, Gateway};
 
 /// How long a connection may stay idle between requests, and the longest a request head may
@@ -113,9 +113,10 @@ impl Front {
                 internal(gw, conn, &mut ctx, &answer).await
             }
             Ok(Decision::Proxy) => {
-                match gw.prepare_upstream(&mut header, &ctx, conn.peer, conn.tls) {
+                let mut upstream = headers::Relayed::new(&header);
+                match gw.prepare_upstream(&mut upstream, &ctx, conn.peer, conn.tls) {
                     Ok(()) => {
-                        relay::exchange(gw, pool, &mut conn.stream, &header, &mut ctx, &answer)
+                        relay::exchange(gw, pool, &mut conn.stream, &upstream, &mut ctx, &answer)
                             .await
                     }
                     Err(e) => {

@@ -7,7 +7,6 @@ use std::io;
 
 use bytes::{BufMut, BytesMut};
 use http::HeaderValue;
-use pingora::http::RequestHeader;
 use pingora::protocols::Stream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -16,6 +15,7 @@ use super::deadline::within;
 use super::pool::Pool;
 use crate::error::GatewayError;
 use crate::gateway::ctx::Ctx;
+use crate::gateway::headers::Relayed;
 use crate::gateway::{respond, rewrite, Gateway};
 
 /// The largest response head read from the homeserver.
@@ -49,17 +49,12 @@ pub async fn exchange(
     gw: &Gateway,
     pool: &Pool,
     down: &mut Stream,
-    req: &RequestHeader,
+    req: &Relayed<'_>,
     ctx: &mut Ctx,
     answer: &Answer<'_>,
 ) -> Done {
     let mut out = Vec::with_capacity(1024);
-    out.extend_from_slice(req.method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(req.raw_path());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    req.header_to_h1_wire(&mut out);
-    out.extend_from_slice(b"\r\n");
+    req.write_h1(&mut out);
     ctx.upstream_started = Some(std::time::Instant::now());
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
     let (mut up, head) = match send(pool, &out, &mut rbuf).await {
@@ -267,11 +262,12 @@ async fn try_send(
         None => return Err(Attempt::Failed(timed_out())),
     }
     loop {
-        let n = match within(pool.io_timeout, conn.read_buf(rbuf)).await {
-            Some(Ok(n)) => n,
-            Some(Err(e)) if rbuf.is_empty() && is_reset(&e) => return Err(Attempt::Stale),
-            Some(Err(e)) => return Err(Attempt::Failed(e)),
-            None => return Err(Attempt::Failed(timed_out())),
+        // The answer is rarely there yet: a plain time limit (`within` would poll twice).
+        let n = match tokio::time::timeout(pool.io_timeout, conn.read_buf(rbuf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) if rbuf.is_empty() && is_reset(&e) => return Err(Attempt::Stale),
+            Ok(Err(e)) => return Err(Attempt::Failed(e)),
+            Err(_) => return Err(Attempt::Failed(timed_out())),
         };
         if n == 0 {
             return Err(if rbuf.is_empty() {
@@ -448,9 +444,9 @@ async fn body(
         if pending.capacity() < READ_CHUNK {
             pending.reserve(READ_CHUNK);
         }
-        let n = within(pool.io_timeout, up.read_buf(&mut pending))
+        let n = tokio::time::timeout(pool.io_timeout, up.read_buf(&mut pending))
             .await
-            .ok_or_else(timed_out)??;
+            .map_err(|_| timed_out())??;
         if n == 0 {
             send_down(down, &[]).await?;
             return match framing {

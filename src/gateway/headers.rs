@@ -7,8 +7,17 @@
 //! `Authorization: X-Matrix`. With a signing secret, `X-Matrix-Identity-Signature` carries
 //! `t=<unix seconds>,v1=<hex HMAC-SHA256>` over the canonical string documented in
 //! `docs/identity-headers.md`, so an upstream can check the headers came from the gateway.
+//!
+//! The edits work on an [`UpstreamHead`]: Pingora's `RequestHeader` on Pingora's path, and on
+//! the HTTP/1 driver's path a [`Relayed`] head, the client's parsed head left as it is with the
+//! edits beside it, written to the wire once (Pingora's header map parses and copies every
+//! inserted name again; bench/README.md). Both run the same functions below; a test checks
+//! that they forward the same headers.
 
 use std::net::{IpAddr, SocketAddr};
+
+use bytes::BufMut;
+use http::{HeaderName, HeaderValue, Method};
 
 use hmac::{Hmac, Mac};
 use pingora::http::RequestHeader;
@@ -67,7 +76,7 @@ fn same_folded(a: &str, b: &str) -> bool {
 
 /// Removes every header a client could spoof: each configured name in every spelling an
 /// upstream framework could merge with it (any case, `_` for `-`), every repeat.
-pub fn strip(req: &mut RequestHeader, names: &IdentityHeaders, client_route: bool) {
+pub fn strip(req: &mut impl UpstreamHead, names: &IdentityHeaders, client_route: bool) {
     let fixed = [
         &names.user_id,
         &names.device_id,
@@ -82,51 +91,42 @@ pub fn strip(req: &mut RequestHeader, names: &IdentityHeaders, client_route: boo
             .chain(names.also_strip.iter())
             .any(|n| same_folded(k.as_str(), n.as_str()))
     };
-    // Allocates only when a client did send such a header.
-    let mut doomed: Vec<http::HeaderName> = Vec::new();
-    for k in req.headers.keys() {
-        if spoofable(k) {
-            doomed.push(k.clone());
-        }
-    }
-    for name in doomed {
-        while req.remove_header(&name).is_some() {}
-    }
+    req.remove_where(&spoofable);
     if client_route {
-        while req.remove_header(&http::header::AUTHORIZATION).is_some() {}
+        req.remove(&http::header::AUTHORIZATION);
     }
 }
 
 /// Adds the verified identity (after [`strip`]).
 pub fn inject(
-    req: &mut RequestHeader,
+    req: &mut impl UpstreamHead,
     names: &IdentityHeaders,
     identity: &Identity,
     now_secs: u64,
 ) -> Result<()> {
-    req.insert_header(names.user_id.clone(), identity.user_id())?;
+    req.set(&names.user_id, identity.user_id())?;
     if let Some(d) = identity.device_id() {
-        req.insert_header(names.device_id.clone(), d)?;
+        req.set(&names.device_id, d)?;
     }
     // Owned: the header value takes the string without copying it again.
-    req.insert_header(names.scope.clone(), identity.scope().into_owned())?;
+    req.set(&names.scope, identity.scope().into_owned())?;
     let guest = if identity.access == Access::Guest {
         "true"
     } else {
         "false"
     };
-    req.insert_header(names.guest.clone(), guest)?;
-    req.insert_header(names.subject.clone(), identity.subject())?;
+    req.set(&names.guest, guest)?;
+    req.set(&names.subject, identity.subject())?;
     if let Some(secret) = &names.signing_secret {
         let target = String::from_utf8_lossy(req.raw_path()).into_owned();
         let sig = signature(
             secret.expose().as_bytes(),
             now_secs,
-            req.method.as_str(),
+            req.method().as_str(),
             &target,
             identity,
         );
-        req.insert_header(names.signature.clone(), sig)?;
+        req.set(&names.signature, sig)?;
     }
     Ok(())
 }
@@ -134,7 +134,7 @@ pub fn inject(
 /// Applies an upstream credential: the device's own token, or the AS token (the `user_id` /
 /// `device_id` assertion goes into the target, built by [`super::target`]).
 pub fn bind(
-    req: &mut RequestHeader,
+    req: &mut impl UpstreamHead,
     credential: &Credential,
     as_token: Option<&Secret>,
 ) -> Result<()> {
@@ -146,7 +146,7 @@ pub fn bind(
         },
         Credential::None => return Ok(()),
     };
-    req.insert_header(http::header::AUTHORIZATION, format!("Bearer {token}"))?;
+    req.set(&http::header::AUTHORIZATION, format!("Bearer {token}"))?;
     Ok(())
 }
 
@@ -208,21 +208,20 @@ pub fn ip_text(ip: IpAddr) -> String {
 
 /// Sets `X-Forwarded-For` / `X-Forwarded-Proto` for the homeserver.
 pub fn forwarded(
-    req: &mut RequestHeader,
+    req: &mut impl UpstreamHead,
     client_ip: Option<String>,
     tls: bool,
     trust_incoming: bool,
 ) -> Result<()> {
     // Collected only when a client sent one (most requests have none).
-    let incoming = if req.headers.contains_key(&X_FORWARDED_FOR) {
-        let joined = req
-            .headers
-            .get_all(&X_FORWARDED_FOR)
+    let sent = req.values(&X_FORWARDED_FOR);
+    let incoming = if !sent.is_empty() {
+        let joined = sent
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect::<Vec<_>>()
             .join(", ");
-        while req.remove_header(&X_FORWARDED_FOR).is_some() {}
+        req.remove(&X_FORWARDED_FOR);
         joined
     } else {
         String::new()
@@ -233,11 +232,181 @@ pub fn forwarded(
         (false, ip) => ip,
     };
     if let Some(v) = value {
-        req.insert_header("X-Forwarded-For", v)?;
+        req.set(&X_FORWARDED_FOR, v)?;
     }
     if !trust_incoming {
-        while req.remove_header(&X_FORWARDED_PROTO).is_some() {}
-        req.insert_header("X-Forwarded-Proto", if tls { "https" } else { "http" })?;
+        req.set(&X_FORWARDED_PROTO, if tls { "https" } else { "http" })?;
+    }
+    Ok(())
+}
+
+/// The request head the homeserver gets, as the edits above see it.
+pub trait UpstreamHead {
+    fn method(&self) -> &Method;
+    fn raw_path(&self) -> &[u8];
+    /// Replaces the target.
+    fn set_raw_path(&mut self, path: &[u8]) -> Result<()>;
+    /// Every value forwarded under `name`, in order.
+    fn values(&self, name: &HeaderName) -> Vec<HeaderValue>;
+    /// Forwards nothing under `name` (until it is set again).
+    fn remove(&mut self, name: &HeaderName);
+    /// Forwards nothing under the names `doomed` picks.
+    fn remove_where(&mut self, doomed: &dyn Fn(&HeaderName) -> bool);
+    /// Forwards `value` as the only value under `name`.
+    fn insert(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()>;
+
+    /// [`Self::insert`] of a value still to be checked.
+    fn set<V>(&mut self, name: &HeaderName, value: V) -> Result<()>
+    where
+        HeaderValue: TryFrom<V>,
+    {
+        let value = HeaderValue::try_from(value).map_err(|_| {
+            pingora::Error::explain(
+                pingora::ErrorType::InvalidHTTPHeader,
+                "invalid header value",
+            )
+        })?;
+        self.insert(name, value)
+    }
+}
+
+/// Pingora's path: the edits go into its request header.
+impl UpstreamHead for RequestHeader {
+    fn method(&self) -> &Method {
+        &self.method
+    }
+
+    fn raw_path(&self) -> &[u8] {
+        RequestHeader::raw_path(self)
+    }
+
+    fn set_raw_path(&mut self, path: &[u8]) -> Result<()> {
+        RequestHeader::set_raw_path(self, path)
+    }
+
+    fn values(&self, name: &HeaderName) -> Vec<HeaderValue> {
+        self.headers.get_all(name).iter().cloned().collect()
+    }
+
+    fn remove(&mut self, name: &HeaderName) {
+        while self.remove_header(name).is_some() {}
+    }
+
+    fn remove_where(&mut self, doomed: &dyn Fn(&HeaderName) -> bool) {
+        // Allocates only when a client did send such a header.
+        let names: Vec<HeaderName> = self.headers.keys().filter(|k| doomed(k)).cloned().collect();
+        for name in names {
+            UpstreamHead::remove(self, &name);
+        }
+    }
+
+    fn insert(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
+        self.insert_header(name.clone(), value)
+    }
+}
+
+/// The HTTP/1 driver's path: the client's head as parsed, and the edits beside it.
+#[derive(Debug)]
+pub struct Relayed<'a> {
+    client: &'a RequestHeader,
+    /// The target, when it changed.
+    path: Option<Vec<u8>>,
+    /// Names under which none of the client's values are forwarded.
+    dropped: Vec<HeaderName>,
+    /// What the gateway sets, forwarded after the client's headers.
+    added: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl<'a> Relayed<'a> {
+    /// The client's head, unedited.
+    pub fn new(client: &'a RequestHeader) -> Self {
+        Self {
+            client,
+            path: None,
+            dropped: Vec::new(),
+            added: Vec::with_capacity(8),
+        }
+    }
+
+    /// The head as HTTP/1.1 bytes: request line, headers (names in lower case), empty line.
+    pub fn write_h1(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.method().as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.raw_path());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        let forwarded = self
+            .client
+            .headers
+            .iter()
+            .filter(|(k, _)| !self.dropped.contains(k))
+            .chain(self.added.iter().map(|(k, v)| (k, v)));
+        for (name, value) in forwarded {
+            out.put_slice(name.as_str().as_bytes());
+            out.put_slice(b": ");
+            out.put_slice(value.as_bytes());
+            out.put_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+impl UpstreamHead for Relayed<'_> {
+    fn method(&self) -> &Method {
+        &self.client.method
+    }
+
+    fn raw_path(&self) -> &[u8] {
+        self.path
+            .as_deref()
+            .unwrap_or_else(|| self.client.raw_path())
+    }
+
+    fn set_raw_path(&mut self, path: &[u8]) -> Result<()> {
+        check_target(path)?;
+        self.path = Some(path.to_vec());
+        Ok(())
+    }
+
+    fn values(&self, name: &HeaderName) -> Vec<HeaderValue> {
+        let client = (!self.dropped.contains(name))
+            .then(|| self.client.headers.get_all(name).iter())
+            .into_iter()
+            .flatten();
+        let added = self.added.iter().filter(|(k, _)| k == name).map(|(_, v)| v);
+        client.chain(added).cloned().collect()
+    }
+
+    fn remove(&mut self, name: &HeaderName) {
+        if self.client.headers.contains_key(name) && !self.dropped.contains(name) {
+            self.dropped.push(name.clone());
+        }
+        self.added.retain(|(k, _)| k != name);
+    }
+
+    fn remove_where(&mut self, doomed: &dyn Fn(&HeaderName) -> bool) {
+        for name in self.client.headers.keys() {
+            if doomed(name) && !self.dropped.contains(name) {
+                self.dropped.push(name.clone());
+            }
+        }
+        self.added.retain(|(k, _)| !doomed(k));
+    }
+
+    fn insert(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
+        UpstreamHead::remove(self, name);
+        self.added.push((name.clone(), value));
+        Ok(())
+    }
+}
+
+/// A target written into the driver's request line must not break it: no space, no control
+/// byte (Pingora's `set_raw_path` checks the target on its own path).
+fn check_target(path: &[u8]) -> Result<()> {
+    if path.is_empty() || path.iter().any(|&b| b <= b' ' || b == 0x7f) {
+        return Err(pingora::Error::explain(
+            pingora::ErrorType::InvalidHTTPHeader,
+            "invalid upstream target",
+        ));
     }
     Ok(())
 }
@@ -281,8 +450,197 @@ mod tests {
         }
     }
 
+    /// The headers each path forwards, as (lower-case name, value), sorted.
+    fn sent_by_pingora(r: &RequestHeader) -> Vec<(String, String)> {
+        let mut v: Vec<_> = r
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), lossy(v.as_bytes())))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn lossy(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
+
+    fn sent_by_driver(r: &Relayed<'_>) -> (Vec<u8>, Vec<(String, String)>) {
+        let mut wire = Vec::new();
+        r.write_h1(&mut wire);
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Request::new(&mut slots);
+        assert_eq!(
+            parsed.parse(&wire).unwrap(),
+            httparse::Status::Complete(wire.len()),
+            "{}",
+            String::from_utf8_lossy(&wire)
+        );
+        let mut v: Vec<_> = parsed
+            .headers
+            .iter()
+            .map(|h| (h.name.to_owned(), lossy(h.value)))
+            .collect();
+        v.sort();
+        (parsed.path.unwrap().as_bytes().to_vec(), v)
+    }
+
+    /// Both paths run the same edits on their own head type: for every mix of spoofed
+    /// identity headers (any case, underscores, repeats), client `Authorization`,
+    /// forwarding headers and settings, the driver forwards exactly what Pingora's path does.
+    #[test]
+    fn the_driver_forwards_exactly_what_pingoras_path_forwards() {
+        let client: &[(&str, &str)] = &[
+            ("Host", "hs.example.org"),
+            ("Authorization", "Bearer client-token"),
+            ("X-Matrix-User-Id", "@mallory:example.org"),
+            ("x-matrix-user-id", "@eve:example.org"),
+            ("X_Matrix_Device_Id", "EVIL"),
+            ("X-MATRIX-SCOPE", "urn:matrix:client:api:*"),
+            ("x-matrix-guest", "false"),
+            ("X-OIDC-Subject", "sub-m"),
+            ("X-Matrix-Identity-Signature", "t=1,v1=00"),
+            ("X-Remote-User", "root"),
+            ("X-Forwarded-For", "203.0.113.9"),
+            ("X-Forwarded-For", "198.51.100.7, 192.0.2.1"),
+            ("X-Forwarded-Proto", "https"),
+            ("Accept-Encoding", "gzip"),
+            ("User-Agent", "test/1"),
+        ];
+        let credentials = [
+            Credential::DeviceToken("upstream-token".into()),
+            Credential::Masquerade,
+            Credential::None,
+        ];
+        let as_token = Secret::new("as-token".to_owned());
+        let peers: [Option<IpAddr>; 3] = [
+            Some("192.0.2.44".parse().unwrap()),
+            Some("2001:db8::7".parse().unwrap()),
+            None,
+        ];
+        let mut cases = 0;
+        for take in [0, 2, 5, client.len()] {
+            for client_route in [true, false] {
+                for credential in &credentials {
+                    for peer in peers {
+                        for (tls, trust) in [(false, false), (true, false), (false, true)] {
+                            for identity in [Some(alice()), None] {
+                                let mut pingora = RequestHeader::build(
+                                    "GET",
+                                    b"/_matrix/client/v3/sync?since=s1",
+                                    None,
+                                )
+                                .unwrap();
+                                for (k, v) in &client[..take] {
+                                    pingora.append_header(k.to_string(), *v).unwrap();
+                                }
+                                let original = pingora.clone();
+                                let mut driver = Relayed::new(&original);
+                                for head in [&mut pingora as &mut dyn Edits, &mut driver] {
+                                    head.run(
+                                        client_route,
+                                        credential,
+                                        &as_token,
+                                        identity.as_ref(),
+                                        peer,
+                                        tls,
+                                        trust,
+                                    );
+                                }
+                                let (path, sent) = sent_by_driver(&driver);
+                                assert_eq!(
+                                    sent,
+                                    sent_by_pingora(&pingora),
+                                    "take {take}, client route {client_route}, {credential:?}, \
+                                     {peer:?}, tls {tls}, trust {trust}"
+                                );
+                                assert_eq!(path, pingora.raw_path());
+                                cases += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 4 * 2 * 3 * 3 * 3 * 2);
+    }
+
+    /// The edits `prepare_upstream` makes, on either head type.
+    trait Edits {
+        #[allow(clippy::too_many_arguments)]
+        fn run(
+            &mut self,
+            client_route: bool,
+            credential: &Credential,
+            as_token: &Secret,
+            identity: Option<&Identity>,
+            peer: Option<IpAddr>,
+            tls: bool,
+            trust: bool,
+        );
+    }
+
+    impl<H: UpstreamHead> Edits for H {
+        fn run(
+            &mut self,
+            client_route: bool,
+            credential: &Credential,
+            as_token: &Secret,
+            identity: Option<&Identity>,
+            peer: Option<IpAddr>,
+            tls: bool,
+            trust: bool,
+        ) {
+            strip(self, &names(), client_route);
+            self.set_raw_path(b"/_matrix/client/v3/sync?since=s1&user_id=%40alice%3Aexample.org")
+                .unwrap();
+            bind(self, credential, Some(as_token)).unwrap();
+            if let Some(identity) = identity {
+                inject(self, &names(), identity, 1_700_000_000).unwrap();
+            }
+            self.remove(&http::header::ACCEPT_ENCODING);
+            forwarded(self, peer.map(ip_text), tls, trust).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_driver_writes_a_plain_http1_head_and_refuses_a_target_that_breaks_it() {
+        let client = RequestHeader::build("GET", b"/_matrix/client/v3/sync", None).unwrap();
+        let mut head = Relayed::new(&client);
+        head.set(&HeaderName::from_static("x-a"), "1").unwrap();
+        head.set(&HeaderName::from_static("x-a"), "2").unwrap();
+        let mut wire = Vec::new();
+        head.write_h1(&mut wire);
+        assert_eq!(
+            wire,
+            b"GET /_matrix/client/v3/sync HTTP/1.1\r\nx-a: 2\r\n\r\n"
+        );
+        for bad in [
+            &b""[..],
+            b"/a b",
+            b"/a\r\nX: y",
+            b"/a\n",
+            b"/\x00",
+            b"/\x7f",
+        ] {
+            assert!(head.set_raw_path(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(head.raw_path(), b"/_matrix/client/v3/sync");
+        assert!(head
+            .set(&HeaderName::from_static("x-b"), "a\r\nX: y")
+            .is_err());
+    }
+
     #[test]
     fn addresses_are_written_as_their_display_form() {
+        for octet in 0..=255u8 {
+            for at in 0..4 {
+                let mut o = [1, 22, 133, 4];
+                o[at] = octet;
+                let ip = IpAddr::from(o);
+                assert_eq!(ip_text(ip), ip.to_string());
+            }
+        }
         for ip in [
             "0.0.0.0",
             "127.0.0.1",

@@ -218,10 +218,11 @@ impl Gateway {
 
     /// upstream_request_filter's work, shared with the HTTP/1 driver (`crate::front`): strip
     /// what a client could spoof, apply the binding's credential and the upstream target,
-    /// inject the identity, set the forwarding headers.
+    /// inject the identity, set the forwarding headers. Pingora's path edits its request
+    /// header; the driver a [`headers::Relayed`] head.
     pub(crate) fn prepare_upstream(
         &self,
-        req: &mut RequestHeader,
+        req: &mut impl headers::UpstreamHead,
         ctx: &Ctx,
         peer: Option<IpAddr>,
         tls: bool,
@@ -255,9 +256,9 @@ impl Gateway {
             headers::inject(req, names, identity, self.clock.now_secs())?;
         }
         if let ctx::RequestBody::Replaced(body) = &ctx.request_body {
-            req.remove_header(&http::header::TRANSFER_ENCODING);
-            req.remove_header(&http::header::EXPECT);
-            req.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+            req.remove(&http::header::TRANSFER_ENCODING);
+            req.remove(&http::header::EXPECT);
+            req.set(&http::header::CONTENT_LENGTH, body.len().to_string())?;
         }
         rewrite::prepare_request(req, ctx);
         let client_ip = peer.map(headers::ip_text);

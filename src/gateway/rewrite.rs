@@ -10,7 +10,7 @@
 //!   login-token changes. Both bodies are small JSON and are collected before rewriting.
 
 use bytes::Bytes;
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::ResponseHeader;
 use pingora::Result;
 use serde_json::Value;
 
@@ -21,9 +21,9 @@ use crate::binding::Credential;
 use crate::error::{BindingFailure, GatewayError};
 
 /// Asks for an uncompressed body where the gateway rewrites it.
-pub fn prepare_request(req: &mut RequestHeader, ctx: &Ctx) {
+pub fn prepare_request(req: &mut impl super::headers::UpstreamHead, ctx: &Ctx) {
     if matches!(ctx.special, Special::Versions | Special::Capabilities) {
-        while req.remove_header(&http::header::ACCEPT_ENCODING).is_some() {}
+        req.remove(&http::header::ACCEPT_ENCODING);
     }
 }
 
