@@ -59,6 +59,38 @@ fn every_problem_is_listed_with_its_key() {
     }
 }
 
+/// An identity header named after one HTTP or the gateway owns would replace it on every
+/// request (a `Transfer-Encoding` identity header desynchronises the homeserver connection),
+/// or strip it (`also_strip = ["host"]`).
+#[test]
+fn identity_headers_may_not_take_a_framing_or_gateway_header_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reserved.toml");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.minimal.toml");
+    let base = std::fs::read_to_string(&example).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "{base}\n[identity_headers]\nuser_id = \"Transfer_Encoding\"\n\
+             subject = \"Authorization\"\nalso_strip = [\"X-Custom\", \"host\"]\n"
+        ),
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 2, "{text}");
+    for key in [
+        "identity_headers.user_id",
+        "identity_headers.subject",
+        "identity_headers.also_strip[1]",
+    ] {
+        assert!(
+            text.contains(&format!("  {key}: ")),
+            "{key} not reported in:\n{text}"
+        );
+    }
+    assert!(!text.contains("also_strip[0]"), "{text}");
+}
+
 #[test]
 fn unknown_keys_are_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -283,3 +283,224 @@ impl Connection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use http::HeaderName;
+    use pingora::http::RequestHeader;
+
+    use crate::auth::{Access, IdentityParts};
+    use crate::binding::{Bound, Credential};
+    use crate::config::{IdentityHeaders, Secret};
+    use crate::gateway::classify::{self, RouteClass};
+    use crate::gateway::ctx::Ctx;
+    use crate::gateway::{headers, target, upstream_edits, UpstreamSettings};
+
+    use super::head;
+
+    fn names(signing: bool) -> IdentityHeaders {
+        IdentityHeaders {
+            user_id: HeaderName::from_static("x-matrix-user-id"),
+            device_id: HeaderName::from_static("x-matrix-device-id"),
+            scope: HeaderName::from_static("x-matrix-scope"),
+            guest: HeaderName::from_static("x-matrix-guest"),
+            subject: HeaderName::from_static("x-oidc-subject"),
+            signature: HeaderName::from_static("x-matrix-identity-signature"),
+            signing_secret: signing.then(|| Secret::new("k".repeat(32))),
+            also_strip: vec![HeaderName::from_static("x-remote-user")],
+        }
+    }
+
+    /// A head as Pingora's HTTP/1 server parses it (names in their case, every header kept).
+    fn as_pingora_parses(raw: &[u8]) -> RequestHeader {
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut slots);
+        req.parse(raw).unwrap();
+        let mut header =
+            RequestHeader::build(req.method.unwrap(), req.path.unwrap().as_bytes(), None).unwrap();
+        for h in req.headers.iter() {
+            header
+                .append_header(
+                    h.name.to_owned(),
+                    http::HeaderValue::from_bytes(h.value).unwrap(),
+                )
+                .unwrap();
+        }
+        header
+    }
+
+    /// What goes on the wire, read back: the target and the headers (lower-case names,
+    /// sorted), hop-by-hop headers left out (Pingora's proxy drops them on its own path).
+    fn read_back(wire: &[u8]) -> (String, Vec<(String, String)>) {
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut slots);
+        assert_eq!(
+            req.parse(wire).unwrap(),
+            httparse::Status::Complete(wire.len()),
+            "{}",
+            String::from_utf8_lossy(wire)
+        );
+        let mut headers: Vec<_> = req
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .filter(|(n, _)| n != "connection")
+            .collect();
+        headers.sort();
+        (req.path.unwrap().to_owned(), headers)
+    }
+
+    /// The driver and Pingora's path run the same edits (`upstream_edits`) on their own head
+    /// types, each from its own parse of the client's bytes. For spoofed identity headers in
+    /// every spelling, repeats, a client `Authorization`, forwarding headers, targets that are
+    /// and are not rewritten, every binding and both route kinds, the homeserver gets the same
+    /// target and the same headers from both.
+    #[test]
+    fn the_driver_forwards_exactly_what_pingoras_path_forwards() {
+        let spoofs = "Authorization: Bearer client-token\r\n\
+                      X-Matrix-User-Id: @mallory:example.org\r\n\
+                      x-matrix-user-id: @eve:example.org\r\n\
+                      X_Matrix_Device_Id: EVIL\r\n\
+                      X-MATRIX-SCOPE: urn:matrix:client:api:*\r\n\
+                      x-matrix-guest: false\r\n\
+                      X-OIDC-Subject: sub-m\r\n\
+                      X-Matrix-Identity-Signature: t=1,v1=00\r\n\
+                      X-Remote-User: root\r\n\
+                      X-Forwarded-For: 203.0.113.9\r\n\
+                      X-Forwarded-For: 198.51.100.7, 192.0.2.1\r\n\
+                      X-Forwarded-Proto: https\r\n\
+                      Accept-Encoding: gzip\r\n";
+        let targets = [
+            "/_matrix/client/v3/sync",
+            "/_matrix/client/v3/sync?since=s1&timeout=0",
+            // Rewritten: the token leaves the query, the separator is normalised.
+            "/_matrix/client/v3/sync?access_token=t&since=s1;timeout=0",
+            // An application service's parameter a client may not send.
+            "/_matrix/client/v3/rooms/!r:example.org/joined_members?user_id=@m:example.org",
+            "/_matrix/federation/v1/version",
+        ];
+        let alice = || {
+            Arc::new(
+                IdentityParts {
+                    user_id: "@alice:example.org".into(),
+                    device_id: Some("DEV".into()),
+                    scope: "urn:matrix:client:api:* urn:matrix:client:device:DEV".into(),
+                    access: Access::Full,
+                    issuer: "https://op".into(),
+                    subject: "sub-a".into(),
+                    session_id: None,
+                    expires_at_ms: None,
+                    token_id: None,
+                    issued_at_ms: 0,
+                }
+                .into(),
+            )
+        };
+        let bound = |credential| {
+            Arc::new(Bound {
+                user_id: "@alice:example.org".into(),
+                device_id: Some("DEV".into()),
+                credential,
+            })
+        };
+        // (bound, acting as the application service)
+        let bindings = [
+            (None, false),
+            (
+                Some(bound(Credential::DeviceToken("upstream-token".into()))),
+                false,
+            ),
+            (Some(bound(Credential::Masquerade)), false),
+            (Some(bound(Credential::None)), false),
+            (
+                Some(bound(Credential::DeviceToken("upstream-token".into()))),
+                true,
+            ),
+        ];
+        let as_token = Secret::new("as-token");
+        let options = classify::Options {
+            backchannel_logout_path: "/_matrix/gateway/backchannel_logout",
+            ..Default::default()
+        };
+        let mut cases = 0;
+        for target_text in targets {
+            for with_spoofs in [false, true] {
+                let raw = format!(
+                    "GET {target_text} HTTP/1.1\r\nHost: hs.example.org\r\n{}User-Agent: t/1\r\n\r\n",
+                    if with_spoofs { spoofs } else { "" }
+                );
+                let head::Parsed::Relay(driver_req, _) = head::parse(raw.as_bytes(), options)
+                else {
+                    panic!("the driver does not take {raw:?}");
+                };
+                let pingora_req = as_pingora_parses(raw.as_bytes());
+                for (bound, as_appservice) in &bindings {
+                    for identity in [Some(alice()), None] {
+                        for signing in [false, true] {
+                            for (peer, tls, trust) in [
+                                (Some("192.0.2.44".parse().unwrap()), false, false),
+                                (Some("2001:db8::7".parse().unwrap()), true, false),
+                                (Some("192.0.2.44".parse().unwrap()), false, true),
+                                (None, false, false),
+                            ] {
+                                let mut ctx = Ctx::new();
+                                ctx.route = Some(driver_req.class);
+                                ctx.special = driver_req.special;
+                                ctx.identity = identity.clone();
+                                ctx.bound = bound.clone();
+                                ctx.as_appservice = *as_appservice;
+                                ctx.query = target::parse(target_text.as_bytes()).unwrap().query;
+                                let names = names(signing);
+                                let settings = UpstreamSettings {
+                                    names: &names,
+                                    as_token: Some(&as_token),
+                                    now_secs: 1_700_000_000,
+                                    trust_forwarded: trust,
+                                };
+
+                                let mut pingora = pingora_req.clone();
+                                upstream_edits(&mut pingora, &ctx, &settings, peer, tls).unwrap();
+                                let mut pingora_wire = format!(
+                                    "GET {} HTTP/1.1\r\n",
+                                    String::from_utf8_lossy(pingora.raw_path())
+                                )
+                                .into_bytes();
+                                pingora.header_to_h1_wire(&mut pingora_wire);
+                                pingora_wire.extend_from_slice(b"\r\n");
+
+                                let mut driver = headers::Relayed::new(&driver_req.header);
+                                upstream_edits(&mut driver, &ctx, &settings, peer, tls).unwrap();
+                                let mut driver_wire = Vec::new();
+                                driver.write_h1(&mut driver_wire);
+
+                                let (path, sent) = read_back(&driver_wire);
+                                let expected = read_back(&pingora_wire);
+                                assert_eq!(
+                                    (&path, &sent),
+                                    (&expected.0, &expected.1),
+                                    "{target_text}, spoofs {with_spoofs}, {bound:?}, \
+                                     as {as_appservice}, {peer:?}, tls {tls}, trust {trust}"
+                                );
+                                if with_spoofs && driver_req.class != RouteClass::Federation {
+                                    assert!(!sent.iter().any(|(_, v)| v.contains("mallory")
+                                        || v.contains("EVIL")
+                                        || v.contains("client-token")
+                                        || v == "root"));
+                                }
+                                cases += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 5 * 2 * 5 * 2 * 2 * 4);
+    }
+}

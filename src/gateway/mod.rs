@@ -227,48 +227,71 @@ impl Gateway {
         peer: Option<IpAddr>,
         tls: bool,
     ) -> Result<()> {
-        let names = &self.config.identity_headers;
-        let client_route = ctx.route != Some(RouteClass::Federation);
-        headers::strip(req, names, client_route);
-        // The credential of this request: the binding's own, or the application service's for
-        // the one request `guard` admitted as such.
-        let credential = ctx.bound.as_deref().map(|b| {
-            if ctx.as_appservice {
-                &Credential::Masquerade
-            } else {
-                &b.credential
-            }
-        });
-        let assert = ctx.bound.as_deref().and_then(|b| match credential {
-            Some(Credential::Masquerade) => Some(target::Assert {
-                user_id: &b.user_id,
-                device_id: b.device_id.as_deref(),
-            }),
-            _ => None,
-        });
-        if let Some(t) = target::upstream(req.raw_path(), ctx.query.as_ref(), assert) {
-            req.set_raw_path(t.as_bytes())?;
-        }
-        if let Some(credential) = credential {
-            headers::bind(req, credential, self.binder.as_token())?;
-        }
-        if let Some(identity) = &ctx.identity {
-            headers::inject(req, names, identity, self.clock.now_secs())?;
-        }
-        if let ctx::RequestBody::Replaced(body) = &ctx.request_body {
-            req.remove(&http::header::TRANSFER_ENCODING);
-            req.remove(&http::header::EXPECT);
-            req.set(&http::header::CONTENT_LENGTH, body.len().to_string())?;
-        }
-        rewrite::prepare_request(req, ctx);
-        let client_ip = peer.map(headers::ip_text);
-        headers::forwarded(
-            req,
-            client_ip,
-            tls,
-            self.config.listen.trust_forwarded_headers,
-        )
+        let settings = UpstreamSettings {
+            names: &self.config.identity_headers,
+            as_token: self.binder.as_token(),
+            now_secs: self.clock.now_secs(),
+            trust_forwarded: self.config.listen.trust_forwarded_headers,
+        };
+        upstream_edits(req, ctx, &settings, peer, tls)
     }
+}
+
+/// What [`upstream_edits`] takes from the gateway.
+pub(crate) struct UpstreamSettings<'a> {
+    pub names: &'a crate::config::IdentityHeaders,
+    /// The application service's token (for masquerading requests).
+    pub as_token: Option<&'a crate::config::Secret>,
+    /// Now, for the identity signature.
+    pub now_secs: u64,
+    /// `listen.trust_forwarded_headers`.
+    pub trust_forwarded: bool,
+}
+
+/// [`Gateway::prepare_upstream`]'s edits, on either head type.
+pub(crate) fn upstream_edits(
+    req: &mut impl headers::UpstreamHead,
+    ctx: &Ctx,
+    settings: &UpstreamSettings<'_>,
+    peer: Option<IpAddr>,
+    tls: bool,
+) -> Result<()> {
+    let names = settings.names;
+    let client_route = ctx.route != Some(RouteClass::Federation);
+    headers::strip(req, names, client_route);
+    // The credential of this request: the binding's own, or the application service's for
+    // the one request `guard` admitted as such.
+    let credential = ctx.bound.as_deref().map(|b| {
+        if ctx.as_appservice {
+            &Credential::Masquerade
+        } else {
+            &b.credential
+        }
+    });
+    let assert = ctx.bound.as_deref().and_then(|b| match credential {
+        Some(Credential::Masquerade) => Some(target::Assert {
+            user_id: &b.user_id,
+            device_id: b.device_id.as_deref(),
+        }),
+        _ => None,
+    });
+    if let Some(t) = target::upstream(req.raw_path(), ctx.query.as_ref(), assert) {
+        req.set_raw_path(t.as_bytes())?;
+    }
+    if let Some(credential) = credential {
+        headers::bind(req, credential, settings.as_token)?;
+    }
+    if let Some(identity) = &ctx.identity {
+        headers::inject(req, names, identity, settings.now_secs)?;
+    }
+    if let ctx::RequestBody::Replaced(body) = &ctx.request_body {
+        req.remove(&http::header::TRANSFER_ENCODING);
+        req.remove(&http::header::EXPECT);
+        req.set(&http::header::CONTENT_LENGTH, body.len().to_string())?;
+    }
+    rewrite::prepare_request(req, ctx);
+    let client_ip = peer.map(headers::ip_text);
+    headers::forwarded(req, client_ip, tls, settings.trust_forwarded)
 }
 
 /// The TCP peer's address (`None` for a Unix-socket peer).

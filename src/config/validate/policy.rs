@@ -69,6 +69,26 @@ pub(super) fn cache(f: &file::CacheFile, c: &mut Check) -> Option<CachePolicy> {
     })
 }
 
+/// Headers no identity header may be named after (lower case, `-` for `_`): the request's
+/// framing and routing, the upstream credential, and what the gateway sets itself.
+const RESERVED_HEADERS: [&str; 15] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "authorization",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-request-id",
+    "content-type",
+];
+
 /// Validates `[identity_headers]`.
 pub(super) fn identity_headers(
     h: &file::IdentityHeadersFile,
@@ -96,6 +116,38 @@ pub(super) fn identity_headers(
             .map(|(i, s)| header_name(p, &format!("identity_headers.also_strip[{i}]"), s))
             .collect(),
     };
+    // A name the gateway or HTTP's framing owns would be overwritten by an identity value
+    // (`Transfer-Encoding: @alice:…` desynchronises the pooled homeserver connection) or
+    // stripped from every request (`Host`); the same spellings `strip` folds together.
+    let fixed = [
+        ("identity_headers.user_id", &headers.user_id),
+        ("identity_headers.device_id", &headers.device_id),
+        ("identity_headers.scope", &headers.scope),
+        ("identity_headers.guest", &headers.guest),
+        ("identity_headers.subject", &headers.subject),
+        ("identity_headers.signature", &headers.signature),
+    ];
+    let also = headers
+        .also_strip
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (format!("identity_headers.also_strip[{i}]"), n));
+    for (key, name) in fixed
+        .into_iter()
+        .map(|(k, n)| (k.to_owned(), n))
+        .chain(also)
+    {
+        let folded = name.as_str().replace('_', "-");
+        if RESERVED_HEADERS.contains(&folded.as_str()) {
+            p.add(
+                &key,
+                format!(
+                    "{:?} is a header the gateway or HTTP itself sets; choose another name",
+                    name.as_str()
+                ),
+            );
+        }
+    }
     if let Some(s) = &headers.signing_secret {
         if s.expose().len() < 32 {
             p.add(
