@@ -387,6 +387,23 @@ pub struct IdentityHeaders {
     pub also_strip: Vec<HeaderName>,
 }
 
+#[cfg(test)]
+impl IdentityHeaders {
+    /// The default names, `X-Remote-User` to strip too, and a signing key when `signing`.
+    pub(crate) fn for_tests(signing: bool) -> Self {
+        Self {
+            user_id: HeaderName::from_static("x-matrix-user-id"),
+            device_id: HeaderName::from_static("x-matrix-device-id"),
+            scope: HeaderName::from_static("x-matrix-scope"),
+            guest: HeaderName::from_static("x-matrix-guest"),
+            subject: HeaderName::from_static("x-oidc-subject"),
+            signature: HeaderName::from_static("x-matrix-identity-signature"),
+            signing_secret: signing.then(|| Secret::new("k".repeat(32))),
+            also_strip: vec![HeaderName::from_static("x-remote-user")],
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {

@@ -288,7 +288,6 @@ impl Connection {
 mod tests {
     use std::sync::Arc;
 
-    use http::HeaderName;
     use pingora::http::RequestHeader;
 
     use crate::auth::{Access, IdentityParts};
@@ -299,19 +298,6 @@ mod tests {
     use crate::gateway::{headers, target, upstream_edits, UpstreamSettings};
 
     use super::head;
-
-    fn names(signing: bool) -> IdentityHeaders {
-        IdentityHeaders {
-            user_id: HeaderName::from_static("x-matrix-user-id"),
-            device_id: HeaderName::from_static("x-matrix-device-id"),
-            scope: HeaderName::from_static("x-matrix-scope"),
-            guest: HeaderName::from_static("x-matrix-guest"),
-            subject: HeaderName::from_static("x-oidc-subject"),
-            signature: HeaderName::from_static("x-matrix-identity-signature"),
-            signing_secret: signing.then(|| Secret::new("k".repeat(32))),
-            also_strip: vec![HeaderName::from_static("x-remote-user")],
-        }
-    }
 
     /// A head as Pingora's HTTP/1 server parses it (names in their case, every header kept).
     fn as_pingora_parses(raw: &[u8]) -> RequestHeader {
@@ -457,7 +443,7 @@ mod tests {
                                 ctx.bound = bound.clone();
                                 ctx.as_appservice = *as_appservice;
                                 ctx.query = target::parse(target_text.as_bytes()).unwrap().query;
-                                let names = names(signing);
+                                let names = IdentityHeaders::for_tests(signing);
                                 let settings = UpstreamSettings {
                                     names: &names,
                                     as_token: Some(&as_token),

@@ -422,16 +422,7 @@ mod tests {
     use http::HeaderName;
 
     fn names() -> IdentityHeaders {
-        IdentityHeaders {
-            user_id: HeaderName::from_static("x-matrix-user-id"),
-            device_id: HeaderName::from_static("x-matrix-device-id"),
-            scope: HeaderName::from_static("x-matrix-scope"),
-            guest: HeaderName::from_static("x-matrix-guest"),
-            subject: HeaderName::from_static("x-oidc-subject"),
-            signature: HeaderName::from_static("x-matrix-identity-signature"),
-            signing_secret: Some(Secret::new("k".repeat(32))),
-            also_strip: vec![HeaderName::from_static("x-remote-user")],
-        }
+        IdentityHeaders::for_tests(true)
     }
 
     fn alice() -> Identity {
