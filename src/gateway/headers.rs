@@ -63,7 +63,7 @@ pub fn signature(
 /// Whether two header names are the same for an upstream framework: ASCII case ignored and
 /// `_` read as `-` (CGI/WSGI, and nginx's `underscores_in_headers`, merge `X_Matrix_User_Id`
 /// into `X-Matrix-User-Id`). No allocation: this runs for every header of every request.
-fn same_folded(a: &str, b: &str) -> bool {
+pub(crate) fn same_folded(a: &str, b: &str) -> bool {
     let fold = |c: u8| {
         if c == b'_' {
             b'-'

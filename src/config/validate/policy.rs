@@ -137,8 +137,10 @@ pub(super) fn identity_headers(
         .map(|(k, n)| (k.to_owned(), n))
         .chain(also)
     {
-        let folded = name.as_str().replace('_', "-");
-        if RESERVED_HEADERS.contains(&folded.as_str()) {
+        if RESERVED_HEADERS
+            .iter()
+            .any(|r| crate::gateway::headers::same_folded(name.as_str(), r))
+        {
             p.add(
                 &key,
                 format!(
