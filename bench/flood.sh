@@ -56,30 +56,12 @@ nginx -c "$work/nginx.conf" -p "$work"
 python3 bench/op_stub.py "$OP" >/dev/null 2>&1 &
 pids+=($!)
 wait_port "$UP"; wait_port "$OP"
-cat >"$work/gateway.toml" <<TOML
-[listen]
-public = "127.0.0.1:$GW"
-admin = "127.0.0.1:$ADMIN"
-threads = 1
-trust_forwarded_headers = true
-[homeserver]
-url = "http://127.0.0.1:$UP"
-server_name = "example.org"
-[store]
-path = "$work/state.sqlite3"
-encryption_key = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
-[[issuers]]
-issuer = "http://127.0.0.1:$OP/"
-introspection_endpoint = "http://127.0.0.1:$OP/introspect"
-client_id = "bench"
-client_secret = "bench"
+{
+  gateway_toml "$GW" "$ADMIN" "$(introspection_issuer)
 max_concurrent_introspections = $MAXC
-introspection_queue = $QUEUE
-[cache]
-capacity = 100000
-[log]
-level = "error"
-TOML
+introspection_queue = $QUEUE" "trust_forwarded_headers = true"
+  printf '[cache]\ncapacity = 100000\n[log]\nlevel = "error"\n'
+} >"$work/gateway.toml"
 ./target/release/matrix-oidc-gateway --config "$work/gateway.toml" >"$work/gateway.log" 2>&1 &
 pids+=($!)
 wait_port "$GW"

@@ -36,27 +36,10 @@ $(static_json_server "$UP" '{"versions":["v1.11"],"ok":true}')"
 nginx -c "$work/upstream.conf" -p "$work"
 python3 bench/op_stub.py "$OP" >/dev/null 2>&1 &
 pids+=($!)
-cat >"$work/gateway.toml" <<TOML
-[listen]
-public = "127.0.0.1:$GW"
-admin = "127.0.0.1:$ADMIN"
-threads = 1
-[homeserver]
-url = "http://127.0.0.1:$UP"
-server_name = "example.org"
-[store]
-path = "$work/state.sqlite3"
-encryption_key = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
-[[issuers]]
-issuer = "http://127.0.0.1:$OP/"
-introspection_endpoint = "http://127.0.0.1:$OP/introspect"
-client_id = "bench"
-client_secret = "bench"
-[cache]
-capacity = 5000
-[log]
-level = "warn"
-TOML
+{
+  gateway_toml "$GW" "$ADMIN" "$(introspection_issuer)"
+  printf '[cache]\ncapacity = 5000\n[log]\nlevel = "warn"\n'
+} >"$work/gateway.toml"
 valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" "$BIN" --config "$work/gateway.toml" >"$work/gateway.log" 2>&1 &
 gw=$!
 pids+=("$gw")

@@ -60,3 +60,28 @@ cache_lookups() {
 }
 # median: the median of the numbers on stdin, one a line (0 for none).
 median() { sort -g | awk '{v[NR]=$1} END {if (NR == 0) print 0; else if (NR % 2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
+# gateway_toml PORT ADMIN ISSUER_LINES [LISTEN_LINES]: a one-worker gateway in front of the
+# upstream on $UP, trusting the OP on $OP, with its own sqlite store. Callers append the
+# tables they need ([cache], [log], [auth]) after it.
+gateway_toml() {
+  cat <<TOML
+[listen]
+public = "127.0.0.1:$1"
+admin = "127.0.0.1:$2"
+threads = 1${4:+
+$4}
+[homeserver]
+url = "http://127.0.0.1:$UP"
+server_name = "example.org"
+[store]
+path = "$work/state-$1.sqlite3"
+encryption_key = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
+[[issuers]]
+issuer = "http://127.0.0.1:$OP/"
+$3
+TOML
+}
+# introspection_issuer: the issuer lines for bench/op_stub.py's introspection endpoint.
+introspection_issuer() {
+  printf 'introspection_endpoint = "http://127.0.0.1:%s/introspect"\nclient_id = "bench"\nclient_secret = "bench"\n' "$OP"
+}

@@ -35,27 +35,11 @@ write_nginx_conf nginx "$(static_json_server "$UP" '{"ok":true}')
 # gateway_config NAME PORT ADMIN: a replica's configuration (own store and runtime directory).
 gateway_config() {
   mkdir -p "$work/$1"
-  cat >"$work/$1/gateway.toml" <<TOML
-[listen]
-public = "127.0.0.1:$2"
-admin = "127.0.0.1:$3"
-threads = 1
-runtime_dir = "$work/$1/run"
-shutdown_grace = "10s"
-[homeserver]
-url = "http://127.0.0.1:$UP"
-server_name = "example.org"
-[store]
-path = "$work/$1/state.sqlite3"
-encryption_key = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
-[[issuers]]
-issuer = "http://127.0.0.1:$OP/"
-introspection_endpoint = "http://127.0.0.1:$OP/introspect"
-client_id = "bench"
-client_secret = "bench"
-[log]
-level = "warn"
-TOML
+  {
+    gateway_toml "$2" "$3" "$(introspection_issuer)" "runtime_dir = \"$work/$1/run\"
+shutdown_grace = \"10s\""
+    printf '[log]\nlevel = "warn"\n'
+  } >"$work/$1/gateway.toml"
 }
 # start_gateway NAME: starts a replica in the background, logging to NAME/gateway.log.
 start_gateway() {

@@ -104,31 +104,12 @@ python3 bench/op_stub.py "$OP" >/dev/null 2>&1 &
 pids+=($!)
 wait_port "$UP"; wait_port "$OP"; wait_port "$AUTHN"
 
-# gateway_conf PORT ADMIN ISSUER_BLOCK: a gateway configuration (one worker thread).
+# gateway_conf PORT ADMIN ISSUER_LINES: a gateway configuration (one worker thread).
 gateway_conf() {
-  cat <<TOML
-[listen]
-public = "127.0.0.1:$1"
-admin = "127.0.0.1:$2"
-threads = 1
-[homeserver]
-url = "http://127.0.0.1:$UP"
-server_name = "example.org"
-[store]
-path = "$work/state-$1.sqlite3"
-encryption_key = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
-[[issuers]]
-issuer = "http://127.0.0.1:$OP/"
-$3
-[cache]
-capacity = 5000
-[log]
-level = "warn"
-TOML
+  gateway_toml "$1" "$2" "$3"
+  printf '[cache]\ncapacity = 5000\n[log]\nlevel = "warn"\n'
 }
-gateway_conf "$GW" "$ADMIN" "introspection_endpoint = \"http://127.0.0.1:$OP/introspect\"
-client_id = \"bench\"
-client_secret = \"bench\"" >"$work/gateway.toml"
+gateway_conf "$GW" "$ADMIN" "$(introspection_issuer)" >"$work/gateway.toml"
 # The sustained run's new tokens all come from one loopback address: no per-address budget,
 # so that it measures the cache (bench/flood.sh measures the budget).
 printf '[auth]\nnew_tokens_per_address = 0\n' >>"$work/gateway.toml"
