@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::identity::valid_localpart;
 use crate::auth::Verifier;
 use crate::clock::SharedClock;
-use crate::config::Config;
+use crate::config::{BindingMode, Config};
 use crate::error::{GatewayError, MatrixError};
 use crate::metrics;
 use crate::notify::{Notifier, Purge, Source};
@@ -330,7 +330,16 @@ impl AdminApp {
         let lp = decoded
             .strip_prefix('@')
             .and_then(|r| r.strip_suffix(&format!(":{}", self.config.homeserver.server_name)));
+        let hs = &self.config.homeserver;
         match lp {
+            // Signing out or deactivating the appservice's own user would disable the gateway.
+            Some(lp) if hs.binding != BindingMode::Headers && lp == hs.appservice_sender => {
+                Err(error(
+                    400,
+                    "M_INVALID_PARAM",
+                    "the application service's own user ID (homeserver.appservice_sender)",
+                ))
+            }
             Some(lp) if valid_localpart(lp) => Ok(decoded),
             _ => Err(error(
                 400,

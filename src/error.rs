@@ -141,6 +141,10 @@ pub enum GatewayError {
     /// 403 `M_FORBIDDEN`: the token's `sub` is not the subject pinned to this user ID.
     #[error("subject does not own this user ID")]
     SubjectMismatch,
+    /// 403 `M_FORBIDDEN`: the user ID is the application service's own (`sender_localpart`)
+    /// or in `homeserver.reserved_localparts`.
+    #[error("reserved user ID")]
+    ReservedUserId,
     /// 404 / 403: the gateway refuses this endpoint.
     #[error("endpoint refused: {0:?}")]
     Refused(Refused),
@@ -280,7 +284,7 @@ impl GatewayError {
             GatewayError::OpUnavailable(_) => 503,
             GatewayError::UpstreamUnavailable => 502,
             GatewayError::UserMapping(_) | GatewayError::Internal => 500,
-            GatewayError::SubjectMismatch => 403,
+            GatewayError::SubjectMismatch | GatewayError::ReservedUserId => 403,
             GatewayError::Refused(Refused::OwnedByOp | Refused::AdminApi) => 404,
             GatewayError::Refused(Refused::Registration | Refused::AppserviceOnly) => 403,
             GatewayError::BindingUnavailable(_) => 503,
@@ -308,6 +312,7 @@ impl GatewayError {
                 Errcode::Unrecognized
             }
             GatewayError::SubjectMismatch
+            | GatewayError::ReservedUserId
             | GatewayError::NotJoined
             | GatewayError::Refused(Refused::Registration | Refused::AppserviceOnly)
             | GatewayError::CrossSigningResetRequired => Errcode::Forbidden,
@@ -350,6 +355,9 @@ impl GatewayError {
             GatewayError::Internal => "Internal error (gateway)",
             GatewayError::SubjectMismatch => {
                 "This Matrix user ID belongs to another account at the OpenID Provider (gateway)"
+            }
+            GatewayError::ReservedUserId => {
+                "This Matrix user ID is reserved on this homeserver (gateway)"
             }
             GatewayError::Refused(Refused::OwnedByOp) => {
                 "This endpoint is handled by the OpenID Provider, not the homeserver (gateway)"
@@ -450,6 +458,7 @@ impl GatewayError {
             },
             GatewayError::Internal => "internal",
             GatewayError::SubjectMismatch => "subject_mismatch",
+            GatewayError::ReservedUserId => "reserved_user_id",
             GatewayError::Refused(r) => match r {
                 Refused::OwnedByOp => "owned_by_op",
                 Refused::Registration => "registration",

@@ -334,6 +334,18 @@ async fn guest_tokens_only_reach_the_guest_list() {
     // capabilities is only on Synapse's wider list
     let r = get(&gw, "/_matrix/client/v3/capabilities", Some("g")).await;
     assert_matrix_error(r, 403, "M_GUEST_ACCESS_FORBIDDEN").await;
+    // The `headers` binding tells the homeserver that the caller is a guest, so its own
+    // guest rules decide a join.
+    let r = client()
+        .post(gw.url("/_matrix/client/v3/rooms/!r:example.org/join"))
+        .bearer_auth("g")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let echo: Value = r.json().await.unwrap();
+    assert_eq!(echo["headers"]["x-matrix-guest"], json!(["true"]));
 }
 
 #[tokio::test]

@@ -265,6 +265,105 @@ async fn a_reassigned_username_cannot_take_over_the_account() {
 }
 
 #[tokio::test]
+async fn no_token_acts_as_a_reserved_user() {
+    // The registration's `sender_localpart`: a token mapped to it would bind to the
+    // appservice's own account (on Dendrite, log in over the device that holds the AS token).
+    for (sender_cfg, user) in [
+        ("", "oidc-gateway"),
+        ("appservice_sender = \"bridge\"", "bridge"),
+    ] {
+        let f = Fakes::start().await;
+        f.introspection("bot", active(user, &full_scope("D1")), 1)
+            .await;
+        mount_register(&f.hs, 0).await;
+        mount_login(&f.hs, "D1", "never-sent", 0).await;
+        let hs = format!("{}\n{sender_cfg}", hs_cfg("dendrite", "appservice_login"));
+        let gw = spawn(&f.config_hs(&hs, "")).await;
+        assert_matrix_error(get(&gw, SYNC, "bot").await, 403, "M_FORBIDDEN").await;
+    }
+    // With the `headers` binding there is no appservice: the name is an ordinary user's. The
+    // homeserver's own accounts the operator lists are refused with any binding.
+    let f = Fakes::start().await;
+    f.introspection("user", active("oidc-gateway", &full_scope("D1")), 1)
+        .await;
+    f.introspection("notices", active("notices", &full_scope("D2")), 1)
+        .await;
+    let gw = spawn(&f.config_hs("reserved_localparts = [\"notices\"]", "")).await;
+    let echo: Value = get(&gw, SYNC, "user").await.json().await.unwrap();
+    assert_eq!(
+        echo["headers"]["x-matrix-user-id"],
+        json!(["@oidc-gateway:example.org"])
+    );
+    let r = get(&gw, SYNC, "notices").await;
+    let (_, body) = assert_matrix_error(r, 403, "M_FORBIDDEN").await;
+    assert!(
+        body["error"].as_str().unwrap().contains("reserved"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn guests_join_no_room_through_an_appservice_binding() {
+    // The homeserver sees the guest's upstream account as an ordinary user: it cannot apply a
+    // room's `m.room.guest_access`, so the gateway refuses every membership change but leaving.
+    let f = Fakes::start().await;
+    let scope = "urn:matrix:client:api:guest urn:matrix:client:device:G1";
+    f.introspection("g", active("guest1", scope), 1).await;
+    mount_register(&f.hs, 1).await;
+    mount_login(&f.hs, "G1", "guest-upstream", 1).await;
+    // Synapse's wider guest list, which also has `join/*`, invites, kicks and bans.
+    let gw = spawn(&f.config_hs(
+        &hs_cfg("dendrite", "appservice_login"),
+        "\n[auth]\nguest_endpoints = \"synapse\"",
+    ))
+    .await;
+    let echo: Value = get(&gw, SYNC, "g").await.json().await.unwrap();
+    assert_eq!(
+        echo["headers"]["authorization"],
+        json!(["Bearer guest-upstream"])
+    );
+    let send = |m: reqwest::Method, p: &str| {
+        client()
+            .request(m, gw.url(p))
+            .bearer_auth("g")
+            .json(&json!({"membership": "join"}))
+            .send()
+    };
+    for (m, p) in [
+        (
+            reqwest::Method::POST,
+            "/_matrix/client/v3/rooms/!r:example.org/join",
+        ),
+        (
+            reqwest::Method::POST,
+            "/_matrix/client/r0/join/%23public:example.org",
+        ),
+        (
+            reqwest::Method::POST,
+            "/_matrix/client/v3/rooms/!r:example.org/invite",
+        ),
+        (
+            reqwest::Method::POST,
+            "/_matrix/client/v3/rooms/!r:example.org/ban",
+        ),
+        (
+            reqwest::Method::PUT,
+            "/_matrix/client/v3/rooms/!r:example.org/state/m.room.member/@guest1:example.org",
+        ),
+    ] {
+        let r = send(m.clone(), p).await.unwrap();
+        assert_matrix_error(r, 403, "M_GUEST_ACCESS_FORBIDDEN").await;
+    }
+    let r = send(
+        reqwest::Method::POST,
+        "/_matrix/client/v3/rooms/!r:example.org/leave",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200, "leaving stays open to guests");
+}
+
+#[tokio::test]
 async fn bindings_and_pins_survive_a_restart() {
     let f = Fakes::start().await;
     f.introspection("t", active("alice", &full_scope("D1")), 2)
@@ -769,6 +868,21 @@ async fn the_gateway_answers_what_the_op_owns() {
         .await
         .unwrap();
     assert_matrix_error(r, 404, "M_UNRECOGNIZED").await;
+    // The unstable spellings homeservers still route: login tokens (MSC3882), refresh (MSC2918).
+    for p in [
+        "/_matrix/client/unstable/org.matrix.msc3882/login/token",
+        "/_matrix/client/unstable/org.matrix.msc3882/login/get_token",
+        "/_matrix/client/unstable/org.matrix.msc2918/refresh",
+    ] {
+        let r = client()
+            .post(gw.url(p))
+            .bearer_auth("any-token")
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_matrix_error(r, 404, "M_UNRECOGNIZED").await;
+    }
     assert!(f.hs.received_requests().await.unwrap().is_empty());
 }
 

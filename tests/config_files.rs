@@ -46,6 +46,7 @@ fn every_problem_is_listed_with_its_key() {
         "homeserver.url",
         "homeserver.server_name",
         "homeserver.connect_timeout",
+        "homeserver.appservice_sender",
         "issuers[0].client_auth",
         "issuers[0].client_secret",
         "auth.guest_endpoints",

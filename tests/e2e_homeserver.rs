@@ -218,6 +218,63 @@ async fn scenario(kind: HsKind, binding: &str) {
         (403, Some("M_GUEST_ACCESS_FORBIDDEN"))
     );
 
+    // Through an appservice binding the homeserver sees the guest as an ordinary user, so it
+    // cannot apply a room's `m.room.guest_access`: the gateway keeps guests out of joins.
+    // A public room without guest access (the `public_chat` preset grants none).
+    let (status, public) = alice
+        .post(
+            "/_matrix/client/v3/createRoom",
+            json!({"preset": "public_chat"}),
+        )
+        .await;
+    assert_eq!(status, 200, "createRoom: {public}");
+    let public_id = public["room_id"].as_str().expect("room_id").to_owned();
+    for join in [
+        format!("/_matrix/client/v3/rooms/{}/join", enc(&public_id)),
+        format!("/_matrix/client/v3/join/{}", enc(&public_id)),
+        format!(
+            "/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
+            enc(&public_id),
+            enc("@visitor:localhost")
+        ),
+    ] {
+        let (status, body) = if join.contains("/state/") {
+            guest.put(&join, json!({"membership": "join"})).await
+        } else {
+            guest.post(&join, json!({})).await
+        };
+        assert_eq!(
+            (status, body["errcode"].as_str()),
+            (403, Some("M_GUEST_ACCESS_FORBIDDEN")),
+            "a guest joined a room without guest access through {join}: {body}"
+        );
+    }
+    let (status, members) = alice
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{}/joined_members",
+            enc(&public_id)
+        ))
+        .await;
+    assert_eq!(status, 200, "{members}");
+    assert!(
+        members["joined"].get("@visitor:localhost").is_none(),
+        "the guest is in the room: {members}"
+    );
+
+    // No token may act as the application service's own user (`sender_localpart`).
+    let bot_tok = s.op.mint(
+        "oidc-gateway",
+        "urn:matrix:client:api:* urn:matrix:client:device:BOTDEV0001",
+    );
+    let (status, body) = Client::new(&s, &bot_tok.access_token)
+        .get("/_matrix/client/v3/account/whoami")
+        .await;
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (403, Some("M_FORBIDDEN")),
+        "a token acted as the appservice's user: {body}"
+    );
+
     // The gateway answers the endpoints the OP owns, under every prefix; none reaches the homeserver.
     assert_refused_endpoints(&s, &alice).await;
 
@@ -529,8 +586,35 @@ async fn assert_refused_endpoints(s: &Stack, alice: &Client) {
         ),
         ("POST", "login/get_token", 404, "M_UNRECOGNIZED"),
     ];
+    // Unstable spellings some homeservers still route (Synapse: MSC3882; ruma-based ones serve
+    // every spelling an endpoint ever had).
+    let unstable: &[(&str, &str, u16, &str)] = &[
+        (
+            "POST",
+            "org.matrix.msc3882/login/token",
+            404,
+            "M_UNRECOGNIZED",
+        ),
+        (
+            "POST",
+            "org.matrix.msc3882/login/get_token",
+            404,
+            "M_UNRECOGNIZED",
+        ),
+        ("POST", "org.matrix.msc2918/refresh", 404, "M_UNRECOGNIZED"),
+        (
+            "GET",
+            "org.matrix.msc3231/register/org.matrix.msc3231.login.registration_token/validity",
+            404,
+            "M_UNRECOGNIZED",
+        ),
+    ];
     let http = reqwest::Client::new();
-    for prefix in ["v3", "r0", "unstable", "api/v1", "v1"] {
+    let spellings = ["v3", "r0", "unstable", "api/v1", "v1"]
+        .map(|prefix| (prefix, cases))
+        .into_iter()
+        .chain([("unstable", unstable)]);
+    for (prefix, cases) in spellings {
         for (method, endpoint, status, errcode) in cases {
             for m in [*method, "HEAD"] {
                 if m == "HEAD" && *method != "GET" {

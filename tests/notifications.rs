@@ -285,20 +285,25 @@ async fn sub_only_logout_signs_out_every_session_of_the_subject() {
     assert_eq!(status(&gw, "bob-token").await, 200);
 }
 
-#[tokio::test]
-async fn logout_signs_the_bound_device_out_upstream() {
-    let hs = "kind = \"dendrite\"\nas_token = \"as-token\"";
-    let f_cfg = "";
-    let (f, gw, issuer) = setup(f_cfg, hs).await;
-    mount_alice_provisioning(&f.hs).await;
+/// The homeserver expects exactly one sign-out of alice's bound device (the upstream token
+/// `mount_alice_provisioning` hands out), checked when the mock server drops.
+async fn expect_alice_upstream_logout(hs: &wiremock::MockServer, priority: u8) {
     Mock::given(method("POST"))
         .and(path("/_matrix/client/v3/logout"))
         .and(header("authorization", "Bearer alice-upstream"))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
-        .with_priority(1)
+        .with_priority(priority)
         .expect(1)
-        .mount(&f.hs)
+        .mount(hs)
         .await;
+}
+
+#[tokio::test]
+async fn logout_signs_the_bound_device_out_upstream() {
+    let hs = "kind = \"dendrite\"\nas_token = \"as-token\"";
+    let (f, gw, issuer) = setup("", hs).await;
+    mount_alice_provisioning(&f.hs).await;
+    expect_alice_upstream_logout(&f.hs, 1).await;
     assert_eq!(status(&gw, "alice-token").await, 200);
     let (code, _) = post_logout(&gw, &logout_token(&logout_claims(&issuer))).await;
     assert_eq!(code, 200);
@@ -312,6 +317,10 @@ async fn logout_signs_the_bound_device_out_upstream() {
     .await
     .1;
     assert_eq!(devices["devices"], json!([]), "the binding was not dropped");
+    // The appservice's own user is not the admin API's to sign out.
+    let p = "/admin/v1/users/@oidc-gateway:example.org/logout";
+    let (code, body) = admin(&gw, reqwest::Method::POST, p, None).await;
+    assert_eq!(code, 400, "{body}");
 }
 
 #[tokio::test]
@@ -328,14 +337,7 @@ async fn a_failed_upstream_sign_out_is_a_503_and_the_retry_completes_it() {
         .expect(1)
         .mount(&f.hs)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/_matrix/client/v3/logout"))
-        .and(header("authorization", "Bearer alice-upstream"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
-        .with_priority(2)
-        .expect(1)
-        .mount(&f.hs)
-        .await;
+    expect_alice_upstream_logout(&f.hs, 2).await;
     assert_eq!(status(&gw, "alice-token").await, 200);
     let token = logout_token(&logout_claims(&issuer));
     let (code, body) = post_logout(&gw, &token).await;
@@ -373,14 +375,7 @@ async fn store_failure_during_logout(with_sid: bool, table: &str, restart: bool)
     let hs = "kind = \"dendrite\"\nas_token = \"as-token\"";
     let (f, gw, issuer) = setup("", hs).await;
     mount_alice_provisioning(&f.hs).await;
-    Mock::given(method("POST"))
-        .and(path("/_matrix/client/v3/logout"))
-        .and(header("authorization", "Bearer alice-upstream"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
-        .with_priority(1)
-        .expect(1)
-        .mount(&f.hs)
-        .await;
+    expect_alice_upstream_logout(&f.hs, 1).await;
     let db = f.state.path().join("state.sqlite3");
     let sql = |q: &str| {
         rusqlite::Connection::open(&db)
@@ -1109,4 +1104,56 @@ async fn a_stale_cached_identity_does_not_attribute_a_revocation() {
         200,
         "a stale cached verdict signed alice's device out"
     );
+}
+
+#[tokio::test]
+async fn a_logout_of_an_impostor_signs_out_none_of_the_owners_devices() {
+    // mallory's token maps to alice's user ID (a reassigned username at the OP) and names
+    // alice's device (device IDs are public through keys/query). The gateway refuses it at the
+    // subject pin, but its verified identity is cached; a logout of mallory's session or
+    // subject must not sign alice's device out through it.
+    for by_sid in [true, false] {
+        let hs = "kind = \"dendrite\"\nas_token = \"as-token\"";
+        let (f, gw, issuer) = setup("", hs).await;
+        mount_alice_provisioning(&f.hs).await;
+        Mock::given(method("POST"))
+            .and(path("/_matrix/client/v3/logout"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+            .with_priority(1)
+            .expect(0)
+            .mount(&f.hs)
+            .await;
+        assert_eq!(status(&gw, "alice-token").await, 200);
+        let mut mallory = active("alice", &full_scope("ALICEDEV01"));
+        mallory["sub"] = json!("sub-mallory");
+        mallory["sid"] = json!("sid-mallory");
+        f.introspection("mallory-token", mallory, 1).await;
+        assert_eq!(status(&gw, "mallory-token").await, 403);
+        let mut claims = logout_claims(&issuer);
+        claims["sub"] = json!("sub-mallory");
+        claims["sid"] = json!("sid-mallory");
+        if !by_sid {
+            claims.as_object_mut().unwrap().remove("sid");
+        }
+        let (code, body) = post_logout(&gw, &logout_token(&claims)).await;
+        assert_eq!(code, 200, "{body}");
+        let logouts =
+            f.hs.received_requests()
+                .await
+                .unwrap_or_default()
+                .iter()
+                .filter(|r| r.url.path().starts_with("/_matrix/client/v3/logout"))
+                .count();
+        assert_eq!(
+            logouts, 0,
+            "by sid: {by_sid}: mallory's logout signed alice's device out"
+        );
+        let p = "/admin/v1/users/@alice:example.org/devices";
+        assert_eq!(
+            admin_devices(&gw, p).await,
+            json!(["ALICEDEV01"]),
+            "by sid: {by_sid}: alice's binding was dropped"
+        );
+        assert_eq!(status(&gw, "alice-token").await, 200, "by sid: {by_sid}");
+    }
 }

@@ -86,6 +86,9 @@ pub struct Binder {
     registered: Cache<String, ()>,
     sealer: Option<Arc<Sealer>>,
     primary_issuer: String,
+    /// User IDs no token may act as: the application service's own (appservice bindings) and
+    /// `homeserver.reserved_localparts`.
+    reserved: Vec<String>,
     /// The issuer that unscoped pins and sessions (written before issuer scoping) belong to:
     /// the only configured issuer; `None` with several, as they cannot be attributed then.
     legacy_issuer: Option<String>,
@@ -109,6 +112,7 @@ impl Binder {
                 .first()
                 .map(|i| i.issuer.clone())
                 .unwrap_or_default(),
+            reserved: reserved_user_ids(&config.homeserver),
             legacy_issuer: match config.issuers.as_slice() {
                 [only] => Some(only.issuer.clone()),
                 _ => None,
@@ -239,6 +243,16 @@ impl Binder {
         self.users.invalidate_all();
         self.bound.invalidate_all();
     }
+}
+
+/// The user IDs no token may act as (see [`Binder`]).
+fn reserved_user_ids(hs: &crate::config::Homeserver) -> Vec<String> {
+    let sender = (hs.binding != BindingMode::Headers).then_some(&hs.appservice_sender);
+    sender
+        .into_iter()
+        .chain(&hs.reserved_localparts)
+        .map(|lp| format!("@{lp}:{}", hs.server_name))
+        .collect()
 }
 
 /// A state-store failure, logged, as the 503 the request path answers.

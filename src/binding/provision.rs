@@ -22,7 +22,8 @@ use crate::store::{DeviceRecord, Fence, Pin};
 const PROVISION_LOCK_TTL: Duration = Duration::from_secs(2 * 15 + 15);
 
 impl Binder {
-    /// Checks the subject pin and the tombstone only (the `headers` binding needs nothing more).
+    /// Checks the subject pin and the tombstone only (the `headers` binding needs nothing more),
+    /// and that the user ID is not a reserved one.
     pub async fn check_user(&self, identity: &Identity) -> Result<(), GatewayError> {
         self.check_pin(identity).await
     }
@@ -55,6 +56,16 @@ impl Binder {
     }
 
     async fn check_pin(&self, identity: &Identity) -> Result<(), GatewayError> {
+        if self.reserved.iter().any(|r| r == identity.user_id()) {
+            // The appservice's own user: its device tokens and masquerade would carry the
+            // appservice's powers (on Dendrite, log in over the device holding the AS token).
+            // The others: the homeserver's own accounts, named by the operator.
+            tracing::warn!(
+                user = %identity.user_id(),
+                "a token maps to a reserved user ID (the application service's, or homeserver.reserved_localparts); refused"
+            );
+            return Err(GatewayError::ReservedUserId);
+        }
         let state = match self.users.get(identity.user_id()).await {
             Some(state) => state,
             None => {

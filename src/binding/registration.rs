@@ -15,11 +15,12 @@ pub fn registration_yaml(config: &Config) -> Option<String> {
          url: null\n\
          as_token: \"{}\"\n\
          hs_token: \"{}\"\n\
-         sender_localpart: oidc-gateway\n\
+         sender_localpart: \"{}\"\n\
          rate_limited: false\n\
          namespaces:\n  users:\n    - exclusive: true\n      regex: '@.*:{server}'\n  aliases: []\n  rooms: []\n",
         as_token.expose(),
         super::homeserver::random_secret(),
+        config.homeserver.appservice_sender,
     ))
 }
 

@@ -295,6 +295,12 @@ pub struct HomeserverFile {
     pub as_token: Option<String>,
     /// A file holding the AS token; its content is trimmed.
     pub as_token_file: Option<String>,
+    /// The application service's own localpart (its registration's `sender_localpart`): no
+    /// token may act as that user.
+    pub appservice_sender: String,
+    /// More localparts no token may act as: the homeserver's own accounts (Synapse's
+    /// server-notices user, other appservices' bots).
+    pub reserved_localparts: Vec<String>,
     /// Let clients reach homeserver admin APIs (`/_synapse/admin`, `/_dendrite/admin`) through
     /// the public listener.
     pub expose_admin_api: bool,
@@ -316,6 +322,8 @@ impl Default for HomeserverFile {
             binding: None,
             as_token: None,
             as_token_file: None,
+            appservice_sender: "oidc-gateway".into(),
+            reserved_localparts: Vec::new(),
             expose_admin_api: false,
             admin_token: None,
             admin_token_file: None,

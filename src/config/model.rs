@@ -233,6 +233,10 @@ pub struct Homeserver {
     pub binding: BindingMode,
     /// AS token (appservice bindings only).
     pub as_token: Option<Secret>,
+    /// The application service's localpart (`sender_localpart`), reserved for it.
+    pub appservice_sender: String,
+    /// Other localparts no token may act as.
+    pub reserved_localparts: Vec<String>,
     /// Admin APIs reachable through the public listener.
     pub expose_admin_api: bool,
     /// Synapse admin token (deactivation).

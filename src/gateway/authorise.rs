@@ -1,5 +1,6 @@
 //! request_filter, step 4: what a verified identity may do with this request. A guest token
-//! reaches only the guest endpoint allow-list, and a request that is about to carry a
+//! reaches only the guest endpoint allow-list (less the membership changes when the
+//! homeserver cannot tell a guest from a user), and a request that is about to carry a
 //! credential upstream must not also carry a body the homeserver would merge into its
 //! arguments.
 
@@ -16,13 +17,16 @@ pub fn authorise(
     route: &Route<'_>,
     identity: &Identity,
     guest_endpoints: GuestEndpoints,
+    upstream_sees_guests: bool,
 ) -> Result<(), GatewayError> {
     if has_form_body(req) {
         // A credential is about to be attached: a body the homeserver would merge into its
         // arguments must not ride along (Twisted merges form bodies over the query).
         return Err(GatewayError::FormBody);
     }
-    if identity.access == Access::Guest && !classify::guest_allowed(route, guest_endpoints) {
+    if identity.access == Access::Guest
+        && !classify::guest_allowed(route, guest_endpoints, upstream_sees_guests)
+    {
         return Err(GatewayError::GuestAccessForbidden);
     }
     Ok(())

@@ -336,11 +336,24 @@ pub fn classify<'a>(
     })
 }
 
+/// Why `endpoint` is refused, if it is: as written, or under an unstable namespace
+/// (`org.matrix.msc3882/login/token`, `org.matrix.msc2918/refresh`): homeservers built on
+/// ruma serve every spelling an endpoint ever had, and Synapse still serves some of them.
 fn refused(method: &str, endpoint: &str) -> Option<Refused> {
-    REFUSED_CLIENT
-        .iter()
-        .find(|(m, pattern, _)| (*m == "*" || *m == method) && matches(pattern, endpoint))
-        .map(|(_, _, r)| *r)
+    let listed = |endpoint: &str| {
+        REFUSED_CLIENT
+            .iter()
+            .find(|(m, pattern, _)| (*m == "*" || *m == method) && matches(pattern, endpoint))
+            .map(|(_, _, r)| *r)
+    };
+    listed(endpoint).or_else(|| {
+        // A namespace is a first segment with a dot: no stable endpoint has one.
+        let (namespace, rest) = endpoint.split_once('/')?;
+        if !namespace.contains('.') {
+            return None;
+        }
+        listed(rest)
+    })
 }
 
 fn compat_route(method: &str, path: &str, endpoint: Option<&str>) -> Option<CompatRoute> {
@@ -374,16 +387,43 @@ fn served(method: &str, endpoint: &str) -> Option<Served> {
     }
 }
 
-/// Whether a guest-scoped token may call this route.
-pub fn guest_allowed(route: &Route<'_>, list: GuestEndpoints) -> bool {
+/// Whether a guest-scoped token may call this route. `upstream_sees_guests`: the homeserver
+/// is told that the caller is a guest (the `headers` binding) and applies its own guest
+/// rules. Through an appservice binding it sees an ordinary user, so the rules it keeps for
+/// guests (a room's `m.room.guest_access`, no invites, kicks or bans) cannot apply: the
+/// gateway then keeps guests out of every membership change but leaving.
+pub fn guest_allowed(route: &Route<'_>, list: GuestEndpoints, upstream_sees_guests: bool) -> bool {
     if route.class != RouteClass::Authenticated {
         return true;
     }
     let Some(endpoint) = client_endpoint(route.path) else {
         return false;
     };
-    listed(GUEST_SPEC, route.method, endpoint)
-        || (list == GuestEndpoints::Synapse && listed(GUEST_SYNAPSE_EXTRA, route.method, endpoint))
+    let listed = listed(GUEST_SPEC, route.method, endpoint)
+        || (list == GuestEndpoints::Synapse && listed(GUEST_SYNAPSE_EXTRA, route.method, endpoint));
+    listed && (upstream_sees_guests || !changes_membership(route.method, endpoint))
+}
+
+/// Room-membership changes other than leaving: a join (`rooms/*/join`, `join/*`), an invite,
+/// kick, ban or unban, or an `m.room.member` state event written directly. An event type the
+/// homeserver would percent-decode counts as a membership event (fail closed).
+fn changes_membership(method: &str, endpoint: &str) -> bool {
+    const MEMBERSHIP_POSTS: &[&str] = &[
+        "rooms/*/join",
+        "join/*",
+        "rooms/*/invite",
+        "rooms/*/kick",
+        "rooms/*/ban",
+        "rooms/*/unban",
+    ];
+    match method {
+        "POST" => MEMBERSHIP_POSTS.iter().any(|p| matches(p, endpoint)),
+        "PUT" if matches("rooms/*/state/**", endpoint) => endpoint
+            .split('/')
+            .nth(3)
+            .is_some_and(|kind| kind == "m.room.member" || kind.contains('%')),
+        _ => false,
+    }
 }
 
 /// The endpoint part of a client-server path: `/_matrix/client/<version>/<endpoint>`.
@@ -649,7 +689,11 @@ mod tests {
     #[test]
     fn guest_lists() {
         let ok = |m: Method, p: &str, l| {
-            guest_allowed(&classify(&m, p.as_bytes(), Options::default()).unwrap(), l)
+            guest_allowed(
+                &classify(&m, p.as_bytes(), Options::default()).unwrap(),
+                l,
+                true,
+            )
         };
         use GuestEndpoints::*;
         assert!(ok(Method::GET, "/_matrix/client/v3/sync", Spec));
@@ -686,6 +730,98 @@ mod tests {
         ));
         // public routes are fine for guests
         assert!(ok(Method::GET, "/_matrix/client/versions", Spec));
+    }
+
+    #[test]
+    fn unstable_namespaced_spellings_of_refused_endpoints_are_refused() {
+        // Login tokens (MSC3882), refresh (MSC2918) and registration-token validity (MSC3231)
+        // under their unstable namespaces: Synapse and ruma-based homeservers route them.
+        for (m, e) in [
+            (Method::POST, "org.matrix.msc3882/login/token"),
+            (Method::POST, "org.matrix.msc3882/login/get_token"),
+            (Method::POST, "org.matrix.msc2918/refresh"),
+            (
+                Method::GET,
+                "org.matrix.msc3231/register/org.matrix.msc3231.login.registration_token/validity",
+            ),
+            (Method::POST, "com.example.anything/account/password"),
+        ] {
+            for version in ["unstable", "v1", "v3"] {
+                let p = format!("/_matrix/client/{version}/{e}");
+                assert_eq!(
+                    class(m.clone(), &p),
+                    RouteClass::Refused(Refused::OwnedByOp),
+                    "{m} {p}"
+                );
+            }
+        }
+        // Namespaced endpoints that are not refused ones stay as they were.
+        for (m, p, c) in [
+            (
+                Method::GET,
+                "/_matrix/client/unstable/org.matrix.msc2965/auth_issuer",
+                RouteClass::Served(Served::Discovery(Document::AuthIssuer)),
+            ),
+            (
+                Method::POST,
+                "/_matrix/client/unstable/org.matrix.msc3983/keys/claim",
+                RouteClass::Authenticated,
+            ),
+            (
+                Method::GET,
+                "/_matrix/client/unstable/im.nheko.summary/summary/!r:x",
+                RouteClass::Public,
+            ),
+            (
+                Method::GET,
+                "/_matrix/client/unstable/org.matrix.msc3575/sync",
+                RouteClass::Authenticated,
+            ),
+        ] {
+            assert_eq!(class(m.clone(), p), c, "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn guests_change_no_membership_but_leaving_when_the_homeserver_cannot_tell_them_apart() {
+        // Through an appservice binding a guest reaches the homeserver as an ordinary user,
+        // so its guest rules (a room's `m.room.guest_access`) cannot stop a join.
+        let ok = |m: Method, e: &str, l, sees: bool| {
+            let p = format!("/_matrix/client/v3/{e}");
+            guest_allowed(
+                &classify(&m, p.as_bytes(), Options::default()).unwrap(),
+                l,
+                sees,
+            )
+        };
+        use GuestEndpoints::*;
+        for (m, e, l) in [
+            (Method::POST, "rooms/!r:x/join", Spec),
+            (Method::POST, "join/!r:x", Synapse),
+            (Method::POST, "join/%23room:x", Synapse),
+            (Method::POST, "rooms/!r:x/invite", Synapse),
+            (Method::POST, "rooms/!r:x/kick", Synapse),
+            (Method::POST, "rooms/!r:x/ban", Synapse),
+            (Method::POST, "rooms/!r:x/unban", Synapse),
+            (Method::PUT, "rooms/!r:x/state/m.room.member/@g:x", Spec),
+            (Method::PUT, "rooms/!r:x/state/m.room.member", Spec),
+            (Method::PUT, "rooms/!r:x/state/m.room.member/", Spec),
+            (Method::PUT, "rooms/!r:x/state/m%2Eroom.member/@g:x", Spec),
+        ] {
+            assert!(ok(m.clone(), e, l, true), "{m} {e}: on the list");
+            assert!(!ok(m.clone(), e, l, false), "{m} {e}");
+        }
+        // What changes no membership stays on the list.
+        for (m, e) in [
+            (Method::POST, "rooms/!r:x/leave"),
+            (Method::POST, "rooms/!r:x/forget"),
+            (Method::GET, "rooms/!r:x/state/m.room.member/@g:x"),
+            (Method::PUT, "rooms/!r:x/state/m.room.name/"),
+            (Method::PUT, "rooms/!r:x/send/m.room.member/t1"),
+            (Method::GET, "sync"),
+        ] {
+            assert!(ok(m.clone(), e, Synapse, false), "{m} {e}");
+        }
     }
 
     #[test]

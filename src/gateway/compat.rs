@@ -640,7 +640,11 @@ async fn refresh(
     let refused = match gw.binder.check_user(&identity).await {
         Ok(()) if !signed_out => None,
         Ok(()) => Some(GatewayError::UnknownToken(RejectReason::Revoked)),
-        Err(e @ (GatewayError::UserDeactivated | GatewayError::SubjectMismatch)) => Some(e),
+        Err(
+            e @ (GatewayError::UserDeactivated
+            | GatewayError::SubjectMismatch
+            | GatewayError::ReservedUserId),
+        ) => Some(e),
         Err(e) => return Ok(Err(e)),
     };
     if let Some(err) = refused {

@@ -51,7 +51,7 @@ use crate::auth::Verifier;
 use crate::binding::{Binder, Credential};
 use crate::clock::SharedClock;
 use crate::compat::Compat;
-use crate::config::Config;
+use crate::config::{BindingMode, Config};
 use crate::error::{GatewayError, Refused};
 use crate::notify::Notifier;
 use classify::{RouteClass, Served};
@@ -210,7 +210,14 @@ impl Gateway {
         let Some(identity) = authenticate::authenticate(self, req, peer, &route, ctx).await? else {
             return Ok(Decision::Proxy);
         };
-        authorise::authorise(req, &route, &identity, self.config.auth.guest_endpoints)?;
+        authorise::authorise(
+            req,
+            &route,
+            &identity,
+            self.config.auth.guest_endpoints,
+            // Only the `headers` binding tells the homeserver that the caller is a guest.
+            self.config.homeserver.binding == BindingMode::Headers,
+        )?;
         bind::bind(self, &route, &identity, ctx).await?;
         guard::cross_signing(self, &route, &identity, ctx).await?;
         Ok(Decision::Proxy)

@@ -300,14 +300,34 @@ impl Notifier {
         }
     }
 
-    fn pairs(identities: &[Arc<Identity>]) -> BTreeSet<(String, String)> {
-        identities
-            .iter()
-            .filter_map(|i| {
-                i.device_id()
-                    .map(|d| (i.user_id().to_owned(), d.to_owned()))
-            })
-            .collect()
+    /// The (user, device) pairs of cached `identities` whose subject owns the user ID. A token
+    /// is cached once verified, before the subject pin is checked: one whose claim maps to a
+    /// user ID another subject owns (a reassigned username) was refused, and its logout must
+    /// not sign the owner's device out.
+    async fn owned_pairs(
+        &self,
+        identities: &[Arc<Identity>],
+    ) -> Result<BTreeSet<(String, String)>, crate::store::StoreError> {
+        let mut owners: Vec<(&str, &str, Option<String>)> = Vec::new();
+        let mut pairs = BTreeSet::new();
+        for i in identities {
+            let Some(device) = i.device_id() else {
+                continue;
+            };
+            let (issuer, sub) = (&*i.issuer, i.subject());
+            let owner = match owners.iter().find(|(is, s, _)| *is == issuer && *s == sub) {
+                Some((_, _, owner)) => owner.clone(),
+                None => {
+                    let owner = self.binder.user_of_subject(issuer, sub).await?;
+                    owners.push((issuer, sub, owner.clone()));
+                    owner
+                }
+            };
+            if owner.as_deref() == Some(i.user_id()) {
+                pairs.insert((i.user_id().to_owned(), device.to_owned()));
+            }
+        }
+        Ok(pairs)
     }
 
     /// Validates a back-channel logout token and ends the session it names.
@@ -369,8 +389,7 @@ impl Notifier {
                 Err(e) => return Err(self.unresolved(source, &known, e).await),
             };
             let purged = self.verifier.purge_where(in_session).await;
-            let mut pairs = Self::pairs(&known);
-            pairs.extend(Self::pairs(&purged));
+            let mut pairs = self.cached_pairs(&known, &purged).await?;
             pairs.extend(stored);
             (purged.len().max(known.len()), pairs)
         } else if let Some(sub) = sub {
@@ -383,8 +402,7 @@ impl Notifier {
                 Err(e) => return Err(self.unresolved(source, &known, e).await),
             };
             let purged = self.verifier.purge_where(of_subject).await;
-            let mut pairs = Self::pairs(&known);
-            pairs.extend(Self::pairs(&purged));
+            let mut pairs = self.cached_pairs(&known, &purged).await?;
             pairs.extend(stored);
             (purged.len().max(known.len()), pairs)
         } else {
@@ -395,6 +413,26 @@ impl Notifier {
         let out = self.sign_out(source, pairs, purged).await?;
         self.end_compat(&covered).await?;
         Ok(out)
+    }
+
+    /// [`Self::owned_pairs`] of the identities cached before the revocation and of those it
+    /// purged; a store failure is a 503 (the caller retries; the revocation already refuses
+    /// the tokens).
+    async fn cached_pairs(
+        &self,
+        known: &[Arc<Identity>],
+        purged: &[Arc<Identity>],
+    ) -> Result<BTreeSet<(String, String)>, GatewayError> {
+        let mut pairs = self
+            .owned_pairs(known)
+            .await
+            .map_err(crate::binding::store_failed)?;
+        pairs.extend(
+            self.owned_pairs(purged)
+                .await
+                .map_err(crate::binding::store_failed)?,
+        );
+        Ok(pairs)
     }
 
     /// The (user, device) pairs the store holds for `issuer`'s subject `sub`.
@@ -420,7 +458,9 @@ impl Notifier {
         e: crate::store::StoreError,
     ) -> GatewayError {
         tracing::error!(error = %e, "cannot find the devices to sign out; the caller is told to retry");
-        let mut pairs = Self::pairs(known);
+        // Only the devices whose owner the store can still confirm: signing out a device on
+        // the word of an unchecked token could sign out another user's.
+        let mut pairs = self.owned_pairs(known).await.unwrap_or_default();
         pairs.retain(|(_, d)| !d.is_empty());
         if !pairs.is_empty() {
             // Failures are logged by `sign_out`; the answer is a 503 either way.

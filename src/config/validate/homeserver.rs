@@ -109,6 +109,20 @@ pub(super) fn homeserver(
             String::new()
         }
     };
+    if !crate::auth::identity::valid_localpart(&hs.appservice_sender) {
+        p.add(
+            "homeserver.appservice_sender",
+            format!("{:?} is not a valid localpart", hs.appservice_sender),
+        );
+    }
+    for (i, lp) in hs.reserved_localparts.iter().enumerate() {
+        if !crate::auth::identity::valid_localpart(lp) {
+            p.add(
+                &format!("homeserver.reserved_localparts[{i}]"),
+                format!("{lp:?} is not a valid localpart"),
+            );
+        }
+    }
     let connect_timeout = duration(p, "homeserver.connect_timeout", &hs.connect_timeout);
     let read_timeout = duration(p, "homeserver.read_timeout", &hs.read_timeout);
     let Some(url) = url else {
@@ -134,6 +148,8 @@ pub(super) fn homeserver(
         kind,
         binding,
         as_token,
+        appservice_sender: hs.appservice_sender.clone(),
+        reserved_localparts: hs.reserved_localparts.clone(),
         expose_admin_api: hs.expose_admin_api,
         admin_token,
     };
