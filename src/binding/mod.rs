@@ -28,6 +28,7 @@ use moka::future::Cache;
 use sha2::{Digest, Sha256};
 
 use crate::auth::identity::issuer_scoped;
+use crate::auth::Identity;
 use crate::config::{BindingMode, Config, Secret};
 use crate::error::{BindingFailure, GatewayError};
 use crate::store::redis::{Event, Redis};
@@ -174,6 +175,23 @@ impl Binder {
     /// The primary issuer (the admin API's default).
     pub fn primary_issuer(&self) -> &str {
         &self.primary_issuer
+    }
+
+    /// Whether `identity`'s subject owns its user ID, as the subject pin judges it (never for a
+    /// reserved user ID): from the user's state the request path cached, else from the store
+    /// (read only). Back-channel logout signs out the devices cached tokens name only for
+    /// their owner: a token refused at the pin is cached all the same.
+    pub async fn owns(&self, identity: &Identity) -> Result<bool, crate::store::StoreError> {
+        if self.reserved.iter().any(|r| r == identity.user_id()) {
+            return Ok(false);
+        }
+        if let Some(state) = self.users.get(identity.user_id()).await {
+            return Ok(identity.owns_subject_key(&state.owner));
+        }
+        let owner = self
+            .user_of_subject(&identity.issuer, identity.subject())
+            .await?;
+        Ok(owner.as_deref() == Some(identity.user_id()))
     }
 
     /// The user ID `issuer`'s `sub` owns, if any (reading pins written before issuer scoping

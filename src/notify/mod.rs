@@ -16,7 +16,7 @@ use std::time::Duration;
 use crate::auth::identity::issuer_scoped;
 use crate::auth::revocations::{RevokeError, Selector};
 use crate::auth::{Identity, TokenHash, Verifier};
-use crate::binding::Binder;
+use crate::binding::{store_failed, Binder};
 use crate::clock::SharedClock;
 use crate::compat::LiveSession;
 use crate::error::{BindingFailure, GatewayError};
@@ -308,22 +308,12 @@ impl Notifier {
         &self,
         identities: &[Arc<Identity>],
     ) -> Result<BTreeSet<(String, String)>, crate::store::StoreError> {
-        let mut owners: Vec<(&str, &str, Option<String>)> = Vec::new();
         let mut pairs = BTreeSet::new();
         for i in identities {
             let Some(device) = i.device_id() else {
                 continue;
             };
-            let (issuer, sub) = (&*i.issuer, i.subject());
-            let owner = match owners.iter().find(|(is, s, _)| *is == issuer && *s == sub) {
-                Some((_, _, owner)) => owner.clone(),
-                None => {
-                    let owner = self.binder.user_of_subject(issuer, sub).await?;
-                    owners.push((issuer, sub, owner.clone()));
-                    owner
-                }
-            };
-            if owner.as_deref() == Some(i.user_id()) {
+            if self.binder.owns(i).await? {
                 pairs.insert((i.user_id().to_owned(), device.to_owned()));
             }
         }
@@ -376,33 +366,37 @@ impl Notifier {
         let covered;
         // The devices the cache names are taken before the revocation: its fan-out comes back
         // to this replica too and purges them, maybe before the store lookup below returns.
-        // When that lookup fails (503, the OP retries), the cache's devices are signed out
-        // first, so that a retry, which finds the store's only, loses none. The revocation,
-        // recorded first, keeps the tokens refused meanwhile.
+        // Whose they are is settled first too (a cached token may name a device of a user ID
+        // its subject does not own: it was refused at the pin), so that a failure there is a
+        // 503 with nothing recorded yet. When the store lookup fails (503, the OP retries),
+        // the cache's devices are signed out first, so that a retry, which finds the store's
+        // only, loses none. The revocation, recorded first, keeps the tokens refused meanwhile.
         let (purged, mut pairs) = if let Some(sid) = sid {
             let key = issuer_scoped(issuer, sid);
             let in_session = |i: &Identity| i.session_key().as_deref() == Some(key.as_str());
             let known = self.verifier.cached_where(in_session);
+            let mut pairs = self.owned_pairs(&known).await.map_err(store_failed)?;
             covered = self.revoke(Selector::Session(key.clone())).await?;
             let stored = match self.binder.session_devices(issuer, sid).await {
                 Ok(stored) => stored,
-                Err(e) => return Err(self.unresolved(source, &known, e).await),
+                Err(e) => return Err(self.unresolved(source, pairs, e).await),
             };
             let purged = self.verifier.purge_where(in_session).await;
-            let mut pairs = self.cached_pairs(&known, &purged).await?;
+            pairs.extend(self.owned_since(&purged, &known).await);
             pairs.extend(stored);
             (purged.len().max(known.len()), pairs)
         } else if let Some(sub) = sub {
             let key = issuer_scoped(issuer, sub);
             let of_subject = |i: &Identity| i.subject_key() == key;
             let known = self.verifier.cached_where(of_subject);
+            let mut pairs = self.owned_pairs(&known).await.map_err(store_failed)?;
             covered = self.revoke(Selector::Subject(key.clone())).await?;
             let stored = match self.subject_devices(issuer, sub).await {
                 Ok(stored) => stored,
-                Err(e) => return Err(self.unresolved(source, &known, e).await),
+                Err(e) => return Err(self.unresolved(source, pairs, e).await),
             };
             let purged = self.verifier.purge_where(of_subject).await;
-            let mut pairs = self.cached_pairs(&known, &purged).await?;
+            pairs.extend(self.owned_since(&purged, &known).await);
             pairs.extend(stored);
             (purged.len().max(known.len()), pairs)
         } else {
@@ -415,24 +409,23 @@ impl Notifier {
         Ok(out)
     }
 
-    /// [`Self::owned_pairs`] of the identities cached before the revocation and of those it
-    /// purged; a store failure is a 503 (the caller retries; the revocation already refuses
-    /// the tokens).
-    async fn cached_pairs(
+    /// [`Self::owned_pairs`] of the identities the revocation purged that were not `known`
+    /// before it (cached while it ran). Past the revocation a failure cannot be a clean 503:
+    /// such a device is left bound (its tokens are refused already) and logged.
+    async fn owned_since(
         &self,
-        known: &[Arc<Identity>],
         purged: &[Arc<Identity>],
-    ) -> Result<BTreeSet<(String, String)>, GatewayError> {
-        let mut pairs = self
-            .owned_pairs(known)
-            .await
-            .map_err(crate::binding::store_failed)?;
-        pairs.extend(
-            self.owned_pairs(purged)
-                .await
-                .map_err(crate::binding::store_failed)?,
-        );
-        Ok(pairs)
+        known: &[Arc<Identity>],
+    ) -> BTreeSet<(String, String)> {
+        let new: Vec<Arc<Identity>> = purged
+            .iter()
+            .filter(|p| !known.iter().any(|k| Arc::ptr_eq(k, p)))
+            .cloned()
+            .collect();
+        self.owned_pairs(&new).await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot tell who owns the devices of tokens cached during a sign-out; they stay bound (their tokens are refused)");
+            BTreeSet::new()
+        })
     }
 
     /// The (user, device) pairs the store holds for `issuer`'s subject `sub`.
@@ -449,18 +442,15 @@ impl Notifier {
     }
 
     /// A store failure while finding the devices an OP session or subject covers: the devices
-    /// the cache named (`known`) are signed out now (a retry would not find them), and the
-    /// caller (the OP, an operator) is told to retry for the rest.
+    /// the cache named (`pairs`, their owners confirmed) are signed out now (a retry would not
+    /// find them), and the caller (the OP, an operator) is told to retry for the rest.
     async fn unresolved(
         &self,
         source: Source,
-        known: &[Arc<Identity>],
+        mut pairs: BTreeSet<(String, String)>,
         e: crate::store::StoreError,
     ) -> GatewayError {
         tracing::error!(error = %e, "cannot find the devices to sign out; the caller is told to retry");
-        // Only the devices whose owner the store can still confirm: signing out a device on
-        // the word of an unchecked token could sign out another user's.
-        let mut pairs = self.owned_pairs(known).await.unwrap_or_default();
         pairs.retain(|(_, d)| !d.is_empty());
         if !pairs.is_empty() {
             // Failures are logged by `sign_out`; the answer is a 503 either way.
