@@ -177,12 +177,17 @@ impl Binder {
         &self.primary_issuer
     }
 
+    /// Whether no token may act as `user_id` (see [`Binder`]'s `reserved`).
+    fn is_reserved(&self, user_id: &str) -> bool {
+        self.reserved.iter().any(|r| r == user_id)
+    }
+
     /// Whether `identity`'s subject owns its user ID, as the subject pin judges it (never for a
     /// reserved user ID): from the user's state the request path cached, else from the store
     /// (read only). Back-channel logout signs out the devices cached tokens name only for
     /// their owner: a token refused at the pin is cached all the same.
     pub async fn owns(&self, identity: &Identity) -> Result<bool, crate::store::StoreError> {
-        if self.reserved.iter().any(|r| r == identity.user_id()) {
+        if self.is_reserved(identity.user_id()) {
             return Ok(false);
         }
         if let Some(state) = self.users.get(identity.user_id()).await {

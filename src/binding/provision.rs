@@ -56,7 +56,7 @@ impl Binder {
     }
 
     async fn check_pin(&self, identity: &Identity) -> Result<(), GatewayError> {
-        if self.reserved.iter().any(|r| r == identity.user_id()) {
+        if self.is_reserved(identity.user_id()) {
             // The appservice's own user: its device tokens and masquerade would carry the
             // appservice's powers (on Dendrite, log in over the device holding the AS token).
             // The others: the homeserver's own accounts, named by the operator.
